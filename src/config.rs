@@ -1,0 +1,681 @@
+//! Server settings: defaults, command-line flags, environment twins, `--help`, validation.
+//!
+//! Every setting is one row of [`OPTIONS`]: its flag, its environment variable, its default
+//! (as text, parsed by the same code as user input, so `--help` can never lie) and a setter.
+//! The flag wins over the environment, the environment over the default.
+
+use std::fmt;
+use std::time::Duration;
+
+use log::LevelFilter;
+
+use crate::time::Micros;
+
+/// All settings of a chatloop server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub room_ttl: Micros,
+    pub session_ttl: Micros,
+    pub history: usize,
+    pub max_request_head: usize,
+    pub max_request_body: usize,
+    pub max_ws_message: usize,
+    pub max_chat_chars: usize,
+    pub max_connections: usize,
+    pub max_room_members: usize,
+    pub chat_rate: u32,
+    pub chat_burst: u32,
+    pub max_output_queue: usize,
+    pub request_timeout: Micros,
+    pub idle_timeout: Micros,
+    pub ping_interval: Micros,
+    pub pong_timeout: Micros,
+    pub typing_debounce: Micros,
+    pub typing_quiet: Micros,
+    pub max_sessions: usize,
+    pub max_rooms: usize,
+    pub create_rate: u32,
+    pub no_room_list: bool,
+    pub echo_path: Option<String>,
+    pub log_level: LevelFilter,
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Box<Config>),
+    Help(String),
+    Version(String),
+}
+
+/// A flag or variable that could not be used, with the sentence to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+type Setter = fn(&mut Config, &str) -> Result<(), String>;
+
+/// One setting: flag name (without `--`), environment variables, default, help, setter.
+pub struct Opt {
+    pub flag: &'static str,
+    pub env: &'static [&'static str],
+    pub default: &'static str,
+    pub help: &'static str,
+    /// A switch takes no value on the command line (`--no-room-list`).
+    pub switch: bool,
+    set: Setter,
+}
+
+macro_rules! opt {
+    ($flag:literal, [$($env:literal),*], $default:literal, $help:literal, $set:expr) => {
+        Opt { flag: $flag, env: &[$($env),*], default: $default, help: $help, switch: false, set: $set }
+    };
+}
+
+/// Every setting, in `--help` order.
+pub const OPTIONS: &[Opt] = &[
+    opt!(
+        "host",
+        ["CHATLOOP_HOST"],
+        "127.0.0.1",
+        "address to listen on (0.0.0.0 or :: for all)",
+        |c, v| {
+            c.host = v.to_string();
+            Ok(())
+        }
+    ),
+    opt!(
+        "port",
+        ["CHATLOOP_PORT", "PORT"],
+        "8000",
+        "TCP port (0 picks a free one)",
+        |c, v| {
+            c.port = v
+                .parse()
+                .map_err(|_| "expected a port number 0..65535".to_string())?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "room-ttl",
+        ["CHATLOOP_ROOM_TTL"],
+        "120s",
+        "delete a room after this long without an open connection",
+        |c, v| {
+            c.room_ttl = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "session-ttl",
+        ["CHATLOOP_SESSION_TTL"],
+        "24h",
+        "end a session this long after its last use (sliding)",
+        |c, v| {
+            c.session_ttl = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "history",
+        ["CHATLOOP_HISTORY"],
+        "1000",
+        "messages kept per room",
+        |c, v| {
+            c.history = count(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-request-head",
+        ["CHATLOOP_MAX_REQUEST_HEAD"],
+        "16KiB",
+        "largest HTTP request head (431 beyond)",
+        |c, v| {
+            c.max_request_head = size(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-request-body",
+        ["CHATLOOP_MAX_REQUEST_BODY"],
+        "64KiB",
+        "largest HTTP request body (413 beyond)",
+        |c, v| {
+            c.max_request_body = size(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-ws-message",
+        ["CHATLOOP_MAX_WS_MESSAGE"],
+        "64KiB",
+        "largest WebSocket message (close 1009 beyond)",
+        |c, v| {
+            c.max_ws_message = size(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-chat-chars",
+        ["CHATLOOP_MAX_CHAT_CHARS"],
+        "4096",
+        "longest chat message in characters (error message_too_long)",
+        |c, v| {
+            c.max_chat_chars = count(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-connections",
+        ["CHATLOOP_MAX_CONNECTIONS"],
+        "100000",
+        "open connections in total (503 beyond)",
+        |c, v| {
+            c.max_connections = count(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-room-members",
+        ["CHATLOOP_MAX_ROOM_MEMBERS"],
+        "10000",
+        "open WebSocket connections per room (503 beyond)",
+        |c, v| {
+            c.max_room_members = count(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "chat-rate",
+        ["CHATLOOP_CHAT_RATE"],
+        "20",
+        "chat messages per second per session (token bucket rate)",
+        |c, v| {
+            c.chat_rate = count(v)? as u32;
+            Ok(())
+        }
+    ),
+    opt!(
+        "chat-burst",
+        ["CHATLOOP_CHAT_BURST"],
+        "40",
+        "chat messages a session may send at once (token bucket size)",
+        |c, v| {
+            c.chat_burst = count(v)? as u32;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-output-queue",
+        ["CHATLOOP_MAX_OUTPUT_QUEUE"],
+        "1MiB",
+        "unsent bytes per connection before it is closed as a slow consumer (1013)",
+        |c, v| {
+            c.max_output_queue = size(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "request-timeout",
+        ["CHATLOOP_REQUEST_TIMEOUT"],
+        "10s",
+        "time allowed to send a request head and body, or a WebSocket handshake",
+        |c, v| {
+            c.request_timeout = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "idle-timeout",
+        ["CHATLOOP_IDLE_TIMEOUT"],
+        "60s",
+        "close an idle keep-alive HTTP connection after this long",
+        |c, v| {
+            c.idle_timeout = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "ping-interval",
+        ["CHATLOOP_PING_INTERVAL"],
+        "30s",
+        "ping a WebSocket after this long without a frame from it",
+        |c, v| {
+            c.ping_interval = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "pong-timeout",
+        ["CHATLOOP_PONG_TIMEOUT"],
+        "60s",
+        "close a WebSocket (1008) after this long without any frame from it",
+        |c, v| {
+            c.pong_timeout = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "typing-debounce",
+        ["CHATLOOP_TYPING_DEBOUNCE"],
+        "1s",
+        "at most one typing notice per member per this window",
+        |c, v| {
+            c.typing_debounce = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "typing-quiet",
+        ["CHATLOOP_TYPING_QUIET"],
+        "3s",
+        "send typing_stopped after this long without typing",
+        |c, v| {
+            c.typing_quiet = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-sessions",
+        ["CHATLOOP_MAX_SESSIONS"],
+        "2000000",
+        "live sessions in total (503 beyond)",
+        |c, v| {
+            c.max_sessions = count(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-rooms",
+        ["CHATLOOP_MAX_ROOMS"],
+        "100000",
+        "live rooms in total (503 beyond)",
+        |c, v| {
+            c.max_rooms = count(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "create-rate",
+        ["CHATLOOP_CREATE_RATE"],
+        "0",
+        "sessions+rooms created (and room 404s) per client IP per second; 0 = off",
+        |c, v| {
+            c.create_rate = count(v)? as u32;
+            Ok(())
+        }
+    ),
+    Opt {
+        flag: "no-room-list",
+        env: &["CHATLOOP_NO_ROOM_LIST"],
+        default: "false",
+        switch: true,
+        help: "turn off GET /rooms/all (it then answers 404)",
+        set: |c, v| {
+            c.no_room_list = boolean(v)?;
+            Ok(())
+        },
+    },
+    opt!(
+        "echo-path",
+        ["CHATLOOP_ECHO_PATH"],
+        "",
+        "serve a WebSocket echo endpoint at this path (conformance tests only; off when empty)",
+        |c, v| {
+            c.echo_path = if v.is_empty() {
+                None
+            } else if v.starts_with('/') {
+                Some(v.to_string())
+            } else {
+                return Err("expected a path starting with /".into());
+            };
+            Ok(())
+        }
+    ),
+    opt!(
+        "log-level",
+        ["CHATLOOP_LOG_LEVEL"],
+        "info",
+        "off, error, warn, info, debug or trace",
+        |c, v| {
+            c.log_level = v
+                .parse()
+                .map_err(|_| "expected off, error, warn, info, debug or trace".to_string())?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "log-format",
+        ["CHATLOOP_LOG_FORMAT"],
+        "text",
+        "text or json (one JSON object per line)",
+        |c, v| {
+            c.log_format = match v {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err("expected text or json".into()),
+            };
+            Ok(())
+        }
+    ),
+];
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut c = Config {
+            host: String::new(),
+            port: 0,
+            room_ttl: Micros::ZERO,
+            session_ttl: Micros::ZERO,
+            history: 0,
+            max_request_head: 0,
+            max_request_body: 0,
+            max_ws_message: 0,
+            max_chat_chars: 0,
+            max_connections: 0,
+            max_room_members: 0,
+            chat_rate: 0,
+            chat_burst: 0,
+            max_output_queue: 0,
+            request_timeout: Micros::ZERO,
+            idle_timeout: Micros::ZERO,
+            ping_interval: Micros::ZERO,
+            pong_timeout: Micros::ZERO,
+            typing_debounce: Micros::ZERO,
+            typing_quiet: Micros::ZERO,
+            max_sessions: 0,
+            max_rooms: 0,
+            create_rate: 0,
+            no_room_list: false,
+            echo_path: None,
+            log_level: LevelFilter::Info,
+            log_format: LogFormat::Text,
+        };
+        for o in OPTIONS {
+            (o.set)(&mut c, o.default).expect("built-in defaults parse");
+        }
+        c
+    }
+}
+
+impl Config {
+    /// Reads the command line (without the program name) and the environment.
+    pub fn parse<I, S>(
+        args: I,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Command, ConfigError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut cfg = Config::default();
+        for o in OPTIONS {
+            if let Some((name, v)) = o.env.iter().find_map(|e| env(e).map(|v| (*e, v))) {
+                (o.set)(&mut cfg, v.trim())
+                    .map_err(|e| ConfigError(format!("{name}={v:?}: {e}")))?;
+            }
+        }
+        let mut args = args.into_iter().map(Into::into);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "-h" | "--help" => return Ok(Command::Help(help())),
+                "-V" | "--version" => {
+                    return Ok(Command::Version(format!("chatloop {}", crate::VERSION)));
+                }
+                _ => {}
+            }
+            let Some(body) = arg.strip_prefix("--") else {
+                return Err(ConfigError(format!(
+                    "unexpected argument {arg:?} (see --help)"
+                )));
+            };
+            let (name, inline) = match body.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (body, None),
+            };
+            let Some(o) = OPTIONS.iter().find(|o| o.flag == name) else {
+                return Err(ConfigError(format!("unknown flag --{name} (see --help)")));
+            };
+            let value = match (inline, o.switch) {
+                (Some(v), _) => v,
+                (None, true) => "true".to_string(),
+                (None, false) => args.next().ok_or_else(|| {
+                    ConfigError(format!("--{name} needs a value (default {})", o.default))
+                })?,
+            };
+            (o.set)(&mut cfg, &value)
+                .map_err(|e| ConfigError(format!("--{name} {value:?}: {e}")))?;
+        }
+        cfg.validate()?;
+        Ok(Command::Run(Box::new(cfg)))
+    }
+
+    /// Checks relations between settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: &str| Err(ConfigError(m.to_string()));
+        if self.history == 0 {
+            return fail("--history must be at least 1");
+        }
+        if self.chat_rate == 0 || self.chat_burst == 0 {
+            return fail("--chat-rate and --chat-burst must be at least 1");
+        }
+        if self.max_ws_message < 125 {
+            return fail("--max-ws-message must be at least 125 bytes");
+        }
+        if self.max_request_head < 256 {
+            return fail("--max-request-head must be at least 256 bytes");
+        }
+        if self.max_output_queue < 4096 {
+            return fail("--max-output-queue must be at least 4KiB");
+        }
+        for (name, d) in [
+            ("--room-ttl", self.room_ttl),
+            ("--session-ttl", self.session_ttl),
+            ("--request-timeout", self.request_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--ping-interval", self.ping_interval),
+            ("--pong-timeout", self.pong_timeout),
+            ("--typing-debounce", self.typing_debounce),
+            ("--typing-quiet", self.typing_quiet),
+        ] {
+            if d == Micros::ZERO {
+                return Err(ConfigError(format!("{name} must be longer than zero")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `--help` text, built from [`OPTIONS`].
+pub fn help() -> String {
+    let mut s = format!(
+        "chatloop {} - live chat server for temporary rooms (REST + WebSocket)\n\n\
+         Usage: chatloop [--flag value | --flag=value]...\n\n\
+         Durations: 500ms, 30s, 2m, 24h or plain seconds. Sizes: bytes, 64KiB, 1MiB.\n\
+         A flag wins over its environment variable.\n\nOptions:\n",
+        crate::VERSION
+    );
+    for o in OPTIONS {
+        let arg = if o.switch {
+            String::new()
+        } else {
+            " <value>".to_string()
+        };
+        let default = if o.default.is_empty() {
+            "(off)"
+        } else {
+            o.default
+        };
+        s.push_str(&format!(
+            "  --{}{arg}\n      {} [default: {default}] [env: {}]\n",
+            o.flag,
+            o.help,
+            o.env.join(", ")
+        ));
+    }
+    s.push_str("  -h, --help\n      print this help\n  -V, --version\n      print the version\n");
+    s
+}
+
+/// Parses `500ms`, `30s`, `2m`, `24h`, `1d` or plain seconds (`1.5` allowed).
+pub fn duration(v: &str) -> Result<Micros, String> {
+    let v = v.trim();
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration like 500ms, 30s, 2m or 24h, got {v:?}"))?;
+    let scale = match unit {
+        "" | "s" => 1e6,
+        "ms" => 1e3,
+        "us" => 1.0,
+        "m" => 60e6,
+        "h" => 3600e6,
+        "d" => 86_400e6,
+        _ => return Err(format!("unknown duration unit {unit:?} (use ms, s, m, h)")),
+    };
+    let us = n * scale;
+    if !us.is_finite() || !(0.0..=1e17).contains(&us) {
+        return Err(format!("duration {v:?} is out of range"));
+    }
+    Ok(Micros::from_duration(Duration::from_micros(
+        us.round() as u64
+    )))
+}
+
+/// Parses bytes: `65536`, `64KiB`, `1MiB`, `64KB`, `1GiB`.
+pub fn size(v: &str) -> Result<usize, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a size like 65536 or 64KiB, got {v:?}"))?;
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        _ => return Err(format!("unknown size unit {unit:?} (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(scale)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| format!("size {v:?} is out of range"))
+}
+
+fn count(v: &str) -> Result<usize, String> {
+    v.trim()
+        .parse()
+        .map_err(|_| format!("expected a whole number, got {v:?}"))
+}
+
+fn boolean(v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("expected true or false, got {v:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        match Config::parse(args.iter().copied(), |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })? {
+            Command::Run(c) => Ok(*c),
+            other => panic!("expected Run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = run(&[], &[]).unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8000));
+        assert_eq!(c.room_ttl, Micros::from_secs(120));
+        assert_eq!(c.session_ttl, Micros::from_secs(86_400));
+        assert_eq!(c.max_ws_message, 65_536);
+        assert_eq!(c.max_output_queue, 1 << 20);
+        assert_eq!((c.chat_rate, c.chat_burst), (20, 40));
+        assert_eq!(
+            (c.ping_interval, c.pong_timeout),
+            (Micros::from_secs(30), Micros::from_secs(60))
+        );
+        assert!(!c.no_room_list);
+        assert_eq!(c.echo_path, None);
+    }
+
+    #[test]
+    fn flag_wins_over_env_and_port_has_two_env_names() {
+        let c = run(
+            &["--room-ttl", "1s"],
+            &[("CHATLOOP_ROOM_TTL", "5s"), ("PORT", "9000")],
+        )
+        .unwrap();
+        assert_eq!(c.room_ttl, Micros::from_secs(1));
+        assert_eq!(c.port, 9000);
+        let c = run(&["--port=0", "--no-room-list"], &[("PORT", "9000")]).unwrap();
+        assert_eq!(c.port, 0);
+        assert!(c.no_room_list);
+    }
+
+    #[test]
+    fn units_parse() {
+        assert_eq!(duration("500ms"), Ok(Micros(500_000)));
+        assert_eq!(duration("2m"), Ok(Micros::from_secs(120)));
+        assert_eq!(duration("1.5"), Ok(Micros(1_500_000)));
+        assert!(duration("soon").is_err());
+        assert!(duration("3 weeks").is_err());
+        assert_eq!(size("64KiB"), Ok(65_536));
+        assert_eq!(size("1MiB"), Ok(1 << 20));
+        assert!(size("-1").is_err());
+    }
+
+    #[test]
+    fn errors_are_sentences() {
+        let e = run(&["--bogus"], &[]).unwrap_err();
+        assert!(e.0.contains("unknown flag --bogus"), "{e}");
+        let e = run(&["--port", "x"], &[]).unwrap_err();
+        assert!(e.0.contains("--port"), "{e}");
+        let e = run(&[], &[("CHATLOOP_ROOM_TTL", "forever")]).unwrap_err();
+        assert!(e.0.contains("CHATLOOP_ROOM_TTL"), "{e}");
+        assert!(run(&["--history", "0"], &[]).is_err());
+    }
+
+    #[test]
+    fn help_lists_every_flag_with_default_and_env() {
+        let h = help();
+        for o in OPTIONS {
+            assert!(h.contains(&format!("--{}", o.flag)), "{}", o.flag);
+            for e in o.env {
+                assert!(h.contains(e), "{e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! One connection's state machine: HTTP requests, the upgrade, WebSocket frames, closing.
+//!
+//! A `Conn` is fed bytes (`on_bytes`), timer expiries (`on_timer`) and end of input
+//! (`on_eof`); it answers by queueing chunks on its own [`Queue`] and by calling the
+//! [`Hub`]. It never reads or writes its socket: `server.rs` does all I/O.
+
+use std::net::IpAddr;
+
+use mio::net::TcpStream;
+
+use crate::api::{self, ApiCtx, Reply};
+use crate::config::Config;
+use crate::http::{self, Response};
+use crate::hub::{ConnId, Hub};
+use crate::ids::{RoomId, SessionId};
+use crate::metrics::{Gauges, Metrics};
+use crate::outbox::{Chunk, Outbox, Queue};
+use crate::protocol::{self, FrameBuf};
+use crate::time::{Micros, Now};
+use crate::ws::{self, CloseWith, Step, WsEvent, WsState};
+
+/// How long a closing connection may take to flush and hear the peer's FIN.
+pub const LINGER: Micros = Micros(2_000_000);
+
+/// Output above which an HTTP connection stops being read until its client catches up.
+pub const HTTP_PAUSE_BYTES: usize = 256 * 1024;
+
+pub struct Conn {
+    pub stream: TcpStream,
+    /// Tells this connection from an earlier one in the same slab slot (for stale timers).
+    pub serial: u32,
+    pub peer: IpAddr,
+    pub state: State,
+    /// Bytes of an incomplete request or frame; empty (unallocated) otherwise.
+    pub inbuf: Vec<u8>,
+    pub out: Queue,
+    /// Already in this iteration's flush list.
+    pub dirty: bool,
+    /// The deadline a timer is armed for, `Micros::MAX` if none.
+    pub timer_at: Micros,
+    /// Close (shutdown, then linger) once the queue is empty.
+    pub close_after_flush: bool,
+    /// Accepted above `--max-connections`: its first request is answered 503.
+    pub over_limit: bool,
+    /// Not read while its output is backed up.
+    pub read_paused: bool,
+}
+
+pub enum State {
+    Http {
+        busy_since: Option<Micros>,
+        idle_since: Micros,
+        continue_sent: bool,
+    },
+    Ws(Box<Member>),
+    Echo {
+        ws: WsState,
+        last_rx: Micros,
+        pinged: bool,
+    },
+    /// A close frame or final response is queued; input is ignored.
+    Closing {
+        since: Micros,
+    },
+    /// Our side is shut down; waiting for the peer's FIN.
+    Lingering {
+        until: Micros,
+    },
+}
+
+/// A chat WebSocket's state.
+pub struct Member {
+    pub room: RoomId,
+    pub session: SessionId,
+    pub ws: WsState,
+    pub last_rx: Micros,
+    pub pinged: bool,
+}
+
+/// Everything outside the connection that handling its input may touch.
+pub struct Ctx<'a> {
+    pub hub: &'a mut Hub,
+    pub cfg: &'a Config,
+    pub now: Now,
+    pub date: &'a [u8],
+    pub outbox: &'a mut Outbox,
+    pub dirty: &'a mut Vec<usize>,
+    pub metrics: &'a mut Metrics,
+    pub gauges: Gauges,
+    pub websockets: &'a mut usize,
+    pub frame: &'a mut FrameBuf,
+}
+
+/// What the loop should do after a timer or end of input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Keep,
+    Drop,
+}
+
+impl Conn {
+    pub fn new(
+        stream: TcpStream,
+        serial: u32,
+        peer: IpAddr,
+        now: Micros,
+        over_limit: bool,
+    ) -> Conn {
+        Conn {
+            stream,
+            serial,
+            peer,
+            state: State::Http {
+                busy_since: Some(now),
+                idle_since: now,
+                continue_sent: false,
+            },
+            inbuf: Vec::new(),
+            out: Queue::default(),
+            dirty: false,
+            timer_at: Micros::MAX,
+            close_after_flush: false,
+            over_limit,
+            read_paused: false,
+        }
+    }
+
+    /// Queues bytes for this connection.
+    pub fn send(&mut self, id: ConnId, chunk: Chunk, outbox: &mut Outbox, dirty: &mut Vec<usize>) {
+        self.out.push(outbox, chunk);
+        if !self.dirty {
+            self.dirty = true;
+            dirty.push(id.0);
+        }
+    }
+
+    /// Whether frames from the hub should still be queued.
+    pub fn accepts_frames(&self) -> bool {
+        matches!(self.state, State::Ws(_))
+    }
+
+    pub fn is_websocket(&self) -> bool {
+        matches!(self.state, State::Ws(_) | State::Echo { .. })
+    }
+
+    /// Handles input; returns how many bytes were used (the rest is an incomplete unit).
+    pub fn on_bytes(&mut self, id: ConnId, data: &mut [u8], ctx: &mut Ctx<'_>) -> usize {
+        let mut pos = 0;
+        while pos < data.len() {
+            let used = match self.state {
+                State::Http { .. } => self.http_step(id, &data[pos..], ctx),
+                State::Ws(_) | State::Echo { .. } => self.ws_step(id, &mut data[pos..], ctx),
+                State::Closing { .. } | State::Lingering { .. } => Some(data.len() - pos),
+            };
+            match used {
+                Some(0) | None => break,
+                Some(n) => pos += n,
+            }
+        }
+        if let State::Http { busy_since, .. } = &mut self.state
+            && pos < data.len()
+            && busy_since.is_none()
+        {
+            *busy_since = Some(ctx.now.mono); // a request has started: the request timeout runs
+        }
+        pos
+    }
+
+    /// The peer closed its side. Returns whether to drop the connection now.
+    pub fn on_eof(&mut self, id: ConnId, ctx: &mut Ctx<'_>) -> Next {
+        self.leave(id, ctx, 1006);
+        match self.state {
+            State::Http { .. } if !self.out.is_empty() => {
+                // Answer what was asked before the FIN, then close.
+                self.close_after_flush = true;
+                self.state = State::Closing {
+                    since: ctx.now.mono,
+                };
+                Next::Keep
+            }
+            _ => Next::Drop,
+        }
+    }
+
+    /// The time at which `on_timer` has something to do.
+    pub fn deadline(&self, cfg: &Config) -> Micros {
+        match &self.state {
+            State::Http {
+                busy_since: Some(t),
+                ..
+            } => *t + cfg.request_timeout,
+            State::Http { idle_since, .. } => *idle_since + cfg.idle_timeout,
+            State::Ws(m) => ws_deadline(m.last_rx, m.pinged, cfg),
+            State::Echo {
+                last_rx, pinged, ..
+            } => ws_deadline(*last_rx, *pinged, cfg),
+            State::Closing { since } => *since + LINGER,
+            State::Lingering { until } => *until,
+        }
+    }
+
+    /// A timer fired: time out requests, ping or drop quiet sockets, finish closing.
+    pub fn on_timer(&mut self, id: ConnId, ctx: &mut Ctx<'_>) -> Next {
+        let now = ctx.now.mono;
+        let cfg = ctx.cfg;
+        match &mut self.state {
+            State::Http {
+                busy_since: Some(t),
+                ..
+            } if now >= *t + cfg.request_timeout => {
+                ctx.metrics.timeouts += 1;
+                log::debug!("conn {} request timeout", id.0);
+                let r = Response::error(
+                    408,
+                    "Request timeout: the request was not completed in time",
+                )
+                .closing();
+                self.respond(id, &r, false, false, ctx);
+                Next::Keep
+            }
+            State::Http {
+                busy_since: None,
+                idle_since,
+                ..
+            } if now >= *idle_since + cfg.idle_timeout => Next::Drop,
+            State::Ws(_) | State::Echo { .. } => {
+                self.ws_timer(id, ctx);
+                Next::Keep
+            }
+            State::Closing { since } if now >= *since + LINGER => Next::Drop,
+            State::Lingering { until } if now >= *until => Next::Drop,
+            _ => Next::Keep,
+        }
+    }
+
+    /// Closes a WebSocket from our side with a close frame (it leaves its room first).
+    pub fn close_ws(&mut self, id: ConnId, code: u16, reason: &str, ctx: &mut Ctx<'_>) {
+        if !self.is_websocket() {
+            return;
+        }
+        self.leave(id, ctx, code);
+        self.send(
+            id,
+            Chunk::Owned(ws::close_frame(code, reason)),
+            ctx.outbox,
+            ctx.dirty,
+        );
+        self.close_after_flush = true;
+        self.state = State::Closing {
+            since: ctx.now.mono,
+        };
+    }
+
+    /// The hub closed this member (session ended, rate limit): it has already left the room.
+    pub fn closed_by_hub(&mut self, id: ConnId, code: u16, reason: &str, ctx: &mut Ctx<'_>) {
+        if let State::Ws(_) = self.state {
+            *ctx.websockets -= 1;
+            ctx.metrics.close(code);
+            self.state = State::Closing {
+                since: ctx.now.mono,
+            };
+            self.send(
+                id,
+                Chunk::Owned(ws::close_frame(code, reason)),
+                ctx.outbox,
+                ctx.dirty,
+            );
+            self.close_after_flush = true;
+        }
+    }
+
+    /// Leaves the room (if a member) and stops being a WebSocket; `code` is counted.
+    pub fn leave(&mut self, id: ConnId, ctx: &mut Ctx<'_>, code: u16) {
+        match &self.state {
+            State::Ws(m) => {
+                ctx.hub.disconnect(id, m.room, ctx.now);
+                *ctx.websockets -= 1;
+                ctx.metrics.close(code);
+            }
+            State::Echo { .. } => {
+                *ctx.websockets -= 1;
+                ctx.metrics.close(code);
+            }
+            _ => return,
+        }
+        self.state = State::Closing {
+            since: ctx.now.mono,
+        };
+    }
+
+    // ---- HTTP -----------------------------------------------------------------------
+
+    fn http_step(&mut self, id: ConnId, data: &[u8], ctx: &mut Ctx<'_>) -> Option<usize> {
+        let cfg = ctx.cfg;
+        let (req, head_len) = match http::parse(data, cfg.max_request_head, cfg.max_request_body) {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => {
+                log::debug!("conn {} bad request: {e:?}", id.0);
+                self.respond(id, &e.response().closing(), false, false, ctx);
+                return Some(data.len());
+            }
+        };
+        let total = head_len + req.content_length;
+        if data.len() < total {
+            if req.expect_continue
+                && let State::Http {
+                    continue_sent: sent @ false,
+                    ..
+                } = &mut self.state
+            {
+                *sent = true;
+                self.send(
+                    id,
+                    Chunk::Static(b"HTTP/1.1 100 Continue\r\n\r\n"),
+                    ctx.outbox,
+                    ctx.dirty,
+                );
+            }
+            return None;
+        }
+        let body = &data[head_len..total];
+        let head = req.method == http::Method::Head;
+        if self.over_limit {
+            let r = Response::error(503, "Server is at its connection limit; try again later")
+                .closing();
+            ctx.metrics.refused_full += 1;
+            self.respond(id, &r, req.keep_alive, head, ctx);
+            return Some(data.len());
+        }
+        let actx = ApiCtx {
+            now: ctx.now,
+            no_room_list: cfg.no_room_list,
+            echo_path: cfg.echo_path.as_deref(),
+        };
+        match api::handle(&req, body, ctx.hub, &actx) {
+            Reply::Response(r) => self.respond(id, &r, req.keep_alive, head, ctx),
+            Reply::Metrics => {
+                let text = ctx.metrics.render(&ctx.gauges).into_bytes();
+                let r = Response {
+                    content_type: "text/plain; version=0.0.4",
+                    ..Response::json(200, text)
+                };
+                self.respond(id, &r, req.keep_alive, head, ctx);
+            }
+            Reply::Upgrade {
+                room,
+                session,
+                since,
+            } => {
+                self.accept_upgrade(id, req.ws_key.unwrap_or_default(), ctx);
+                match ctx.hub.connect(id, session, room, since, ctx.now) {
+                    Ok(()) => {
+                        let ws = WsState::default();
+                        let m = Member {
+                            room,
+                            session,
+                            ws,
+                            last_rx: ctx.now.mono,
+                            pinged: false,
+                        };
+                        self.state = State::Ws(Box::new(m));
+                    }
+                    Err(e) => {
+                        // check_connect passed a moment ago; refuse cleanly all the same.
+                        log::warn!("conn {} upgrade refused after check: {e:?}", id.0);
+                        *ctx.websockets += 1;
+                        self.state = State::Echo {
+                            ws: WsState::default(),
+                            last_rx: ctx.now.mono,
+                            pinged: false,
+                        };
+                        self.close_ws(id, 1011, "could not join the room", ctx);
+                        return Some(data.len());
+                    }
+                }
+            }
+            Reply::Echo => {
+                self.accept_upgrade(id, req.ws_key.unwrap_or_default(), ctx);
+                self.state = State::Echo {
+                    ws: WsState::default(),
+                    last_rx: ctx.now.mono,
+                    pinged: false,
+                };
+            }
+        }
+        Some(total)
+    }
+
+    fn accept_upgrade(&mut self, id: ConnId, key: &[u8], ctx: &mut Ctx<'_>) {
+        ctx.metrics.http_requests += 1;
+        ctx.metrics.ws_upgrades += 1;
+        *ctx.websockets += 1;
+        let mut out = Vec::with_capacity(160);
+        out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
+        out.extend_from_slice(ws::accept_key(key).as_bytes());
+        out.extend_from_slice(b"\r\nDate: ");
+        out.extend_from_slice(ctx.date);
+        out.extend_from_slice(b"\r\n\r\n");
+        self.send(id, Chunk::Owned(out), ctx.outbox, ctx.dirty);
+    }
+
+    fn respond(
+        &mut self,
+        id: ConnId,
+        r: &Response,
+        keep_alive: bool,
+        head: bool,
+        ctx: &mut Ctx<'_>,
+    ) {
+        ctx.metrics.http_requests += 1;
+        if r.status >= 400 {
+            ctx.metrics.http_errors += 1;
+        }
+        let mut out = Vec::with_capacity(192 + r.content_type.len());
+        http::write_response(&mut out, r, ctx.date, keep_alive, head);
+        self.send(id, Chunk::Owned(out), ctx.outbox, ctx.dirty);
+        let now = ctx.now.mono;
+        if !keep_alive || r.close {
+            self.close_after_flush = true;
+            self.state = State::Closing { since: now };
+        } else {
+            self.state = State::Http {
+                busy_since: None,
+                idle_since: now,
+                continue_sent: false,
+            };
+            if self.out.bytes() > HTTP_PAUSE_BYTES {
+                self.read_paused = true;
+            }
+        }
+    }
+
+    // ---- WebSocket ------------------------------------------------------------------
+
+    fn ws_step(&mut self, id: ConnId, data: &mut [u8], ctx: &mut Ctx<'_>) -> Option<usize> {
+        let max = ctx.cfg.max_ws_message;
+        let now = ctx.now.mono;
+        let (ws, last_rx, pinged) = match &mut self.state {
+            State::Ws(m) => (&mut m.ws, &mut m.last_rx, &mut m.pinged),
+            State::Echo {
+                ws,
+                last_rx,
+                pinged,
+            } => (ws, last_rx, pinged),
+            _ => return Some(data.len()),
+        };
+        let step = ws.decode(data, max);
+        if !matches!(step, Ok(Step::Need)) {
+            *last_rx = now;
+            *pinged = false;
+        }
+        match step {
+            Ok(Step::Need) => None,
+            Ok(Step::Consumed(n)) => {
+                ctx.metrics.frames_in += 1;
+                Some(n)
+            }
+            Ok(Step::Event(ev, n)) => {
+                ctx.metrics.frames_in += 1;
+                self.ws_event(id, ev, ctx);
+                Some(n)
+            }
+            Err(CloseWith { code, reason }) => {
+                log::debug!("conn {} WebSocket protocol error {code}: {reason}", id.0);
+                self.close_ws(id, code, reason, ctx);
+                Some(data.len())
+            }
+        }
+    }
+
+    fn ws_event(&mut self, id: ConnId, ev: WsEvent<'_>, ctx: &mut Ctx<'_>) {
+        let echo = matches!(self.state, State::Echo { .. });
+        match ev {
+            WsEvent::Text(t) if echo => {
+                self.send(
+                    id,
+                    Chunk::Owned(ws::data_frame(true, t.as_bytes())),
+                    ctx.outbox,
+                    ctx.dirty,
+                );
+            }
+            WsEvent::Binary(b) if echo => {
+                self.send(
+                    id,
+                    Chunk::Owned(ws::data_frame(false, &b)),
+                    ctx.outbox,
+                    ctx.dirty,
+                );
+            }
+            WsEvent::Text(t) => {
+                if let State::Ws(m) = &self.state {
+                    ctx.hub.on_text(id, m.room, &t, ctx.now);
+                }
+            }
+            WsEvent::Binary(_) => {
+                protocol::write_error(
+                    ctx.frame.start(),
+                    "invalid_json",
+                    "Binary frames are not supported: send JSON in text frames",
+                );
+                let frame = ctx.frame.finish_text();
+                self.send(id, Chunk::Shared(frame), ctx.outbox, ctx.dirty);
+            }
+            WsEvent::Ping(p) => {
+                self.send(id, Chunk::Owned(ws::pong_frame(p)), ctx.outbox, ctx.dirty)
+            }
+            WsEvent::Pong => {}
+            WsEvent::Close(code) => {
+                self.leave(id, ctx, code.unwrap_or(1005));
+                let reply = match code {
+                    Some(c) => ws::close_frame(c, ""),
+                    None => vec![0x88, 0x00],
+                };
+                self.send(id, Chunk::Owned(reply), ctx.outbox, ctx.dirty);
+                self.close_after_flush = true;
+            }
+        }
+    }
+
+    fn ws_timer(&mut self, id: ConnId, ctx: &mut Ctx<'_>) {
+        let now = ctx.now.mono;
+        let (last_rx, pinged) = match &mut self.state {
+            State::Ws(m) => (m.last_rx, &mut m.pinged),
+            State::Echo {
+                last_rx, pinged, ..
+            } => (*last_rx, pinged),
+            _ => return,
+        };
+        if now >= last_rx + ctx.cfg.pong_timeout {
+            ctx.metrics.timeouts += 1;
+            self.close_ws(id, 1008, "no frame received in time (pong timeout)", ctx);
+        } else if !*pinged && now >= last_rx + ctx.cfg.ping_interval {
+            *pinged = true;
+            self.send(id, Chunk::Static(ws::PING_FRAME), ctx.outbox, ctx.dirty);
+        }
+    }
+}
+
+fn ws_deadline(last_rx: Micros, pinged: bool, cfg: &Config) -> Micros {
+    let pong = last_rx + cfg.pong_timeout;
+    if pinged {
+        pong
+    } else {
+        pong.min(last_rx + cfg.ping_interval)
+    }
+}

@@ -1,0 +1,421 @@
+//! HTTP/1.1: request parsing with `httparse` under size limits, and response writing.
+//!
+//! Parsing borrows from the input buffer and keeps only the headers chatloop acts on.
+//! Responses always carry `Date`, `Content-Length` (except 204/101, which must not) and the
+//! CORS header, so that a browser client sees every error, not a CORS failure.
+
+use std::io::Write as _;
+
+/// The methods chatloop routes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Delete,
+    Options,
+    Other,
+}
+
+/// A parsed request head; the body follows in the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub method: Method,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub content_length: usize,
+    pub authorization: Option<&'a [u8]>,
+    pub keep_alive: bool,
+    /// `Upgrade: websocket` was asked for.
+    pub upgrade: bool,
+    pub ws_key: Option<&'a [u8]>,
+    pub ws_version: Option<&'a [u8]>,
+    pub expect_continue: bool,
+}
+
+/// A request that cannot be served; the connection is answered and closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    HeadTooLarge,
+    BodyTooLarge,
+    Chunked,
+    BadRequest(&'static str),
+    Version,
+}
+
+impl ParseError {
+    pub fn response(self) -> Response {
+        match self {
+            ParseError::HeadTooLarge => Response::error(431, "Request header fields too large"),
+            ParseError::BodyTooLarge => Response::error(413, "Request body too large"),
+            ParseError::Chunked => Response::error(
+                411,
+                "Chunked request bodies are not supported: send Content-Length",
+            ),
+            ParseError::BadRequest(why) => Response::error(400, why),
+            ParseError::Version => Response::error(505, "Only HTTP/1.0 and HTTP/1.1 are supported"),
+        }
+    }
+}
+
+const MAX_HEADERS: usize = 64;
+
+/// Parses a request head at the front of `buf`. `Ok(None)`: incomplete, read more.
+/// On success returns the request and the length of its head (the body starts there).
+pub fn parse(
+    buf: &[u8],
+    max_head: usize,
+    max_body: usize,
+) -> Result<Option<(Request<'_>, usize)>, ParseError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() > max_head {
+                Err(ParseError::HeadTooLarge)
+            } else {
+                Ok(None)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(ParseError::HeadTooLarge),
+        Err(httparse::Error::Version) => return Err(ParseError::Version),
+        Err(_) => return Err(ParseError::BadRequest("Malformed HTTP request")),
+    };
+    if head_len > max_head {
+        return Err(ParseError::HeadTooLarge);
+    }
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(ParseError::BadRequest("Malformed HTTP request"));
+    };
+    let method = match method {
+        "GET" => Method::Get,
+        "HEAD" => Method::Head,
+        "POST" => Method::Post,
+        "DELETE" => Method::Delete,
+        "OPTIONS" => Method::Options,
+        _ => Method::Other,
+    };
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut r = Request {
+        method,
+        path,
+        query,
+        content_length: 0,
+        authorization: None,
+        keep_alive: minor == 1,
+        upgrade: false,
+        ws_key: None,
+        ws_version: None,
+        expect_continue: false,
+    };
+    let mut seen_length: Option<usize> = None;
+    for h in req.headers.iter() {
+        let v = h.value;
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = parse_length(v).ok_or(ParseError::BadRequest("Invalid Content-Length"))?;
+            if seen_length.is_some_and(|s| s != n) {
+                return Err(ParseError::BadRequest("Conflicting Content-Length headers"));
+            }
+            seen_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(ParseError::Chunked);
+        } else if name.eq_ignore_ascii_case("authorization") {
+            r.authorization = Some(v);
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in v.split(|b| *b == b',') {
+                let t = token.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    r.keep_alive = false;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    r.keep_alive = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            r.upgrade = v
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            r.ws_key = Some(v.trim_ascii());
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            r.ws_version = Some(v.trim_ascii());
+        } else if name.eq_ignore_ascii_case("expect") {
+            r.expect_continue = v.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    r.content_length = seen_length.unwrap_or(0);
+    if r.content_length > max_body {
+        return Err(ParseError::BodyTooLarge);
+    }
+    Ok(Some((r, head_len)))
+}
+
+fn parse_length(v: &[u8]) -> Option<usize> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// A response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Empty,
+    Static(&'static [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Body {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Body::Empty => &[],
+            Body::Static(b) => b,
+            Body::Owned(b) => b,
+        }
+    }
+}
+
+/// A response to write. `extra` holds complete header lines (`Name: value\r\n`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Body,
+    pub extra: &'static str,
+    pub retry_after: Option<u32>,
+    pub close: bool,
+}
+
+pub const JSON: &str = "application/json";
+
+impl Response {
+    pub fn json(status: u16, body: Vec<u8>) -> Response {
+        Response {
+            status,
+            content_type: JSON,
+            body: Body::Owned(body),
+            extra: "",
+            retry_after: None,
+            close: false,
+        }
+    }
+
+    pub fn static_body(status: u16, content_type: &'static str, body: &'static [u8]) -> Response {
+        Response {
+            status,
+            content_type,
+            body: Body::Static(body),
+            extra: "",
+            retry_after: None,
+            close: false,
+        }
+    }
+
+    /// `{"detail": "..."}` with this status.
+    pub fn error(status: u16, detail: &str) -> Response {
+        let mut body = Vec::with_capacity(detail.len() + 16);
+        body.extend_from_slice(b"{\"detail\":");
+        crate::protocol::json_str(&mut body, detail);
+        body.push(b'}');
+        Response::json(status, body)
+    }
+
+    pub fn with_extra(mut self, extra: &'static str) -> Response {
+        self.extra = extra;
+        self
+    }
+
+    pub fn closing(mut self) -> Response {
+        self.close = true;
+        self
+    }
+}
+
+/// Writes a response. `date` is the cached `Date` value; `head` leaves the body out.
+pub fn write_response(out: &mut Vec<u8>, r: &Response, date: &[u8], keep_alive: bool, head: bool) {
+    let body = r.body.bytes();
+    let _ = write!(out, "HTTP/1.1 {} {}\r\nDate: ", r.status, reason(r.status));
+    out.extend_from_slice(date);
+    out.extend_from_slice(b"\r\nAccess-Control-Allow-Origin: *\r\n");
+    if r.status != 204 && r.status != 101 {
+        let _ = write!(
+            out,
+            "Content-Type: {}\r\nContent-Length: {}\r\n",
+            r.content_type,
+            body.len()
+        );
+    }
+    out.extend_from_slice(r.extra.as_bytes());
+    if let Some(s) = r.retry_after {
+        let _ = write!(out, "Retry-After: {s}\r\n");
+    }
+    if !keep_alive || r.close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head {
+        out.extend_from_slice(body);
+    }
+}
+
+/// The CORS preflight answer's extra headers.
+pub const PREFLIGHT: &str = "Access-Control-Allow-Methods: GET, POST, DELETE, HEAD, OPTIONS\r\n\
+Access-Control-Allow-Headers: Authorization, Content-Type\r\nAccess-Control-Max-Age: 86400\r\n";
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        422 => "Unprocessable Content",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+/// Percent-decodes a query value into `out` (`+` is a space); `None` if malformed.
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(buf: &[u8]) -> (Request<'_>, usize) {
+        parse(buf, 16 * 1024, 64 * 1024).unwrap().unwrap()
+    }
+
+    #[test]
+    fn parses_a_request_with_the_headers_we_use() {
+        let raw = b"POST /sessions?x=1 HTTP/1.1\r\nHost: a\r\ncontent-length: 5\r\nAuthorization: Bearer t\r\n\r\nhello";
+        let (r, n) = ok(raw);
+        assert_eq!(r.method, Method::Post);
+        assert_eq!((r.path, r.query), ("/sessions", "x=1"));
+        assert_eq!(r.content_length, 5);
+        assert_eq!(r.authorization, Some(&b"Bearer t"[..]));
+        assert!(r.keep_alive);
+        assert_eq!(&raw[n..], b"hello");
+    }
+
+    #[test]
+    fn keep_alive_rules() {
+        assert!(
+            !ok(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .0
+                .keep_alive
+        );
+        assert!(!ok(b"GET / HTTP/1.0\r\n\r\n").0.keep_alive);
+        assert!(
+            ok(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+                .0
+                .keep_alive
+        );
+        let (r, _) = ok(
+            b"GET /ws/x HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: WebSocket\r\n\r\n",
+        );
+        assert!(r.upgrade);
+    }
+
+    #[test]
+    fn incomplete_and_limits() {
+        assert_eq!(parse(b"GET / HTTP/1.1\r\nHost:", 1024, 10), Ok(None));
+        let big = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 2000]].concat();
+        assert_eq!(parse(&big, 1024, 10), Err(ParseError::HeadTooLarge));
+        assert_eq!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", 1024, 10),
+            Err(ParseError::BodyTooLarge)
+        );
+        assert_eq!(
+            parse(
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                1024,
+                10
+            ),
+            Err(ParseError::Chunked)
+        );
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 1024, 10),
+            Err(ParseError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse(
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                1024,
+                10
+            ),
+            Err(ParseError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse(b"\x00\x01garbage\r\n\r\n", 1024, 10),
+            Err(ParseError::BadRequest(_))
+        ));
+        let many: Vec<u8> = [
+            b"GET / HTTP/1.1\r\n".to_vec(),
+            b"A: b\r\n".repeat(100),
+            b"\r\n".to_vec(),
+        ]
+        .concat();
+        assert_eq!(parse(&many, 100_000, 10), Err(ParseError::HeadTooLarge));
+    }
+
+    #[test]
+    fn writes_responses_with_date_length_and_cors() {
+        let mut out = Vec::new();
+        write_response(
+            &mut out,
+            &Response::error(404, "Room not found"),
+            b"DATE",
+            true,
+            false,
+        );
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.starts_with("HTTP/1.1 404 Not Found\r\nDate: DATE\r\n"),
+            "{s}"
+        );
+        assert!(s.contains("Access-Control-Allow-Origin: *\r\n"));
+        assert!(s.contains("Content-Length: 27\r\n"));
+        assert!(s.ends_with("\r\n\r\n{\"detail\":\"Room not found\"}"));
+        let mut out = Vec::new();
+        write_response(
+            &mut out,
+            &Response::static_body(200, "text/plain", b"x"),
+            b"D",
+            false,
+            true,
+        );
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.contains("Content-Length: 1\r\n")
+                && s.contains("Connection: close\r\n")
+                && s.ends_with("\r\n\r\n")
+        );
+    }
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param("session_id=abc&since=x", "since"), Some("x"));
+        assert_eq!(query_param("session_id", "session_id"), Some(""));
+        assert_eq!(query_param("", "a"), None);
+    }
+}

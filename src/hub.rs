@@ -1,0 +1,803 @@
+//! The chat domain: sessions, rooms, members, history, typing, rate limits and expiry.
+//!
+//! Pure and synchronous: no sockets, no clock. Every call takes `now`; what must be sent or
+//! closed comes out as [`Action`]s that the event loop drains after each call, and
+//! [`Hub::poll_timeout`] / [`Hub::handle_timeout`] are how time moves the hub forward.
+//! Each broadcast is encoded once into a shared [`Frame`] and handed to every member.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use crate::config::Config;
+use crate::ids::{MsgId, MsgIdGen, RoomId, SecureRandom, SessionId, UserId};
+use crate::protocol::{self, ClientMsg, Frame, FrameBuf, Who};
+use crate::time::{Micros, Now};
+use crate::timer::Wheel;
+
+/// Which connection (the event loop's slab index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub usize);
+
+/// What the event loop must do after a hub call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Queue this frame on that connection.
+    Send(ConnId, Frame),
+    /// Close that WebSocket with this code; the hub has already forgotten it.
+    Close(ConnId, u16, &'static str),
+}
+
+/// Why the hub refused a call. Each maps to one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubError {
+    InvalidSession,
+    RoomNotFound,
+    RoomFull,
+    TooManySessions,
+    TooManyRooms,
+}
+
+/// The hub's share of the settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub room_ttl: Micros,
+    pub session_ttl: Micros,
+    pub history: usize,
+    pub welcome_messages: usize,
+    pub max_chat_chars: usize,
+    pub max_room_members: usize,
+    pub chat_rate: u32,
+    pub chat_burst: u32,
+    pub typing_debounce: Micros,
+    pub typing_quiet: Micros,
+    pub typing_max_per_sec: u32,
+    pub max_sessions: usize,
+    pub max_rooms: usize,
+}
+
+impl From<&Config> for HubConfig {
+    fn from(c: &Config) -> Self {
+        HubConfig {
+            room_ttl: c.room_ttl,
+            session_ttl: c.session_ttl,
+            history: c.history,
+            welcome_messages: 50,
+            max_chat_chars: c.max_chat_chars,
+            max_room_members: c.max_room_members,
+            chat_rate: c.chat_rate,
+            chat_burst: c.chat_burst,
+            typing_debounce: c.typing_debounce,
+            typing_quiet: c.typing_quiet,
+            typing_max_per_sec: 50,
+            max_sessions: c.max_sessions,
+            max_rooms: c.max_rooms,
+        }
+    }
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig::from(&Config::default())
+    }
+}
+
+/// What `GET /sessions/me` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionView {
+    pub username: Rc<str>,
+    pub user_id: UserId,
+    pub rooms: Vec<RoomId>,
+}
+
+/// Counts for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubStats {
+    pub sessions: usize,
+    pub rooms: usize,
+    pub members: usize,
+    pub timers: usize,
+    pub messages: u64,
+    pub rate_limited: u64,
+    pub rooms_expired: u64,
+    pub sessions_expired: u64,
+}
+
+pub struct Hub {
+    cfg: HubConfig,
+    sessions: HashMap<SessionId, Session>,
+    rooms: HashMap<RoomId, Room>,
+    wheel: Wheel<Timer>,
+    actions: Vec<Action>,
+    fired: Vec<Timer>,
+    frame: FrameBuf,
+    random: SecureRandom,
+    ids: MsgIdGen,
+    next_gen: u32,
+    members: usize,
+    messages: u64,
+    rate_limited: u64,
+    rooms_expired: u64,
+    sessions_expired: u64,
+}
+
+struct Session {
+    username: Rc<str>,
+    user_id: UserId,
+    rooms: Vec<RoomId>,
+    /// Open WebSockets of this session, with their room.
+    conns: Vec<(ConnId, RoomId)>,
+    last_used: Micros,
+    bucket: Bucket,
+    /// Chat messages refused in a row for the rate limit.
+    strikes: u32,
+}
+
+struct Room {
+    members: Vec<Member>,
+    history: VecDeque<Stored>,
+    empty_since: Micros,
+    expiry_gen: u32,
+}
+
+struct Member {
+    conn: ConnId,
+    session: SessionId,
+    user: Rc<str>,
+    user_id: UserId,
+    /// When the member stops counting as typing; `None` when not typing.
+    typing_until: Option<Micros>,
+    typing_sent: Micros,
+    typing_gen: u32,
+    typing_window: Micros,
+    typing_count: u32,
+}
+
+struct Stored {
+    id: MsgId,
+    frame: Frame,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    Room(RoomId, u32),
+    Session(SessionId),
+    Typing(RoomId, ConnId, u32),
+}
+
+/// A token bucket in micro-tokens: `rate` tokens per second, at most `burst`.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    micro_tokens: u64,
+    at: Micros,
+}
+
+const TOKEN: u64 = 1_000_000;
+
+impl Hub {
+    pub fn new(cfg: HubConfig) -> Hub {
+        let mut random = SecureRandom::default();
+        let seed = random.u64();
+        Hub {
+            cfg,
+            sessions: HashMap::new(),
+            rooms: HashMap::new(),
+            wheel: Wheel::new(),
+            actions: Vec::new(),
+            fired: Vec::new(),
+            frame: FrameBuf::default(),
+            random,
+            ids: MsgIdGen::new(seed),
+            next_gen: 0,
+            members: 0,
+            messages: 0,
+            rate_limited: 0,
+            rooms_expired: 0,
+            sessions_expired: 0,
+        }
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.cfg
+    }
+
+    /// Takes the actions produced by the calls so far.
+    pub fn drain_actions(&mut self) -> std::vec::Drain<'_, Action> {
+        self.actions.drain(..)
+    }
+
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
+    pub fn stats(&self) -> HubStats {
+        HubStats {
+            sessions: self.sessions.len(),
+            rooms: self.rooms.len(),
+            members: self.members,
+            timers: self.wheel.len(),
+            messages: self.messages,
+            rate_limited: self.rate_limited,
+            rooms_expired: self.rooms_expired,
+            sessions_expired: self.sessions_expired,
+        }
+    }
+
+    // ---- sessions -------------------------------------------------------------------
+
+    /// Starts a session for an already validated username.
+    pub fn create_session(
+        &mut self,
+        username: &str,
+        now: Now,
+    ) -> Result<(SessionId, UserId), HubError> {
+        if self.sessions.len() >= self.cfg.max_sessions {
+            return Err(HubError::TooManySessions);
+        }
+        let id = self.random.session_id();
+        let user_id = self.random.user_id();
+        let bucket = Bucket {
+            micro_tokens: u64::from(self.cfg.chat_burst) * TOKEN,
+            at: now.mono,
+        };
+        self.sessions.insert(
+            id,
+            Session {
+                username: Rc::from(username),
+                user_id,
+                rooms: Vec::new(),
+                conns: Vec::new(),
+                last_used: now.mono,
+                bucket,
+                strikes: 0,
+            },
+        );
+        self.wheel
+            .arm(now.mono + self.cfg.session_ttl, Timer::Session(id));
+        Ok((id, user_id))
+    }
+
+    /// Checks a bearer token and counts the call as use of the session.
+    pub fn authenticate(&mut self, id: SessionId, now: Now) -> Result<(), HubError> {
+        let ttl = self.cfg.session_ttl;
+        match self.sessions.get_mut(&id) {
+            Some(s) if s.conns.is_empty() && now.mono >= s.last_used + ttl => {
+                Err(HubError::InvalidSession)
+            }
+            Some(s) => {
+                s.last_used = now.mono;
+                Ok(())
+            }
+            None => Err(HubError::InvalidSession),
+        }
+    }
+
+    pub fn session_view(&self, id: SessionId) -> Option<SessionView> {
+        let s = self.sessions.get(&id)?;
+        Some(SessionView {
+            username: s.username.clone(),
+            user_id: s.user_id,
+            rooms: self.live_rooms_of(s),
+        })
+    }
+
+    /// This session's rooms that still exist.
+    pub fn session_rooms(&self, id: SessionId) -> Vec<RoomId> {
+        self.sessions
+            .get(&id)
+            .map(|s| self.live_rooms_of(s))
+            .unwrap_or_default()
+    }
+
+    /// Ends a session: its sockets leave their rooms and are closed with 1000.
+    pub fn end_session(&mut self, id: SessionId, now: Now) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let conns = std::mem::take(&mut s.conns);
+        for (conn, room) in conns {
+            self.disconnect(conn, room, now);
+            self.actions
+                .push(Action::Close(conn, 1000, "session ended"));
+        }
+        self.sessions.remove(&id);
+    }
+
+    // ---- rooms ----------------------------------------------------------------------
+
+    pub fn create_room(&mut self, session: SessionId, now: Now) -> Result<RoomId, HubError> {
+        if !self.sessions.contains_key(&session) {
+            return Err(HubError::InvalidSession);
+        }
+        if self.rooms.len() >= self.cfg.max_rooms {
+            return Err(HubError::TooManyRooms);
+        }
+        let id = loop {
+            let id = self.random.room_id();
+            if !self.rooms.contains_key(&id) {
+                break id;
+            }
+        };
+        let g = self.bump_generation();
+        self.rooms.insert(
+            id,
+            Room {
+                members: Vec::new(),
+                history: VecDeque::new(),
+                empty_since: now.mono,
+                expiry_gen: g,
+            },
+        );
+        self.wheel
+            .arm(now.mono + self.cfg.room_ttl, Timer::Room(id, g));
+        self.remember_room(session, id);
+        Ok(id)
+    }
+
+    /// `POST /rooms/{id}/join`: adds the room to the session's rooms.
+    pub fn join_room(&mut self, session: SessionId, room: RoomId) -> Result<(), HubError> {
+        if !self.rooms.contains_key(&room) {
+            return Err(HubError::RoomNotFound);
+        }
+        self.remember_room(session, room);
+        Ok(())
+    }
+
+    /// `DELETE /rooms/{id}/leave`: forgets the room in the session's list.
+    pub fn leave_room(&mut self, session: SessionId, room: RoomId) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.rooms.retain(|r| *r != room);
+        }
+    }
+
+    pub fn room_exists(&self, room: RoomId) -> bool {
+        self.rooms.contains_key(&room)
+    }
+
+    /// Open WebSocket connections in a room.
+    pub fn user_count(&self, room: RoomId) -> Option<usize> {
+        self.rooms.get(&room).map(|r| r.members.len())
+    }
+
+    pub fn all_rooms(&self) -> impl Iterator<Item = RoomId> + '_ {
+        self.rooms.keys().copied()
+    }
+
+    /// Writes the last `limit` messages of a room as JSON values separated by commas,
+    /// oldest first. `false` when the room does not exist.
+    pub fn write_history(&self, room: RoomId, limit: usize, out: &mut Vec<u8>) -> bool {
+        let Some(r) = self.rooms.get(&room) else {
+            return false;
+        };
+        let skip = r.history.len().saturating_sub(limit);
+        protocol::write_joined(
+            out,
+            r.history
+                .iter()
+                .skip(skip)
+                .map(|m| protocol::frame_payload(&m.frame)),
+        );
+        true
+    }
+
+    // ---- WebSocket members ----------------------------------------------------------
+
+    /// Whether `session` may open a socket in `room` now (checked before the upgrade).
+    pub fn check_connect(
+        &self,
+        session: SessionId,
+        room: RoomId,
+        now: Now,
+    ) -> Result<(), HubError> {
+        match self.sessions.get(&session) {
+            Some(s) if !s.conns.is_empty() || now.mono < s.last_used + self.cfg.session_ttl => {}
+            _ => return Err(HubError::InvalidSession),
+        }
+        let r = self.rooms.get(&room).ok_or(HubError::RoomNotFound)?;
+        if r.members.len() >= self.cfg.max_room_members {
+            return Err(HubError::RoomFull);
+        }
+        Ok(())
+    }
+
+    /// A socket opened: sends it `welcome`, then `user_joined` to everyone.
+    pub fn connect(
+        &mut self,
+        conn: ConnId,
+        session: SessionId,
+        room_id: RoomId,
+        since: Option<MsgId>,
+        now: Now,
+    ) -> Result<(), HubError> {
+        self.check_connect(session, room_id, now)?;
+        self.remember_room(session, room_id);
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(HubError::InvalidSession)?;
+        s.conns.push((conn, room_id));
+        s.last_used = now.mono;
+        let (user, user_id) = (s.username.clone(), s.user_id);
+        let g = self.bump_generation();
+        let room = self.rooms.get_mut(&room_id).ok_or(HubError::RoomNotFound)?;
+        room.expiry_gen = g; // cancels a pending expiry
+        room.members.push(Member {
+            conn,
+            session,
+            user: user.clone(),
+            user_id,
+            typing_until: None,
+            typing_sent: Micros::ZERO,
+            typing_gen: 0,
+            typing_window: Micros::ZERO,
+            typing_count: 0,
+        });
+        self.members += 1;
+
+        let me = Who {
+            user: &user,
+            user_id,
+        };
+        let (start, truncated) = match since {
+            None => (
+                room.history.len().saturating_sub(self.cfg.welcome_messages),
+                false,
+            ),
+            Some(id) => match room.history.binary_search_by_key(&id, |m| m.id) {
+                Ok(i) => (i + 1, false),
+                Err(_) => (0, true),
+            },
+        };
+        let out = self.frame.start();
+        // One entry per user, even with several sockets (O(n) with a set; rooms can be big).
+        let mut seen = std::collections::HashSet::with_capacity(room.members.len());
+        let users = room.members.iter().filter(|m| seen.insert(m.user_id));
+        protocol::write_welcome(
+            out,
+            room_id,
+            me,
+            users.map(|m| Who {
+                user: &m.user,
+                user_id: m.user_id,
+            }),
+            room.history
+                .iter()
+                .skip(start)
+                .map(|m| protocol::frame_payload(&m.frame)),
+            truncated,
+        );
+        let welcome = self.frame.finish_text();
+        self.actions.push(Action::Send(conn, welcome));
+        let text = format!("{user} has joined");
+        self.publish(room_id, "user_joined", me, &text, now);
+        Ok(())
+    }
+
+    /// A socket closed or was closed: it leaves its room (`typing_stopped` if it was typing,
+    /// then `user_left`). Does nothing for a connection the hub no longer knows.
+    pub fn disconnect(&mut self, conn: ConnId, room_id: RoomId, now: Now) {
+        let Some(room) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        let Some(i) = room.members.iter().position(|m| m.conn == conn) else {
+            return;
+        };
+        let m = room.members.swap_remove(i);
+        self.members -= 1;
+        if room.members.is_empty() {
+            room.empty_since = now.mono;
+            let g = self.next_gen.wrapping_add(1);
+            self.next_gen = g;
+            room.expiry_gen = g;
+            self.wheel
+                .arm(now.mono + self.cfg.room_ttl, Timer::Room(room_id, g));
+        }
+        if let Some(s) = self.sessions.get_mut(&m.session) {
+            s.conns.retain(|(c, _)| *c != conn);
+            s.last_used = now.mono;
+        }
+        let who = Who {
+            user: &m.user,
+            user_id: m.user_id,
+        };
+        if m.typing_until.is_some() {
+            self.typing_frame(room_id, "typing_stopped", who, None);
+        }
+        let text = format!("{} has left", m.user);
+        self.publish(room_id, "user_left", who, &text, now);
+    }
+
+    /// A text message from a member's socket.
+    pub fn on_text(&mut self, conn: ConnId, room_id: RoomId, text: &str, now: Now) {
+        let Some(room) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        let Some(i) = room.members.iter().position(|m| m.conn == conn) else {
+            return;
+        };
+        match protocol::parse_client(text) {
+            Ok(ClientMsg::Chat(msg)) => self.chat(conn, room_id, i, msg.trim(), now),
+            Ok(ClientMsg::Typing) => self.typing(room_id, i, now),
+            Err(e) => self.send_error(conn, e.code(), &e.detail()),
+        }
+    }
+
+    // ---- time -----------------------------------------------------------------------
+
+    /// When `handle_timeout` next has work; `None` when nothing is pending.
+    pub fn poll_timeout(&self) -> Option<Micros> {
+        self.wheel.next_deadline()
+    }
+
+    /// Runs every timer that is due: room and session expiry, `typing_stopped`.
+    pub fn handle_timeout(&mut self, now: Now) {
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel.advance(now.mono, &mut fired);
+        for t in fired.drain(..) {
+            match t {
+                Timer::Room(id, g) => self.expire_room(id, g, now),
+                Timer::Session(id) => self.expire_session(id, now),
+                Timer::Typing(room, conn, g) => self.typing_timeout(room, conn, g, now),
+            }
+        }
+        self.fired = fired;
+    }
+
+    // ---- internals ------------------------------------------------------------------
+
+    fn chat(&mut self, conn: ConnId, room_id: RoomId, i: usize, msg: &str, now: Now) {
+        if msg.is_empty() {
+            return;
+        }
+        let max = self.cfg.max_chat_chars;
+        if msg.len() > max && msg.chars().count() > max {
+            let detail = format!("Message is longer than {max} characters");
+            self.send_error(conn, "message_too_long", &detail);
+            return;
+        }
+        let Some(m) = self.rooms.get(&room_id).and_then(|r| r.members.get(i)) else {
+            return;
+        };
+        let (session, who_user, user_id, was_typing) =
+            (m.session, m.user.clone(), m.user_id, m.typing_until);
+        let (rate, burst) = (self.cfg.chat_rate, self.cfg.chat_burst);
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        s.last_used = now.mono;
+        if !s.bucket.take(now.mono, rate, burst) {
+            s.strikes += 1;
+            self.rate_limited += 1;
+            if s.strikes > burst {
+                s.strikes = 0;
+                self.disconnect(conn, room_id, now);
+                self.actions
+                    .push(Action::Close(conn, 1008, "rate limit exceeded"));
+            } else {
+                let detail =
+                    format!("Too many messages: at most {rate} per second (bursts of {burst})");
+                self.send_error(conn, "rate_limited", &detail);
+            }
+            return;
+        }
+        s.strikes = 0;
+        let who = Who {
+            user: &who_user,
+            user_id,
+        };
+        if was_typing.is_some() {
+            if let Some(m) = self
+                .rooms
+                .get_mut(&room_id)
+                .and_then(|r| r.members.get_mut(i))
+            {
+                m.typing_until = None;
+            }
+            self.typing_frame(room_id, "typing_stopped", who, Some(conn));
+        }
+        self.publish(room_id, "chat", who, msg, now);
+    }
+
+    fn typing(&mut self, room_id: RoomId, i: usize, now: Now) {
+        let (debounce, quiet, max) = (
+            self.cfg.typing_debounce,
+            self.cfg.typing_quiet,
+            self.cfg.typing_max_per_sec,
+        );
+        let g = self.next_gen.wrapping_add(1);
+        let Some(m) = self
+            .rooms
+            .get_mut(&room_id)
+            .and_then(|r| r.members.get_mut(i))
+        else {
+            return;
+        };
+        if now.mono.since(m.typing_window) >= Micros::from_secs(1) {
+            m.typing_window = now.mono;
+            m.typing_count = 0;
+        }
+        m.typing_count += 1;
+        if m.typing_count > max {
+            return; // a flood of keystrokes: dropped silently
+        }
+        let was_typing = m.typing_until.is_some();
+        m.typing_until = Some(now.mono + quiet);
+        if !was_typing {
+            self.next_gen = g;
+            m.typing_gen = g;
+            self.wheel
+                .arm(now.mono + quiet, Timer::Typing(room_id, m.conn, g));
+        }
+        if was_typing && now.mono.since(m.typing_sent) < debounce {
+            return;
+        }
+        m.typing_sent = now.mono;
+        let (conn, user, user_id) = (m.conn, m.user.clone(), m.user_id);
+        self.typing_frame(
+            room_id,
+            "typing",
+            Who {
+                user: &user,
+                user_id,
+            },
+            Some(conn),
+        );
+    }
+
+    fn typing_timeout(&mut self, room_id: RoomId, conn: ConnId, g: u32, now: Now) {
+        let Some(m) = self
+            .rooms
+            .get_mut(&room_id)
+            .and_then(|r| r.members.iter_mut().find(|m| m.conn == conn))
+        else {
+            return;
+        };
+        match m.typing_until {
+            Some(until) if m.typing_gen == g => {
+                if until > now.mono {
+                    self.wheel.arm(until, Timer::Typing(room_id, conn, g));
+                    return;
+                }
+                m.typing_until = None;
+                let user = m.user.clone();
+                let who = Who {
+                    user: &user,
+                    user_id: m.user_id,
+                };
+                self.typing_frame(room_id, "typing_stopped", who, Some(conn));
+            }
+            _ => {}
+        }
+    }
+
+    fn expire_room(&mut self, id: RoomId, g: u32, now: Now) {
+        let ttl = self.cfg.room_ttl;
+        let Some(room) = self.rooms.get(&id) else {
+            return;
+        };
+        if room.expiry_gen != g || !room.members.is_empty() {
+            return;
+        }
+        let due = room.empty_since + ttl;
+        if due > now.mono {
+            self.wheel.arm(due, Timer::Room(id, g));
+            return;
+        }
+        self.rooms.remove(&id);
+        self.rooms_expired += 1;
+        log::debug!("room {id} expired");
+    }
+
+    fn expire_session(&mut self, id: SessionId, now: Now) {
+        let ttl = self.cfg.session_ttl;
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
+        let due = if s.conns.is_empty() {
+            s.last_used + ttl
+        } else {
+            now.mono + ttl
+        };
+        if due > now.mono {
+            self.wheel.arm(due, Timer::Session(id));
+            return;
+        }
+        self.sessions.remove(&id);
+        self.sessions_expired += 1;
+    }
+
+    /// Stores a history message and sends it to every member, the sender included.
+    fn publish(&mut self, room_id: RoomId, kind: &str, who: Who<'_>, text: &str, now: Now) {
+        let id = self.ids.next(now.wall);
+        protocol::write_event(self.frame.start(), kind, id, who, text, now.wall, room_id);
+        let frame = self.frame.finish_text();
+        self.frame.trim();
+        let Some(room) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        for m in &room.members {
+            self.actions.push(Action::Send(m.conn, frame.clone()));
+        }
+        if room.history.len() >= self.cfg.history {
+            room.history.pop_front();
+        }
+        room.history.push_back(Stored { id, frame });
+        self.messages += 1;
+    }
+
+    /// `typing` / `typing_stopped` to every member but `except`.
+    fn typing_frame(&mut self, room_id: RoomId, kind: &str, who: Who<'_>, except: Option<ConnId>) {
+        protocol::write_typing(self.frame.start(), kind, who, room_id);
+        let frame = self.frame.finish_text();
+        let Some(room) = self.rooms.get(&room_id) else {
+            return;
+        };
+        for m in room.members.iter().filter(|m| Some(m.conn) != except) {
+            self.actions.push(Action::Send(m.conn, frame.clone()));
+        }
+    }
+
+    fn send_error(&mut self, conn: ConnId, code: &str, detail: &str) {
+        protocol::write_error(self.frame.start(), code, detail);
+        let frame = self.frame.finish_text();
+        self.actions.push(Action::Send(conn, frame));
+    }
+
+    fn remember_room(&mut self, session: SessionId, room: RoomId) {
+        let rooms = &self.rooms;
+        if let Some(s) = self.sessions.get_mut(&session)
+            && !s.rooms.contains(&room)
+        {
+            if s.rooms.len() >= 32 {
+                s.rooms.retain(|r| rooms.contains_key(r));
+            }
+            s.rooms.push(room);
+        }
+    }
+
+    fn live_rooms_of(&self, s: &Session) -> Vec<RoomId> {
+        s.rooms
+            .iter()
+            .copied()
+            .filter(|r| self.rooms.contains_key(r))
+            .collect()
+    }
+
+    fn bump_generation(&mut self) -> u32 {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        self.next_gen
+    }
+}
+
+impl Bucket {
+    fn take(&mut self, now: Micros, rate: u32, burst: u32) -> bool {
+        let elapsed = now.since(self.at).0;
+        self.at = now;
+        let cap = u64::from(burst) * TOKEN;
+        self.micro_tokens = (self.micro_tokens + elapsed.saturating_mul(u64::from(rate))).min(cap);
+        if self.micro_tokens >= TOKEN {
+            self.micro_tokens -= TOKEN;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Trims and checks a username: 2 to 50 characters, no control characters.
+pub fn validate_username(raw: &str) -> Result<&str, &'static str> {
+    let name = raw.trim();
+    let n = name.chars().count();
+    if n < 2 {
+        return Err("Username must be at least 2 characters long");
+    }
+    if n > 50 {
+        return Err("Username must be at most 50 characters long");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("Username must not contain control characters");
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests;

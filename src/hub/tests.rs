@@ -1,0 +1,1516 @@
+use super::*;
+
+use serde_json::{Value, json};
+
+// ---- helpers ------------------------------------------------------------------------
+
+const MS: u64 = 1_000;
+const SEC: u64 = 1_000_000;
+
+/// The fake clock at `us` microseconds.
+fn at(us: u64) -> Now {
+    Now::fake(us)
+}
+
+/// The contract's defaults, with caps small enough not to matter.
+fn cfg() -> HubConfig {
+    HubConfig {
+        room_ttl: Micros::from_secs(120),
+        session_ttl: Micros::from_secs(86_400),
+        history: 1000,
+        welcome_messages: 50,
+        max_chat_chars: 4096,
+        max_room_members: 10_000,
+        chat_rate: 20,
+        chat_burst: 40,
+        typing_debounce: Micros::from_secs(1),
+        typing_quiet: Micros::from_secs(3),
+        typing_max_per_sec: 50,
+        max_sessions: 1000,
+        max_rooms: 1000,
+    }
+}
+
+/// No practical chat rate limit, for tests that send many messages at once.
+fn fast() -> HubConfig {
+    HubConfig {
+        chat_rate: 1_000_000,
+        chat_burst: 1_000_000,
+        ..cfg()
+    }
+}
+
+fn c(n: usize) -> ConnId {
+    ConnId(n)
+}
+
+#[track_caller]
+fn decode(frame: &Frame) -> Value {
+    let payload = protocol::frame_payload(frame);
+    serde_json::from_slice(payload).unwrap_or_else(|e| {
+        panic!(
+            "frame is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(payload)
+        )
+    })
+}
+
+#[track_caller]
+fn drain(hub: &mut Hub) -> Vec<Action> {
+    hub.drain_actions().collect()
+}
+
+/// The decoded frames sent to `conn`, in order.
+#[track_caller]
+fn frames_for(actions: &[Action], conn: ConnId) -> Vec<Value> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(to, f) if *to == conn => Some(decode(f)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The raw frames sent to `conn`, in order.
+fn raw_for(actions: &[Action], conn: ConnId) -> Vec<Frame> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(to, f) if *to == conn => Some(f.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The `type` of each frame.
+fn kinds(frames: &[Value]) -> Vec<&str> {
+    frames
+        .iter()
+        .map(|f| f["type"].as_str().expect("every frame has a string type"))
+        .collect()
+}
+
+/// Every `Close` action as (conn, code).
+fn closes(actions: &[Action]) -> Vec<(ConnId, u16)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Close(conn, code, _) => Some((*conn, *code)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The connections that got at least one frame.
+fn recipients(actions: &[Action]) -> Vec<ConnId> {
+    let mut v: Vec<ConnId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(to, _) => Some(*to),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+#[track_caller]
+fn session(hub: &mut Hub, name: &str, now: Now) -> SessionId {
+    hub.create_session(name, now).expect("create_session").0
+}
+
+#[track_caller]
+fn room(hub: &mut Hub, s: SessionId, now: Now) -> RoomId {
+    hub.create_room(s, now).expect("create_room")
+}
+
+/// Connects `conn` and returns the actions it caused.
+#[track_caller]
+fn join(hub: &mut Hub, conn: ConnId, s: SessionId, r: RoomId, now: Now) -> Vec<Action> {
+    hub.connect(conn, s, r, None, now).expect("connect");
+    drain(hub)
+}
+
+#[track_caller]
+fn join_since(
+    hub: &mut Hub,
+    conn: ConnId,
+    s: SessionId,
+    r: RoomId,
+    since: MsgId,
+    now: Now,
+) -> Vec<Action> {
+    hub.connect(conn, s, r, Some(since), now).expect("connect");
+    drain(hub)
+}
+
+#[track_caller]
+fn leave(hub: &mut Hub, conn: ConnId, r: RoomId, now: Now) -> Vec<Action> {
+    hub.disconnect(conn, r, now);
+    drain(hub)
+}
+
+#[track_caller]
+fn send_text(hub: &mut Hub, conn: ConnId, r: RoomId, text: &str, now: Now) -> Vec<Action> {
+    hub.on_text(conn, r, text, now);
+    drain(hub)
+}
+
+#[track_caller]
+fn say(hub: &mut Hub, conn: ConnId, r: RoomId, msg: &str, now: Now) -> Vec<Action> {
+    let text = json!({"type": "chat", "message": msg}).to_string();
+    send_text(hub, conn, r, &text, now)
+}
+
+#[track_caller]
+fn type_key(hub: &mut Hub, conn: ConnId, r: RoomId, now: Now) -> Vec<Action> {
+    send_text(hub, conn, r, r#"{"type":"typing"}"#, now)
+}
+
+/// Plays the event loop: fires every deadline `poll_timeout` reports up to `until_us`, in
+/// order, then `handle_timeout(until_us)` itself; returns the actions.
+#[track_caller]
+fn run_until(hub: &mut Hub, until_us: u64) -> Vec<Action> {
+    let mut out = Vec::new();
+    let mut steps = 0;
+    while let Some(d) = hub.poll_timeout() {
+        if d.0 > until_us {
+            break;
+        }
+        steps += 1;
+        assert!(
+            steps < 100_000,
+            "poll_timeout keeps returning {d:?} though it was handled"
+        );
+        hub.handle_timeout(at(d.0));
+        out.extend(hub.drain_actions());
+    }
+    hub.handle_timeout(at(until_us));
+    out.extend(hub.drain_actions());
+    out
+}
+
+/// The messages `write_history` returns for a room.
+#[track_caller]
+fn history(hub: &Hub, r: RoomId, limit: usize) -> Vec<Value> {
+    let mut out = b"[".to_vec();
+    assert!(hub.write_history(r, limit, &mut out), "room exists");
+    out.push(b']');
+    serde_json::from_slice::<Vec<Value>>(&out).expect("history is a JSON array")
+}
+
+fn messages_of(welcome: &Value) -> Vec<String> {
+    welcome["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["message"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[track_caller]
+fn msg_id(v: &Value) -> MsgId {
+    MsgId::parse(v["id"].as_str().expect("id")).expect("id is a UUID")
+}
+
+/// A hub with one room and `names.len()` members on connections 1, 2, ...; actions drained.
+fn room_with(cfg: HubConfig, names: &[&str], now: Now) -> (Hub, RoomId, Vec<SessionId>) {
+    let mut hub = Hub::new(cfg);
+    let sessions: Vec<SessionId> = names.iter().map(|n| session(&mut hub, n, now)).collect();
+    let r = room(&mut hub, sessions[0], now);
+    for (i, s) in sessions.iter().enumerate() {
+        join(&mut hub, c(i + 1), *s, r, now);
+    }
+    (hub, r, sessions)
+}
+
+// ---- configuration --------------------------------------------------------------------
+
+#[test]
+fn default_config_follows_the_contract() {
+    let d = HubConfig::default();
+    assert_eq!(d.room_ttl, Micros::from_secs(120));
+    assert_eq!(d.session_ttl, Micros::from_secs(24 * 3600));
+    assert_eq!(d.history, 1000);
+    assert_eq!(d.welcome_messages, 50);
+    assert_eq!(d.max_chat_chars, 4096);
+    assert_eq!(d.max_room_members, 10_000);
+    assert_eq!((d.chat_rate, d.chat_burst), (20, 40));
+    assert_eq!(
+        (d.typing_debounce, d.typing_quiet),
+        (Micros::from_secs(1), Micros::from_secs(3))
+    );
+    assert_eq!(d.typing_max_per_sec, 50);
+    assert_eq!((d.max_sessions, d.max_rooms), (2_000_000, 100_000));
+}
+
+// ---- sessions -------------------------------------------------------------------------
+
+#[test]
+fn create_session_authenticate_and_view() {
+    let mut hub = Hub::new(cfg());
+    let (a, uid) = hub.create_session("alice", at(0)).unwrap();
+    let (a2, uid2) = hub.create_session("alice", at(0)).unwrap();
+    assert_ne!(a, a2, "same name, independent sessions");
+    assert_ne!(uid, uid2);
+    assert_eq!(hub.authenticate(a, at(SEC)), Ok(()));
+    assert_eq!(
+        hub.authenticate(a2, at(SEC)),
+        Ok(()),
+        "a second session does not end the first"
+    );
+    assert_eq!(
+        hub.authenticate(SessionId(12345), at(SEC)),
+        Err(HubError::InvalidSession)
+    );
+    assert_eq!(hub.session_view(SessionId(12345)), None);
+
+    let v = hub.session_view(a).unwrap();
+    assert_eq!(&*v.username, "alice");
+    assert_eq!(v.user_id, uid);
+    assert!(v.rooms.is_empty());
+    assert_eq!(hub.stats().sessions, 2);
+
+    let r1 = room(&mut hub, a, at(SEC));
+    let r2 = room(&mut hub, a2, at(SEC));
+    assert_eq!(hub.session_view(a).unwrap().rooms, vec![r1]);
+    assert_eq!(hub.join_room(a, r2), Ok(()));
+    assert_eq!(
+        hub.join_room(a, r2),
+        Ok(()),
+        "joining twice lists the room once"
+    );
+    assert_eq!(hub.session_rooms(a), vec![r1, r2]);
+    assert_eq!(hub.join_room(a, RoomId(0x123)), Err(HubError::RoomNotFound));
+    hub.leave_room(a, r1);
+    assert_eq!(hub.session_rooms(a), vec![r2]);
+    assert_eq!(hub.session_rooms(SessionId(1)), Vec::<RoomId>::new());
+    assert_eq!(
+        hub.create_room(SessionId(1), at(SEC)),
+        Err(HubError::InvalidSession)
+    );
+    assert!(!hub.has_actions());
+}
+
+#[test]
+fn session_expiry_is_sliding() {
+    let mut hub = Hub::new(HubConfig {
+        session_ttl: Micros::from_secs(10),
+        ..cfg()
+    });
+    let s = session(&mut hub, "alice", at(0));
+    let other = session(&mut hub, "bob", at(0));
+    assert!(
+        hub.poll_timeout()
+            .is_some_and(|d| d <= Micros::from_secs(10))
+    );
+
+    // Used at 6 s: lives until 16 s, though its first deadline (10 s) passes.
+    assert_eq!(hub.authenticate(s, at(6 * SEC)), Ok(()));
+    run_until(&mut hub, 15 * SEC);
+    assert_eq!(hub.stats().sessions, 1, "bob, unused, expired at 10 s");
+    assert_eq!(
+        hub.authenticate(other, at(15 * SEC)),
+        Err(HubError::InvalidSession)
+    );
+    assert_eq!(hub.session_view(other), None);
+
+    // Used again just before the deadline.
+    assert_eq!(hub.authenticate(s, at(16 * SEC - 1)), Ok(()));
+    run_until(&mut hub, 26 * SEC - 2);
+    assert!(hub.session_view(s).is_some());
+    assert_eq!(hub.authenticate(s, at(26 * SEC - 2)), Ok(()));
+
+    // Unused for exactly the TTL: refused at once, even before the timer runs, and
+    // collected within one tick of the wheel (deadlines are rounded up to whole ms).
+    assert_eq!(
+        hub.authenticate(s, at(36 * SEC - 2)),
+        Err(HubError::InvalidSession)
+    );
+    run_until(&mut hub, 36 * SEC - 2 + MS);
+    assert_eq!(hub.session_view(s), None);
+    let st = hub.stats();
+    assert_eq!((st.sessions, st.sessions_expired), (0, 2));
+    assert_eq!(
+        hub.authenticate(s, at(36 * SEC)),
+        Err(HubError::InvalidSession)
+    );
+    assert_eq!(
+        hub.create_room(s, at(36 * SEC)),
+        Err(HubError::InvalidSession)
+    );
+    assert!(!hub.has_actions());
+}
+
+#[test]
+fn session_expiry_with_a_single_late_timeout_call() {
+    // The loop may wake late: one handle_timeout long after the deadline still expires it.
+    let mut hub = Hub::new(HubConfig {
+        session_ttl: Micros::from_secs(10),
+        ..cfg()
+    });
+    let s = session(&mut hub, "alice", at(0));
+    hub.handle_timeout(at(9 * SEC));
+    assert!(hub.session_view(s).is_some());
+    hub.handle_timeout(at(1000 * SEC));
+    assert_eq!(hub.session_view(s), None);
+    assert_eq!(hub.stats().timers, 0, "no timer left behind");
+    assert_eq!(hub.poll_timeout(), None);
+}
+
+#[test]
+fn an_open_socket_keeps_the_session_alive() {
+    let ttl = 10 * SEC;
+    let mut hub = Hub::new(HubConfig {
+        session_ttl: Micros(ttl),
+        room_ttl: Micros::from_secs(1000),
+        ..cfg()
+    });
+    let s = session(&mut hub, "alice", at(0));
+    let r = room(&mut hub, s, at(0));
+    join(&mut hub, c(1), s, r, at(SEC));
+    run_until(&mut hub, 100 * SEC);
+    assert_eq!(
+        hub.authenticate(s, at(100 * SEC)),
+        Ok(()),
+        "connected for 99 s with a 10 s TTL"
+    );
+    assert_eq!(hub.check_connect(s, r, at(100 * SEC)), Ok(()));
+    run_until(&mut hub, 200 * SEC);
+
+    // The socket closes at 200 s: the session lives until 210 s.
+    leave(&mut hub, c(1), r, at(200 * SEC));
+    run_until(&mut hub, 210 * SEC - 1);
+    assert!(hub.session_view(s).is_some());
+    assert_eq!(hub.check_connect(s, r, at(210 * SEC - 1)), Ok(()));
+    assert_eq!(
+        hub.check_connect(s, r, at(210 * SEC)),
+        Err(HubError::InvalidSession)
+    );
+    run_until(&mut hub, 210 * SEC);
+    assert_eq!(hub.session_view(s), None);
+    assert_eq!(hub.stats().sessions, 0);
+    assert_eq!(
+        hub.authenticate(s, at(210 * SEC)),
+        Err(HubError::InvalidSession)
+    );
+}
+
+#[test]
+fn max_sessions_is_a_global_cap() {
+    let mut hub = Hub::new(HubConfig {
+        max_sessions: 2,
+        ..cfg()
+    });
+    let a = session(&mut hub, "alice", at(0));
+    session(&mut hub, "bob", at(0));
+    assert_eq!(
+        hub.create_session("carol", at(0)),
+        Err(HubError::TooManySessions)
+    );
+    hub.end_session(a, at(0));
+    assert!(
+        hub.create_session("carol", at(0)).is_ok(),
+        "ending one frees a place"
+    );
+    assert_eq!(hub.stats().sessions, 2);
+}
+
+// ---- rooms ----------------------------------------------------------------------------
+
+#[test]
+fn room_nobody_connected_to_expires_after_room_ttl() {
+    let mut hub = Hub::new(cfg());
+    let s = session(&mut hub, "alice", at(0));
+    let r = room(&mut hub, s, at(5 * SEC));
+    assert!(r.0 <= RoomId::MASK);
+    assert_eq!(hub.user_count(r), Some(0));
+    assert_eq!(hub.all_rooms().collect::<Vec<_>>(), vec![r]);
+    run_until(&mut hub, 125 * SEC - 1);
+    assert!(hub.room_exists(r));
+    run_until(&mut hub, 125 * SEC);
+    assert!(!hub.room_exists(r));
+    assert_eq!(hub.user_count(r), None);
+    assert_eq!(hub.all_rooms().count(), 0);
+    assert!(
+        hub.session_rooms(s).is_empty(),
+        "a session only lists rooms that still exist"
+    );
+    assert_eq!(hub.join_room(s, r), Err(HubError::RoomNotFound));
+    assert_eq!(
+        hub.connect(c(1), s, r, None, at(126 * SEC)),
+        Err(HubError::RoomNotFound)
+    );
+    let st = hub.stats();
+    assert_eq!((st.rooms, st.rooms_expired), (0, 1));
+    assert!(!hub.has_actions());
+}
+
+#[test]
+fn connect_cancels_room_expiry_and_the_last_disconnect_rearms_it() {
+    let mut hub = Hub::new(HubConfig {
+        session_ttl: Micros::from_secs(100_000),
+        ..cfg()
+    });
+    let s = session(&mut hub, "alice", at(0));
+    let b = session(&mut hub, "bob", at(0));
+    let r = room(&mut hub, s, at(0));
+    join(&mut hub, c(1), s, r, at(60 * SEC));
+    join(&mut hub, c(2), b, r, at(61 * SEC));
+    run_until(&mut hub, 1000 * SEC);
+    assert!(hub.room_exists(r), "occupied rooms never expire");
+
+    // One member leaves: still occupied.
+    leave(&mut hub, c(2), r, at(1000 * SEC));
+    run_until(&mut hub, 1200 * SEC);
+    assert!(hub.room_exists(r));
+
+    // The last member leaves at 1200 s; rejoin at 1300 s keeps it; leave again at 1330 s.
+    leave(&mut hub, c(1), r, at(1200 * SEC));
+    run_until(&mut hub, 1300 * SEC);
+    assert!(hub.room_exists(r));
+    join(&mut hub, c(3), b, r, at(1300 * SEC));
+    run_until(&mut hub, 1330 * SEC);
+    assert!(
+        hub.room_exists(r),
+        "the expiry armed at 1200 s was cancelled by the rejoin"
+    );
+    leave(&mut hub, c(3), r, at(1330 * SEC));
+    run_until(&mut hub, 1450 * SEC - 1);
+    assert!(hub.room_exists(r));
+    run_until(&mut hub, 1450 * SEC);
+    assert!(!hub.room_exists(r));
+    assert_eq!(hub.stats().rooms_expired, 1);
+}
+
+#[test]
+fn room_expiry_with_a_single_late_timeout_call() {
+    let mut hub = Hub::new(cfg());
+    let s = session(&mut hub, "alice", at(0));
+    let r = room(&mut hub, s, at(0));
+    join(&mut hub, c(1), s, r, at(SEC));
+    leave(&mut hub, c(1), r, at(2 * SEC));
+    join(&mut hub, c(1), s, r, at(3 * SEC));
+    leave(&mut hub, c(1), r, at(100 * SEC));
+    hub.handle_timeout(at(219 * SEC));
+    assert!(
+        hub.room_exists(r),
+        "emptied at 100 s: due at 220 s, not at 122 s"
+    );
+    hub.handle_timeout(at(220 * SEC));
+    assert!(!hub.room_exists(r));
+}
+
+#[test]
+fn deleting_a_room_drops_its_history() {
+    let mut hub = Hub::new(cfg());
+    let s = session(&mut hub, "alice", at(0));
+    let r = room(&mut hub, s, at(0));
+    join(&mut hub, c(1), s, r, at(0));
+    say(&mut hub, c(1), r, "hello", at(1));
+    leave(&mut hub, c(1), r, at(2));
+    assert_eq!(history(&hub, r, 50).len(), 3);
+    run_until(&mut hub, 200 * SEC);
+    let mut out = Vec::new();
+    assert!(!hub.write_history(r, 50, &mut out));
+    assert!(out.is_empty());
+    assert_eq!(
+        hub.connect(c(1), s, r, None, at(200 * SEC)),
+        Err(HubError::RoomNotFound)
+    );
+}
+
+#[test]
+fn max_rooms_is_a_global_cap() {
+    let mut hub = Hub::new(HubConfig {
+        max_rooms: 2,
+        room_ttl: Micros::from_secs(10),
+        ..cfg()
+    });
+    let s = session(&mut hub, "alice", at(0));
+    let r1 = room(&mut hub, s, at(0));
+    let r2 = room(&mut hub, s, at(0));
+    assert_ne!(r1, r2);
+    assert_eq!(hub.create_room(s, at(0)), Err(HubError::TooManyRooms));
+    run_until(&mut hub, 10 * SEC);
+    assert!(
+        hub.create_room(s, at(10 * SEC)).is_ok(),
+        "expired rooms free their place"
+    );
+}
+
+// ---- connect and welcome --------------------------------------------------------------
+
+#[test]
+fn connect_sends_welcome_first_then_user_joined_to_everyone() {
+    let mut hub = Hub::new(cfg());
+    let (a, ua) = hub.create_session("alice", at(0)).unwrap();
+    let (b, ub) = hub.create_session("bob", at(0)).unwrap();
+    let r = room(&mut hub, a, at(0));
+    assert_eq!(hub.check_connect(a, r, at(0)), Ok(()));
+
+    let acts = join(&mut hub, c(1), a, r, at(SEC));
+    assert_eq!(recipients(&acts), vec![c(1)]);
+    let f = frames_for(&acts, c(1));
+    assert_eq!(kinds(&f), ["welcome", "user_joined"]);
+    let w = &f[0];
+    assert_eq!(w["room_id"], r.to_string());
+    assert_eq!(w["user"], "alice");
+    assert_eq!(w["user_id"], ua.to_string());
+    assert_eq!(
+        w["users"],
+        json!([{"user": "alice", "user_id": ua.to_string()}])
+    );
+    assert_eq!(w["messages"], json!([]));
+    assert!(w.get("truncated").is_none());
+    assert_eq!(f[1]["user"], "alice");
+    assert_eq!(f[1]["user_id"], ua.to_string());
+    assert_eq!(f[1]["message"], "alice has joined");
+    assert_eq!(f[1]["room_id"], r.to_string());
+    assert_eq!(hub.user_count(r), Some(1));
+
+    let acts = join(&mut hub, c(2), b, r, at(2 * SEC));
+    assert!(
+        matches!(&acts[0], Action::Send(to, _) if *to == c(2)),
+        "welcome is the first action"
+    );
+    let f2 = frames_for(&acts, c(2));
+    assert_eq!(kinds(&f2), ["welcome", "user_joined"]);
+    assert_eq!(
+        f2[0]["users"],
+        json!([{"user": "alice", "user_id": ua.to_string()}, {"user": "bob", "user_id": ub.to_string()}])
+    );
+    assert_eq!(messages_of(&f2[0]), ["alice has joined"]);
+    assert_eq!(f2[1]["message"], "bob has joined");
+    assert_eq!(
+        frames_for(&acts, c(1)),
+        vec![f2[1].clone()],
+        "the old member gets only user_joined"
+    );
+    let joined = raw_for(&acts, c(1));
+    assert!(Rc::ptr_eq(&joined[0], &raw_for(&acts, c(2))[1]));
+
+    // A second socket of alice: users lists alice once.
+    let acts = join(&mut hub, c(3), a, r, at(3 * SEC));
+    let f3 = frames_for(&acts, c(3));
+    assert_eq!(f3[0]["users"].as_array().unwrap().len(), 2);
+    assert_eq!(f3[0]["users"][0]["user_id"], ua.to_string());
+    assert_eq!(recipients(&acts), vec![c(1), c(2), c(3)]);
+    assert_eq!(hub.user_count(r), Some(3));
+    assert_eq!(hub.stats().members, 3);
+    assert_eq!(
+        hub.session_rooms(b),
+        vec![r],
+        "connecting adds the room to the session's rooms"
+    );
+
+    // user_joined is stored in history.
+    let h = history(&hub, r, 50);
+    assert_eq!(
+        h.iter()
+            .map(|m| m["message"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["alice has joined", "bob has joined", "alice has joined"]
+    );
+    assert_eq!(h[1], f2[1]);
+}
+
+#[test]
+fn welcome_has_the_last_50_messages_oldest_first() {
+    let (mut hub, r, _) = room_with(fast(), &["alice"], at(0));
+    for i in 0..70 {
+        say(&mut hub, c(1), r, &format!("m{i}"), at(SEC + i * MS));
+    }
+    let b = session(&mut hub, "bob", at(2 * SEC));
+    let acts = join(&mut hub, c(2), b, r, at(2 * SEC));
+    let w = &frames_for(&acts, c(2))[0];
+    let expected: Vec<String> = (20..70).map(|i| format!("m{i}")).collect();
+    assert_eq!(messages_of(w), expected);
+
+    let h = history(&hub, r, 1000);
+    assert_eq!(h.len(), 72, "alice joined + 70 chats + bob joined");
+    assert_eq!(
+        history(&hub, r, 3)
+            .iter()
+            .map(|m| m["message"].clone())
+            .collect::<Vec<_>>(),
+        [json!("m68"), json!("m69"), json!("bob has joined")]
+    );
+
+    // welcome_messages is configurable.
+    let (mut hub, r, _) = room_with(
+        HubConfig {
+            welcome_messages: 2,
+            ..cfg()
+        },
+        &["alice"],
+        at(0),
+    );
+    say(&mut hub, c(1), r, "x", at(1));
+    say(&mut hub, c(1), r, "y", at(2));
+    let b = session(&mut hub, "bob", at(3));
+    let w = &frames_for(&join(&mut hub, c(2), b, r, at(3)), c(2))[0];
+    assert_eq!(messages_of(w), ["x", "y"]);
+}
+
+#[test]
+fn connect_refusals() {
+    let mut hub = Hub::new(HubConfig {
+        max_room_members: 2,
+        ..cfg()
+    });
+    let a = session(&mut hub, "alice", at(0));
+    let b = session(&mut hub, "bob", at(0));
+    let r = room(&mut hub, a, at(0));
+    assert_eq!(
+        hub.connect(c(1), SessionId(99), r, None, at(0)),
+        Err(HubError::InvalidSession)
+    );
+    assert_eq!(
+        hub.connect(c(1), a, RoomId(0x42), None, at(0)),
+        Err(HubError::RoomNotFound)
+    );
+    assert_eq!(
+        hub.check_connect(SessionId(99), r, at(0)),
+        Err(HubError::InvalidSession)
+    );
+    assert_eq!(
+        hub.check_connect(a, RoomId(0x42), at(0)),
+        Err(HubError::RoomNotFound)
+    );
+    assert!(!hub.has_actions());
+    assert_eq!(hub.user_count(r), Some(0));
+
+    join(&mut hub, c(1), a, r, at(0));
+    join(&mut hub, c(2), b, r, at(0));
+    assert_eq!(hub.check_connect(b, r, at(0)), Err(HubError::RoomFull));
+    assert_eq!(
+        hub.connect(c(3), b, r, None, at(0)),
+        Err(HubError::RoomFull)
+    );
+    assert!(!hub.has_actions(), "a refused connect sends nothing");
+    assert_eq!(hub.user_count(r), Some(2));
+    assert_eq!(hub.stats().members, 2);
+
+    // A place frees up when someone leaves.
+    leave(&mut hub, c(2), r, at(0));
+    assert_eq!(hub.check_connect(b, r, at(0)), Ok(()));
+}
+
+#[test]
+fn disconnect_of_an_unknown_connection_does_nothing() {
+    let (mut hub, r, _) = room_with(cfg(), &["alice"], at(0));
+    assert!(leave(&mut hub, c(9), r, at(1)).is_empty());
+    assert!(leave(&mut hub, c(1), RoomId(0x42), at(1)).is_empty());
+    assert!(send_text(&mut hub, c(9), r, r#"{"type":"chat","message":"x"}"#, at(1)).is_empty());
+    let acts = leave(&mut hub, c(1), r, at(1));
+    assert!(acts.is_empty(), "nobody left to tell");
+    assert!(
+        leave(&mut hub, c(1), r, at(2)).is_empty(),
+        "a second disconnect is a no-op"
+    );
+    assert_eq!(hub.user_count(r), Some(0));
+    assert_eq!(hub.stats().members, 0);
+    assert_eq!(
+        history(&hub, r, 10).last().unwrap()["message"],
+        "alice has left"
+    );
+}
+
+// ---- since ----------------------------------------------------------------------------
+
+#[test]
+fn reconnect_since_the_last_seen_message_gets_exactly_the_later_ones() {
+    let (mut hub, r, s) = room_with(cfg(), &["alice", "bob"], at(0));
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        let acts = say(&mut hub, c(1), r, &format!("m{i}"), at(SEC + i));
+        seen.push(frames_for(&acts, c(2))[0].clone());
+    }
+    // Bob drops after m2, misses m3 and m4, comes back.
+    leave(&mut hub, c(2), r, at(2 * SEC));
+    let acts = join_since(&mut hub, c(3), s[1], r, msg_id(&seen[2]), at(3 * SEC));
+    let w = &frames_for(&acts, c(3))[0];
+    assert_eq!(messages_of(w), ["m3", "m4", "bob has left"]);
+    assert!(w.get("truncated").is_none());
+    assert_eq!(
+        w["messages"][0], seen[3],
+        "the stored message is the one that was sent"
+    );
+
+    // Since the newest message: nothing.
+    let last = history(&hub, r, 1).pop().unwrap();
+    let acts = join_since(&mut hub, c(4), s[1], r, msg_id(&last), at(4 * SEC));
+    let w = &frames_for(&acts, c(4))[0];
+    assert_eq!(w["messages"], json!([]));
+    assert!(w.get("truncated").is_none());
+
+    // An id the room never had: everything kept, flagged.
+    let acts = join_since(&mut hub, c(5), s[1], r, MsgId(12345), at(5 * SEC));
+    let w = &frames_for(&acts, c(5))[0];
+    assert_eq!(w["truncated"], true);
+    assert_eq!(
+        w["messages"].as_array().unwrap().len(),
+        history(&hub, r, 1000).len() - 1
+    );
+}
+
+#[test]
+fn since_is_not_capped_at_the_welcome_default() {
+    let (mut hub, r, s) = room_with(fast(), &["alice"], at(0));
+    let first = frames_for(&say(&mut hub, c(1), r, "first", at(1)), c(1))[0].clone();
+    for i in 0..99 {
+        say(&mut hub, c(1), r, &format!("m{i}"), at(2 + i));
+    }
+    let acts = join_since(&mut hub, c(2), s[0], r, msg_id(&first), at(SEC));
+    let w = &frames_for(&acts, c(2))[0];
+    assert_eq!(w["messages"].as_array().unwrap().len(), 99);
+}
+
+#[test]
+fn history_is_a_ring_and_an_evicted_since_gives_all_kept_messages_truncated() {
+    let (mut hub, r, s) = room_with(
+        HubConfig {
+            history: 5,
+            ..cfg()
+        },
+        &["alice"],
+        at(0),
+    );
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let acts = say(&mut hub, c(1), r, &format!("m{i}"), at(SEC + i));
+        ids.push(msg_id(&frames_for(&acts, c(1))[0]));
+    }
+    let h = history(&hub, r, 1000);
+    assert_eq!(
+        h.iter()
+            .map(|m| m["message"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["m5", "m6", "m7", "m8", "m9"]
+    );
+
+    let acts = join_since(&mut hub, c(2), s[0], r, ids[2], at(2 * SEC));
+    let w = &frames_for(&acts, c(2))[0];
+    assert_eq!(w["truncated"], true);
+    assert_eq!(messages_of(w), ["m5", "m6", "m7", "m8", "m9"]);
+
+    // The oldest kept id is still known.
+    let acts = join_since(&mut hub, c(3), s[0], r, ids[6], at(3 * SEC));
+    let w = &frames_for(&acts, c(3))[0];
+    assert!(w.get("truncated").is_none());
+    // c(2)'s user_joined pushed m5 out: the ring is m6..m9 + that.
+    assert_eq!(messages_of(w), ["m7", "m8", "m9", "alice has joined"]);
+    assert_eq!(history(&hub, r, 1000).len(), 5);
+}
+
+// ---- chat -----------------------------------------------------------------------------
+
+#[test]
+fn chat_is_trimmed_broadcast_to_everyone_with_one_shared_frame_and_stored() {
+    let (mut hub, r, s) = room_with(cfg(), &["alice", "bob", "carol"], at(0));
+    let ua = hub.session_view(s[0]).unwrap().user_id;
+    let before = hub.stats().messages;
+    let acts = say(&mut hub, c(1), r, "  Hello!\n ", at(SEC));
+    assert_eq!(acts.len(), 3);
+    assert_eq!(recipients(&acts), vec![c(1), c(2), c(3)], "sender included");
+    let frames: Vec<Frame> = [1, 2, 3]
+        .iter()
+        .flat_map(|&n| raw_for(&acts, c(n)))
+        .collect();
+    assert!(
+        Rc::ptr_eq(&frames[0], &frames[1]) && Rc::ptr_eq(&frames[1], &frames[2]),
+        "one encoding per broadcast"
+    );
+    let m = decode(&frames[0]);
+    assert_eq!(m["type"], "chat");
+    assert_eq!(m["message"], "Hello!");
+    assert_eq!(m["user"], "alice");
+    assert_eq!(m["user_id"], ua.to_string());
+    assert_eq!(m["room_id"], r.to_string());
+    let keys: Vec<&str> = m.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            "id",
+            "message",
+            "room_id",
+            "timestamp",
+            "type",
+            "user",
+            "user_id"
+        ]
+    );
+    assert_eq!(history(&hub, r, 1)[0], m);
+    assert_eq!(hub.stats().messages, before + 1);
+
+    // Empty and whitespace-only messages are ignored.
+    for empty in ["", "   ", "\n\t "] {
+        assert!(
+            say(&mut hub, c(1), r, empty, at(2 * SEC)).is_empty(),
+            "{empty:?}"
+        );
+    }
+    assert_eq!(hub.stats().messages, before + 1);
+    assert_eq!(history(&hub, r, 1)[0], m);
+
+    // Escaping round-trips.
+    let tricky = "quote \" backslash \\ <b>é</b> \u{1F600} \u{0007}";
+    let acts = say(&mut hub, c(2), r, tricky, at(3 * SEC));
+    assert_eq!(frames_for(&acts, c(3))[0]["message"], tricky);
+    assert_eq!(frames_for(&acts, c(3))[0]["user"], "bob");
+}
+
+#[test]
+fn message_too_long_counts_characters_not_bytes() {
+    let (mut hub, r, _) = room_with(
+        HubConfig {
+            max_chat_chars: 10,
+            ..cfg()
+        },
+        &["alice", "bob"],
+        at(0),
+    );
+    // 10 characters, 40 bytes: accepted.
+    let ten = "\u{1F600}".repeat(10);
+    let acts = say(&mut hub, c(1), r, &ten, at(1));
+    assert_eq!(frames_for(&acts, c(2))[0]["message"], ten.as_str());
+    // 10 two-byte characters plus surrounding spaces (trimmed first): accepted.
+    let acts = say(&mut hub, c(1), r, &format!("  {}  ", "é".repeat(10)), at(2));
+    assert_eq!(frames_for(&acts, c(2))[0]["message"], "é".repeat(10));
+    // 11 characters: refused, only to the sender, not stored.
+    let before = history(&hub, r, 1000).len();
+    for long in ["é".repeat(11), "a".repeat(11), "\u{1F600}".repeat(11)] {
+        let acts = say(&mut hub, c(1), r, &long, at(3));
+        assert_eq!(recipients(&acts), vec![c(1)]);
+        let e = &frames_for(&acts, c(1))[0];
+        assert_eq!(e["type"], "error");
+        assert_eq!(e["code"], "message_too_long");
+        assert!(e["detail"].as_str().unwrap().contains("10"));
+        assert!(closes(&acts).is_empty());
+    }
+    assert_eq!(history(&hub, r, 1000).len(), before);
+    // The connection still works.
+    assert_eq!(
+        recipients(&say(&mut hub, c(1), r, "ok", at(4))),
+        vec![c(1), c(2)]
+    );
+}
+
+#[test]
+fn bad_frames_get_an_error_only_for_the_sender_and_the_connection_stays() {
+    let (mut hub, r, _) = room_with(cfg(), &["alice", "bob"], at(0));
+    let cases = [
+        ("not json", "invalid_json"),
+        ("", "invalid_json"),
+        ("[1,2]", "invalid_json"),
+        ("42", "invalid_json"),
+        ("null", "invalid_json"),
+        (r#"{"type":"chat"}"#, "invalid_json"),
+        (r#"{"type":"chat","message":5}"#, "invalid_json"),
+        (r#"{"type":"dance"}"#, "unknown_type"),
+        (r#"{"message":"hi"}"#, "unknown_type"),
+    ];
+    let before = history(&hub, r, 1000).len();
+    for (text, code) in cases {
+        let acts = send_text(&mut hub, c(1), r, text, at(SEC));
+        assert_eq!(acts.len(), 1, "{text:?}");
+        assert!(closes(&acts).is_empty(), "{text:?}");
+        let f = frames_for(&acts, c(1));
+        assert_eq!(f[0]["type"], "error", "{text:?}");
+        assert_eq!(f[0]["code"], code, "{text:?}");
+        assert!(f[0]["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+    assert_eq!(history(&hub, r, 1000).len(), before);
+    assert_eq!(hub.user_count(r), Some(2));
+    assert_eq!(
+        recipients(&say(&mut hub, c(1), r, "still here", at(2 * SEC))),
+        vec![c(1), c(2)]
+    );
+}
+
+#[test]
+fn two_rooms_never_see_each_others_messages() {
+    let mut hub = Hub::new(cfg());
+    let a = session(&mut hub, "alice", at(0));
+    let b = session(&mut hub, "bob", at(0));
+    let r1 = room(&mut hub, a, at(0));
+    let r2 = room(&mut hub, b, at(0));
+    join(&mut hub, c(1), a, r1, at(0));
+    let acts = join(&mut hub, c(2), b, r2, at(0));
+    assert_eq!(
+        recipients(&acts),
+        vec![c(2)],
+        "joining r2 is not announced in r1"
+    );
+    assert_eq!(
+        frames_for(&acts, c(2))[0]["users"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Alice is in both rooms with two sockets.
+    join(&mut hub, c(3), a, r2, at(0));
+    let acts = say(&mut hub, c(1), r1, "for r1", at(1));
+    assert_eq!(recipients(&acts), vec![c(1)]);
+    let acts = say(&mut hub, c(2), r2, "for r2", at(2));
+    assert_eq!(recipients(&acts), vec![c(2), c(3)]);
+    assert!(
+        frames_for(&acts, c(2))
+            .iter()
+            .all(|f| f["room_id"] == r2.to_string())
+    );
+    // A connection cannot post in a room it is not a member of.
+    assert!(say(&mut hub, c(1), r2, "sneaky", at(3)).is_empty());
+    assert!(type_key(&mut hub, c(1), r2, at(3)).is_empty());
+    assert!(
+        history(&hub, r1, 100)
+            .iter()
+            .all(|m| m["room_id"] == r1.to_string() && m["message"] != "for r2")
+    );
+    assert!(
+        history(&hub, r2, 100)
+            .iter()
+            .all(|m| m["message"] != "for r1" && m["message"] != "sneaky")
+    );
+    let acts = leave(&mut hub, c(1), r1, at(4));
+    assert!(acts.is_empty());
+}
+
+// ---- rate limit -----------------------------------------------------------------------
+
+#[test]
+fn chat_rate_limit_burst_refill_and_close() {
+    let cfg = HubConfig {
+        chat_rate: 2,
+        chat_burst: 3,
+        ..cfg()
+    };
+    let (mut hub, r, s) = room_with(cfg, &["alice", "bob"], at(0));
+    let t0 = 10 * SEC;
+    for i in 0..3 {
+        let acts = say(&mut hub, c(1), r, &format!("m{i}"), at(t0));
+        assert_eq!(recipients(&acts), vec![c(1), c(2)], "burst message {i}");
+    }
+    let refused = say(&mut hub, c(1), r, "m3", at(t0));
+    assert_eq!(recipients(&refused), vec![c(1)]);
+    assert_eq!(frames_for(&refused, c(1))[0]["code"], "rate_limited");
+    assert_eq!(hub.stats().rate_limited, 1);
+
+    // 2 per second: one token after 0.5 s, not before.
+    assert_eq!(
+        frames_for(&say(&mut hub, c(1), r, "x", at(t0 + 499_999)), c(1))[0]["code"],
+        "rate_limited"
+    );
+    assert_eq!(
+        recipients(&say(&mut hub, c(1), r, "m4", at(t0 + 500_000))),
+        vec![c(1), c(2)]
+    );
+    assert_eq!(
+        frames_for(&say(&mut hub, c(1), r, "x", at(t0 + 500_000)), c(1))[0]["code"],
+        "rate_limited"
+    );
+    // Idle for a long time: the bucket refills to the burst, not beyond.
+    let t1 = t0 + 100 * SEC;
+    for i in 0..3 {
+        assert_eq!(
+            recipients(&say(&mut hub, c(1), r, &format!("n{i}"), at(t1))),
+            vec![c(1), c(2)]
+        );
+    }
+    let acts = say(&mut hub, c(1), r, "x", at(t1));
+    assert_eq!(frames_for(&acts, c(1))[0]["code"], "rate_limited");
+    // The limit is per session: bob is not affected.
+    assert_eq!(
+        recipients(&say(&mut hub, c(2), r, "bob", at(t1))),
+        vec![c(1), c(2)]
+    );
+
+    // Refusals in a row: 1 so far; 2 more are answered with errors ...
+    for _ in 0..2 {
+        let acts = say(&mut hub, c(1), r, "x", at(t1));
+        assert_eq!(kinds(&frames_for(&acts, c(1))), ["error"]);
+        assert!(closes(&acts).is_empty());
+    }
+    // ... the next one (more than chat_burst in a row) closes the socket with 1008.
+    let acts = say(&mut hub, c(1), r, "x", at(t1));
+    assert_eq!(closes(&acts), vec![(c(1), 1008)]);
+    assert!(frames_for(&acts, c(1)).is_empty());
+    let left = frames_for(&acts, c(2));
+    assert_eq!(kinds(&left), ["user_left"]);
+    assert_eq!(left[0]["message"], "alice has left");
+    assert!(matches!(acts.last(), Some(Action::Close(..))));
+    assert_eq!(hub.user_count(r), Some(1));
+    assert!(
+        say(&mut hub, c(1), r, "gone", at(t1)).is_empty(),
+        "the hub forgot the connection"
+    );
+    assert_eq!(
+        hub.authenticate(s[0], at(t1)),
+        Ok(()),
+        "the session itself lives on"
+    );
+    assert_eq!(hub.stats().rate_limited, 7);
+}
+
+#[test]
+fn an_accepted_message_resets_the_refusal_count() {
+    let cfg = HubConfig {
+        chat_rate: 1,
+        chat_burst: 2,
+        ..cfg()
+    };
+    let (mut hub, r, _) = room_with(cfg, &["alice"], at(0));
+    say(&mut hub, c(1), r, "a", at(0));
+    say(&mut hub, c(1), r, "b", at(0));
+    let mut t = 0;
+    for _ in 0..5 {
+        // Two refusals (= chat_burst), then a token arrives.
+        for _ in 0..2 {
+            let acts = say(&mut hub, c(1), r, "x", at(t));
+            assert_eq!(frames_for(&acts, c(1))[0]["code"], "rate_limited");
+            assert!(closes(&acts).is_empty());
+        }
+        t += SEC;
+        assert_eq!(
+            frames_for(&say(&mut hub, c(1), r, "ok", at(t)), c(1))[0]["type"],
+            "chat"
+        );
+    }
+    assert_eq!(hub.user_count(r), Some(1));
+}
+
+#[test]
+fn the_chat_rate_is_per_session_across_its_sockets() {
+    let cfg = HubConfig {
+        chat_rate: 1,
+        chat_burst: 2,
+        ..cfg()
+    };
+    let (mut hub, r, s) = room_with(cfg, &["alice", "bob"], at(0));
+    join(&mut hub, c(3), s[0], r, at(0));
+    assert_eq!(
+        kinds(&frames_for(&say(&mut hub, c(1), r, "a", at(0)), c(2))),
+        ["chat"]
+    );
+    assert_eq!(
+        kinds(&frames_for(&say(&mut hub, c(3), r, "b", at(0)), c(2))),
+        ["chat"]
+    );
+    let acts = say(&mut hub, c(3), r, "c", at(0));
+    assert_eq!(recipients(&acts), vec![c(3)]);
+    assert_eq!(frames_for(&acts, c(3))[0]["code"], "rate_limited");
+    assert_eq!(
+        kinds(&frames_for(&say(&mut hub, c(2), r, "bob", at(0)), c(1))),
+        ["chat"]
+    );
+}
+
+#[test]
+fn rejected_and_ignored_messages_do_not_use_tokens() {
+    let cfg = HubConfig {
+        chat_rate: 1,
+        chat_burst: 1,
+        max_chat_chars: 3,
+        ..cfg()
+    };
+    let (mut hub, r, _) = room_with(cfg, &["alice"], at(0));
+    for _ in 0..10 {
+        say(&mut hub, c(1), r, "   ", at(0));
+        say(&mut hub, c(1), r, "toolong", at(0));
+        send_text(&mut hub, c(1), r, "junk", at(0));
+        type_key(&mut hub, c(1), r, at(0));
+    }
+    assert_eq!(
+        frames_for(&say(&mut hub, c(1), r, "ok", at(0)), c(1))[0]["type"],
+        "chat"
+    );
+}
+
+// ---- typing ---------------------------------------------------------------------------
+
+#[test]
+fn typing_goes_to_the_others_debounced_and_stops_after_the_quiet_time() {
+    let (mut hub, r, s) = room_with(cfg(), &["alice", "bob", "carol"], at(0));
+    let ua = hub.session_view(s[0]).unwrap().user_id;
+    let t0 = 10 * SEC;
+
+    let acts = type_key(&mut hub, c(1), r, at(t0));
+    assert_eq!(recipients(&acts), vec![c(2), c(3)], "not to the sender");
+    let f = frames_for(&acts, c(2));
+    assert_eq!(
+        f,
+        vec![
+            json!({"type": "typing", "user": "alice", "user_id": ua.to_string(), "room_id": r.to_string()})
+        ]
+    );
+    assert!(Rc::ptr_eq(
+        &raw_for(&acts, c(2))[0],
+        &raw_for(&acts, c(3))[0]
+    ));
+    let history_len = history(&hub, r, 1000).len();
+
+    // Within the debounce: nothing.
+    assert!(type_key(&mut hub, c(1), r, at(t0 + 500 * MS)).is_empty());
+    assert!(type_key(&mut hub, c(1), r, at(t0 + SEC - 1)).is_empty());
+    // After it: forwarded again.
+    let acts = type_key(&mut hub, c(1), r, at(t0 + SEC));
+    assert_eq!(kinds(&frames_for(&acts, c(3))), ["typing"]);
+    assert_eq!(recipients(&acts), vec![c(2), c(3)]);
+    let last = t0 + 1500 * MS;
+    assert!(type_key(&mut hub, c(1), r, at(last)).is_empty());
+
+    // typing_stopped 3 s after the last typing, and the loop is told to wake by then.
+    let due = last + 3 * SEC;
+    assert!(
+        hub.poll_timeout().is_some_and(|d| d.0 <= due),
+        "{:?} > {due}",
+        hub.poll_timeout()
+    );
+    assert!(run_until(&mut hub, due - 1).is_empty());
+    assert!(
+        hub.poll_timeout().is_some_and(|d| d.0 <= due),
+        "{:?} > {due}",
+        hub.poll_timeout()
+    );
+    let acts = run_until(&mut hub, due);
+    assert_eq!(recipients(&acts), vec![c(2), c(3)]);
+    let f = frames_for(&acts, c(3));
+    assert_eq!(
+        f,
+        vec![
+            json!({"type": "typing_stopped", "user": "alice", "user_id": ua.to_string(), "room_id": r.to_string()})
+        ]
+    );
+    assert!(
+        run_until(&mut hub, due + 60 * SEC).is_empty(),
+        "no second typing_stopped"
+    );
+    assert_eq!(
+        history(&hub, r, 1000).len(),
+        history_len,
+        "typing is not stored"
+    );
+
+    // Typing again starts a new round.
+    let acts = type_key(&mut hub, c(1), r, at(due + 61 * SEC));
+    assert_eq!(kinds(&frames_for(&acts, c(2))), ["typing"]);
+    let acts = run_until(&mut hub, due + 64 * SEC);
+    assert_eq!(kinds(&frames_for(&acts, c(2))), ["typing_stopped"]);
+}
+
+#[test]
+fn typing_stopped_with_a_single_late_timeout_call() {
+    let (mut hub, r, _) = room_with(cfg(), &["alice", "bob"], at(0));
+    type_key(&mut hub, c(1), r, at(0));
+    type_key(&mut hub, c(1), r, at(2 * SEC));
+    // The first deadline (3 s) passes but alice typed at 2 s: not yet.
+    assert!(run_until(&mut hub, 3 * SEC).is_empty());
+    hub.handle_timeout(at(4 * SEC));
+    assert!(drain(&mut hub).is_empty());
+    hub.handle_timeout(at(7 * SEC));
+    assert_eq!(
+        kinds(&frames_for(&drain(&mut hub), c(2))),
+        ["typing_stopped"]
+    );
+}
+
+#[test]
+fn chat_while_typing_sends_typing_stopped_first_and_only_once() {
+    let (mut hub, r, _) = room_with(cfg(), &["alice", "bob"], at(0));
+    type_key(&mut hub, c(1), r, at(SEC));
+    let acts = say(&mut hub, c(1), r, "done typing", at(2 * SEC));
+    assert_eq!(kinds(&frames_for(&acts, c(2))), ["typing_stopped", "chat"]);
+    assert_eq!(
+        kinds(&frames_for(&acts, c(1))),
+        ["chat"],
+        "the sender never saw its own typing"
+    );
+    assert!(
+        run_until(&mut hub, 60 * SEC).is_empty(),
+        "no late duplicate typing_stopped"
+    );
+
+    // Typing right after the chat is a new round: forwarded at once, stopped 3 s later.
+    let acts = type_key(&mut hub, c(1), r, at(60 * SEC));
+    assert_eq!(kinds(&frames_for(&acts, c(2))), ["typing"]);
+    say(&mut hub, c(1), r, "again", at(60 * SEC + 100 * MS));
+    let acts = type_key(&mut hub, c(1), r, at(60 * SEC + 200 * MS));
+    assert_eq!(kinds(&frames_for(&acts, c(2))), ["typing"]);
+    assert!(
+        run_until(&mut hub, 63 * SEC + 200 * MS - 1).is_empty(),
+        "an older round's timer does not stop the new one"
+    );
+    assert_eq!(
+        kinds(&frames_for(&run_until(&mut hub, 63 * SEC + 200 * MS), c(2))),
+        ["typing_stopped"]
+    );
+    assert!(run_until(&mut hub, 100 * SEC).is_empty());
+
+    // A chat that is not typing-related sends no typing_stopped.
+    assert_eq!(
+        kinds(&frames_for(
+            &say(&mut hub, c(1), r, "plain", at(101 * SEC)),
+            c(2)
+        )),
+        ["chat"]
+    );
+}
+
+#[test]
+fn leaving_while_typing_sends_typing_stopped_then_user_left() {
+    let (mut hub, r, _) = room_with(cfg(), &["alice", "bob"], at(0));
+    type_key(&mut hub, c(1), r, at(SEC));
+    let acts = leave(&mut hub, c(1), r, at(2 * SEC));
+    let f = frames_for(&acts, c(2));
+    assert_eq!(kinds(&f), ["typing_stopped", "user_left"]);
+    assert_eq!(f[1]["message"], "alice has left");
+    assert!(frames_for(&acts, c(1)).is_empty());
+    assert!(run_until(&mut hub, 60 * SEC).is_empty());
+
+    // Leaving when not typing: only user_left.
+    let b2 = session(&mut hub, "dave", at(61 * SEC));
+    join(&mut hub, c(3), b2, r, at(61 * SEC));
+    assert_eq!(
+        kinds(&frames_for(&leave(&mut hub, c(3), r, at(62 * SEC)), c(2))),
+        ["user_left"]
+    );
+}
+
+#[test]
+fn a_typing_flood_is_dropped_silently() {
+    let cfg = HubConfig {
+        typing_debounce: Micros::from_millis(10),
+        ..cfg()
+    };
+    let (mut hub, r, _) = room_with(cfg, &["alice", "bob"], at(0));
+    let t0 = 5 * SEC;
+    let mut forwarded = 0;
+    for i in 0..60 {
+        let acts = type_key(&mut hub, c(1), r, at(t0 + i * 10 * MS));
+        assert!(
+            frames_for(&acts, c(1)).is_empty(),
+            "no error for the sender"
+        );
+        assert!(closes(&acts).is_empty());
+        forwarded += frames_for(&acts, c(2)).len();
+        if i >= 50 {
+            assert!(
+                acts.is_empty(),
+                "typing #{} within one second is dropped",
+                i + 1
+            );
+        }
+    }
+    assert_eq!(forwarded, 50);
+    // The dropped ones did not extend the typing: it stops 3 s after the 50th.
+    let acts = run_until(&mut hub, t0 + 490 * MS + 3 * SEC);
+    assert_eq!(kinds(&frames_for(&acts, c(2))), ["typing_stopped"]);
+    // A new second: typing is accepted again.
+    let acts = type_key(&mut hub, c(1), r, at(t0 + 4 * SEC));
+    assert_eq!(kinds(&frames_for(&acts, c(2))), ["typing"]);
+}
+
+// ---- end_session ----------------------------------------------------------------------
+
+#[test]
+fn end_session_closes_every_socket_with_1000_and_tells_the_rooms() {
+    let mut hub = Hub::new(cfg());
+    let a = session(&mut hub, "alice", at(0));
+    let b = session(&mut hub, "bob", at(0));
+    let d = session(&mut hub, "dave", at(0));
+    let r1 = room(&mut hub, a, at(0));
+    let r2 = room(&mut hub, a, at(0));
+    join(&mut hub, c(1), a, r1, at(0));
+    join(&mut hub, c(2), b, r1, at(0));
+    join(&mut hub, c(3), a, r2, at(0));
+    join(&mut hub, c(4), d, r2, at(0));
+    join(&mut hub, c(5), a, r2, at(0));
+    type_key(&mut hub, c(3), r2, at(SEC));
+    drain(&mut hub);
+
+    hub.end_session(a, at(2 * SEC));
+    let acts = drain(&mut hub);
+    let mut cl = closes(&acts);
+    cl.sort();
+    assert_eq!(cl, vec![(c(1), 1000), (c(3), 1000), (c(5), 1000)]);
+    for n in [1, 3] {
+        assert!(
+            frames_for(&acts, c(n)).is_empty(),
+            "nothing more is sent to conn {n}"
+        );
+    }
+    // Each socket's Close comes after the frames sent to it.
+    let last_send_to_5 = acts
+        .iter()
+        .rposition(|a| matches!(a, Action::Send(to, _) if *to == c(5)));
+    let close_5 = acts
+        .iter()
+        .position(|a| matches!(a, Action::Close(to, ..) if *to == c(5)))
+        .unwrap();
+    assert!(last_send_to_5.is_none_or(|i| i < close_5));
+    let f2 = frames_for(&acts, c(2));
+    assert_eq!(kinds(&f2), ["user_left"]);
+    assert_eq!(f2[0]["message"], "alice has left");
+    let f4 = frames_for(&acts, c(4));
+    assert_eq!(
+        kinds(&f4),
+        ["typing_stopped", "user_left", "user_left"],
+        "one user_left per socket"
+    );
+
+    assert_eq!(
+        hub.authenticate(a, at(2 * SEC)),
+        Err(HubError::InvalidSession)
+    );
+    assert_eq!(hub.session_view(a), None);
+    assert_eq!(hub.stats().sessions, 2);
+    assert_eq!(hub.stats().members, 2);
+    assert_eq!((hub.user_count(r1), hub.user_count(r2)), (Some(1), Some(1)));
+    assert_eq!(
+        hub.connect(c(6), a, r1, None, at(2 * SEC)),
+        Err(HubError::InvalidSession)
+    );
+
+    // The loop reports the sockets closed afterwards: nothing happens.
+    for n in [1, 3, 5] {
+        assert!(leave(&mut hub, c(n), if n == 1 { r1 } else { r2 }, at(3 * SEC)).is_empty());
+    }
+    hub.end_session(a, at(3 * SEC));
+    assert!(!hub.has_actions(), "ending twice is harmless");
+    assert!(
+        run_until(&mut hub, 10 * SEC).is_empty(),
+        "no typing_stopped from a dead socket"
+    );
+}
+
+// ---- ids and timestamps -----------------------------------------------------------------
+
+#[test]
+fn timestamps_are_utc_with_microseconds_and_z() {
+    let (mut hub, r, _) = room_with(cfg(), &["alice"], at(0));
+    let acts = say(&mut hub, c(1), r, "hi", at(1_234_567));
+    let ts = frames_for(&acts, c(1))[0]["timestamp"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Now::fake's wall clock is 2025-08-19T13:45:00Z plus the monotonic time.
+    assert_eq!(ts, "2025-08-19T13:45:01.234567Z");
+    for m in history(&hub, r, 100) {
+        let ts = m["timestamp"].as_str().unwrap();
+        assert!(ts.ends_with('Z'), "{ts}");
+        let frac = ts
+            .trim_end_matches('Z')
+            .rsplit_once('.')
+            .expect("fraction")
+            .1;
+        assert_eq!(frac.len(), 6, "{ts}");
+        assert!(frac.bytes().all(|b| b.is_ascii_digit()));
+        assert_eq!(ts.len(), "2025-08-19T13:45:00.000000Z".len());
+    }
+    let acts = say(&mut hub, c(1), r, "on the second", at(3 * SEC));
+    assert_eq!(
+        frames_for(&acts, c(1))[0]["timestamp"],
+        "2025-08-19T13:45:03.000000Z"
+    );
+}
+
+#[test]
+fn message_ids_are_uuid_v7_and_increase() {
+    let (mut hub, r, _) = room_with(fast(), &["alice", "bob"], at(0));
+    // Many messages in the same microsecond, then later ones.
+    for i in 0..200u64 {
+        let b = if i % 2 == 0 { 1 } else { 2 };
+        say(
+            &mut hub,
+            c(b),
+            r,
+            &format!("m{i}"),
+            at(SEC + (i / 100) * 7 * MS),
+        );
+    }
+    let h = history(&hub, r, 1000);
+    assert_eq!(h.len(), 202);
+    let mut last: Option<uuid::Uuid> = None;
+    for m in &h {
+        let s = m["id"].as_str().unwrap();
+        let u = uuid::Uuid::parse_str(s).unwrap();
+        assert_eq!(u.get_version_num(), 7, "{s}");
+        assert_eq!(s, u.hyphenated().to_string(), "lowercase hyphenated form");
+        if let Some(prev) = last {
+            assert!(u > prev, "{u} after {prev}");
+        }
+        last = Some(u);
+    }
+    // The millisecond part is the wall clock.
+    let u = uuid::Uuid::parse_str(h[2]["id"].as_str().unwrap()).unwrap();
+    let (secs, nanos) = u.get_timestamp().unwrap().to_unix();
+    assert_eq!(
+        secs * 1000 + u64::from(nanos) / 1_000_000,
+        (at(SEC).wall.0) / 1000
+    );
+}
+
+// ---- usernames --------------------------------------------------------------------------
+
+#[test]
+fn validate_username_rules() {
+    assert_eq!(validate_username("alice"), Ok("alice"));
+    assert_eq!(validate_username("  alice \n"), Ok("alice"));
+    assert_eq!(validate_username("ab"), Ok("ab"));
+    assert_eq!(validate_username(" a b "), Ok("a b"));
+    assert!(validate_username("a").is_err());
+    assert!(validate_username("").is_err());
+    assert!(validate_username("   ").is_err());
+    assert!(
+        validate_username("  a  ").is_err(),
+        "one character after trimming"
+    );
+    // Characters, not bytes.
+    assert_eq!(validate_username("éé"), Ok("éé"));
+    assert!(validate_username("é").is_err(), "two bytes, one character");
+    let fifty = "\u{1F600}".repeat(50);
+    assert_eq!(validate_username(&fifty), Ok(fifty.as_str()));
+    assert!(validate_username(&"\u{1F600}".repeat(51)).is_err());
+    assert!(validate_username(&"a".repeat(51)).is_err());
+    assert_eq!(
+        validate_username(&format!("  {}  ", "a".repeat(50))).map(str::len),
+        Ok(50)
+    );
+    // Control characters inside the name.
+    for bad in [
+        "a\u{0}b",
+        "a\nb",
+        "al\tice",
+        "bob\u{7f}",
+        "x\u{1b}[31m",
+        "a\u{85}b",
+    ] {
+        assert!(validate_username(bad).is_err(), "{bad:?}");
+    }
+    let err = validate_username("a").unwrap_err();
+    assert!(err.contains('2'), "{err}");
+}
+
+// ---- stats ------------------------------------------------------------------------------
+
+#[test]
+fn stats_count_what_is_live() {
+    let (mut hub, r, _) = room_with(cfg(), &["alice", "bob"], at(0));
+    let st = hub.stats();
+    assert_eq!(
+        (st.sessions, st.rooms, st.members, st.messages),
+        (2, 1, 2, 2)
+    );
+    assert!(st.timers >= 2, "two session timers at least");
+    say(&mut hub, c(1), r, "x", at(1));
+    leave(&mut hub, c(2), r, at(2));
+    let st = hub.stats();
+    assert_eq!((st.members, st.messages), (1, 4));
+}

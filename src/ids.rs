@@ -1,0 +1,246 @@
+//! Identifiers: secret session ids, public user ids, room ids, and time-ordered message ids.
+//!
+//! Secrets (session ids, room ids, user ids) come from the OS CSPRNG through a pool that is
+//! refilled 4 KiB at a time, so creating a session costs no system call in the common case.
+//! Message ids are UUID v7 built from the injected wall clock plus a counter, so they sort
+//! in send order even within one millisecond; they need no secrecy and use a fast PRNG.
+
+use std::fmt;
+
+use crate::time::UnixMicros;
+
+/// The secret bearer token of a session (a random UUID v4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u128);
+
+/// The public, 8-hex-character twin of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UserId(pub u32);
+
+/// A room: 40 random bits shown as 10 lowercase hex characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(pub u64);
+
+/// A message id: a UUID v7 as a number, so comparing ids compares send order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MsgId(pub u128);
+
+impl SessionId {
+    /// Parses the hyphenated (or simple) UUID text form.
+    pub fn parse(s: &str) -> Option<SessionId> {
+        uuid::Uuid::try_parse(s)
+            .ok()
+            .map(|u| SessionId(u.as_u128()))
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        uuid::Uuid::from_u128(self.0).hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08x}", self.0)
+    }
+}
+
+impl RoomId {
+    pub const MASK: u64 = (1 << 40) - 1;
+
+    /// Parses exactly 10 lowercase hex characters; anything else is not a room id.
+    pub fn parse(s: &str) -> Option<RoomId> {
+        if s.len() != 10 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        u64::from_str_radix(s, 16).ok().map(RoomId)
+    }
+
+    /// The 10-character text form, without allocating.
+    pub fn hex(self) -> [u8; 10] {
+        let mut out = [0u8; 10];
+        for (i, b) in out.iter_mut().enumerate() {
+            let nibble = (self.0 >> (36 - 4 * i)) & 0xf;
+            *b = b"0123456789abcdef"[nibble as usize];
+        }
+        out
+    }
+}
+
+impl fmt::Display for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:010x}", self.0)
+    }
+}
+
+impl MsgId {
+    pub fn parse(s: &str) -> Option<MsgId> {
+        uuid::Uuid::try_parse(s).ok().map(|u| MsgId(u.as_u128()))
+    }
+}
+
+impl fmt::Display for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        uuid::Uuid::from_u128(self.0).hyphenated().fmt(f)
+    }
+}
+
+/// Cryptographically random bytes, fetched from the OS in 4 KiB batches.
+pub struct SecureRandom {
+    pool: Box<[u8; 4096]>,
+    used: usize,
+}
+
+impl Default for SecureRandom {
+    fn default() -> Self {
+        SecureRandom {
+            pool: Box::new([0; 4096]),
+            used: 4096,
+        }
+    }
+}
+
+impl SecureRandom {
+    pub fn fill(&mut self, out: &mut [u8]) {
+        let mut done = 0;
+        while done < out.len() {
+            if self.used == self.pool.len() {
+                // The OS generator failing is not something a chat server can work around:
+                // handing out predictable session ids would be worse than stopping.
+                getrandom::fill(&mut self.pool[..]).expect("the OS random number generator failed");
+                self.used = 0;
+            }
+            let n = (out.len() - done).min(self.pool.len() - self.used);
+            out[done..done + n].copy_from_slice(&self.pool[self.used..self.used + n]);
+            // Never hand out the same bytes twice.
+            self.pool[self.used..self.used + n].fill(0);
+            self.used += n;
+            done += n;
+        }
+    }
+
+    pub fn session_id(&mut self) -> SessionId {
+        let mut b = [0u8; 16];
+        self.fill(&mut b);
+        SessionId(uuid::Builder::from_random_bytes(b).into_uuid().as_u128())
+    }
+
+    pub fn user_id(&mut self) -> UserId {
+        let mut b = [0u8; 4];
+        self.fill(&mut b);
+        UserId(u32::from_le_bytes(b))
+    }
+
+    pub fn room_id(&mut self) -> RoomId {
+        let mut b = [0u8; 8];
+        self.fill(&mut b);
+        RoomId(u64::from_le_bytes(b) & RoomId::MASK)
+    }
+
+    pub fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        self.fill(&mut b);
+        u64::from_le_bytes(b)
+    }
+}
+
+/// Makes UUID v7 message ids: 48-bit Unix milliseconds, a 12-bit counter for order within
+/// one millisecond (it borrows the next millisecond if it overflows), 62 random bits.
+pub struct MsgIdGen {
+    last_ms: u64,
+    seq: u16,
+    state: u64,
+}
+
+impl MsgIdGen {
+    pub fn new(seed: u64) -> MsgIdGen {
+        MsgIdGen {
+            last_ms: 0,
+            seq: 0,
+            state: seed | 1,
+        }
+    }
+
+    pub fn next(&mut self, now: UnixMicros) -> MsgId {
+        let ms = now.0 / 1000;
+        if ms > self.last_ms {
+            self.last_ms = ms;
+            self.seq = 0;
+        } else if self.seq == 0x0fff {
+            self.last_ms += 1;
+            self.seq = 0;
+        } else {
+            self.seq += 1;
+        }
+        let rand = self.splitmix();
+        let hi = (self.last_ms & 0xffff_ffff_ffff) << 16 | 0x7000 | u64::from(self.seq);
+        let lo = (rand & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+        MsgId(u128::from(hi) << 64 | u128::from(lo))
+    }
+
+    fn splitmix(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_id_round_trips_and_rejects_everything_else() {
+        let r = RoomId(0xa1b2c3d4e5);
+        assert_eq!(r.to_string(), "a1b2c3d4e5");
+        assert_eq!(&r.hex(), b"a1b2c3d4e5");
+        assert_eq!(RoomId::parse("a1b2c3d4e5"), Some(r));
+        assert_eq!(RoomId(0).to_string(), "0000000000");
+        for bad in [
+            "",
+            "a1b2c3d4e",
+            "a1b2c3d4e5f",
+            "A1B2C3D4E5",
+            "a1b2c3d4eg",
+            "+1b2c3d4e5",
+            "é1b2c3d4e",
+        ] {
+            assert_eq!(RoomId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn random_ids_have_the_right_shape() {
+        let mut r = SecureRandom::default();
+        let s = r.session_id();
+        let text = s.to_string();
+        assert_eq!(SessionId::parse(&text), Some(s));
+        assert_eq!(uuid::Uuid::from_u128(s.0).get_version_num(), 4);
+        assert_eq!(r.user_id().to_string().len(), 8);
+        assert!(r.room_id().0 <= RoomId::MASK);
+        assert_ne!(r.session_id(), r.session_id());
+    }
+
+    #[test]
+    fn message_ids_are_v7_and_strictly_increasing() {
+        let mut g = MsgIdGen::new(7);
+        let mut last = MsgId(0);
+        for i in 0..10_000u64 {
+            // Many ids inside the same millisecond, and a clock that steps back once.
+            let t = if i == 5000 {
+                1_000_000
+            } else {
+                1_755_611_100_000_000 + i * 10
+            };
+            let id = g.next(UnixMicros(t));
+            assert!(id > last, "id {i} not increasing");
+            let u = uuid::Uuid::from_u128(id.0);
+            assert_eq!(u.get_version_num(), 7);
+            assert_eq!(MsgId::parse(&id.to_string()), Some(id));
+            last = id;
+        }
+    }
+}

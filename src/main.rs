@@ -1,0 +1,39 @@
+//! The `chatloop` binary: read the configuration, start logging, run the server.
+
+use std::process::ExitCode;
+
+use chatloop::config::{Command, Config};
+
+fn main() -> ExitCode {
+    let cfg = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
+        Ok(Command::Run(cfg)) => *cfg,
+        Ok(Command::Help(text)) | Ok(Command::Version(text)) => {
+            println!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("chatloop: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    chatloop::logging::init(cfg.log_level, cfg.log_format);
+    let mut server = match chatloop::server::Server::bind(cfg.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot listen on {}:{}: {e}", cfg.host, cfg.port);
+            return ExitCode::FAILURE;
+        }
+    };
+    log::info!(
+        "chatloop {} listening on http://{}",
+        chatloop::VERSION,
+        server.local_addr()
+    );
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("event loop failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Counters and gauges of the running server, rendered as Prometheus text for `GET /metrics`.
+
+use std::fmt::Write as _;
+
+use crate::hub::HubStats;
+
+/// Upper bounds (microseconds) of the loop iteration time histogram.
+const LOOP_BUCKETS_US: [u64; 10] = [10, 25, 50, 100, 250, 500, 1_000, 5_000, 25_000, 100_000];
+
+/// Close codes counted one by one; anything else counts as "other".
+const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1013];
+
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    pub accepted: u64,
+    pub refused_full: u64,
+    pub accept_errors: u64,
+    pub http_requests: u64,
+    pub http_errors: u64,
+    pub ws_upgrades: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub writes: u64,
+    pub slow_consumers: u64,
+    pub timeouts: u64,
+    pub closes: [u64; CLOSE_CODES.len() + 1],
+    pub wakeups: u64,
+    loop_buckets: [u64; LOOP_BUCKETS_US.len() + 1],
+    loop_sum_us: u64,
+}
+
+/// Gauges read at render time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Gauges {
+    pub connections: usize,
+    pub websockets: usize,
+    pub conn_timers: usize,
+    pub hub: HubStats,
+}
+
+impl Metrics {
+    pub fn close(&mut self, code: u16) {
+        let i = CLOSE_CODES
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(CLOSE_CODES.len());
+        self.closes[i] += 1;
+    }
+
+    pub fn loop_time(&mut self, us: u64) {
+        let i = LOOP_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(LOOP_BUCKETS_US.len());
+        self.loop_buckets[i] += 1;
+        self.loop_sum_us += us;
+    }
+
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut s = String::with_capacity(4096);
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                s,
+                "# HELP chatloop_{name} {help}\n# TYPE chatloop_{name} {kind}\nchatloop_{name} {v}"
+            );
+        };
+        one(
+            "connections",
+            "gauge",
+            "Open TCP connections.",
+            g.connections as u64,
+        );
+        one(
+            "websockets",
+            "gauge",
+            "Open WebSocket connections.",
+            g.websockets as u64,
+        );
+        one("rooms", "gauge", "Live rooms.", g.hub.rooms as u64);
+        one("sessions", "gauge", "Live sessions.", g.hub.sessions as u64);
+        one(
+            "room_members",
+            "gauge",
+            "WebSocket members in all rooms.",
+            g.hub.members as u64,
+        );
+        one(
+            "timers_armed",
+            "gauge",
+            "Entries in the timer wheels.",
+            (g.conn_timers + g.hub.timers) as u64,
+        );
+        one(
+            "connections_accepted_total",
+            "counter",
+            "TCP connections accepted.",
+            self.accepted,
+        );
+        one(
+            "connections_refused_total",
+            "counter",
+            "Connections refused with 503 because the server was full.",
+            self.refused_full,
+        );
+        one(
+            "accept_errors_total",
+            "counter",
+            "accept() failures (e.g. EMFILE).",
+            self.accept_errors,
+        );
+        one(
+            "http_requests_total",
+            "counter",
+            "HTTP requests answered.",
+            self.http_requests,
+        );
+        one(
+            "http_errors_total",
+            "counter",
+            "HTTP requests answered with a 4xx or 5xx status.",
+            self.http_errors,
+        );
+        one(
+            "ws_upgrades_total",
+            "counter",
+            "WebSocket upgrades accepted.",
+            self.ws_upgrades,
+        );
+        one(
+            "frames_in_total",
+            "counter",
+            "WebSocket frames received.",
+            self.frames_in,
+        );
+        one(
+            "frames_out_total",
+            "counter",
+            "WebSocket frames queued to clients.",
+            self.frames_out,
+        );
+        one(
+            "bytes_in_total",
+            "counter",
+            "Bytes read from sockets.",
+            self.bytes_in,
+        );
+        one(
+            "bytes_out_total",
+            "counter",
+            "Bytes written to sockets.",
+            self.bytes_out,
+        );
+        one(
+            "writes_total",
+            "counter",
+            "Write system calls (one writev per connection per iteration).",
+            self.writes,
+        );
+        one(
+            "messages_total",
+            "counter",
+            "Messages stored in room histories (chat, joins, leaves).",
+            g.hub.messages,
+        );
+        one(
+            "rate_limited_total",
+            "counter",
+            "Chat messages refused by the rate limit.",
+            g.hub.rate_limited,
+        );
+        one(
+            "slow_consumers_total",
+            "counter",
+            "Connections closed because their output queue overflowed.",
+            self.slow_consumers,
+        );
+        one(
+            "timeouts_total",
+            "counter",
+            "Connections closed by a timeout (request, idle, pong).",
+            self.timeouts,
+        );
+        one(
+            "rooms_expired_total",
+            "counter",
+            "Rooms deleted after inactivity.",
+            g.hub.rooms_expired,
+        );
+        one(
+            "sessions_expired_total",
+            "counter",
+            "Sessions ended by expiry.",
+            g.hub.sessions_expired,
+        );
+        one(
+            "loop_wakeups_total",
+            "counter",
+            "Returns from poll (I/O events or timer deadlines).",
+            self.wakeups,
+        );
+        let _ = writeln!(
+            s,
+            "# HELP chatloop_ws_closes_total WebSocket closes by close code.\n# TYPE chatloop_ws_closes_total counter"
+        );
+        for (i, n) in self.closes.iter().enumerate() {
+            let code = CLOSE_CODES
+                .get(i)
+                .map_or("other".to_string(), u16::to_string);
+            let _ = writeln!(s, "chatloop_ws_closes_total{{code=\"{code}\"}} {n}");
+        }
+        let _ = writeln!(
+            s,
+            "# HELP chatloop_loop_iteration_seconds Time spent handling one poll wakeup.\n# TYPE chatloop_loop_iteration_seconds histogram"
+        );
+        let mut cum = 0;
+        for (i, n) in self.loop_buckets.iter().enumerate() {
+            cum += n;
+            let le = LOOP_BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(
+                s,
+                "chatloop_loop_iteration_seconds_bucket{{le=\"{le}\"}} {cum}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "chatloop_loop_iteration_seconds_sum {}",
+            self.loop_sum_us as f64 / 1e6
+        );
+        let _ = writeln!(s, "chatloop_loop_iteration_seconds_count {cum}");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let mut m = Metrics::default();
+        m.close(1000);
+        m.close(4000);
+        m.loop_time(7);
+        m.loop_time(2_000_000);
+        let text = m.render(&Gauges {
+            connections: 3,
+            ..Gauges::default()
+        });
+        assert!(text.contains("chatloop_connections 3\n"));
+        assert!(text.contains("chatloop_ws_closes_total{code=\"1000\"} 1\n"));
+        assert!(text.contains("chatloop_ws_closes_total{code=\"other\"} 1\n"));
+        assert!(text.contains("chatloop_loop_iteration_seconds_bucket{le=\"0.00001\"} 1\n"));
+        assert!(text.contains("chatloop_loop_iteration_seconds_bucket{le=\"+Inf\"} 2\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}

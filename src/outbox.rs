@@ -1,0 +1,422 @@
+//! Output queues: what each connection still has to send, written with one `writev`.
+//!
+//! During one loop iteration every frame for a connection is appended to a loop-wide
+//! [`Outbox`] as a linked list threaded through one reused `Vec` (no allocation per
+//! recipient); at the end of the iteration each connection's list is written with a single
+//! vectored write. Only what the kernel does not take moves into that connection's own
+//! `backlog`, which is empty (and unallocated) for any connection that keeps up.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+
+use crate::protocol::Frame;
+
+/// Bytes to send: a shared broadcast frame, bytes of this connection's own, or a constant.
+#[derive(Debug, Clone)]
+pub enum Chunk {
+    Shared(Frame),
+    Owned(Vec<u8>),
+    Static(&'static [u8]),
+}
+
+impl Chunk {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Shared(f) => f,
+            Chunk::Owned(v) => v,
+            Chunk::Static(s) => s,
+        }
+    }
+}
+
+const NONE: u32 = u32::MAX;
+
+/// The loop-wide list of chunks queued during the current iteration.
+#[derive(Default)]
+pub struct Outbox {
+    pending: Vec<Pending>,
+}
+
+struct Pending {
+    chunk: Chunk,
+    next: u32,
+}
+
+impl Outbox {
+    /// Forgets this iteration's chunks (all queues must have been flushed or cleared).
+    pub fn end_round(&mut self) {
+        self.pending.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// One connection's queue: this iteration's chunks in the [`Outbox`], then its backlog.
+#[derive(Debug)]
+pub struct Queue {
+    backlog: VecDeque<Chunk>,
+    /// Bytes of the backlog's first chunk already written.
+    head_off: usize,
+    head: u32,
+    tail: u32,
+    pending_chunks: u32,
+    bytes: usize,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            backlog: VecDeque::new(),
+            head_off: 0,
+            head: NONE,
+            tail: NONE,
+            pending_chunks: 0,
+            bytes: 0,
+        }
+    }
+}
+
+/// What a flush achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    pub written: usize,
+    /// Nothing is left to send.
+    pub done: bool,
+}
+
+impl Queue {
+    /// Queues a chunk. Returns `true` when it is the connection's first this iteration
+    /// (the caller then remembers to flush it).
+    pub fn push(&mut self, ob: &mut Outbox, chunk: Chunk) -> bool {
+        self.bytes += chunk.bytes().len();
+        // Consecutive owned bytes (pipelined HTTP responses) coalesce into one chunk.
+        if let (Chunk::Owned(more), Some(last)) = (&chunk, self.tail_chunk(ob))
+            && let Chunk::Owned(v) = last
+        {
+            v.extend_from_slice(more);
+            return false;
+        }
+        let idx = ob.pending.len() as u32;
+        ob.pending.push(Pending { chunk, next: NONE });
+        self.pending_chunks += 1;
+        if self.tail == NONE {
+            self.head = idx;
+            self.tail = idx;
+            true
+        } else {
+            ob.pending[self.tail as usize].next = idx;
+            self.tail = idx;
+            false
+        }
+    }
+
+    /// Unsent bytes (backlog and this iteration's chunks).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0 && self.backlog.is_empty() && self.head == NONE
+    }
+
+    /// Writes as much as the writer takes in one vectored write (more only past 64 chunks),
+    /// moving what is left of this iteration's chunks into the backlog.
+    pub fn flush(&mut self, ob: &mut Outbox, w: &mut impl Write) -> io::Result<Flushed> {
+        let mut written = 0;
+        let result = loop {
+            if self.backlog.is_empty() && self.head == NONE {
+                break Ok(());
+            }
+            let mut iov = [IoSlice::new(&[]); 64];
+            let n = self.gather(ob, &mut iov);
+            let full = n == iov.len();
+            let res = w.write_vectored(&iov[..n]);
+            match res {
+                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(k) => {
+                    written += k;
+                    self.consume(ob, k);
+                    if !full {
+                        // Everything fitted in one call; a short write means the socket is full.
+                        if !self.backlog.is_empty() || self.head != NONE {
+                            self.park(ob);
+                        }
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.park(ob);
+                    break Ok(());
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        result?;
+        let done = self.backlog.is_empty() && self.head == NONE;
+        if done && self.backlog.capacity() > 0 {
+            self.backlog = VecDeque::new(); // give the memory back
+        }
+        Ok(Flushed { written, done })
+    }
+
+    /// Drops everything queued (a slow consumer being cut off).
+    pub fn clear(&mut self) {
+        self.backlog = VecDeque::new();
+        self.head_off = 0;
+        self.head = NONE;
+        self.tail = NONE;
+        self.pending_chunks = 0;
+        self.bytes = 0;
+    }
+
+    fn tail_chunk<'a>(&self, ob: &'a mut Outbox) -> Option<&'a mut Chunk> {
+        if self.tail == NONE {
+            return None;
+        }
+        ob.pending.get_mut(self.tail as usize).map(|p| &mut p.chunk)
+    }
+
+    fn gather<'a>(&'a self, ob: &'a Outbox, iov: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (i, c) in self.backlog.iter().enumerate() {
+            if n == iov.len() {
+                return n;
+            }
+            let b = c.bytes();
+            iov[n] = IoSlice::new(if i == 0 { &b[self.head_off..] } else { b });
+            n += 1;
+        }
+        let mut at = self.head;
+        while at != NONE && n < iov.len() {
+            let p = &ob.pending[at as usize];
+            let b = p.chunk.bytes();
+            // The first pending chunk may be partly written while the backlog is empty.
+            iov[n] = IoSlice::new(if n == 0 { &b[self.head_off..] } else { b });
+            n += 1;
+            at = p.next;
+        }
+        n
+    }
+
+    /// Marks `k` bytes as written, front first.
+    fn consume(&mut self, ob: &mut Outbox, mut k: usize) {
+        self.bytes -= k;
+        while k > 0 {
+            if let Some(front) = self.backlog.front() {
+                let left = front.bytes().len() - self.head_off;
+                if k >= left {
+                    k -= left;
+                    self.head_off = 0;
+                    self.backlog.pop_front();
+                } else {
+                    self.head_off += k;
+                    return;
+                }
+            } else if self.head != NONE {
+                let p = &mut ob.pending[self.head as usize];
+                let left = p.chunk.bytes().len() - self.head_off;
+                if k >= left {
+                    k -= left;
+                    self.head_off = 0;
+                    p.chunk = Chunk::Static(&[]);
+                    self.head = p.next;
+                    self.pending_chunks -= 1;
+                    if self.head == NONE {
+                        self.tail = NONE;
+                    }
+                } else {
+                    self.head_off += k;
+                    return;
+                }
+            } else {
+                return;
+            }
+        }
+        // Skip fully written empty chunks so `done` is exact.
+        while self
+            .backlog
+            .front()
+            .is_some_and(|c| c.bytes().len() == self.head_off)
+        {
+            self.backlog.pop_front();
+            self.head_off = 0;
+        }
+    }
+
+    /// Moves this iteration's unwritten chunks into the backlog (kept across iterations).
+    fn park(&mut self, ob: &mut Outbox) {
+        let mut at = self.head;
+        while at != NONE {
+            let p = &mut ob.pending[at as usize];
+            self.backlog
+                .push_back(std::mem::replace(&mut p.chunk, Chunk::Static(&[])));
+            at = p.next;
+        }
+        self.head = NONE;
+        self.tail = NONE;
+        self.pending_chunks = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    /// Accepts at most `room` bytes per call (then `WouldBlock`), recording calls.
+    struct Sink {
+        data: Vec<u8>,
+        room: usize,
+        calls: usize,
+    }
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.room - n);
+                self.data.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.room {
+                    break;
+                }
+            }
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn one_vectored_write_for_many_chunks_and_shared_frames_are_not_copied() {
+        let mut ob = Outbox::default();
+        let frame: Frame = Rc::from(&b"frame"[..]);
+        let (mut a, mut b) = (Queue::default(), Queue::default());
+        assert!(a.push(&mut ob, Chunk::Shared(frame.clone())));
+        assert!(b.push(&mut ob, Chunk::Shared(frame.clone())));
+        assert!(!a.push(&mut ob, Chunk::Static(b"-x")));
+        assert_eq!(Rc::strong_count(&frame), 3);
+        let mut s = Sink {
+            data: vec![],
+            room: 1000,
+            calls: 0,
+        };
+        assert_eq!(
+            a.flush(&mut ob, &mut s).unwrap(),
+            Flushed {
+                written: 7,
+                done: true
+            }
+        );
+        assert_eq!((s.data.as_slice(), s.calls), (&b"frame-x"[..], 1));
+        b.flush(&mut ob, &mut s).unwrap();
+        ob.end_round();
+        assert_eq!(Rc::strong_count(&frame), 1);
+    }
+
+    #[test]
+    fn partial_writes_park_the_rest_in_order_across_rounds() {
+        let mut ob = Outbox::default();
+        let mut q = Queue::default();
+        for part in [&b"abc"[..], b"def", b"ghi"] {
+            q.push(&mut ob, Chunk::Shared(Rc::from(part)));
+        }
+        let mut s = Sink {
+            data: vec![],
+            room: 4,
+            calls: 0,
+        };
+        assert_eq!(
+            q.flush(&mut ob, &mut s).unwrap(),
+            Flushed {
+                written: 4,
+                done: false
+            }
+        );
+        ob.end_round();
+        assert_eq!(q.bytes(), 5);
+        q.push(&mut ob, Chunk::Owned(b"jk".to_vec()));
+        s.room = 3;
+        assert!(!q.flush(&mut ob, &mut s).unwrap().done);
+        ob.end_round();
+        s.room = 100;
+        assert!(q.flush(&mut ob, &mut s).unwrap().done);
+        assert_eq!(s.data, b"abcdefghijk");
+        assert!(q.is_empty());
+        assert_eq!(q.backlog.capacity(), 0);
+    }
+
+    #[test]
+    fn would_block_keeps_everything_and_owned_chunks_coalesce() {
+        let mut ob = Outbox::default();
+        let mut q = Queue::default();
+        q.push(&mut ob, Chunk::Owned(b"HTTP/1.1 200".to_vec()));
+        q.push(&mut ob, Chunk::Owned(b" OK".to_vec()));
+        assert_eq!(ob.len(), 1);
+        let mut s = Sink {
+            data: vec![],
+            room: 0,
+            calls: 0,
+        };
+        assert_eq!(
+            q.flush(&mut ob, &mut s).unwrap(),
+            Flushed {
+                written: 0,
+                done: false
+            }
+        );
+        ob.end_round();
+        s.room = 100;
+        q.flush(&mut ob, &mut s).unwrap();
+        assert_eq!(s.data, b"HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn more_than_64_chunks_all_go_out() {
+        let mut ob = Outbox::default();
+        let mut q = Queue::default();
+        for i in 0..200u8 {
+            q.push(&mut ob, Chunk::Shared(Rc::from(&[i][..])));
+        }
+        let mut s = Sink {
+            data: vec![],
+            room: 1000,
+            calls: 0,
+        };
+        assert!(q.flush(&mut ob, &mut s).unwrap().done);
+        assert_eq!(s.data, (0..200u8).collect::<Vec<_>>());
+        assert_eq!(s.calls, 4);
+    }
+
+    #[test]
+    fn clear_frees_everything() {
+        let mut ob = Outbox::default();
+        let mut q = Queue::default();
+        q.push(&mut ob, Chunk::Owned(vec![0; 100]));
+        let mut s = Sink {
+            data: vec![],
+            room: 10,
+            calls: 0,
+        };
+        q.flush(&mut ob, &mut s).unwrap();
+        q.clear();
+        assert!(q.is_empty());
+        assert_eq!(q.bytes(), 0);
+    }
+}

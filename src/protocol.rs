@@ -1,0 +1,357 @@
+//! The WebSocket messages: parsing client frames and writing server frames, in one place.
+//!
+//! Server messages are written straight into a reused byte buffer (no intermediate `Value`)
+//! and wrapped into one unmasked WebSocket text frame, shared by every recipient as a
+//! [`Frame`] (`Rc<[u8]>`: one allocation per broadcast, a reference-count bump per member).
+
+use std::borrow::Cow;
+use std::io::Write as _;
+use std::rc::Rc;
+
+use serde::Deserialize;
+use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::ids::{MsgId, RoomId, UserId};
+use crate::time::{UnixMicros, write_iso8601};
+
+/// A complete server WebSocket frame (header + payload), shared by all its recipients.
+pub type Frame = Rc<[u8]>;
+
+/// What a client may send on a chat socket.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientMsg<'a> {
+    Chat(Cow<'a, str>),
+    Typing,
+}
+
+/// Why a client frame was not understood; the connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    InvalidJson(&'static str),
+    UnknownType(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClientError::InvalidJson(_) => "invalid_json",
+            ClientError::UnknownType(_) => "unknown_type",
+        }
+    }
+
+    pub fn detail(&self) -> Cow<'static, str> {
+        match self {
+            ClientError::InvalidJson(d) => Cow::Borrowed(d),
+            ClientError::UnknownType(t) => Cow::Owned(format!(
+                "Unknown message type {t:?}; expected \"chat\" or \"typing\""
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    message: Option<Cow<'a, str>>,
+}
+
+/// Parses one client text message.
+pub fn parse_client(text: &str) -> Result<ClientMsg<'_>, ClientError> {
+    let msg: Incoming<'_> = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) if e.is_data() => {
+            return Err(ClientError::InvalidJson(
+                "Expected a JSON object like {\"type\": \"chat\", \"message\": \"Hello!\"}",
+            ));
+        }
+        Err(_) => return Err(ClientError::InvalidJson("Message is not valid JSON")),
+    };
+    match msg.kind.as_deref() {
+        Some("chat") => match msg.message {
+            Some(m) => Ok(ClientMsg::Chat(m)),
+            None => Err(ClientError::InvalidJson(
+                "A chat message needs a string \"message\" field",
+            )),
+        },
+        Some("typing") => Ok(ClientMsg::Typing),
+        Some(other) => Err(ClientError::UnknownType(other.chars().take(40).collect())),
+        None => Err(ClientError::UnknownType(String::new())),
+    }
+}
+
+/// Reusable scratch space for building frames; frames are written after a gap big enough
+/// for the largest header, so the header goes in front without moving the payload.
+pub struct FrameBuf {
+    buf: Vec<u8>,
+}
+
+const GAP: usize = 10;
+
+impl Default for FrameBuf {
+    fn default() -> Self {
+        FrameBuf {
+            buf: Vec::with_capacity(4096),
+        }
+    }
+}
+
+impl FrameBuf {
+    /// Starts a new message; returns the buffer to write its JSON into.
+    pub fn start(&mut self) -> &mut Vec<u8> {
+        self.buf.clear();
+        self.buf.extend_from_slice(&[0; GAP]);
+        &mut self.buf
+    }
+
+    /// The JSON written since `start`.
+    pub fn json(&self) -> &[u8] {
+        &self.buf[GAP..]
+    }
+
+    /// Wraps the JSON written since `start` into one text frame (one allocation).
+    pub fn finish_text(&mut self) -> Frame {
+        self.finish(OpCode::Data(Data::Text))
+    }
+
+    pub fn finish(&mut self, opcode: OpCode) -> Frame {
+        let len = (self.buf.len() - GAP) as u64;
+        let header = FrameHeader {
+            opcode,
+            ..FrameHeader::default()
+        };
+        let hlen = header.len(len);
+        let mut head = [0u8; GAP];
+        header
+            .format(len, &mut &mut head[..])
+            .expect("a frame header fits in 10 bytes");
+        let at = GAP - hlen;
+        self.buf[at..GAP].copy_from_slice(&head[..hlen]);
+        Rc::from(&self.buf[at..])
+    }
+
+    /// Returns memory when a huge message made the buffer grow.
+    pub fn trim(&mut self) {
+        if self.buf.capacity() > 256 * 1024 {
+            self.buf = Vec::with_capacity(4096);
+        }
+    }
+}
+
+/// The JSON payload of a server text frame built by [`FrameBuf`].
+pub fn frame_payload(frame: &[u8]) -> &[u8] {
+    let hlen = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(hlen..).unwrap_or(&[])
+}
+
+/// Writes a JSON string literal (with quotes and escapes).
+pub fn json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+}
+
+/// Who a message is about.
+#[derive(Debug, Clone, Copy)]
+pub struct Who<'a> {
+    pub user: &'a str,
+    pub user_id: UserId,
+}
+
+/// `chat`, `user_joined` or `user_left`: the messages stored in history.
+pub fn write_event(
+    out: &mut Vec<u8>,
+    kind: &str,
+    id: MsgId,
+    who: Who<'_>,
+    message: &str,
+    at: UnixMicros,
+    room: RoomId,
+) {
+    let _ = write!(out, "{{\"id\":\"{id}\",\"type\":\"{kind}\",\"user\":");
+    json_str(out, who.user);
+    let _ = write!(out, ",\"user_id\":\"{}\",\"message\":", who.user_id);
+    json_str(out, message);
+    out.extend_from_slice(b",\"timestamp\":\"");
+    let mut ts = String::with_capacity(32);
+    write_iso8601(&mut ts, at);
+    out.extend_from_slice(ts.as_bytes());
+    let _ = write!(out, "\",\"room_id\":\"{room}\"}}");
+}
+
+/// `typing` or `typing_stopped`.
+pub fn write_typing(out: &mut Vec<u8>, kind: &str, who: Who<'_>, room: RoomId) {
+    let _ = write!(out, "{{\"type\":\"{kind}\",\"user\":");
+    json_str(out, who.user);
+    let _ = write!(
+        out,
+        ",\"user_id\":\"{}\",\"room_id\":\"{room}\"}}",
+        who.user_id
+    );
+}
+
+/// An `error` frame that keeps the connection open.
+pub fn write_error(out: &mut Vec<u8>, code: &str, detail: &str) {
+    let _ = write!(out, "{{\"type\":\"error\",\"code\":\"{code}\",\"detail\":");
+    json_str(out, detail);
+    out.push(b'}');
+}
+
+/// The `welcome` frame: who is here and the recent messages (already-encoded JSON).
+pub fn write_welcome<'a>(
+    out: &mut Vec<u8>,
+    room: RoomId,
+    me: Who<'_>,
+    users: impl Iterator<Item = Who<'a>>,
+    messages: impl Iterator<Item = &'a [u8]>,
+    truncated: bool,
+) {
+    let _ = write!(
+        out,
+        "{{\"type\":\"welcome\",\"room_id\":\"{room}\",\"user\":"
+    );
+    json_str(out, me.user);
+    let _ = write!(out, ",\"user_id\":\"{}\",\"users\":[", me.user_id);
+    for (i, u) in users.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"user\":");
+        json_str(out, u.user);
+        let _ = write!(out, ",\"user_id\":\"{}\"}}", u.user_id);
+    }
+    out.extend_from_slice(b"],\"messages\":[");
+    write_joined(out, messages);
+    out.push(b']');
+    if truncated {
+        out.extend_from_slice(b",\"truncated\":true");
+    }
+    out.push(b'}');
+}
+
+/// Writes already-encoded JSON values separated by commas.
+pub fn write_joined<'a>(out: &mut Vec<u8>, items: impl Iterator<Item = &'a [u8]>) {
+    for (i, m) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn parses_client_messages() {
+        assert_eq!(
+            parse_client(r#"{"type":"chat","message":"hi"}"#),
+            Ok(ClientMsg::Chat("hi".into()))
+        );
+        assert_eq!(
+            parse_client(r#"{"message":"a\"b","type":"chat","extra":[1]}"#),
+            Ok(ClientMsg::Chat("a\"b".into()))
+        );
+        assert_eq!(parse_client(r#"{"type":"typing"}"#), Ok(ClientMsg::Typing));
+        assert_eq!(parse_client("nope").unwrap_err().code(), "invalid_json");
+        assert_eq!(parse_client("").unwrap_err().code(), "invalid_json");
+        assert_eq!(parse_client("[1,2]").unwrap_err().code(), "invalid_json");
+        assert_eq!(parse_client("42").unwrap_err().code(), "invalid_json");
+        assert_eq!(
+            parse_client(r#"{"type":"chat","message":5}"#)
+                .unwrap_err()
+                .code(),
+            "invalid_json"
+        );
+        assert_eq!(
+            parse_client(r#"{"type":"chat"}"#).unwrap_err().code(),
+            "invalid_json"
+        );
+        assert_eq!(
+            parse_client(r#"{"type":"dance"}"#).unwrap_err().code(),
+            "unknown_type"
+        );
+        assert_eq!(
+            parse_client(r#"{"message":"x"}"#).unwrap_err().code(),
+            "unknown_type"
+        );
+        let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(1000));
+        assert!(parse_client(&long).unwrap_err().detail().len() < 200);
+    }
+
+    #[test]
+    fn frames_have_correct_headers_for_every_length_class() {
+        let mut fb = FrameBuf::default();
+        for len in [0usize, 1, 125, 126, 65_535, 65_536, 200_000] {
+            fb.start().extend(std::iter::repeat_n(b'a', len));
+            let f = fb.finish_text();
+            assert_eq!(f[0], 0x81);
+            assert_eq!(frame_payload(&f).len(), len);
+            let mut cur = std::io::Cursor::new(&f[..]);
+            let (h, plen) = FrameHeader::parse(&mut cur).unwrap().unwrap();
+            assert!(h.is_final && h.mask.is_none());
+            assert_eq!(plen as usize, len);
+        }
+    }
+
+    #[test]
+    fn events_are_valid_json_with_escaping() {
+        let mut out = Vec::new();
+        let who = Who {
+            user: "al\"ice<b>",
+            user_id: UserId(0x3f9a1c2b),
+        };
+        write_event(
+            &mut out,
+            "chat",
+            MsgId(1),
+            who,
+            "line\nbreak \u{1F600}",
+            UnixMicros(1_755_611_100_123_456),
+            RoomId(0xa1b2c3d4e5),
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["type"], "chat");
+        assert_eq!(v["user"], "al\"ice<b>");
+        assert_eq!(v["user_id"], "3f9a1c2b");
+        assert_eq!(v["message"], "line\nbreak \u{1F600}");
+        assert_eq!(v["timestamp"], "2025-08-19T13:45:00.123456Z");
+        assert_eq!(v["room_id"], "a1b2c3d4e5");
+        assert_eq!(v["id"], "00000000-0000-0000-0000-000000000001");
+
+        out.clear();
+        let users = [
+            who,
+            Who {
+                user: "bob",
+                user_id: UserId(1),
+            },
+        ];
+        let msgs: [&[u8]; 2] = [br#"{"a":1}"#, br#"{"b":2}"#];
+        write_welcome(
+            &mut out,
+            RoomId(1),
+            who,
+            users.iter().copied(),
+            msgs.iter().copied(),
+            true,
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["type"], "welcome");
+        assert_eq!(v["users"][1]["user_id"], "00000001");
+        assert_eq!(v["messages"][1]["b"], 2);
+        assert_eq!(v["truncated"], true);
+
+        out.clear();
+        write_error(&mut out, "rate_limited", "Slow \"down\"");
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["detail"], "Slow \"down\"");
+    }
+}

@@ -1,0 +1,637 @@
+//! The event loop: one thread, one `mio::Poll`, every socket and every clock read.
+//!
+//! Each iteration: wait for readiness or the earliest timer deadline; accept; read every
+//! readable connection into one loop-wide buffer and hand the bytes to its [`Conn`]; apply
+//! the hub's actions (frames for members, closes); run due timers; then flush every
+//! connection that got output with one `writev` each. Nothing here decides protocol.
+
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+
+use crate::config::Config;
+use crate::conn::{Conn, Ctx, LINGER, Next, State};
+use crate::hub::{Action, ConnId, Hub, HubConfig};
+use crate::metrics::{Gauges, Metrics};
+use crate::outbox::{Chunk, Outbox};
+use crate::protocol::FrameBuf;
+use crate::time::{Micros, Now, UnixMicros};
+use crate::timer::Wheel;
+use crate::ws;
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+/// Size of the one read buffer shared by all connections.
+const READ_BUF: usize = 64 * 1024;
+/// Reads per connection per iteration before others get their turn.
+const READ_BUDGET: usize = 16;
+/// Connections accepted beyond `--max-connections` only to be told 503.
+const OVERFLOW: usize = 64;
+/// How long accepting pauses after the process ran out of file descriptors.
+const ACCEPT_BACKOFF: Micros = Micros(100_000);
+/// How long shutdown waits for close frames to be flushed.
+const SHUTDOWN_GRACE: Micros = Micros(900_000);
+
+#[derive(Debug, Clone, Copy)]
+struct ConnTimer {
+    token: usize,
+    serial: u32,
+    at: Micros,
+}
+
+pub struct Server {
+    cfg: Config,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    signals: Signals,
+    local_addr: SocketAddr,
+    conns: Slab<Conn>,
+    hub: Hub,
+    wheel: Wheel<ConnTimer>,
+    fired: Vec<ConnTimer>,
+    rbuf: Box<[u8]>,
+    outbox: Outbox,
+    dirty: Vec<usize>,
+    again: Vec<usize>,
+    doomed: Vec<(usize, Doom)>,
+    frame: FrameBuf,
+    metrics: Metrics,
+    websockets: usize,
+    serial: u32,
+    start: Instant,
+    date: Vec<u8>,
+    date_secs: u64,
+    accept_paused_until: Option<Micros>,
+    shutdown_at: Option<Micros>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Doom {
+    /// Its output queue passed the limit: close 1013 and free it.
+    SlowConsumer,
+    /// The socket failed or the peer is gone.
+    Gone,
+}
+
+impl Server {
+    /// Binds the listening socket (port 0 picks a free one).
+    pub fn bind(cfg: Config) -> io::Result<Server> {
+        let addr = (cfg.host.as_str(), cfg.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("cannot resolve host {:?}", cfg.host),
+                )
+            })?;
+        let mut listener = TcpListener::bind(addr)?;
+        let local_addr = listener.local_addr()?;
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let hub = Hub::new(HubConfig::from(&cfg));
+        Ok(Server {
+            cfg,
+            poll,
+            listener: Some(listener),
+            signals,
+            local_addr,
+            conns: Slab::new(),
+            hub,
+            wheel: Wheel::new(),
+            fired: Vec::new(),
+            rbuf: vec![0; READ_BUF].into_boxed_slice(),
+            outbox: Outbox::default(),
+            dirty: Vec::new(),
+            again: Vec::new(),
+            doomed: Vec::new(),
+            frame: FrameBuf::default(),
+            metrics: Metrics::default(),
+            websockets: 0,
+            serial: 0,
+            start: Instant::now(),
+            date: Vec::new(),
+            date_secs: u64::MAX,
+            accept_paused_until: None,
+            shutdown_at: None,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Runs until SIGTERM/SIGINT, then closes every WebSocket with 1001 and returns.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            let began = Instant::now();
+            self.metrics.wakeups += 1;
+            let now = self.clock();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(now),
+                    SIGNALS => {
+                        if self.signals.pending().next().is_some() {
+                            self.begin_shutdown(now);
+                        }
+                    }
+                    Token(id) => {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read(id, now);
+                        }
+                        if event.is_writable() {
+                            self.mark_dirty(id);
+                        }
+                    }
+                }
+            }
+            self.after_events(now);
+            self.metrics.loop_time(began.elapsed().as_micros() as u64);
+            if let Some(at) = self.shutdown_at
+                && (self.conns.is_empty() || now.mono >= at)
+            {
+                log::info!("shutdown complete");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Work that follows the events of one wakeup: re-reads, timers, accept retry, flush.
+    fn after_events(&mut self, now: Now) {
+        if !self.again.is_empty() {
+            let again = std::mem::take(&mut self.again);
+            for &id in &again {
+                if self.conns.get(id).is_some_and(|c| !c.read_paused) {
+                    self.read(id, now);
+                }
+            }
+            let mut again = again;
+            again.clear();
+            if self.again.is_empty() {
+                self.again = again;
+            }
+        }
+        if self.accept_paused_until.is_some_and(|t| now.mono >= t) {
+            self.accept_paused_until = None;
+            self.accept(now);
+        }
+        self.run_timers(now);
+        self.flush_all(now);
+    }
+
+    /// How long poll may sleep: until the earliest timer, or not at all if work is waiting.
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let next = [
+            self.wheel.next_deadline(),
+            self.hub.poll_timeout(),
+            self.accept_paused_until,
+            self.shutdown_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
+        let now = Micros::from_duration(self.start.elapsed());
+        // Round up so that a deadline is never woken for early (no busy loop before it).
+        Some(Duration::from_micros(
+            next.since(now).0.div_ceil(1000) * 1000,
+        ))
+    }
+
+    fn clock(&mut self) -> Now {
+        let mono = Micros::from_duration(self.start.elapsed());
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        if wall.as_secs() != self.date_secs {
+            self.date_secs = wall.as_secs();
+            self.date = httpdate::fmt_http_date(SystemTime::now()).into_bytes();
+        }
+        Now {
+            mono,
+            wall: UnixMicros(wall.as_micros() as u64),
+        }
+    }
+
+    // ---- accept ---------------------------------------------------------------------
+
+    fn accept(&mut self, now: Now) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    self.metrics.accepted += 1;
+                    let open = self.conns.len();
+                    if open >= self.cfg.max_connections + OVERFLOW {
+                        self.metrics.refused_full += 1;
+                        continue; // dropped: closes at once
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let id = entry.key();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        Token(id),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        log::warn!("cannot register a new connection: {e}");
+                        continue;
+                    }
+                    self.serial = self.serial.wrapping_add(1);
+                    let over = open >= self.cfg.max_connections;
+                    if over {
+                        log::warn!(
+                            "connection limit ({}) reached: refusing {peer} with 503",
+                            self.cfg.max_connections
+                        );
+                    }
+                    entry.insert(Conn::new(stream, self.serial, peer.ip(), now.mono, over));
+                    self.arm(id);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS: the pending connection stays in the backlog and
+                    // the listener stays readable; back off instead of spinning on it.
+                    self.metrics.accept_errors += 1;
+                    log::warn!(
+                        "accept failed ({e}); pausing accepts for {} ms",
+                        ACCEPT_BACKOFF.0 / 1000
+                    );
+                    self.accept_paused_until = Some(now.mono + ACCEPT_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    // ---- read -----------------------------------------------------------------------
+
+    fn read(&mut self, id: usize, now: Now) {
+        for _ in 0..READ_BUDGET {
+            let Some(conn) = self.conns.get_mut(id) else {
+                return;
+            };
+            if conn.read_paused {
+                return;
+            }
+            let n = match conn.stream.read(&mut self.rbuf) {
+                Ok(0) => {
+                    self.eof(id, now);
+                    return;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::debug!("conn {id} read error: {e}");
+                    self.doom(id, Doom::Gone);
+                    return;
+                }
+            };
+            self.metrics.bytes_in += n as u64;
+            self.input(id, n, now);
+            self.apply_actions(now);
+            self.arm(id);
+        }
+        // Budget spent with data perhaps still waiting: continue next iteration.
+        self.again.push(id);
+    }
+
+    /// Feeds `rbuf[..n]` (after any bytes kept from before) to the connection.
+    fn input(&mut self, id: usize, n: usize, now: Now) {
+        let gauges = self.gauges();
+        let Server {
+            conns,
+            hub,
+            cfg,
+            outbox,
+            dirty,
+            metrics,
+            websockets,
+            frame,
+            rbuf,
+            date,
+            ..
+        } = self;
+        let Some(conn) = conns.get_mut(id) else {
+            return;
+        };
+        let mut ctx = Ctx {
+            hub,
+            cfg,
+            now,
+            date,
+            outbox,
+            dirty,
+            metrics,
+            gauges,
+            websockets,
+            frame,
+        };
+        if conn.inbuf.is_empty() {
+            let used = conn.on_bytes(ConnId(id), &mut rbuf[..n], &mut ctx);
+            if used < n {
+                conn.inbuf.extend_from_slice(&rbuf[used..n]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut conn.inbuf);
+            buf.extend_from_slice(&rbuf[..n]);
+            let used = conn.on_bytes(ConnId(id), &mut buf, &mut ctx);
+            buf.drain(..used);
+            if !buf.is_empty() {
+                conn.inbuf = buf; // else dropped: an idle connection holds no buffer
+            }
+        }
+    }
+
+    fn eof(&mut self, id: usize, now: Now) {
+        let next = self.with_conn(id, now, |conn, ctx| conn.on_eof(ConnId(id), ctx));
+        if next == Some(Next::Drop) {
+            self.remove(id, now);
+        }
+        self.apply_actions(now);
+    }
+
+    // ---- hub actions ------------------------------------------------------------------
+
+    /// Moves the hub's frames onto members' queues and carries out its closes.
+    fn apply_actions(&mut self, now: Now) {
+        while self.hub.has_actions() {
+            let mut closes = Vec::new();
+            for action in self.hub.drain_actions() {
+                match action {
+                    Action::Send(ConnId(id), frame) => {
+                        if let Some(conn) = self.conns.get_mut(id)
+                            && conn.accepts_frames()
+                        {
+                            self.metrics.frames_out += 1;
+                            conn.send(
+                                ConnId(id),
+                                Chunk::Shared(frame),
+                                &mut self.outbox,
+                                &mut self.dirty,
+                            );
+                            if conn.out.bytes() > self.cfg.max_output_queue {
+                                self.doomed.push((id, Doom::SlowConsumer));
+                            }
+                        }
+                    }
+                    Action::Close(ConnId(id), code, reason) => closes.push((id, code, reason)),
+                }
+            }
+            for (id, code, reason) in closes {
+                self.with_conn(id, now, |conn, ctx| {
+                    conn.closed_by_hub(ConnId(id), code, reason, ctx)
+                });
+            }
+            self.bury(now);
+        }
+        self.bury(now);
+    }
+
+    /// Marks a connection to be closed once the current step is over.
+    fn doom(&mut self, id: usize, why: Doom) {
+        self.doomed.push((id, why));
+    }
+
+    /// Closes doomed connections; their leaving may produce more actions.
+    fn bury(&mut self, now: Now) {
+        while let Some((id, why)) = self.doomed.pop() {
+            let Some(conn) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if why == Doom::SlowConsumer {
+                self.metrics.slow_consumers += 1;
+                log::info!(
+                    "closing slow consumer {} (conn {id}): {} bytes unsent",
+                    conn.peer,
+                    conn.out.bytes()
+                );
+                conn.out.clear();
+                // Best effort: the socket is likely full, so this close frame may be lost.
+                let _ = io::Write::write(&mut conn.stream, &ws::close_frame(1013, "slow consumer"));
+                self.with_conn(id, now, |conn, ctx| conn.leave(ConnId(id), ctx, 1013));
+            }
+            self.remove(id, now);
+        }
+    }
+
+    /// Drops a connection, leaving its room first if it was a member.
+    fn remove(&mut self, id: usize, now: Now) {
+        self.with_conn(id, now, |conn, ctx| conn.leave(ConnId(id), ctx, 1006));
+        if self.conns.contains(id) {
+            self.conns.remove(id); // closes the socket
+        }
+    }
+
+    // ---- timers -----------------------------------------------------------------------
+
+    /// Arms the connection's timer if its deadline moved earlier.
+    fn arm(&mut self, id: usize) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        let at = conn.deadline(&self.cfg);
+        if at < conn.timer_at {
+            conn.timer_at = at;
+            self.wheel.arm(
+                at,
+                ConnTimer {
+                    token: id,
+                    serial: conn.serial,
+                    at,
+                },
+            );
+        }
+    }
+
+    fn run_timers(&mut self, now: Now) {
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel.advance(now.mono, &mut fired);
+        for t in fired.drain(..) {
+            let Some(conn) = self.conns.get_mut(t.token) else {
+                continue;
+            };
+            if conn.serial != t.serial || conn.timer_at != t.at {
+                continue; // stale: the connection is gone or re-armed earlier
+            }
+            conn.timer_at = Micros::MAX;
+            let next = self.with_conn(t.token, now, |conn, ctx| {
+                conn.on_timer(ConnId(t.token), ctx)
+            });
+            if next == Some(Next::Drop) {
+                self.remove(t.token, now);
+            } else {
+                self.arm(t.token);
+            }
+            self.apply_actions(now);
+        }
+        self.fired = fired;
+        self.hub.handle_timeout(now);
+        self.apply_actions(now);
+    }
+
+    // ---- write ----------------------------------------------------------------------
+
+    fn mark_dirty(&mut self, id: usize) {
+        if let Some(conn) = self.conns.get_mut(id)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// One vectored write per connection with output; then this iteration's chunks are done.
+    fn flush_all(&mut self, now: Now) {
+        while !self.dirty.is_empty() {
+            let dirty = std::mem::take(&mut self.dirty);
+            for &id in &dirty {
+                self.flush(id, now);
+            }
+            self.bury(now);
+            let mut dirty = dirty;
+            dirty.clear();
+            if self.dirty.is_empty() {
+                self.dirty = dirty;
+            }
+        }
+        self.outbox.end_round();
+    }
+
+    fn flush(&mut self, id: usize, now: Now) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        conn.dirty = false;
+        if conn.out.is_empty() && !conn.close_after_flush {
+            return;
+        }
+        let result = conn.out.flush(&mut self.outbox, &mut conn.stream);
+        self.metrics.writes += 1;
+        match result {
+            Ok(f) => {
+                self.metrics.bytes_out += f.written as u64;
+                if f.done && conn.close_after_flush {
+                    conn.close_after_flush = false;
+                    let _ = conn.stream.shutdown(Shutdown::Write);
+                    conn.state = State::Lingering {
+                        until: now.mono + LINGER,
+                    };
+                    self.arm(id);
+                } else if conn.out.bytes() > self.cfg.max_output_queue && conn.is_websocket() {
+                    self.doom(id, Doom::SlowConsumer);
+                } else if conn.read_paused && conn.out.bytes() < crate::conn::HTTP_PAUSE_BYTES / 2 {
+                    conn.read_paused = false;
+                    self.again.push(id);
+                }
+            }
+            Err(e) => {
+                log::debug!("conn {id} write error: {e}");
+                self.doom(id, Doom::Gone);
+            }
+        }
+    }
+
+    // ---- shutdown -------------------------------------------------------------------
+
+    fn begin_shutdown(&mut self, now: Now) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        log::info!(
+            "shutting down: closing {} connections ({} WebSockets) with 1001",
+            self.conns.len(),
+            self.websockets
+        );
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        self.shutdown_at = Some(now.mono + SHUTDOWN_GRACE);
+        let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();
+        for id in ids {
+            let ws = self.conns.get(id).is_some_and(Conn::is_websocket);
+            if ws {
+                self.with_conn(id, now, |conn, ctx| {
+                    conn.close_ws(ConnId(id), 1001, "server shutting down", ctx)
+                });
+            } else if self.conns.get(id).is_some_and(|c| c.out.is_empty()) {
+                self.remove(id, now);
+            }
+        }
+        self.apply_actions(now);
+    }
+
+    // ---- helpers --------------------------------------------------------------------
+
+    fn gauges(&self) -> Gauges {
+        Gauges {
+            connections: self.conns.len(),
+            websockets: self.websockets,
+            conn_timers: self.wheel.len(),
+            hub: self.hub.stats(),
+        }
+    }
+
+    /// Runs `f` with one connection and the context it may touch.
+    fn with_conn<R>(
+        &mut self,
+        id: usize,
+        now: Now,
+        f: impl FnOnce(&mut Conn, &mut Ctx<'_>) -> R,
+    ) -> Option<R> {
+        let gauges = self.gauges();
+        let Server {
+            conns,
+            hub,
+            cfg,
+            outbox,
+            dirty,
+            metrics,
+            websockets,
+            frame,
+            date,
+            ..
+        } = self;
+        let conn = conns.get_mut(id)?;
+        let mut ctx = Ctx {
+            hub,
+            cfg,
+            now,
+            date,
+            outbox,
+            dirty,
+            metrics,
+            gauges,
+            websockets,
+            frame,
+        };
+        Some(f(conn, &mut ctx))
+    }
+}

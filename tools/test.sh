@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every test of chatloop: formatting, lints, unit and integration tests, and the
+# system-level suites whose tools it installs itself when missing.
+# Usage: tools/test.sh            (everything)
+#        SKIP_SLOW=1 tools/test.sh (cargo checks and tests only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo test (unit + integration, release build of the server)"
+cargo test --release
+
+if [ "${SKIP_SLOW:-0}" = 1 ]; then
+  echo "SKIP_SLOW=1: system-level suites skipped"
+  exit 0
+fi
+
+for suite in tools/suites/*.sh; do
+  [ -e "$suite" ] || continue
+  step "$suite"
+  bash "$suite"
+done
