@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 use std::io::Write as _;
+use std::net::IpAddr;
 
 use serde::Deserialize;
 
@@ -12,6 +13,7 @@ use crate::http::{self, Method, Request, Response};
 use crate::hub::{Hub, HubError, validate_username};
 use crate::ids::{MsgId, RoomId, SessionId};
 use crate::protocol::json_str;
+use crate::ratelimit::CreateLimiter;
 use crate::time::Now;
 
 /// What the event loop must do with a request.
@@ -30,12 +32,14 @@ pub enum Reply {
     Metrics,
 }
 
-/// Settings and time for one request.
-#[derive(Debug, Clone, Copy)]
+/// Settings, time and the client's address for one request.
+#[derive(Debug)]
 pub struct ApiCtx<'a> {
     pub now: Now,
     pub no_room_list: bool,
     pub echo_path: Option<&'a str>,
+    pub peer: IpAddr,
+    pub limiter: &'a mut CreateLimiter,
 }
 
 pub const INDEX_HTML: &str = include_str!("web/index.html");
@@ -50,7 +54,23 @@ const ALLOW_DELETE: &str = "Allow: DELETE, OPTIONS\r\n";
 const HTML: &str = "text/html; charset=utf-8";
 
 /// Answers one request.
-pub fn handle(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &ApiCtx<'_>) -> Reply {
+pub fn handle(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
+    let room_path = req.path.starts_with("/rooms/") || req.path.starts_with("/ws/");
+    if room_path
+        && req.method != Method::Options
+        && let Err(wait) = ctx.limiter.check(ctx.peer, ctx.now.mono)
+    {
+        return Reply::Response(too_many(wait));
+    }
+    let reply = route(req, body, hub, ctx);
+    if room_path && matches!(&reply, Reply::Response(r) if r.status == 404) {
+        // Missing rooms spend the creation budget, so room ids cannot be guessed quickly.
+        let _ = ctx.limiter.take(ctx.peer, ctx.now.mono);
+    }
+    reply
+}
+
+fn route(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
     let path = match req.path.strip_suffix('/') {
         Some(p) if !p.is_empty() => p,
         _ => req.path,
@@ -92,10 +112,10 @@ pub fn handle(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &ApiCtx<'_>) -
             Response::static_body(200, http::JSON, b"{\"message\":\"pong\"}")
         }
         ((Some("metrics"), None, ..), Method::Get) => return Reply::Metrics,
-        ((Some("sessions"), None, ..), Method::Post) => create_session(body, hub, ctx.now),
+        ((Some("sessions"), None, ..), Method::Post) => create_session(body, hub, ctx),
         ((Some("sessions"), Some("me"), None, _), Method::Get) => me(req, hub, ctx.now),
         ((Some("sessions"), Some("me"), None, _), Method::Delete) => end_session(req, hub, ctx.now),
-        ((Some("rooms"), None, ..), Method::Post) => create_room(req, hub, ctx.now),
+        ((Some("rooms"), None, ..), Method::Post) => create_room(req, hub, ctx),
         ((Some("rooms"), None, ..), Method::Get) => my_rooms(req, hub, ctx.now),
         ((Some("rooms"), Some("all"), None, _), Method::Get) if !ctx.no_room_list => all_rooms(hub),
         ((Some("rooms"), Some(id), rest, None), m) => match (RoomId::parse(id), rest, m) {
@@ -139,7 +159,11 @@ struct NewSession<'a> {
     username: Option<Cow<'a, str>>,
 }
 
-fn create_session(body: &[u8], hub: &mut Hub, now: Now) -> Response {
+fn create_session(body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Response {
+    let now = ctx.now;
+    if let Err(wait) = ctx.limiter.take(ctx.peer, now.mono) {
+        return too_many(wait);
+    }
     let missing = || {
         let mut b = b"{\"detail\":\"Field required: username (a string)\",\"errors\":[{\"loc\":[\"body\",\"username\"],".to_vec();
         b.extend_from_slice(b"\"msg\":\"Field required\",\"type\":\"missing\"}]}");
@@ -197,11 +221,15 @@ fn end_session(req: &Request<'_>, hub: &mut Hub, now: Now) -> Response {
     }
 }
 
-fn create_room(req: &Request<'_>, hub: &mut Hub, now: Now) -> Response {
+fn create_room(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Response {
+    let now = ctx.now;
     let id = match auth(req, hub, now) {
         Ok(id) => id,
         Err(r) => return r,
     };
+    if let Err(wait) = ctx.limiter.take(ctx.peer, now.mono) {
+        return too_many(wait);
+    }
     match hub.create_room(id, now) {
         Ok(room) => Response::json(201, format!("{{\"room_id\":\"{room}\"}}").into_bytes()),
         Err(e) => hub_error(e),
@@ -395,6 +423,15 @@ fn hub_error(e: HubError) -> Response {
         HubError::TooManyRooms => {
             Response::error(503, "Too many rooms on this server; try again later")
         }
+    }
+}
+
+fn too_many(wait: u32) -> Response {
+    let detail =
+        format!("Too many sessions, rooms or unknown rooms from your address; retry in {wait} s");
+    Response {
+        retry_after: Some(wait),
+        ..Response::error(429, &detail)
     }
 }
 

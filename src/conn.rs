@@ -16,6 +16,7 @@ use crate::ids::{RoomId, SessionId};
 use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox, Queue};
 use crate::protocol::{self, FrameBuf};
+use crate::ratelimit::CreateLimiter;
 use crate::time::{Micros, Now};
 use crate::ws::{self, CloseWith, Step, WsEvent, WsState};
 
@@ -89,6 +90,7 @@ pub struct Ctx<'a> {
     pub gauges: Gauges,
     pub websockets: &'a mut usize,
     pub frame: &'a mut FrameBuf,
+    pub limiter: &'a mut CreateLimiter,
 }
 
 /// What the loop should do after a timer or end of input.
@@ -328,12 +330,14 @@ impl Conn {
             self.respond(id, &r, req.keep_alive, head, ctx);
             return Some(data.len());
         }
-        let actx = ApiCtx {
+        let mut actx = ApiCtx {
             now: ctx.now,
             no_room_list: cfg.no_room_list,
             echo_path: cfg.echo_path.as_deref(),
+            peer: self.peer,
+            limiter: ctx.limiter,
         };
-        match api::handle(&req, body, ctx.hub, &actx) {
+        match api::handle(&req, body, ctx.hub, &mut actx) {
             Reply::Response(r) => self.respond(id, &r, req.keep_alive, head, ctx),
             Reply::Metrics => {
                 let text = ctx.metrics.render(&ctx.gauges).into_bytes();

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod ratelimit;
 pub mod server;
 pub mod time;
 pub mod timer;

@@ -21,6 +21,7 @@ use crate::hub::{Action, ConnId, Hub, HubConfig};
 use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox};
 use crate::protocol::FrameBuf;
+use crate::ratelimit::CreateLimiter;
 use crate::time::{Micros, Now, UnixMicros};
 use crate::timer::Wheel;
 use crate::ws;
@@ -61,6 +62,7 @@ pub struct Server {
     again: Vec<usize>,
     doomed: Vec<(usize, Doom)>,
     frame: FrameBuf,
+    limiter: CreateLimiter,
     metrics: Metrics,
     websockets: usize,
     serial: u32,
@@ -100,6 +102,7 @@ impl Server {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let hub = Hub::new(HubConfig::from(&cfg));
+        let limiter = CreateLimiter::new(cfg.create_rate);
         Ok(Server {
             cfg,
             poll,
@@ -116,6 +119,7 @@ impl Server {
             again: Vec::new(),
             doomed: Vec::new(),
             frame: FrameBuf::default(),
+            limiter,
             metrics: Metrics::default(),
             websockets: 0,
             serial: 0,
@@ -337,6 +341,7 @@ impl Server {
             frame,
             rbuf,
             date,
+            limiter,
             ..
         } = self;
         let Some(conn) = conns.get_mut(id) else {
@@ -353,6 +358,7 @@ impl Server {
             gauges,
             websockets,
             frame,
+            limiter,
         };
         if conn.inbuf.is_empty() {
             let used = conn.on_bytes(ConnId(id), &mut rbuf[..n], &mut ctx);
@@ -617,6 +623,7 @@ impl Server {
             websockets,
             frame,
             date,
+            limiter,
             ..
         } = self;
         let conn = conns.get_mut(id)?;
@@ -631,6 +638,7 @@ impl Server {
             gauges,
             websockets,
             frame,
+            limiter,
         };
         Some(f(conn, &mut ctx))
     }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::hub::HubConfig;
+use crate::ratelimit::CreateLimiter;
 use crate::time::Now;
 
 fn call(hub: &mut Hub, raw: &str) -> Reply {
@@ -8,12 +9,15 @@ fn call(hub: &mut Hub, raw: &str) -> Reply {
         .unwrap()
         .unwrap();
     let body = &raw.as_bytes()[n..n + req.content_length];
-    let ctx = ApiCtx {
+    let mut limiter = CreateLimiter::new(0);
+    let mut ctx = ApiCtx {
         now: Now::fake(0),
         no_room_list: false,
         echo_path: None,
+        peer: std::net::IpAddr::from([127, 0, 0, 1]),
+        limiter: &mut limiter,
     };
-    handle(&req, body, hub, &ctx)
+    handle(&req, body, hub, &mut ctx)
 }
 
 #[track_caller]
@@ -182,4 +186,42 @@ fn upgrade_refusals() {
         ),
         400
     );
+}
+
+#[test]
+fn create_rate_limits_creation_and_room_guessing_per_address() {
+    let mut hub = Hub::new(HubConfig::default());
+    let mut limiter = CreateLimiter::new(2);
+    let mut send = |hub: &mut Hub, raw: &str| {
+        let raw = raw.replace('\n', "\r\n");
+        let (req, n) = http::parse(raw.as_bytes(), 16 * 1024, 64 * 1024)
+            .unwrap()
+            .unwrap();
+        let body = &raw.as_bytes()[n..n + req.content_length];
+        let mut ctx = ApiCtx {
+            now: Now::fake(0),
+            no_room_list: false,
+            echo_path: None,
+            peer: std::net::IpAddr::from([10, 0, 0, 1]),
+            limiter: &mut limiter,
+        };
+        resp(handle(&req, body, hub, &mut ctx))
+    };
+    let body = r#"{"username":"bob"}"#;
+    let new = format!(
+        "POST /sessions HTTP/1.1\nContent-Length: {}\n\n{body}",
+        body.len()
+    );
+    assert_eq!(send(&mut hub, &new).status, 201);
+    assert_eq!(
+        send(&mut hub, "GET /rooms/0123456789 HTTP/1.1\n\n").status,
+        404
+    );
+    let r = send(&mut hub, &new);
+    assert_eq!((r.status, r.retry_after), (429, Some(1)));
+    assert_eq!(
+        send(&mut hub, "GET /rooms/0123456789 HTTP/1.1\n\n").status,
+        429
+    );
+    assert_eq!(send(&mut hub, "GET /health HTTP/1.1\n\n").status, 200);
 }
