@@ -133,10 +133,12 @@ impl Queue {
             if self.backlog.is_empty() && self.head == NONE {
                 break Ok(());
             }
-            let mut iov = [IoSlice::new(&[]); 64];
-            let n = self.gather(ob, &mut iov);
-            let full = n == iov.len();
-            let res = w.write_vectored(&iov[..n]);
+            // Most flushes carry one or two frames: a small iovec array is cheaper to set up.
+            let (res, full) = if self.backlog.len() + self.pending_chunks as usize <= 4 {
+                self.write_gathered::<4>(ob, w)
+            } else {
+                self.write_gathered::<64>(ob, w)
+            };
             match res {
                 Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
                 Ok(k) => {
@@ -174,6 +176,17 @@ impl Queue {
         self.tail = NONE;
         self.pending_chunks = 0;
         self.bytes = 0;
+    }
+
+    /// One vectored write of up to `N` chunks; also says whether all `N` slots were used.
+    fn write_gathered<const N: usize>(
+        &self,
+        ob: &Outbox,
+        w: &mut impl Write,
+    ) -> (io::Result<usize>, bool) {
+        let mut iov = [IoSlice::new(&[]); N];
+        let n = self.gather(ob, &mut iov);
+        (w.write_vectored(&iov[..n]), n == N)
     }
 
     fn tail_chunk<'a>(&self, ob: &'a mut Outbox) -> Option<&'a mut Chunk> {
