@@ -137,7 +137,8 @@ impl Server {
 
     /// Runs until SIGTERM/SIGINT, then closes every WebSocket with 1001 and returns.
     pub fn run(&mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(1024);
+        // A bounded batch keeps one wakeup short even when a thousand sockets close at once.
+        let mut events = Events::with_capacity(256);
         loop {
             let timeout = self.poll_timeout();
             match self.poll.poll(&mut events, timeout) {

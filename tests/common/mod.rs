@@ -52,8 +52,14 @@ impl Server {
                 l.push('\n');
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(20)).expect("chatloop printed its listen address");
-        Server { child, addr: addr.parse().expect("a socket address"), log }
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("chatloop printed its listen address");
+        Server {
+            child,
+            addr: addr.parse().expect("a socket address"),
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -72,16 +78,28 @@ impl Server {
     /// `POST /sessions` → (session_id, user_id).
     #[track_caller]
     pub fn session(&self, name: &str) -> (String, String) {
-        let r = self.http().post_json("/sessions", &serde_json::json!({ "username": name }).to_string(), None);
+        let r = self.http().post_json(
+            "/sessions",
+            &serde_json::json!({ "username": name }).to_string(),
+            None,
+        );
         assert_eq!(r.status, 201, "{}", r.text());
         let v = r.json();
-        (v["session_id"].as_str().unwrap().to_string(), v["user_id"].as_str().unwrap().to_string())
+        (
+            v["session_id"].as_str().unwrap().to_string(),
+            v["user_id"].as_str().unwrap().to_string(),
+        )
     }
 
     /// `POST /rooms` → room_id.
     #[track_caller]
     pub fn room(&self, sid: &str) -> String {
-        let r = self.http().request("POST", "/rooms", &[("Authorization", &format!("Bearer {sid}"))], None);
+        let r = self.http().request(
+            "POST",
+            "/rooms",
+            &[("Authorization", &format!("Bearer {sid}"))],
+            None,
+        );
         assert_eq!(r.status, 201, "{}", r.text());
         r.json()["room_id"].as_str().unwrap().to_string()
     }
@@ -94,7 +112,9 @@ impl Server {
 
     #[track_caller]
     pub fn join_query(&self, room: &str, query: &str) -> (Ws, Value) {
-        let mut ws = self.ws(&format!("/ws/{room}?{query}")).expect("WebSocket upgrade accepted");
+        let mut ws = self
+            .ws(&format!("/ws/{room}?{query}"))
+            .expect("WebSocket upgrade accepted");
         let welcome = ws.recv();
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         (ws, welcome)
@@ -107,7 +127,9 @@ impl Server {
         let url = format!("ws://{}{}", self.addr, path);
         match tungstenite::client::client(url.as_str(), MaybeTlsStream::Plain(stream)) {
             Ok((socket, _)) => Ok(Ws { socket }),
-            Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+                Err(resp.status().as_u16())
+            }
             Err(e) => panic!("WebSocket handshake failed: {e}"),
         }
     }
@@ -124,8 +146,14 @@ impl Server {
     }
 
     /// Sends a signal to the server process and waits (bounded) for it to exit.
-    pub fn signal_and_wait(&mut self, sig: &str, limit: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status();
+    pub fn signal_and_wait(
+        &mut self,
+        sig: &str,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status();
         let t = Instant::now();
         while t.elapsed() < limit {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -154,7 +182,10 @@ pub struct Resp {
 
 impl Resp {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -163,7 +194,8 @@ impl Resp {
 
     #[track_caller]
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
     }
 }
 
@@ -177,11 +209,20 @@ impl Http {
     pub fn connect(addr: SocketAddr) -> Http {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        Http { stream, buf: Vec::new() }
+        Http {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     #[track_caller]
-    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Resp {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
@@ -224,7 +265,8 @@ impl Http {
     /// Reads one response (Content-Length framed).
     #[track_caller]
     pub fn read_response(&mut self, head_only: bool) -> Resp {
-        self.try_read_response(head_only).expect("a complete HTTP response")
+        self.try_read_response(head_only)
+            .expect("a complete HTTP response")
     }
 
     pub fn try_read_response(&mut self, head_only: bool) -> Option<Resp> {
@@ -236,19 +278,32 @@ impl Http {
                 let headers: Vec<(String, String)> = resp
                     .headers
                     .iter()
-                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
                     .collect();
                 let len = headers
                     .iter()
                     .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
                     .map_or(0, |(_, v)| v.parse().unwrap_or(0));
-                let len = if head_only || status == 204 || status == 101 || status == 100 { 0 } else { len };
+                let len = if head_only || status == 204 || status == 101 || status == 100 {
+                    0
+                } else {
+                    len
+                };
                 while self.buf.len() < n + len {
                     self.fill()?;
                 }
                 let body = self.buf[n..n + len].to_vec();
                 self.buf.drain(..n + len);
-                return Some(Resp { status, headers, body });
+                return Some(Resp {
+                    status,
+                    headers,
+                    body,
+                });
             }
             self.fill()?;
         }
@@ -268,7 +323,8 @@ impl Http {
     /// True when the server closed the connection (EOF within the timeout).
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0)) || matches!(self.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+        matches!(self.stream.read(&mut b), Ok(0))
+            || matches!(self.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
     }
 }
 
@@ -280,12 +336,16 @@ pub struct Ws {
 impl Ws {
     #[track_caller]
     pub fn send_json(&mut self, v: Value) {
-        self.socket.send(Message::text(v.to_string())).expect("send");
+        self.socket
+            .send(Message::text(v.to_string()))
+            .expect("send");
     }
 
     #[track_caller]
     pub fn send_text(&mut self, s: &str) {
-        self.socket.send(Message::text(s.to_string())).expect("send");
+        self.socket
+            .send(Message::text(s.to_string()))
+            .expect("send");
     }
 
     #[track_caller]
@@ -305,7 +365,9 @@ impl Ws {
     pub fn try_recv(&mut self) -> Result<Value, String> {
         loop {
             match self.socket.read() {
-                Ok(Message::Text(t)) => return serde_json::from_str(&t).map_err(|e| format!("bad JSON {t}: {e}")),
+                Ok(Message::Text(t)) => {
+                    return serde_json::from_str(&t).map_err(|e| format!("bad JSON {t}: {e}"));
+                }
                 Ok(Message::Close(c)) => return Err(format!("closed: {c:?}")),
                 Ok(_) => continue,
                 Err(e) => return Err(e.to_string()),
@@ -356,5 +418,332 @@ impl Ws {
         if let MaybeTlsStream::Plain(s) = self.socket.get_mut() {
             s.set_read_timeout(Some(t)).unwrap();
         }
+    }
+}
+
+// ---- Helpers added for the contract tests -------------------------------------------------
+
+/// `Bearer <sid>`, the value of an `Authorization` header.
+pub fn bearer(sid: &str) -> String {
+    format!("Bearer {sid}")
+}
+
+impl Http {
+    /// `method path` with an optional bearer token and no body.
+    #[track_caller]
+    pub fn call(&mut self, method: &str, path: &str, sid: Option<&str>) -> Resp {
+        let auth = sid.map(bearer);
+        let h: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        self.request(method, path, &h, None)
+    }
+}
+
+/// True for `len` lowercase hex characters.
+pub fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The version nibble of a canonical lowercase UUID (`8-4-4-4-12`), or `None` if `s` is not one.
+pub fn uuid_version(s: &str) -> Option<u8> {
+    let parts: Vec<&str> = s.split('-').collect();
+    let lens = [8, 4, 4, 4, 12];
+    if parts.len() != 5 || parts.iter().zip(lens).any(|(p, n)| !is_lower_hex(p, n)) {
+        return None;
+    }
+    u8::from_str_radix(&parts[2][..1], 16).ok()
+}
+
+/// True for a timestamp shaped `^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$`.
+pub fn is_timestamp(s: &str) -> bool {
+    let shape = "dddd-dd-ddTdd:dd:dd.ddddddZ";
+    s.len() == shape.len()
+        && s.bytes().zip(shape.bytes()).all(|(c, p)| {
+            if p == b'd' {
+                c.is_ascii_digit()
+            } else {
+                c == p
+            }
+        })
+}
+
+/// A WebSocket client on a raw `TcpStream`: a hand-made handshake and hand-made frames, for
+/// sending what a well-behaved library refuses to send (unmasked frames, bad UTF-8, ...).
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A frame read by [`RawWs`]: opcode and payload (unmasked).
+#[derive(Debug)]
+pub struct RawFrame {
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The close code of a close frame (1005 when it has none).
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 8).then(|| match self.payload.get(..2) {
+            Some(c) => u16::from_be_bytes([c[0], c[1]]),
+            None => 1005,
+        })
+    }
+}
+
+impl Server {
+    /// Upgrades `path` by hand and asserts the 101; any bytes after the head are kept.
+    #[track_caller]
+    pub fn raw_ws(&self, path: &str) -> RawWs {
+        let mut stream = TcpStream::connect(self.addr).expect("connect");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).expect("send handshake");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = stream.read(&mut chunk).expect("read handshake response");
+            assert!(
+                n > 0,
+                "connection closed during the handshake: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+            "bad Sec-WebSocket-Accept: {head}"
+        );
+        buf.drain(..end);
+        RawWs { stream, buf }
+    }
+}
+
+impl RawWs {
+    /// Sends one frame with FIN set; `masked` chooses whether the client mask is applied.
+    pub fn send_frame(&mut self, opcode: u8, payload: &[u8], masked: bool) {
+        let mut f = vec![0x80 | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(mask_bit | n as u8),
+            n if n <= 0xffff => {
+                f.push(mask_bit | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(mask_bit | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            let key = [0x37, 0xfa, 0x21, 0x3d];
+            f.extend_from_slice(&key);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            f.extend_from_slice(payload);
+        }
+        // The server may already have closed the socket; the caller checks what comes back.
+        let _ = self.stream.write_all(&f);
+    }
+
+    /// Reads one frame; `None` on EOF, error or timeout.
+    pub fn read_frame(&mut self) -> Option<RawFrame> {
+        loop {
+            if let Some((frame, used)) = Self::parse(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 16384];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn parse(b: &[u8]) -> Option<(RawFrame, usize)> {
+        if b.len() < 2 {
+            return None;
+        }
+        let (mut len, mut at) = ((b[1] & 0x7f) as usize, 2);
+        if len == 126 {
+            len = u16::from_be_bytes(b.get(2..4)?.try_into().ok()?) as usize;
+            at = 4;
+        } else if len == 127 {
+            len = u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize;
+            at = 10;
+        }
+        let mask = if b[1] & 0x80 != 0 {
+            at += 4;
+            Some(<[u8; 4]>::try_from(b.get(at - 4..at)?).ok()?)
+        } else {
+            None
+        };
+        let mut payload = b.get(at..at + len)?.to_vec();
+        if let Some(k) = mask {
+            payload
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x ^= k[i % 4]);
+        }
+        Some((
+            RawFrame {
+                opcode: b[0] & 0x0f,
+                payload,
+            },
+            at + len,
+        ))
+    }
+
+    /// The next text frame, parsed as JSON (other frames are skipped; panics on close/EOF).
+    #[track_caller]
+    pub fn recv(&mut self) -> Value {
+        loop {
+            let f = self.read_frame().expect("a frame from the server");
+            match f.opcode {
+                1 => return serde_json::from_slice(&f.payload).expect("a JSON text frame"),
+                8 => panic!("expected a text frame, got close {:?}", f.close_code()),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads until a close frame and returns its code; `None` if the socket ended without one.
+    pub fn close_code(&mut self) -> Option<u16> {
+        while let Some(f) = self.read_frame() {
+            if f.opcode == 8 {
+                return f.close_code();
+            }
+        }
+        None
+    }
+}
+
+// ---- Helpers added for the lifetime and limit tests ---------------------------------------
+
+/// Polls `cond` every 10 ms for up to `limit`; returns how long it took, `None` if it never held.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let t = Instant::now();
+    loop {
+        if cond() {
+            return Some(t.elapsed());
+        }
+        if t.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Server {
+    /// The status of `GET path` on a fresh connection (no auth).
+    #[track_caller]
+    pub fn status(&self, path: &str) -> u16 {
+        self.http().get(path, None).status
+    }
+
+    /// The whole `/metrics` text.
+    #[track_caller]
+    pub fn metrics_text(&self) -> String {
+        let r = self.http().request("GET", "/metrics", &[], None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+    }
+}
+
+/// One sample from Prometheus text: the line `name value` (name may carry labels).
+#[track_caller]
+pub fn metric_in(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+}
+
+impl Ws {
+    /// The next JSON text message within `wait`, or `None` (timeout, close or error).
+    pub fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+        self.set_timeout(wait);
+        let r = self.try_recv().ok();
+        self.set_timeout(TIMEOUT);
+        r
+    }
+
+    /// Every JSON text message until nothing arrives for `quiet`.
+    pub fn drain(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut all = Vec::new();
+        while let Some(v) = self.recv_within(quiet) {
+            all.push(v);
+        }
+        all
+    }
+
+    /// Reads until the `chat` frame carrying exactly `text` arrives (within [`TIMEOUT`]).
+    #[track_caller]
+    pub fn recv_chat(&mut self, text: &str) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            match self.try_recv() {
+                Ok(v) if v["type"] == "chat" && v["message"] == text => return v,
+                Ok(_) => {}
+                Err(e) => panic!("waiting for chat {text:?}: {e}"),
+            }
+        }
+        panic!("chat {text:?} did not come back in time");
+    }
+
+    /// Sends a chat and asserts it comes back to this (well-behaved) client promptly.
+    #[track_caller]
+    pub fn chat_roundtrip(&mut self, text: &str) -> Value {
+        let t = Instant::now();
+        self.chat(text);
+        let v = self.recv_chat(text);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "chat took {:?} to come back",
+            t.elapsed()
+        );
+        v
+    }
+}
+
+impl RawWs {
+    /// Reads (and discards) until the server ends the TCP connection; true if it did within `limit`.
+    pub fn ends_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut chunk = [0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+impl Http {
+    /// `GET path`, or `None` when the connection fails or closes before a response.
+    pub fn try_get(&mut self, path: &str) -> Option<Resp> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+        self.stream.write_all(req.as_bytes()).ok()?;
+        self.try_read_response(false)
     }
 }

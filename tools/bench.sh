@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# Benchmarks chatloop with tools/loadgen and compares fan-out cost with the kernel's floor.
+#
+#   tools/bench.sh                 # every scenario
+#   tools/bench.sh fanout1k floor1k rest
+#
+# Scenarios: fanout1k (1 room x 1000 members @ 20 msg/s), fanout10x50 (10 x 50 @ 100 msg/s/room),
+# floor1k, floor10x50 (same shapes over raw loopback sockets), rest (POST /sessions),
+# join (connect storm into a 100-member room), idle (as many sockets as `ulimit -Hn` allows).
+#
+# Environment: BENCH_DURATION (5s), BENCH_WARMUP (1s), BENCH_IDLE_HOLD (5s),
+# BENCH_IDLE_CONNS (hard fd limit minus 1000), BENCH_REST_CLIENTS (16), BENCH_JOINS (2000),
+# BENCH_REPEAT (1: run the whole list that many times; numbers on a shared VM vary run to run),
+# BENCH_OUT (target/bench), BENCH_SERVER_ARGS (extra chatloop flags), BENCH_SERVER_BIN (another
+# server binary speaking the same contract), BENCH_NO_BUILD=1 (skip both cargo builds).
+#
+# Each server scenario gets a fresh chatloop (127.0.0.1, --port 0), pinned to CPU 0 (loadgen on
+# CPU 1) when there are two cores, so one scenario's leftovers (sessions, freed memory, closing
+# sockets) do not skew the next. Only the server started here is stopped, on exit too.
+# Every wait below is bounded.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DUR=${BENCH_DURATION:-5s}
+WARMUP=${BENCH_WARMUP:-1s}
+IDLE_HOLD=${BENCH_IDLE_HOLD:-5s}
+REST_CLIENTS=${BENCH_REST_CLIENTS:-16}
+JOINS=${BENCH_JOINS:-2000}
+OUT=${BENCH_OUT:-$ROOT/target/bench}
+ALL=(fanout1k fanout10x50 floor1k floor10x50 rest join idle)
+SCENARIOS=("$@")
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
+for s in "${SCENARIOS[@]}"; do
+    case " ${ALL[*]} " in *" $s "*) ;; *) echo "unknown scenario '$s'; known: ${ALL[*]}" >&2; exit 2 ;; esac
+done
+mkdir -p "$OUT"
+
+if [ -z "${BENCH_NO_BUILD:-}" ]; then
+    echo "== building chatloop and loadgen (release)" >&2
+    (cd "$ROOT" && cargo build --release 2>&1 | tail -n 3) >&2
+    (cd "$ROOT/tools/loadgen" && cargo build --release 2>&1 | tail -n 3) >&2
+fi
+SERVER_BIN=${BENCH_SERVER_BIN:-$ROOT/target/release/chatloop}
+LG=$ROOT/tools/loadgen/target/release/loadgen
+[ -x "$SERVER_BIN" ] || { echo "no $SERVER_BIN: the chatloop build failed" >&2; exit 1; }
+[ -x "$LG" ] || { echo "no $LG: the loadgen build failed" >&2; exit 1; }
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+HARD_NOFILE=$(ulimit -Hn)
+[ "$HARD_NOFILE" = unlimited ] && HARD_NOFILE=1048576
+IDLE_CONNS=${BENCH_IDLE_CONNS:-$((HARD_NOFILE - 1000))}
+
+SRV_PIN=() LG_PIN=() FLOOR_PIN=()
+if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+    SRV_PIN=(taskset -c 0) LG_PIN=(taskset -c 1) FLOOR_PIN=(--writer-cpu 0 --reader-cpu 1)
+    echo "== pinning: chatloop on CPU 0, loadgen on CPU 1" >&2
+else
+    echo "== fewer than two cores (or no taskset): no pinning; numbers will be noisier" >&2
+fi
+
+SERVER_PID=
+stop_server() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=
+}
+trap stop_server EXIT
+trap 'exit 130' INT TERM
+
+# start_server NAME: a fresh chatloop logging to $OUT/NAME.server.log; sets SERVER_PID and ADDR.
+start_server() {
+    local log=$OUT/$1.server.log port=""
+    # shellcheck disable=SC2086
+    "${SRV_PIN[@]}" "$SERVER_BIN" --host 127.0.0.1 --port 0 ${BENCH_SERVER_ARGS:-} 2>"$log" >/dev/null &
+    SERVER_PID=$!
+    for _ in $(seq 300); do
+        port=$(grep -o 'listening on http://127\.0\.0\.1:[0-9]*' "$log" 2>/dev/null | head -n 1 | sed 's/.*://') || true
+        [ -n "$port" ] && break
+        kill -0 "$SERVER_PID" 2>/dev/null || { echo "chatloop exited at start:" >&2; cat "$log" >&2; exit 1; }
+        sleep 0.1
+    done
+    [ -n "$port" ] || { echo "chatloop did not log 'listening on http://127.0.0.1:PORT' within 30s" >&2; exit 1; }
+    ADDR=127.0.0.1:$port
+    echo "== chatloop pid $SERVER_PID listening on $ADDR (log: $log)" >&2
+}
+
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# "utime_us stime_us rss_bytes" of the server (/proc/PID/stat fields 14 and 15, VmRSS).
+sample() {
+    local stat rss
+    stat=$(cat "/proc/$SERVER_PID/stat") || { echo "chatloop (pid $SERVER_PID) is gone" >&2; exit 1; }
+    stat=${stat##*) }
+    # shellcheck disable=SC2086
+    set -- $stat # $1 is field 3, so field N is $((N-2))
+    rss=$(awk '/^VmRSS:/ {print $2 * 1024}' "/proc/$SERVER_PID/status")
+    echo "$((${12} * TICK_US)) $((${13} * TICK_US)) $rss"
+}
+
+# Value of a top-level key in a one-line JSON file (numbers and plain strings).
+jget() { grep -o "\"$2\":[^,}]*" "$1" | head -n 1 | cut -d: -f2- | tr -d '"' || true; }
+calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
+
+SUMMARY=()
+say() { SUMMARY+=("$1"); echo "$1" >&2; }
+
+# run NAME loadgen-args...: runs loadgen pinned, stdout JSON to $OUT/NAME.json; sets BEFORE/AFTER.
+run() {
+    local name=$1
+    shift
+    echo >&2
+    echo "== $name: loadgen $*" >&2
+    BEFORE=$(sample)
+    "${LG_PIN[@]}" "$LG" "$@" --server-pid "$SERVER_PID" >"$OUT/$name.json" 2> >(tee "$OUT/$name.log" >&2) || {
+        echo "loadgen $name failed: $(cat "$OUT/$name.json")" >&2
+        return 1
+    }
+    AFTER=$(sample)
+}
+
+# Server CPU per op over the whole scenario (set-up included) from BEFORE/AFTER.
+whole() {
+    local ops=$1 bu bs au as
+    read -r bu bs _ <<<"$BEFORE"
+    read -r au as _ <<<"$AFTER"
+    echo "user $(calc "($au - $bu) / ($ops > 0 ? $ops : 1)")us sys $(calc "($as - $bs) / ($ops > 0 ? $ops : 1)")us"
+}
+
+declare -A SRV_PER_DELIVERY FRAME_BYTES
+fanout() {
+    local name=$1 rooms=$2 members=$3 rate=$4 senders=$5
+    start_server "$name"
+    run "$name" fanout --addr "$ADDR" --rooms "$rooms" --members "$members" --senders "$senders" \
+        --rate "$rate" --duration "$DUR" --warmup "$WARMUP" || { say "$name: FAILED"; return 0; }
+    local f=$OUT/$name.json u s
+    u=$(jget "$f" server_user_us_per_delivery)
+    s=$(jget "$f" server_sys_us_per_delivery)
+    SRV_PER_DELIVERY[$rooms x $members]=$(calc "$u + $s")
+    FRAME_BYTES[$rooms x $members]=$(jget "$f" chat_frame_bytes)
+    say "$name ${rooms}x${members} @${rate}/s/room: $(jget "$f" deliveries_per_s) deliveries/s, lost $(jget "$f" lost), dup $(jget "$f" duplicates), latency p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us p99.9 $(jget "$f" lat_p999_us)us max $(jget "$f" lat_max_us)us"
+    say "    server CPU per delivery (window): user ${u}us sys ${s}us; whole scenario incl. set-up: $(whole "$(jget "$f" delivered)")"
+}
+
+floor() {
+    local name=$1 rooms=$2 members=$3 rate=$4 bytes
+    bytes=${FRAME_BYTES[$rooms x $members]:-}
+    [ -z "$bytes" ] || [ "$bytes" = 0 ] && bytes=200
+    echo >&2
+    echo "== $name: loadgen floor (no server involved)" >&2
+    "$LG" floor --rooms "$rooms" --members "$members" --rate "$rate" --duration "$DUR" --warmup "$WARMUP" \
+        --frame-bytes "$bytes" "${FLOOR_PIN[@]}" >"$OUT/$name.json" 2> >(tee "$OUT/$name.log" >&2) || {
+        say "$name: FAILED $(cat "$OUT/$name.json")"
+        return 0
+    }
+    local f=$OUT/$name.json u s t ratio=""
+    u=$(jget "$f" writer_user_us_per_delivery)
+    s=$(jget "$f" writer_sys_us_per_delivery)
+    t=$(jget "$f" writer_total_us_per_delivery)
+    if [ -n "${SRV_PER_DELIVERY[$rooms x $members]:-}" ]; then
+        ratio=" => chatloop costs $(calc "${SRV_PER_DELIVERY[$rooms x $members]} / ($t > 0 ? $t : 1)")x the floor"
+    fi
+    say "$name ${rooms}x${members} @${rate}/s/room, ${bytes}-byte frames: $(jget "$f" deliveries_per_s) deliveries/s, latency p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us"
+    say "    writer CPU per delivery: user ${u}us sys ${s}us (total ${t}us)$ratio"
+}
+
+rest() {
+    start_server rest
+    run rest rest --addr "$ADDR" --clients "$REST_CLIENTS" --duration "$DUR" || { say "rest: FAILED"; return 0; }
+    local f=$OUT/rest.json
+    say "rest POST /sessions x$REST_CLIENTS clients: $(jget "$f" requests_per_s) req/s, errors $(jget "$f" errors), latency p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us"
+    say "    server CPU per request (window): user $(jget "$f" server_user_us_per_request)us sys $(jget "$f" server_sys_us_per_request)us; whole scenario: $(whole "$(jget "$f" requests)")"
+}
+
+join() {
+    start_server join
+    run join join --addr "$ADDR" --room-members 100 --joins "$JOINS" --duration "$DUR" || { say "join: FAILED"; return 0; }
+    local f=$OUT/join.json
+    say "join into a 100-member room: $(jget "$f" joins_per_s) joins/s ($(jget "$f" joins) joins, $(jget "$f" failures) failures), connect->welcome p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us"
+    say "    server CPU per join+leave (window): user $(jget "$f" server_user_us_per_join)us sys $(jget "$f" server_sys_us_per_join)us; whole scenario: $(whole "$(jget "$f" joins)")"
+}
+
+idle() {
+    echo >&2
+    start_server idle
+    echo "== idle: loadgen idle --conns $IDLE_CONNS --duration $IDLE_HOLD" >&2
+    local log=$OUT/idle.log f=$OUT/idle.json pid ready="" before_rss at_ready
+    read -r _ _ before_rss <<<"$(sample)"
+    "${LG_PIN[@]}" "$LG" idle --addr "$ADDR" --conns "$IDLE_CONNS" --duration "$IDLE_HOLD" \
+        --server-pid "$SERVER_PID" >"$f" 2>"$log" &
+    pid=$!
+    for _ in $(seq 3000); do # up to 300 s to connect
+        ready=$(grep -o '^READY [0-9]*' "$log" | head -n 1 | cut -d' ' -f2) || true
+        [ -n "$ready" ] && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    sleep 1 # let the last user_joined broadcasts drain
+    read -r _ _ at_ready <<<"$(sample)"
+    wait "$pid" || true
+    cat "$log" >&2
+    if [ -z "$ready" ] || [ "$ready" = 0 ]; then
+        say "idle: FAILED (no READY); see $log"
+        return 0
+    fi
+    say "idle: $ready/$IDLE_CONNS sockets held (failures $(jget "$f" failures), dropped while held: $(grep -o '"dropped":{[^}]*}' "$f" || true))"
+    say "    server RSS $((before_rss / 1024)) KiB -> $((at_ready / 1024)) KiB: $(calc "($at_ready - $before_rss) / $ready") bytes per idle connection"
+    say "    (kernel socket buffers are not in RSS; the delta includes one user_joined per socket kept in room history)"
+}
+
+REPEAT=${BENCH_REPEAT:-1}
+for rep in $(seq "$REPEAT"); do
+    [ "$REPEAT" -gt 1 ] && say "-- run $rep of $REPEAT"
+    for s in "${SCENARIOS[@]}"; do
+        case $s in
+            fanout1k) fanout fanout1k 1 1000 20 2 ;;
+            fanout10x50) fanout fanout10x50 10 50 100 10 ;;
+            floor1k) floor floor1k 1 1000 20 ;;
+            floor10x50) floor floor10x50 10 50 100 ;;
+            rest) rest ;;
+            join) join ;;
+            idle) idle ;;
+        esac
+        if [ -n "$SERVER_PID" ]; then
+            kill -0 "$SERVER_PID" 2>/dev/null || say "chatloop died during $s; see $OUT/$s.server.log"
+            stop_server
+        fi
+    done
+done
+
+echo >&2
+echo "== summary (JSON per scenario in $OUT/)" >&2
+printf '%s\n' "${SUMMARY[@]}"
