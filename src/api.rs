@@ -76,13 +76,12 @@ fn route(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) ->
         _ => req.path,
     };
     if req.method == Method::Options {
-        return Reply::Response(
-            Response {
-                status: 204,
-                ..Response::error(204, "")
-            }
-            .with_extra(http::PREFLIGHT),
-        );
+        let preflight = Response {
+            status: 204,
+            body: http::Body::Empty,
+            ..Response::json(204, Vec::new())
+        };
+        return Reply::Response(preflight.with_extra(http::PREFLIGHT));
     }
     if ctx.echo_path == Some(path) {
         return match upgrade_problem(req) {
@@ -171,6 +170,13 @@ fn create_session(body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Response 
     };
     if body.trim_ascii().is_empty() {
         return missing();
+    }
+    // serde would also read a struct from a JSON array (`["alice"]`): only objects count.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => missing(),
+            Err(_) => Response::error(400, "Request body is not valid JSON"),
+        };
     }
     let name = match serde_json::from_slice::<NewSession<'_>>(body) {
         Ok(NewSession { username: Some(n) }) => n,

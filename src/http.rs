@@ -255,7 +255,7 @@ pub fn write_response(out: &mut Vec<u8>, r: &Response, date: &[u8], keep_alive: 
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    if !head {
+    if !head && r.status != 204 && r.status != 101 {
         out.extend_from_slice(body);
     }
 }

@@ -60,6 +60,15 @@ struct Incoming<'a> {
 
 /// Parses one client text message.
 pub fn parse_client(text: &str) -> Result<ClientMsg<'_>, ClientError> {
+    // serde would also read a struct from a JSON array (`["chat", "hi"]`): only objects count.
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => ClientError::InvalidJson(
+                "Expected a JSON object like {\"type\": \"chat\", \"message\": \"Hello!\"}",
+            ),
+            Err(_) => ClientError::InvalidJson("Message is not valid JSON"),
+        });
+    }
     let msg: Incoming<'_> = match serde_json::from_str(text) {
         Ok(m) => m,
         Err(e) if e.is_data() => {
@@ -264,6 +273,11 @@ mod tests {
         assert_eq!(parse_client("").unwrap_err().code(), "invalid_json");
         assert_eq!(parse_client("[1,2]").unwrap_err().code(), "invalid_json");
         assert_eq!(parse_client("42").unwrap_err().code(), "invalid_json");
+        assert_eq!(
+            parse_client(r#"["chat","hello"]"#).unwrap_err().code(),
+            "invalid_json"
+        );
+        assert_eq!(parse_client("[]").unwrap_err().code(), "invalid_json");
         assert_eq!(
             parse_client(r#"{"type":"chat","message":5}"#)
                 .unwrap_err()

@@ -37,7 +37,7 @@ const OVERFLOW: usize = 64;
 /// How long accepting pauses after the process ran out of file descriptors.
 const ACCEPT_BACKOFF: Micros = Micros(100_000);
 /// How long shutdown waits for close frames to be flushed.
-const SHUTDOWN_GRACE: Micros = Micros(900_000);
+const SHUTDOWN_GRACE: Micros = Micros(500_000);
 
 #[derive(Debug, Clone, Copy)]
 struct ConnTimer {

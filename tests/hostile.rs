@@ -151,7 +151,7 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     };
     // Leave the server a handful of descriptors, then open more connections than that.
     let status = std::process::Command::new("prlimit")
-        .args(["--pid", &s.pid().to_string(), "--nofile=24:24"])
+        .args(["--pid", &s.pid().to_string(), "--nofile=24:"])
         .status()
         .expect("prlimit runs");
     assert!(status.success());
@@ -176,7 +176,7 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     // Recovery: with descriptors available again, new clients are served.
     drop(held);
     let _ = std::process::Command::new("prlimit")
-        .args(["--pid", &s.pid().to_string(), "--nofile=4096:4096"])
+        .args(["--pid", &s.pid().to_string(), "--nofile=4096:"])
         .status();
     let t = Instant::now();
     loop {

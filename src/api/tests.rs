@@ -59,6 +59,8 @@ fn session_validation_statuses() {
     assert_eq!(post_session(&mut hub, r#"{"username":5}"#).status, 422);
     assert_eq!(post_session(&mut hub, r#"{}"#).status, 422);
     assert_eq!(post_session(&mut hub, r#"[1]"#).status, 422);
+    assert_eq!(post_session(&mut hub, r#"["alice"]"#).status, 422);
+    assert_eq!(post_session(&mut hub, r#"  ["alice""#).status, 400);
     assert_eq!(post_session(&mut hub, "").status, 422);
     assert_eq!(post_session(&mut hub, r#"{"username":"a"}"#).status, 400);
     assert_eq!(

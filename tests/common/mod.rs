@@ -493,6 +493,21 @@ impl RawFrame {
 }
 
 impl Server {
+    /// Polls `GET /rooms/{room}` until its `user_count` is `n` (panics after [`TIMEOUT`]).
+    #[track_caller]
+    pub fn wait_user_count(&self, room: &str, n: u64) {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            last = self.http().get(&format!("/rooms/{room}"), None).json();
+            if last["user_count"] == n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("user_count of {room} never became {n}: {last}");
+    }
+
     /// Upgrades `path` by hand and asserts the 101; any bytes after the head are kept.
     #[track_caller]
     pub fn raw_ws(&self, path: &str) -> RawWs {
@@ -532,7 +547,13 @@ impl Server {
 impl RawWs {
     /// Sends one frame with FIN set; `masked` chooses whether the client mask is applied.
     pub fn send_frame(&mut self, opcode: u8, payload: &[u8], masked: bool) {
-        let mut f = vec![0x80 | opcode];
+        self.send_first_byte(0x80 | opcode, payload, masked);
+    }
+
+    /// Sends one frame whose first byte (FIN, RSV bits, opcode) is `first`, e.g. `0x01` for the
+    /// first fragment of a text message, `0x80` for the last continuation.
+    pub fn send_first_byte(&mut self, first: u8, payload: &[u8], masked: bool) {
+        let mut f = vec![first];
         let mask_bit = if masked { 0x80 } else { 0 };
         match payload.len() {
             n if n < 126 => f.push(mask_bit | n as u8),

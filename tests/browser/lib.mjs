@@ -1,0 +1,121 @@
+// Shared helpers of the browser tests (chat.test.mjs, docs.test.mjs).
+//
+// Environment:
+//   CHATLOOP_URL   base URL of a running server (tools/suites/browser.sh starts one with
+//                  --typing-quiet 1s); when unset, each test file starts its own server.
+//   CHATLOOP_BIN   the server binary (default target/release/chatloop), for tests that need a
+//                  server with other flags (e.g. --session-ttl 1s).
+//   CHROMIUM       the browser (default /usr/bin/chromium); never downloaded.
+//   SCREENSHOT_DIR where screenshots go (default artifacts/screenshots).
+//   UPDATE_DOCS_SCREENSHOT=1  also rewrite docs/screenshot.png (the README picture).
+import { spawn } from "node:child_process";
+import { mkdirSync } from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
+export const BIN = process.env.CHATLOOP_BIN || path.join(REPO, "target", "release", "chatloop");
+export const SHOTS = process.env.SCREENSHOT_DIR || path.join(REPO, "artifacts", "screenshots");
+mkdirSync(SHOTS, { recursive: true });
+
+export const CHROMIUM_ARGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
+export function launchBrowser() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    args: CHROMIUM_ARGS,
+    timeout: 30_000,
+  });
+}
+
+// Starts the server binary on 127.0.0.1 with a free port; resolves to {url, proc, stop()}.
+// The port is read from the "listening on http://127.0.0.1:PORT" line on stderr (bounded wait).
+export function startServer(extraArgs = []) {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(BIN, ["--host", "127.0.0.1", "--port", "0", ...extraArgs], {
+      stdio: ["ignore", "ignore", "pipe"],
+    });
+    let buf = "";
+    let done = false;
+    const timer = setTimeout(() => {
+      if (done) return;
+      done = true;
+      proc.kill("SIGKILL");
+      reject(new Error("server did not print its port within 15 s; stderr:\n" + buf));
+    }, 15_000);
+    proc.on("error", (err) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      reject(err);
+    });
+    proc.on("exit", (code, sig) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      reject(new Error(`server exited early (code ${code}, signal ${sig}); stderr:\n${buf}`));
+    });
+    proc.stderr.on("data", (chunk) => {
+      buf += chunk.toString();
+      if (buf.length > 65536) buf = buf.slice(-65536);
+      const m = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(buf);
+      if (m && !done) {
+        done = true;
+        clearTimeout(timer);
+        const stop = () =>
+          new Promise((res) => {
+            if (proc.exitCode !== null || proc.signalCode !== null) return res();
+            const t = setTimeout(() => proc.kill("SIGKILL"), 5_000);
+            proc.once("exit", () => {
+              clearTimeout(t);
+              res();
+            });
+            proc.kill("SIGTERM");
+          });
+        resolve({ url: m[1], proc, stop });
+      }
+    });
+  });
+}
+
+export async function shot(page, name) {
+  await page.screenshot({ path: path.join(SHOTS, name + ".png") });
+}
+
+// Records everything a page does that a test may want to assert on.
+export function watch(page, origin) {
+  const w = { requests: [], pageErrors: [], consoleErrors: [], dialogs: [] };
+  page.on("request", (r) => w.requests.push(r.url()));
+  page.on("pageerror", (e) => w.pageErrors.push(String(e && e.stack ? e.stack : e)));
+  page.on("console", (m) => {
+    if (m.type() === "error") w.consoleErrors.push(m.text());
+  });
+  page.on("dialog", (d) => {
+    w.dialogs.push(d.type() + ": " + d.message());
+    d.dismiss().catch(() => {});
+  });
+  w.foreign = () =>
+    w.requests.filter((u) => {
+      if (u.startsWith("data:") || u === "about:blank") return false;
+      try {
+        const o = new URL(u);
+        const same = new URL(origin);
+        // ws://host:port is the same origin as http://host:port for this purpose
+        return !(o.host === same.host && (o.protocol === same.protocol || o.protocol === "ws:"));
+      } catch (_) {
+        return true;
+      }
+    });
+  return w;
+}

@@ -1,0 +1,72 @@
+//! An idle server sleeps: with 1000 open, quiet WebSockets and no timer due, the event loop
+//! does not wake up at all (no busy polling, no periodic tick) and uses no CPU.
+mod common;
+
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::{Server, Ws, metric_in};
+
+const SOCKETS: usize = 1000;
+const ROOMS: usize = 50;
+const SESSIONS: usize = 10;
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the command name (which is in parentheses): state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_thousand_idle_websockets_cause_no_wakeups() {
+    let s = Server::start(&[]);
+    let sessions: Vec<String> = (0..SESSIONS)
+        .map(|i| s.session(&format!("user{i}")).0)
+        .collect();
+    let rooms: Vec<String> = (0..ROOMS)
+        .map(|i| s.room(&sessions[i % SESSIONS]))
+        .collect();
+    let t = Instant::now();
+    let sockets: Vec<Ws> = (0..SOCKETS)
+        .map(|i| s.join(&rooms[i % ROOMS], &sessions[i % SESSIONS]).0)
+        .collect();
+    eprintln!("opened {SOCKETS} WebSockets in {:?}", t.elapsed());
+
+    let mut h = s.http();
+    let metrics = |h: &mut common::Http| {
+        let r = h.get("/metrics", None);
+        assert_eq!(r.status, 200);
+        r.text()
+    };
+    let before = metrics(&mut h);
+    assert_eq!(metric_in(&before, "chatloop_websockets"), SOCKETS as f64);
+    // Let the last joins settle.
+    sleep(Duration::from_millis(200));
+
+    let before = metrics(&mut h);
+    let ticks_before = cpu_ticks(s.pid());
+    sleep(Duration::from_millis(1500));
+    let ticks_after = cpu_ticks(s.pid());
+    let after = metrics(&mut h);
+    let wakeups = metric_in(&after, "chatloop_loop_wakeups_total")
+        - metric_in(&before, "chatloop_loop_wakeups_total");
+    eprintln!(
+        "{wakeups} wakeups and {} CPU ticks in 1.5 s",
+        ticks_after - ticks_before
+    );
+    // Only the second /metrics request itself may have woken the loop.
+    assert!(
+        wakeups <= 6.0,
+        "{wakeups} loop wakeups in 1.5 s with {SOCKETS} idle WebSockets"
+    );
+    assert!(
+        ticks_after - ticks_before <= 5,
+        "{} CPU ticks used while idle",
+        ticks_after - ticks_before
+    );
+    assert_eq!(metric_in(&after, "chatloop_websockets"), SOCKETS as f64);
+    drop(sockets);
+}
