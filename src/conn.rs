@@ -17,6 +17,7 @@ use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox, Queue};
 use crate::protocol::{self, FrameBuf};
 use crate::ratelimit::CreateLimiter;
+use crate::throttle::{Event, LogThrottle};
 use crate::time::{Micros, Now};
 use crate::ws::{self, CloseWith, Step, WsEvent, WsState};
 
@@ -91,6 +92,7 @@ pub struct Ctx<'a> {
     pub websockets: &'a mut usize,
     pub frame: &'a mut FrameBuf,
     pub limiter: &'a mut CreateLimiter,
+    pub throttle: &'a mut LogThrottle,
 }
 
 /// What the loop should do after a timer or end of input.
@@ -211,7 +213,14 @@ impl Conn {
                 ..
             } if now >= *t + cfg.request_timeout => {
                 ctx.metrics.timeouts += 1;
-                log::debug!("conn {} request timeout", id.0);
+                crate::limit_log!(
+                    ctx.throttle,
+                    Event::Timeout,
+                    now,
+                    info,
+                    "request timeout: {} did not finish its request in time (408)",
+                    self.peer
+                );
                 let r = Response::error(
                     408,
                     "Request timeout: the request was not completed in time",
@@ -256,6 +265,16 @@ impl Conn {
     /// The hub closed this member (session ended, rate limit): it has already left the room.
     pub fn closed_by_hub(&mut self, id: ConnId, code: u16, reason: &str, ctx: &mut Ctx<'_>) {
         if let State::Ws(_) = self.state {
+            if code == 1008 {
+                crate::limit_log!(
+                    ctx.throttle,
+                    Event::WsLimit,
+                    ctx.now.mono,
+                    info,
+                    "limit hit: {} closed with 1008 ({reason})",
+                    self.peer
+                );
+            }
             *ctx.websockets -= 1;
             ctx.metrics.close(code);
             self.state = State::Closing {
@@ -416,6 +435,18 @@ impl Conn {
         if r.status >= 400 {
             ctx.metrics.http_errors += 1;
         }
+        if matches!(r.status, 411 | 413 | 429 | 431 | 503) {
+            crate::limit_log!(
+                ctx.throttle,
+                Event::HttpLimit,
+                ctx.now.mono,
+                info,
+                "limit hit: {} {} for {}",
+                r.status,
+                http::reason(r.status),
+                self.peer
+            );
+        }
         let mut out = Vec::with_capacity(192 + r.content_type.len());
         http::write_response(&mut out, r, ctx.date, keep_alive, head);
         self.send(id, Chunk::Owned(out), ctx.outbox, ctx.dirty);
@@ -466,7 +497,18 @@ impl Conn {
                 Some(n)
             }
             Err(CloseWith { code, reason }) => {
-                log::debug!("conn {} WebSocket protocol error {code}: {reason}", id.0);
+                if code == 1009 {
+                    crate::limit_log!(
+                        ctx.throttle,
+                        Event::WsLimit,
+                        ctx.now.mono,
+                        info,
+                        "limit hit: {} sent a message over --max-ws-message (1009)",
+                        self.peer
+                    );
+                } else {
+                    log::debug!("conn {} WebSocket protocol error {code}: {reason}", id.0);
+                }
                 self.close_ws(id, code, reason, ctx);
                 Some(data.len())
             }

@@ -17,6 +17,7 @@ pub mod outbox;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;
+pub mod throttle;
 pub mod time;
 pub mod timer;
 pub mod ws;

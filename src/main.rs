@@ -25,10 +25,14 @@ fn main() -> ExitCode {
         }
     };
     log::info!(
-        "chatloop {} listening on http://{}",
+        "chatloop {} listening on http://{} (room TTL {}s, session TTL {}s, max connections {})",
         chatloop::VERSION,
-        server.local_addr()
+        server.local_addr(),
+        cfg.room_ttl.0 / 1_000_000,
+        cfg.session_ttl.0 / 1_000_000,
+        cfg.max_connections
     );
+    log::debug!("settings: {cfg:?}");
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

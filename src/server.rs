@@ -22,6 +22,7 @@ use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox};
 use crate::protocol::FrameBuf;
 use crate::ratelimit::CreateLimiter;
+use crate::throttle::{Event, LogThrottle};
 use crate::time::{Micros, Now, UnixMicros};
 use crate::timer::Wheel;
 use crate::ws;
@@ -63,6 +64,7 @@ pub struct Server {
     doomed: Vec<(usize, Doom)>,
     frame: FrameBuf,
     limiter: CreateLimiter,
+    throttle: LogThrottle,
     metrics: Metrics,
     websockets: usize,
     serial: u32,
@@ -120,6 +122,7 @@ impl Server {
             doomed: Vec::new(),
             frame: FrameBuf::default(),
             limiter,
+            throttle: LogThrottle::default(),
             metrics: Metrics::default(),
             websockets: 0,
             serial: 0,
@@ -269,7 +272,11 @@ impl Server {
                     self.serial = self.serial.wrapping_add(1);
                     let over = open >= self.cfg.max_connections;
                     if over {
-                        log::warn!(
+                        crate::limit_log!(
+                            self.throttle,
+                            Event::ConnectionLimit,
+                            now.mono,
+                            warn,
                             "connection limit ({}) reached: refusing {peer} with 503",
                             self.cfg.max_connections
                         );
@@ -284,7 +291,11 @@ impl Server {
                     // EMFILE/ENFILE/ENOBUFS: the pending connection stays in the backlog and
                     // the listener stays readable; back off instead of spinning on it.
                     self.metrics.accept_errors += 1;
-                    log::warn!(
+                    crate::limit_log!(
+                        self.throttle,
+                        Event::AcceptError,
+                        now.mono,
+                        warn,
                         "accept failed ({e}); pausing accepts for {} ms",
                         ACCEPT_BACKOFF.0 / 1000
                     );
@@ -343,6 +354,7 @@ impl Server {
             rbuf,
             date,
             limiter,
+            throttle,
             ..
         } = self;
         let Some(conn) = conns.get_mut(id) else {
@@ -360,6 +372,7 @@ impl Server {
             websockets,
             frame,
             limiter,
+            throttle,
         };
         if conn.inbuf.is_empty() {
             let used = conn.on_bytes(ConnId(id), &mut rbuf[..n], &mut ctx);
@@ -435,8 +448,12 @@ impl Server {
             };
             if why == Doom::SlowConsumer {
                 self.metrics.slow_consumers += 1;
-                log::info!(
-                    "closing slow consumer {} (conn {id}): {} bytes unsent",
+                crate::limit_log!(
+                    self.throttle,
+                    Event::SlowConsumer,
+                    now.mono,
+                    info,
+                    "closing slow consumer {} (conn {id}) with 1013: {} bytes unsent",
                     conn.peer,
                     conn.out.bytes()
                 );
@@ -625,6 +642,7 @@ impl Server {
             frame,
             date,
             limiter,
+            throttle,
             ..
         } = self;
         let conn = conns.get_mut(id)?;
@@ -640,6 +658,7 @@ impl Server {
             websockets,
             frame,
             limiter,
+            throttle,
         };
         Some(f(conn, &mut ctx))
     }
