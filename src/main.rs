@@ -25,12 +25,16 @@ fn main() -> ExitCode {
         }
     };
     log::info!(
-        "chatloop {} listening on http://{} (room TTL {}s, session TTL {}s, max connections {})",
+        "chatloop {} listening on http://{}",
         chatloop::VERSION,
-        server.local_addr(),
+        server.local_addr()
+    );
+    log::info!(
+        "room TTL {} s, session TTL {} s, max connections {}, max WebSocket message {} bytes",
         cfg.room_ttl.0 / 1_000_000,
         cfg.session_ttl.0 / 1_000_000,
-        cfg.max_connections
+        cfg.max_connections,
+        cfg.max_ws_message
     );
     log::debug!("settings: {cfg:?}");
     match server.run() {
