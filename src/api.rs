@@ -117,6 +117,9 @@ fn route(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) ->
         ((Some("rooms"), None, ..), Method::Post) => create_room(req, hub, ctx),
         ((Some("rooms"), None, ..), Method::Get) => my_rooms(req, hub, ctx.now),
         ((Some("rooms"), Some("all"), None, _), Method::Get) if !ctx.no_room_list => all_rooms(hub),
+        ((Some("rooms"), Some("all"), None, _), _) if !ctx.no_room_list => {
+            method_not_allowed(ALLOW_GET)
+        }
         ((Some("rooms"), Some(id), rest, None), m) => match (RoomId::parse(id), rest, m) {
             (None, ..) => not_found(),
             (Some(room), None, Method::Get) => room_info(hub, room),
@@ -134,9 +137,6 @@ fn route(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) ->
         ((Some("sessions"), None, ..), _) => method_not_allowed(ALLOW_POST),
         ((Some("sessions"), Some("me"), None, _), _) => method_not_allowed(ALLOW_GET_DELETE),
         ((Some("rooms"), None, ..), _) => method_not_allowed(ALLOW_GET_POST),
-        ((Some("rooms"), Some("all"), None, _), _) if !ctx.no_room_list => {
-            method_not_allowed(ALLOW_GET)
-        }
         _ => not_found(),
     };
     Reply::Response(r)
@@ -380,6 +380,12 @@ fn upgrade_problem(req: &Request<'_>) -> Option<Response> {
             )
             .with_extra("Upgrade: websocket\r\n"),
         );
+    }
+    if !req.connection_upgrade {
+        return Some(Response::error(
+            400,
+            "A WebSocket upgrade needs Connection: Upgrade",
+        ));
     }
     if req.ws_version != Some(b"13") {
         return Some(

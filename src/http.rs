@@ -28,6 +28,8 @@ pub struct Request<'a> {
     pub keep_alive: bool,
     /// `Upgrade: websocket` was asked for.
     pub upgrade: bool,
+    /// `Connection` carries the `Upgrade` token (RFC 6455 section 4.2.1).
+    pub connection_upgrade: bool,
     pub ws_key: Option<&'a [u8]>,
     pub ws_version: Option<&'a [u8]>,
     pub expect_continue: bool,
@@ -105,6 +107,7 @@ pub fn parse(
         authorization: None,
         keep_alive: minor == 1,
         upgrade: false,
+        connection_upgrade: false,
         ws_key: None,
         ws_version: None,
         expect_continue: false,
@@ -130,6 +133,8 @@ pub fn parse(
                     r.keep_alive = false;
                 } else if t.eq_ignore_ascii_case(b"keep-alive") {
                     r.keep_alive = true;
+                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                    r.connection_upgrade = true;
                 }
             }
         } else if name.eq_ignore_ascii_case("upgrade") {
@@ -333,7 +338,12 @@ mod tests {
         let (r, _) = ok(
             b"GET /ws/x HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: WebSocket\r\n\r\n",
         );
-        assert!(r.upgrade);
+        assert!(r.upgrade && r.connection_upgrade);
+        assert!(
+            !ok(b"GET /ws/x HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
+                .0
+                .connection_upgrade
+        );
     }
 
     #[test]

@@ -172,6 +172,18 @@ fn upgrade_refusals() {
         ),
         426
     );
+    let no_conn = up.replace("Connection: Upgrade\n", "Connection: keep-alive\n");
+    assert_eq!(
+        status(
+            &mut hub,
+            format!("GET /ws/{room}?session_id={sid} HTTP/1.1\n{no_conn}\n")
+        ),
+        400
+    );
+    assert_eq!(
+        status(&mut hub, "PUT /rooms/all HTTP/1.1\n\n".to_string()),
+        405
+    );
     let v8 = up.replace("Version: 13", "Version: 8");
     assert_eq!(
         status(

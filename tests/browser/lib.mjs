@@ -39,6 +39,13 @@ export function launchBrowser() {
   });
 }
 
+// Servers started by this process; killed if it exits without stopping them (a failed
+// before() hook, a timeout), so no test leaves a server behind.
+const live = new Set();
+process.on("exit", () => {
+  for (const p of live) p.kill("SIGKILL");
+});
+
 // Starts the server binary on 127.0.0.1 with a free port; resolves to {url, proc, stop()}.
 // The port is read from the "listening on http://127.0.0.1:PORT" line on stderr (bounded wait).
 export function startServer(extraArgs = []) {
@@ -46,6 +53,8 @@ export function startServer(extraArgs = []) {
     const proc = spawn(BIN, ["--host", "127.0.0.1", "--port", "0", ...extraArgs], {
       stdio: ["ignore", "ignore", "pipe"],
     });
+    live.add(proc);
+    proc.on("exit", () => live.delete(proc));
     let buf = "";
     let done = false;
     const timer = setTimeout(() => {

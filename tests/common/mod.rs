@@ -54,12 +54,18 @@ impl Server {
         });
         let addr = rx
             .recv_timeout(Duration::from_secs(20))
-            .expect("chatloop printed its listen address");
-        Server {
-            child,
-            addr: addr.parse().expect("a socket address"),
-            log,
-        }
+            .ok()
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        let Some(addr) = addr else {
+            // Never leave a server behind when start-up goes wrong.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "chatloop did not print a listen address:\n{}",
+                log.lock().unwrap()
+            );
+        };
+        Server { child, addr, log }
     }
 
     pub fn pid(&self) -> u32 {
