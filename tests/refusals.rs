@@ -94,7 +94,7 @@ fn unknown_or_malformed_room_is_404() {
     };
     for id in [
         unknown.to_string(),
-        room.to_uppercase(),
+        format!("F{}", &room[1..]).to_uppercase(), // always has an upper-case letter
         room[..9].to_string(),
         format!("{room}a"),
         "..".into(),
