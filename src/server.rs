@@ -162,7 +162,9 @@ impl Server {
                     }
                     Token(id) => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read(id, now);
+                            // Only a peer still open may be read "until a short read".
+                            let drain = event.is_read_closed() || event.is_error();
+                            self.read(id, now, drain);
                         }
                         if event.is_writable() {
                             self.mark_dirty(id);
@@ -187,7 +189,7 @@ impl Server {
             let again = std::mem::take(&mut self.again);
             for &id in &again {
                 if self.conns.get(id).is_some_and(|c| !c.read_paused) {
-                    self.read(id, now);
+                    self.read(id, now, true);
                 }
             }
             let mut again = again;
@@ -308,7 +310,9 @@ impl Server {
 
     // ---- read -----------------------------------------------------------------------
 
-    fn read(&mut self, id: usize, now: Now) {
+    /// Reads what the socket has. `drain`: read until `WouldBlock` or EOF even after a short
+    /// read (the event said the peer closed, so no further edge will come for its FIN).
+    fn read(&mut self, id: usize, now: Now, drain: bool) {
         for _ in 0..READ_BUDGET {
             let Some(conn) = self.conns.get_mut(id) else {
                 return;
@@ -334,6 +338,12 @@ impl Server {
             self.input(id, n, now);
             self.apply_actions(now);
             self.arm(id);
+            if n < self.rbuf.len() && !drain {
+                // A short read drained the socket (epoll(7): for stream sockets this is as
+                // good as EAGAIN, and new data raises a new edge), so skip the read that would
+                // only say WouldBlock: one system call less per request or message.
+                return;
+            }
         }
         // Budget spent with data perhaps still waiting: continue next iteration.
         self.again.push(id);
