@@ -42,9 +42,7 @@ impl Log for JsonLogger {
             .unwrap_or_default();
         let mut line = Vec::with_capacity(160);
         line.extend_from_slice(b"{\"ts\":\"");
-        let mut ts = String::new();
-        crate::time::write_iso8601(&mut ts, crate::time::UnixMicros(wall.as_micros() as u64));
-        line.extend_from_slice(ts.as_bytes());
+        crate::time::write_iso8601(&mut line, crate::time::UnixMicros(wall.as_micros() as u64));
         line.extend_from_slice(b"\",\"level\":\"");
         line.extend_from_slice(record.level().as_str().as_bytes());
         line.extend_from_slice(b"\",\"target\":");

@@ -187,9 +187,7 @@ pub fn write_event(
     let _ = write!(out, ",\"user_id\":\"{}\",\"message\":", who.user_id);
     json_str(out, message);
     out.extend_from_slice(b",\"timestamp\":\"");
-    let mut ts = String::with_capacity(32);
-    write_iso8601(&mut ts, at);
-    out.extend_from_slice(ts.as_bytes());
+    write_iso8601(out, at);
     let _ = write!(out, "\",\"room_id\":\"{room}\"}}");
 }
 

@@ -4,7 +4,7 @@
 //! reads `std::time::Instant` once per iteration and passes it in). Wall-clock time, needed
 //! only for message timestamps and UUID v7 ids, travels beside it as `UnixMicros`.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::ops::{Add, Sub};
 use std::time::Duration;
 
@@ -74,7 +74,7 @@ impl Now {
 }
 
 /// Appends `t` as ISO 8601 UTC with microseconds and `Z`: `2025-08-19T13:45:00.123456Z`.
-pub fn write_iso8601(out: &mut String, t: UnixMicros) {
+pub fn write_iso8601(out: &mut Vec<u8>, t: UnixMicros) {
     let secs = t.0 / 1_000_000;
     let micros = t.0 % 1_000_000;
     let days = (secs / 86_400) as i64;
@@ -108,9 +108,9 @@ mod tests {
     use super::*;
 
     fn iso(us: u64) -> String {
-        let mut s = String::new();
+        let mut s = Vec::new();
         write_iso8601(&mut s, UnixMicros(us));
-        s
+        String::from_utf8(s).unwrap()
     }
 
     #[test]
