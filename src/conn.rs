@@ -250,16 +250,7 @@ impl Conn {
             return;
         }
         self.leave(id, ctx, code);
-        self.send(
-            id,
-            Chunk::Owned(ws::close_frame(code, reason)),
-            ctx.outbox,
-            ctx.dirty,
-        );
-        self.close_after_flush = true;
-        self.state = State::Closing {
-            since: ctx.now.mono,
-        };
+        self.queue_close(id, code, reason, ctx);
     }
 
     /// The hub closed this member (session ended, rate limit): it has already left the room.
@@ -277,17 +268,18 @@ impl Conn {
             }
             *ctx.websockets -= 1;
             ctx.metrics.close(code);
-            self.state = State::Closing {
-                since: ctx.now.mono,
-            };
-            self.send(
-                id,
-                Chunk::Owned(ws::close_frame(code, reason)),
-                ctx.outbox,
-                ctx.dirty,
-            );
-            self.close_after_flush = true;
+            self.queue_close(id, code, reason, ctx);
         }
+    }
+
+    /// Queues a close frame and closes once it is flushed; input is ignored from now on.
+    fn queue_close(&mut self, id: ConnId, code: u16, reason: &str, ctx: &mut Ctx<'_>) {
+        let frame = Chunk::Owned(ws::close_frame(code, reason));
+        self.send(id, frame, ctx.outbox, ctx.dirty);
+        self.close_after_flush = true;
+        self.state = State::Closing {
+            since: ctx.now.mono,
+        };
     }
 
     /// Leaves the room (if a member) and stops being a WebSocket; `code` is counted.

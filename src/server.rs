@@ -351,53 +351,24 @@ impl Server {
 
     /// Feeds `rbuf[..n]` (after any bytes kept from before) to the connection.
     fn input(&mut self, id: usize, n: usize, now: Now) {
-        let gauges = self.gauges();
-        let Server {
-            conns,
-            hub,
-            cfg,
-            outbox,
-            dirty,
-            metrics,
-            websockets,
-            frame,
-            rbuf,
-            date,
-            limiter,
-            throttle,
-            ..
-        } = self;
-        let Some(conn) = conns.get_mut(id) else {
-            return;
-        };
-        let mut ctx = Ctx {
-            hub,
-            cfg,
-            now,
-            date,
-            outbox,
-            dirty,
-            metrics,
-            gauges,
-            websockets,
-            frame,
-            limiter,
-            throttle,
-        };
-        if conn.inbuf.is_empty() {
-            let used = conn.on_bytes(ConnId(id), &mut rbuf[..n], &mut ctx);
-            if used < n {
-                conn.inbuf.extend_from_slice(&rbuf[used..n]);
+        let mut rbuf = std::mem::take(&mut self.rbuf); // an empty Box: no allocation
+        self.with_conn(id, now, |conn, ctx| {
+            if conn.inbuf.is_empty() {
+                let used = conn.on_bytes(ConnId(id), &mut rbuf[..n], ctx);
+                if used < n {
+                    conn.inbuf.extend_from_slice(&rbuf[used..n]);
+                }
+            } else {
+                let mut buf = std::mem::take(&mut conn.inbuf);
+                buf.extend_from_slice(&rbuf[..n]);
+                let used = conn.on_bytes(ConnId(id), &mut buf, ctx);
+                buf.drain(..used);
+                if !buf.is_empty() {
+                    conn.inbuf = buf; // else dropped: an idle connection holds no buffer
+                }
             }
-        } else {
-            let mut buf = std::mem::take(&mut conn.inbuf);
-            buf.extend_from_slice(&rbuf[..n]);
-            let used = conn.on_bytes(ConnId(id), &mut buf, &mut ctx);
-            buf.drain(..used);
-            if !buf.is_empty() {
-                conn.inbuf = buf; // else dropped: an idle connection holds no buffer
-            }
-        }
+        });
+        self.rbuf = rbuf;
     }
 
     fn eof(&mut self, id: usize, now: Now) {
