@@ -13,17 +13,19 @@ mod members;
 mod pool;
 mod report;
 mod rest;
+mod soak;
 mod sys;
 mod ws;
 mod wsclient;
 
 use serde_json::json;
 
-const USAGE: &str = "usage: loadgen <fanout|idle|rest|join|floor> --addr 127.0.0.1:PORT [options]
+const USAGE: &str = "usage: loadgen <fanout|idle|rest|join|soak|floor> --addr 127.0.0.1:PORT [options]
   fanout --rooms R --members M --senders S --rate MSGS_PER_SEC_PER_ROOM --duration 10s [--warmup 2s]
   idle   --conns N --duration 30s [--per-room 100] [--sockets-per-session 50]
   rest   --clients C --duration 10s
   join   --room-members 100 --joins J --duration 10s [--concurrency 4]
+  soak   --clients N --rooms R --duration 10m [--seed S] (random chat/typing/reconnect/leave, checked)
   floor  --rooms R --members M --rate X --duration 10s (no --addr: loopback socket pairs)
 common: --server-pid PID (sample its CPU/RSS around the window)   see README.md";
 
@@ -44,10 +46,18 @@ fn main() {
         "idle" => idle::run(&a),
         "join" => join::run(&a),
         "rest" => rest::run(&a),
+        "soak" => soak::run(&a),
         other => Err(format!("unknown subcommand {other:?}\n{USAGE}")),
     });
     match result {
-        Ok(o) => report::emit(o),
+        Ok(o) => {
+            // A run that completed but found a problem (e.g. soak's loss check) says "ok": false.
+            let failed = o.get("ok").and_then(serde_json::Value::as_bool) == Some(false);
+            report::emit(o);
+            if failed {
+                std::process::exit(1);
+            }
+        }
         Err(e) => {
             eprintln!("loadgen {cmd}: error: {e}");
             println!("{}", json!({"scenario": cmd, "ok": false, "error": e}));
