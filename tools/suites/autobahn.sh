@@ -36,34 +36,17 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 LOG="$OUT/server.log"
 SPEC_DIR=$(mktemp -d)
-SERVER_PID=
+# shellcheck source=tools/lib/server.sh
+. "$ROOT/tools/lib/server.sh"
 cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
+  stop_chatloop
   rm -rf "$SPEC_DIR"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-target/release/chatloop --host 127.0.0.1 --port 0 --echo-path /echo \
-  --max-ws-message 16MiB --max-output-queue 64MiB --log-level "${AUTOBAHN_LOG_LEVEL:-info}" \
-  2>"$LOG" &
-SERVER_PID=$!
-
-PORT=
-for _ in $(seq 100); do
-  PORT=$(sed -n 's#.*listening on http://127\.0\.0\.1:\([0-9][0-9]*\).*#\1#p' "$LOG" | head -n 1)
-  [ -n "$PORT" ] && break
-  kill -0 "$SERVER_PID" 2>/dev/null || break
-  sleep 0.1
-done
-if [ -z "$PORT" ]; then
-  echo "autobahn: the server did not start:" >&2
-  cat "$LOG" >&2
-  exit 1
-fi
+start_chatloop "$LOG" --echo-path /echo --max-ws-message 16MiB --max-output-queue 64MiB \
+  --log-level "${AUTOBAHN_LOG_LEVEL:-info}" || exit 1
 lap "chatloop (pid $SERVER_PID) listening on port $PORT"
 
 # ---- wstest fuzzingclient ------------------------------------------------------------

@@ -65,27 +65,11 @@ BIN="$ROOT/target/release/chatloop"
 export CHATLOOP_BIN="$BIN"
 
 SERVER_LOG="$ART/browser-server.log"
-SERVER_PID=""
-cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-  fi
-}
-trap cleanup EXIT
+# shellcheck source=tools/lib/server.sh
+. "$ROOT/tools/lib/server.sh"
+trap stop_chatloop EXIT
 trap 'exit 130' INT TERM
-
-"$BIN" --host 127.0.0.1 --port 0 --typing-quiet 1s 2>"$SERVER_LOG" >/dev/null &
-SERVER_PID=$!
-PORT=""
-for _ in $(seq 1 150); do
-  PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$SERVER_LOG" | head -n1)
-  [ -n "$PORT" ] && break
-  kill -0 "$SERVER_PID" 2>/dev/null || break
-  sleep 0.1
-done
-[ -n "$PORT" ] || { cat "$SERVER_LOG" >&2; fail_setup "the server did not start"; }
+start_chatloop "$SERVER_LOG" --typing-quiet 1s || fail_setup "the server did not start"
 export CHATLOOP_URL="http://127.0.0.1:$PORT"
 say "server pid $SERVER_PID at $CHATLOOP_URL"
 

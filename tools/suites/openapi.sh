@@ -57,30 +57,13 @@ PY="$VENV/bin/python"
 # ---------------------------------------------------------------- server
 say "cargo build --release"
 cargo build --release --quiet || fail_setup "cargo build --release"
-BIN="$ROOT/target/release/chatloop"
 SERVER_LOG="$OUT/server.log"
-SERVER_PID=""
-cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-  fi
-}
-trap cleanup EXIT
+# shellcheck source=tools/lib/server.sh
+. "$ROOT/tools/lib/server.sh"
+trap stop_chatloop EXIT
 trap 'exit 130' INT TERM
-
 # --room-ttl 1h: the room fixed as {room_id} must outlive the run although nobody connects to it.
-"$BIN" --host 127.0.0.1 --port 0 --room-ttl 1h 2>"$SERVER_LOG" >/dev/null &
-SERVER_PID=$!
-PORT=""
-for _ in $(seq 1 150); do
-  PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$SERVER_LOG" | head -n1)
-  [ -n "$PORT" ] && break
-  kill -0 "$SERVER_PID" 2>/dev/null || break
-  sleep 0.1
-done
-[ -n "$PORT" ] || { cat "$SERVER_LOG" >&2; fail_setup "the server did not start"; }
+start_chatloop "$SERVER_LOG" --room-ttl 1h || fail_setup "the server did not start"
 BASE="http://127.0.0.1:$PORT"
 say "server pid $SERVER_PID at $BASE"
 
