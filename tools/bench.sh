@@ -58,33 +58,19 @@ else
     echo "== fewer than two cores (or no taskset): no pinning; numbers will be noisier" >&2
 fi
 
-SERVER_PID=
-stop_server() {
-    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    SERVER_PID=
-}
-trap stop_server EXIT
+# shellcheck source=tools/lib/server.sh
+. "$ROOT/tools/lib/server.sh"
+SERVER_PREFIX=("${SRV_PIN[@]}")
+CHATLOOP_BIN=$SERVER_BIN
+trap stop_chatloop EXIT
 trap 'exit 130' INT TERM
 
 # start_server NAME: a fresh chatloop logging to $OUT/NAME.server.log; sets SERVER_PID and ADDR.
 start_server() {
-    local log=$OUT/$1.server.log port=""
+    local log=$OUT/$1.server.log
     # shellcheck disable=SC2086
-    "${SRV_PIN[@]}" "$SERVER_BIN" --host 127.0.0.1 --port 0 ${BENCH_SERVER_ARGS:-} 2>"$log" >/dev/null &
-    SERVER_PID=$!
-    for _ in $(seq 300); do
-        port=$(grep -o 'listening on http://127\.0\.0\.1:[0-9]*' "$log" 2>/dev/null | head -n 1 | sed 's/.*://') || true
-        [ -n "$port" ] && break
-        kill -0 "$SERVER_PID" 2>/dev/null || { echo "chatloop exited at start:" >&2; cat "$log" >&2; exit 1; }
-        sleep 0.1
-    done
-    [ -n "$port" ] || { echo "chatloop did not log 'listening on http://127.0.0.1:PORT' within 30s" >&2; exit 1; }
-    ADDR=127.0.0.1:$port
+    start_chatloop "$log" ${BENCH_SERVER_ARGS:-} || exit 1
+    ADDR=127.0.0.1:$PORT
     echo "== chatloop pid $SERVER_PID listening on $ADDR (log: $log)" >&2
 }
 
@@ -226,7 +212,7 @@ for rep in $(seq "$REPEAT"); do
         esac
         if [ -n "$SERVER_PID" ]; then
             kill -0 "$SERVER_PID" 2>/dev/null || say "chatloop died during $s; see $OUT/$s.server.log"
-            stop_server
+            stop_chatloop
         fi
     done
 done

@@ -47,32 +47,16 @@ if [ "${SOAK_PIN:-0}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/
     SRV_PIN=(taskset -c 0) LG_PIN=(taskset -c 1)
 fi
 
-SERVER_PID=
-# shellcheck disable=SC2317 # called from the EXIT trap
-stop_server() {
-    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    SERVER_PID=
-}
-trap stop_server EXIT
+# shellcheck source=tools/lib/server.sh
+. "$ROOT/tools/lib/server.sh"
+SERVER_PREFIX=("${SRV_PIN[@]}")
+CHATLOOP_BIN=$SERVER_BIN
+trap stop_chatloop EXIT
 trap 'exit 130' INT TERM
 
 LOG=$OUT/server.log
 # shellcheck disable=SC2086
-"${SRV_PIN[@]}" "$SERVER_BIN" --host 127.0.0.1 --port 0 --room-ttl "$TTL" ${SOAK_SERVER_ARGS:-} 2>"$LOG" >/dev/null &
-SERVER_PID=$!
-PORT=
-for _ in $(seq 300); do
-    PORT=$(grep -o 'listening on http://127\.0\.0\.1:[0-9]*' "$LOG" 2>/dev/null | head -n 1 | sed 's/.*://') || true
-    [ -n "$PORT" ] && break
-    kill -0 "$SERVER_PID" 2>/dev/null || { echo "chatloop exited at start:" >&2; cat "$LOG" >&2; exit 1; }
-    sleep 0.1
-done
-[ -n "$PORT" ] || { echo "chatloop did not log 'listening on http://127.0.0.1:PORT' within 30s" >&2; exit 1; }
+start_chatloop "$LOG" --room-ttl "$TTL" ${SOAK_SERVER_ARGS:-} || exit 1
 ADDR=127.0.0.1:$PORT
 echo "== chatloop pid $SERVER_PID listening on $ADDR, --room-ttl $TTL (log: $LOG)" >&2
 
