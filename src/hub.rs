@@ -196,10 +196,6 @@ impl Hub {
         }
     }
 
-    pub fn config(&self) -> &HubConfig {
-        &self.cfg
-    }
-
     /// Takes the actions produced by the calls so far.
     pub fn drain_actions(&mut self) -> std::vec::Drain<'_, Action> {
         self.actions.drain(..)

@@ -115,11 +115,6 @@ impl FrameBuf {
         &mut self.buf
     }
 
-    /// The JSON written since `start`.
-    pub fn json(&self) -> &[u8] {
-        &self.buf[GAP..]
-    }
-
     /// Wraps the JSON written since `start` into one text frame (one allocation).
     pub fn finish_text(&mut self) -> Frame {
         self.finish(OpCode::Data(Data::Text))

@@ -35,27 +35,18 @@ impl CreateLimiter {
         }
     }
 
-    pub fn enabled(&self) -> bool {
-        self.rate > 0
-    }
-
     /// Takes one token; `Err(seconds)` (for `Retry-After`) when the budget is spent.
     pub fn take(&mut self, ip: IpAddr, now: Micros) -> Result<(), u32> {
         if self.rate == 0 {
             return Ok(());
         }
         self.prune(now);
-        let b = self.refilled(ip, now);
-        if b.micro_tokens >= TOKEN {
-            b.micro_tokens -= TOKEN;
-            Ok(())
-        } else {
-            let wait_us = (TOKEN - b.micro_tokens).div_ceil(u64::from(self.rate));
-            Err(wait_us.div_ceil(1_000_000).max(1) as u32)
-        }
+        self.check(ip, now)?;
+        self.refilled(ip, now).micro_tokens -= TOKEN;
+        Ok(())
     }
 
-    /// Whether `take` would fail now (without taking anything).
+    /// Whether `take` would succeed now, without taking anything.
     pub fn check(&mut self, ip: IpAddr, now: Micros) -> Result<(), u32> {
         if self.rate == 0 {
             return Ok(());
@@ -65,9 +56,8 @@ impl CreateLimiter {
         if b.micro_tokens >= TOKEN {
             Ok(())
         } else {
-            Err(((TOKEN - b.micro_tokens).div_ceil(rate))
-                .div_ceil(1_000_000)
-                .max(1) as u32)
+            let wait_us = (TOKEN - b.micro_tokens).div_ceil(rate);
+            Err(wait_us.div_ceil(1_000_000).max(1) as u32)
         }
     }
 

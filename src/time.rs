@@ -28,10 +28,6 @@ impl Micros {
         Micros(s.saturating_mul(1_000_000))
     }
 
-    pub fn as_duration(self) -> Duration {
-        Duration::from_micros(self.0)
-    }
-
     /// `self - earlier`, or zero when `earlier` is later.
     pub fn since(self, earlier: Micros) -> Micros {
         Micros(self.0.saturating_sub(earlier.0))
