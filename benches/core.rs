@@ -39,6 +39,7 @@ fn http_parse_and_route(c: &mut Criterion) {
                 echo_path: None,
                 peer: IpAddr::from([127, 0, 0, 1]),
                 limiter: &mut limiter,
+                cluster: None,
             };
             let reply = api::handle(&r, &req.as_bytes()[n..], &mut hub, &mut ctx);
             if let api::Reply::Response(resp) = reply {
@@ -114,7 +115,7 @@ fn fanout_1000(c: &mut Criterion) {
     let (sid, _) = hub.create_session("alice", Now::fake(t)).unwrap();
     let room = hub.create_room(sid, Now::fake(t)).unwrap();
     for i in 0..1000 {
-        hub.connect(ConnId(i), sid, room, None, Now::fake(t))
+        hub.connect(ConnId(i), sid, room, None, &[], Now::fake(t))
             .unwrap();
     }
     hub.drain_actions().for_each(drop);

@@ -9,10 +9,11 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
+use crate::cluster::{Answer, Facts, Query};
 use crate::http::{self, Method, Request, Response};
 use crate::hub::{Hub, HubError, validate_username};
-use crate::ids::{MsgId, RoomId, SessionId};
-use crate::protocol::json_str;
+use crate::ids::{MsgId, RoomId, SessionId, UserId};
+use crate::protocol::{self, json_str};
 use crate::ratelimit::CreateLimiter;
 use crate::time::Now;
 
@@ -25,11 +26,30 @@ pub enum Reply {
         room: RoomId,
         session: SessionId,
         since: Option<MsgId>,
+        /// Cluster mode: who is in the room on other nodes.
+        elsewhere: Vec<(String, UserId)>,
     },
     /// Accept the WebSocket on the conformance echo endpoint.
     Echo,
     /// Render `/metrics` (the loop owns the counters).
     Metrics,
+    /// Cluster mode: fetch the queries pushed on `ClusterReq::wants`, then ask again.
+    Fetch,
+}
+
+impl From<Response> for Reply {
+    fn from(r: Response) -> Reply {
+        Reply::Response(r)
+    }
+}
+
+/// Cluster mode's view of one request: whether Redis is reachable, what has been fetched
+/// for this request so far, and where to ask for more.
+#[derive(Debug)]
+pub struct ClusterReq<'a> {
+    pub up: bool,
+    pub facts: &'a Facts,
+    pub wants: &'a mut Vec<Query>,
 }
 
 /// Settings, time and the client's address for one request.
@@ -40,6 +60,55 @@ pub struct ApiCtx<'a> {
     pub echo_path: Option<&'a str>,
     pub peer: IpAddr,
     pub limiter: &'a mut CreateLimiter,
+    /// `Some` in cluster mode.
+    pub cluster: Option<ClusterReq<'a>>,
+}
+
+/// The answer to the request when Redis is away (cluster mode).
+pub const REDIS_DOWN: &str = "The shared store (Redis) is unavailable; this server cannot do that right now. Try again shortly.";
+
+fn redis_down() -> Response {
+    Response {
+        retry_after: Some(1),
+        ..Response::error(503, REDIS_DOWN)
+    }
+}
+
+/// Cluster mode: the fetched answer to `q`, or `None` after asking for it (answer
+/// `Reply::Fetch` then); 503 when Redis is away.
+fn ask<'f>(c: &mut ClusterReq<'f>, q: Query) -> Result<Option<&'f Answer>, Response> {
+    let facts: &'f Facts = c.facts;
+    if let Some(a) = facts.get(q) {
+        return Ok(Some(a));
+    }
+    if facts.failed || !c.up {
+        return Err(redis_down());
+    }
+    c.wants.push(q);
+    Ok(None)
+}
+
+/// Cluster mode: writes need Redis.
+fn need_redis(ctx: &ApiCtx<'_>) -> Result<(), Reply> {
+    match &ctx.cluster {
+        Some(c) if !c.up || c.facts.failed => Err(redis_down().into()),
+        _ => Ok(()),
+    }
+}
+
+/// Makes sure the hub knows the room (cluster mode: asks Redis). `Err` is the reply.
+fn ensure_room(hub: &Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Result<(), Reply> {
+    if hub.room_exists(room) {
+        return Ok(());
+    }
+    let Some(c) = ctx.cluster.as_mut() else {
+        return Err(room_not_found().into());
+    };
+    match ask(c, Query::RoomExists(room))? {
+        None => Err(Reply::Fetch),
+        Some(Answer::Exists(true)) if hub.room_exists(room) => Ok(()),
+        Some(_) => Err(room_not_found().into()),
+    }
 }
 
 pub const INDEX_HTML: &str = include_str!("web/index.html");
@@ -63,6 +132,16 @@ pub fn handle(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_
         return Reply::Response(too_many(wait));
     }
     let reply = route(req, body, hub, ctx);
+    if let Some(c) = &ctx.cluster
+        && !matches!(reply, Reply::Fetch)
+        && !c.facts.is_empty()
+    {
+        log::debug!(
+            "{:?} {} answered after fetching from Redis",
+            req.method,
+            req.path
+        );
+    }
     if room_path && matches!(&reply, Reply::Response(r) if r.status == 404) {
         // Missing rooms spend the creation budget, so room ids cannot be guessed quickly.
         let _ = ctx.limiter.take(ctx.peer, ctx.now.mono);
@@ -106,32 +185,39 @@ fn route(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) ->
         ((Some("openapi.json"), None, ..), Method::Get) => {
             Response::static_body(200, http::JSON, OPENAPI_JSON.as_bytes())
         }
-        ((Some("health"), None, ..), Method::Get) => health(),
+        ((Some("health"), None, ..), Method::Get) => match &ctx.cluster {
+            Some(c) => cluster_health(c.up),
+            None => health(),
+        },
         ((Some("ping"), None, ..), Method::Get) => {
             Response::static_body(200, http::JSON, b"{\"message\":\"pong\"}")
         }
         ((Some("metrics"), None, ..), Method::Get) => return Reply::Metrics,
-        ((Some("sessions"), None, ..), Method::Post) => create_session(body, hub, ctx),
-        ((Some("sessions"), Some("me"), None, _), Method::Get) => me(req, hub, ctx.now),
-        ((Some("sessions"), Some("me"), None, _), Method::Delete) => end_session(req, hub, ctx.now),
-        ((Some("rooms"), None, ..), Method::Post) => create_room(req, hub, ctx),
-        ((Some("rooms"), None, ..), Method::Get) => my_rooms(req, hub, ctx.now),
-        ((Some("rooms"), Some("all"), None, _), Method::Get) if !ctx.no_room_list => all_rooms(hub),
+        ((Some("sessions"), None, ..), Method::Post) => return create_session(body, hub, ctx),
+        ((Some("sessions"), Some("me"), None, _), Method::Get) => return me(req, hub, ctx),
+        ((Some("sessions"), Some("me"), None, _), Method::Delete) => {
+            return end_session(req, hub, ctx);
+        }
+        ((Some("rooms"), None, ..), Method::Post) => return create_room(req, hub, ctx),
+        ((Some("rooms"), None, ..), Method::Get) => return my_rooms(req, hub, ctx),
+        ((Some("rooms"), Some("all"), None, _), Method::Get) if !ctx.no_room_list => {
+            return all_rooms(hub, ctx);
+        }
         ((Some("rooms"), Some("all"), None, _), _) if !ctx.no_room_list => {
             method_not_allowed(ALLOW_GET)
         }
         ((Some("rooms"), Some(id), rest, None), m) => match (RoomId::parse(id), rest, m) {
             (None, ..) => not_found(),
-            (Some(room), None, Method::Get) => room_info(hub, room),
-            (Some(room), Some("join"), Method::Post) => join(req, hub, room, ctx.now),
-            (Some(room), Some("leave"), Method::Delete) => leave(req, hub, room, ctx.now),
-            (Some(room), Some("messages"), Method::Get) => messages(req, hub, room, ctx.now),
+            (Some(room), None, Method::Get) => return room_info(hub, room, ctx),
+            (Some(room), Some("join"), Method::Post) => return join(req, hub, room, ctx),
+            (Some(room), Some("leave"), Method::Delete) => return leave(req, hub, room, ctx),
+            (Some(room), Some("messages"), Method::Get) => return messages(req, hub, room, ctx),
             (Some(_), None, _) | (Some(_), Some("messages"), _) => method_not_allowed(ALLOW_GET),
             (Some(_), Some("join"), _) => method_not_allowed(ALLOW_POST),
             (Some(_), Some("leave"), _) => method_not_allowed(ALLOW_DELETE),
             _ => not_found(),
         },
-        ((Some("ws"), Some(id), None, _), Method::Get) => return upgrade(req, hub, id, ctx.now),
+        ((Some("ws"), Some(id), None, _), Method::Get) => return upgrade(req, hub, id, ctx),
         ((Some("" | "docs" | "openapi.json" | "health" | "ping" | "metrics"), None, ..), _)
         | ((Some("ws"), Some(_), None, _), _) => method_not_allowed(ALLOW_GET),
         ((Some("sessions"), None, ..), _) => method_not_allowed(ALLOW_POST),
@@ -152,13 +238,34 @@ fn health() -> Response {
     Response::json(200, b)
 }
 
+/// Cluster mode's `/health`: also says whether Redis is reachable.
+fn cluster_health(up: bool) -> Response {
+    let (status, redis) = if up {
+        ("ok", "up")
+    } else {
+        ("degraded", "down")
+    };
+    let b = format!(
+        "{{\"status\":\"{status}\",\"version\":\"{}\",\"redis\":\"{redis}\"}}",
+        crate::VERSION
+    );
+    Response::json(200, b.into_bytes())
+}
+
 #[derive(Deserialize)]
 struct NewSession<'a> {
     #[serde(borrow, default)]
     username: Option<Cow<'a, str>>,
 }
 
-fn create_session(body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Response {
+fn create_session(body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
+    if let Err(r) = need_redis(ctx) {
+        return r;
+    }
+    create_session_here(body, hub, ctx).into()
+}
+
+fn create_session_here(body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Response {
     let now = ctx.now;
     if let Err(wait) = ctx.limiter.take(ctx.peer, now.mono) {
         return too_many(wait);
@@ -200,57 +307,91 @@ fn create_session(body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Response 
     }
 }
 
-fn me(req: &Request<'_>, hub: &mut Hub, now: Now) -> Response {
-    let id = match auth(req, hub, now) {
+fn me(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
+    let id = match auth(req, hub, ctx) {
         Ok(id) => id,
         Err(r) => return r,
     };
     let Some(view) = hub.session_view(id) else {
-        return invalid_session();
+        return invalid_session().into();
+    };
+    let rooms = match session_rooms(hub, id, ctx) {
+        Ok(rooms) => rooms,
+        Err(r) => return r,
     };
     let mut b = Vec::with_capacity(128);
     let _ = write!(b, "{{\"session_id\":\"{id}\",\"username\":");
     json_str(&mut b, &view.username);
     let _ = write!(b, ",\"user_id\":\"{}\",\"joined_rooms\":", view.user_id);
-    write_room_list(&mut b, view.rooms.into_iter());
+    write_room_list(&mut b, rooms.into_iter());
     b.push(b'}');
-    Response::json(200, b)
+    Response::json(200, b).into()
 }
 
-fn end_session(req: &Request<'_>, hub: &mut Hub, now: Now) -> Response {
-    match auth(req, hub, now) {
-        Ok(id) => {
-            hub.end_session(id, now);
-            Response::static_body(200, http::JSON, b"{\"message\":\"Session ended\"}")
-        }
-        Err(r) => r,
+/// The session's rooms that still exist (cluster mode: as Redis has them).
+fn session_rooms(hub: &Hub, id: SessionId, ctx: &mut ApiCtx<'_>) -> Result<Vec<RoomId>, Reply> {
+    let Some(c) = ctx.cluster.as_mut() else {
+        return Ok(hub.session_rooms(id));
+    };
+    match ask(c, Query::SessionRooms(id))? {
+        None => Err(Reply::Fetch),
+        Some(Answer::Rooms(r)) => Ok(r.clone()),
+        Some(_) => Ok(Vec::new()),
     }
 }
 
-fn create_room(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Response {
-    let now = ctx.now;
-    let id = match auth(req, hub, now) {
+fn end_session(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
+    let id = match auth(req, hub, ctx) {
         Ok(id) => id,
         Err(r) => return r,
     };
+    if let Err(r) = need_redis(ctx) {
+        return r;
+    }
+    hub.end_session(id, ctx.now);
+    Response::static_body(200, http::JSON, b"{\"message\":\"Session ended\"}").into()
+}
+
+fn create_room(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
+    let now = ctx.now;
+    let id = match auth(req, hub, ctx) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    if let Err(r) = need_redis(ctx) {
+        return r;
+    }
     if let Err(wait) = ctx.limiter.take(ctx.peer, now.mono) {
-        return too_many(wait);
+        return too_many(wait).into();
     }
     match hub.create_room(id, now) {
         Ok(room) => Response::json(201, format!("{{\"room_id\":\"{room}\"}}").into_bytes()),
         Err(e) => hub_error(e),
     }
+    .into()
 }
 
-fn my_rooms(req: &Request<'_>, hub: &mut Hub, now: Now) -> Response {
-    match auth(req, hub, now) {
-        Ok(id) => rooms_body(hub.session_rooms(id).into_iter()),
+fn my_rooms(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
+    let id = match auth(req, hub, ctx) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match session_rooms(hub, id, ctx) {
+        Ok(rooms) => rooms_body(rooms.into_iter()).into(),
         Err(r) => r,
     }
 }
 
-fn all_rooms(hub: &Hub) -> Response {
-    rooms_body(hub.all_rooms())
+fn all_rooms(hub: &Hub, ctx: &mut ApiCtx<'_>) -> Reply {
+    let Some(c) = ctx.cluster.as_mut() else {
+        return rooms_body(hub.all_rooms()).into();
+    };
+    match ask(c, Query::AllRooms) {
+        Err(r) => r.into(),
+        Ok(None) => Reply::Fetch,
+        Ok(Some(Answer::Rooms(r))) => rooms_body(r.iter().copied()).into(),
+        Ok(Some(_)) => rooms_body(std::iter::empty()).into(),
+    }
 }
 
 fn rooms_body(rooms: impl Iterator<Item = RoomId>) -> Response {
@@ -274,21 +415,44 @@ fn write_room_list(b: &mut Vec<u8>, rooms: impl Iterator<Item = RoomId>) {
     b.push(b']');
 }
 
-fn room_info(hub: &Hub, room: RoomId) -> Response {
-    match hub.user_count(room) {
+fn room_info(hub: &Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
+    let count = match ctx.cluster.as_mut() {
+        None => hub.user_count(room),
+        Some(c) => {
+            let exists = match ask(c, Query::RoomExists(room)) {
+                Err(r) => return r.into(),
+                Ok(a) => a,
+            };
+            let count = match ask(c, Query::UserCount(room)) {
+                Err(r) => return r.into(),
+                Ok(a) => a,
+            };
+            match (exists, count) {
+                (Some(Answer::Exists(false)), _) => None,
+                (Some(_), Some(Answer::Count(n))) => Some(*n),
+                (Some(_), Some(_)) => Some(0),
+                _ => return Reply::Fetch,
+            }
+        }
+    };
+    match count {
         Some(n) => Response::json(
             200,
             format!("{{\"room_id\":\"{room}\",\"exists\":true,\"user_count\":{n}}}").into_bytes(),
         ),
         None => room_not_found(),
     }
+    .into()
 }
 
-fn join(req: &Request<'_>, hub: &mut Hub, room: RoomId, now: Now) -> Response {
-    let id = match auth(req, hub, now) {
+fn join(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
+    let id = match auth(req, hub, ctx) {
         Ok(id) => id,
         Err(r) => return r,
     };
+    if let Err(r) = need_redis(ctx).and_then(|()| ensure_room(hub, room, ctx)) {
+        return r;
+    }
     match hub.join_room(id, room) {
         Ok(()) => Response::json(
             200,
@@ -296,23 +460,27 @@ fn join(req: &Request<'_>, hub: &mut Hub, room: RoomId, now: Now) -> Response {
         ),
         Err(e) => hub_error(e),
     }
+    .into()
 }
 
-fn leave(req: &Request<'_>, hub: &mut Hub, room: RoomId, now: Now) -> Response {
-    match auth(req, hub, now) {
-        Ok(id) => {
-            hub.leave_room(id, room);
-            Response::json(
-                200,
-                format!("{{\"message\":\"Left room {room}\"}}").into_bytes(),
-            )
-        }
-        Err(r) => r,
+fn leave(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
+    let id = match auth(req, hub, ctx) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    if let Err(r) = need_redis(ctx) {
+        return r;
     }
+    hub.leave_room(id, room);
+    Response::json(
+        200,
+        format!("{{\"message\":\"Left room {room}\"}}").into_bytes(),
+    )
+    .into()
 }
 
-fn messages(req: &Request<'_>, hub: &mut Hub, room: RoomId, now: Now) -> Response {
-    if let Err(r) = auth(req, hub, now) {
+fn messages(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
+    if let Err(r) = auth(req, hub, ctx) {
         return r;
     }
     let limit = match http::query_param(req.query, "limit") {
@@ -323,20 +491,45 @@ fn messages(req: &Request<'_>, hub: &mut Hub, room: RoomId, now: Now) -> Respons
                 return Response::json(
                     422,
                     b"{\"detail\":\"limit must be a whole number from 1 to 1000\",\"errors\":[{\"loc\":[\"query\",\"limit\"],\"msg\":\"Input should be between 1 and 1000\",\"type\":\"range\"}]}".to_vec(),
-                );
+                )
+                .into();
             }
         },
     };
     let mut b = Vec::with_capacity(256);
     b.extend_from_slice(b"{\"messages\":[");
-    if !hub.write_history(room, limit, &mut b) {
-        return room_not_found();
+    match ctx.cluster.as_mut() {
+        Some(c) if !hub.room_live(room) => {
+            // Not subscribed here: Redis has the history.
+            let exists = match ask(c, Query::RoomExists(room)) {
+                Err(r) => return r.into(),
+                Ok(a) => a,
+            };
+            let history = match ask(c, Query::History(room, limit)) {
+                Err(r) => return r.into(),
+                Ok(a) => a,
+            };
+            match (exists, history) {
+                (Some(Answer::Exists(false)), _) => return room_not_found().into(),
+                (Some(_), Some(Answer::Messages(m))) => {
+                    protocol::write_joined(&mut b, m.iter().map(Vec::as_slice))
+                }
+                (Some(_), Some(_)) => {}
+                _ => return Reply::Fetch,
+            }
+        }
+        _ => {
+            if !hub.write_history(room, limit, &mut b) {
+                return room_not_found().into();
+            }
+        }
     }
     b.extend_from_slice(b"]}");
-    Response::json(200, b)
+    Response::json(200, b).into()
 }
 
-fn upgrade(req: &Request<'_>, hub: &mut Hub, room: &str, now: Now) -> Reply {
+fn upgrade(req: &Request<'_>, hub: &mut Hub, room: &str, ctx: &mut ApiCtx<'_>) -> Reply {
+    let now = ctx.now;
     if let Some(r) = upgrade_problem(req) {
         return Reply::Response(r);
     }
@@ -354,16 +547,64 @@ fn upgrade(req: &Request<'_>, hub: &mut Hub, room: &str, now: Now) -> Reply {
     let Some(room) = RoomId::parse(room) else {
         return Reply::Response(room_not_found());
     };
+    let mut elsewhere = Vec::new();
+    if let Some(c) = ctx.cluster.as_mut() {
+        match cluster_join(hub, c, session, room, now) {
+            Ok(users) => elsewhere = users,
+            Err(r) => return r,
+        }
+    }
     match hub.check_connect(session, room, now) {
         Ok(()) => Reply::Upgrade {
             room,
             session,
             since,
+            elsewhere,
         },
         Err(HubError::InvalidSession) => {
             Reply::Response(Response::error(403, "Invalid or expired session"))
         }
         Err(e) => Reply::Response(hub_error(e)),
+    }
+}
+
+/// Cluster mode: what a WebSocket join needs from Redis, in two rounds: the session and
+/// the room (this node may not know them), then the room's presence and, unless this node
+/// is already subscribed, its history. Returns who is in the room (all nodes).
+fn cluster_join(
+    hub: &Hub,
+    c: &mut ClusterReq<'_>,
+    session: SessionId,
+    room: RoomId,
+    now: Now,
+) -> Result<Vec<(String, UserId)>, Reply> {
+    if !c.up || c.facts.failed {
+        return Err(redis_down().into());
+    }
+    let mut waiting = false;
+    if !hub.has_session(session, now) {
+        match ask(c, Query::Session(session))? {
+            None => waiting = true,
+            Some(Answer::Session(Some(_))) if hub.has_session(session, now) => {}
+            Some(_) => return Err(Response::error(403, "Invalid or expired session").into()),
+        }
+    }
+    if !hub.room_exists(room) {
+        match ask(c, Query::RoomExists(room))? {
+            None => waiting = true,
+            Some(Answer::Exists(true)) if hub.room_exists(room) => {}
+            Some(_) => return Err(room_not_found().into()),
+        }
+    }
+    if waiting {
+        return Err(Reply::Fetch);
+    }
+    let users = ask(c, Query::Presence(room))?;
+    let loaded = hub.room_live(room) || ask(c, Query::Subscribe(room))?.is_some();
+    match users {
+        Some(Answer::Users(u)) if loaded => Ok(u.clone()),
+        Some(_) if loaded => Ok(Vec::new()),
+        _ => Err(Reply::Fetch),
     }
 }
 
@@ -399,8 +640,10 @@ fn upgrade_problem(req: &Request<'_>) -> Option<Response> {
     }
 }
 
-/// Reads `Authorization: Bearer <session_id>` and checks the session.
-fn auth(req: &Request<'_>, hub: &mut Hub, now: Now) -> Result<SessionId, Response> {
+/// Reads `Authorization: Bearer <session_id>` and checks the session (cluster mode: asks
+/// Redis about a session this node does not know).
+fn auth(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Result<SessionId, Reply> {
+    let now = ctx.now;
     let token = req
         .authorization
         .and_then(|v| std::str::from_utf8(v).ok())
@@ -412,11 +655,21 @@ fn auth(req: &Request<'_>, hub: &mut Hub, now: Now) -> Result<SessionId, Respons
             401,
             "Not authenticated: send Authorization: Bearer <session_id>",
         )
-        .with_extra("WWW-Authenticate: Bearer\r\n"));
+        .with_extra("WWW-Authenticate: Bearer\r\n")
+        .into());
     };
+    if let Some(c) = ctx.cluster.as_mut()
+        && !hub.has_session(id, now)
+    {
+        match ask(c, Query::Session(id))? {
+            None => return Err(Reply::Fetch),
+            Some(Answer::Session(Some(_))) if hub.has_session(id, now) => {}
+            Some(_) => return Err(invalid_session().into()),
+        }
+    }
     hub.authenticate(id, now)
         .map(|()| id)
-        .map_err(|_| invalid_session())
+        .map_err(|_| invalid_session().into())
 }
 
 fn invalid_session() -> Response {

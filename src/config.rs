@@ -39,6 +39,8 @@ pub struct Config {
     pub create_rate: u32,
     pub no_room_list: bool,
     pub echo_path: Option<String>,
+    pub redis: Option<crate::cluster::RedisUrl>,
+    pub presence_ttl: Micros,
     pub log_level: LevelFilter,
     pub log_format: LogFormat,
 }
@@ -351,6 +353,30 @@ pub const OPTIONS: &[Opt] = &[
         }
     ),
     opt!(
+        "redis",
+        ["CHATLOOP_REDIS"],
+        "",
+        "cluster mode: keep sessions, rooms and history in this Redis (redis://[:password@]host:port/db) and share rooms with every node using it; off when empty",
+        |c, v| {
+            c.redis = if v.is_empty() {
+                None
+            } else {
+                Some(crate::cluster::RedisUrl::parse(v)?)
+            };
+            Ok(())
+        }
+    ),
+    opt!(
+        "presence-ttl",
+        ["CHATLOOP_PRESENCE_TTL"],
+        "15s",
+        "cluster mode: a crashed node's members leave presence this long after its last heartbeat",
+        |c, v| {
+            c.presence_ttl = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
         "log-level",
         ["CHATLOOP_LOG_LEVEL"],
         "info",
@@ -406,6 +432,8 @@ impl Default for Config {
             create_rate: 0,
             no_room_list: false,
             echo_path: None,
+            redis: None,
+            presence_ttl: Micros::ZERO,
             log_level: LevelFilter::Info,
             log_format: LogFormat::Text,
         };
@@ -495,6 +523,7 @@ impl Config {
             ("--pong-timeout", self.pong_timeout),
             ("--typing-debounce", self.typing_debounce),
             ("--typing-quiet", self.typing_quiet),
+            ("--presence-ttl", self.presence_ttl),
         ] {
             if d == Micros::ZERO {
                 return Err(ConfigError(format!("{name} must be longer than zero")));

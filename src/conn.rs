@@ -8,7 +8,8 @@ use std::net::IpAddr;
 
 use mio::net::TcpStream;
 
-use crate::api::{self, ApiCtx, Reply};
+use crate::api::{self, ApiCtx, ClusterReq, Reply};
+use crate::cluster::{Facts, Query};
 use crate::config::Config;
 use crate::http::{self, Response};
 use crate::hub::{ConnId, Hub};
@@ -46,6 +47,9 @@ pub struct Conn {
     pub over_limit: bool,
     /// Not read while its output is backed up.
     pub read_paused: bool,
+    /// Cluster mode: its request waits for Redis (facts to fetch, or writes to be
+    /// acknowledged before the response may go out). Neither read nor flushed meanwhile.
+    pub waiting: bool,
 }
 
 pub enum State {
@@ -93,6 +97,15 @@ pub struct Ctx<'a> {
     pub frame: &'a mut FrameBuf,
     pub limiter: &'a mut CreateLimiter,
     pub throttle: &'a mut LogThrottle,
+    /// Cluster mode: Redis reachable, facts fetched for the current request, queries to ask.
+    pub cluster: Option<ClusterCtx<'a>>,
+}
+
+/// The cluster state a request may use (see [`ClusterReq`]).
+pub struct ClusterCtx<'a> {
+    pub up: bool,
+    pub facts: &'a mut Facts,
+    pub wants: &'a mut Vec<Query>,
 }
 
 /// What the loop should do after a timer or end of input.
@@ -126,6 +139,7 @@ impl Conn {
             close_after_flush: false,
             over_limit,
             read_paused: false,
+            waiting: false,
         }
     }
 
@@ -159,6 +173,9 @@ impl Conn {
             match used {
                 Some(0) | None => break,
                 Some(n) => pos += n,
+            }
+            if self.waiting {
+                break;
             }
         }
         if let State::Http { busy_since, .. } = &mut self.state
@@ -347,8 +364,28 @@ impl Conn {
             echo_path: cfg.echo_path.as_deref(),
             peer: self.peer,
             limiter: ctx.limiter,
+            cluster: ctx.cluster.as_mut().map(|c| ClusterReq {
+                up: c.up,
+                facts: c.facts,
+                wants: c.wants,
+            }),
         };
-        match api::handle(&req, body, ctx.hub, &mut actx) {
+        let reply = api::handle(&req, body, ctx.hub, &mut actx);
+        if let Some(c) = &mut ctx.cluster {
+            if matches!(reply, Reply::Fetch) {
+                // Parked: the request stays in the input buffer and runs again once
+                // the loop has the answers.
+                self.waiting = true;
+                return Some(0);
+            }
+            c.facts.clear();
+            if matches!(reply, Reply::Response(_)) && ctx.hub.has_ops() {
+                // It changed shared state: answer once Redis has acknowledged the change.
+                self.waiting = true;
+            }
+        }
+        match reply {
+            Reply::Fetch => return Some(0),
             Reply::Response(r) => self.respond(id, &r, req.keep_alive, head, ctx),
             Reply::Metrics => {
                 let text = ctx.metrics.render(&ctx.gauges).into_bytes();
@@ -362,9 +399,13 @@ impl Conn {
                 room,
                 session,
                 since,
+                elsewhere,
             } => {
                 self.accept_upgrade(id, req.ws_key.unwrap_or_default(), ctx);
-                match ctx.hub.connect(id, session, room, since, ctx.now) {
+                match ctx
+                    .hub
+                    .connect(id, session, room, since, &elsewhere, ctx.now)
+                {
                     Ok(()) => {
                         let ws = WsState::default();
                         let m = Member {
@@ -400,6 +441,22 @@ impl Conn {
             }
         }
         Some(total)
+    }
+
+    /// Redis went away before acknowledging what this request changed: its response is
+    /// replaced by a 503 and the connection closes.
+    pub fn redis_lost(&mut self, id: ConnId, ctx: &mut Ctx<'_>) {
+        self.waiting = false;
+        if !matches!(self.state, State::Http { .. } | State::Closing { .. }) {
+            return;
+        }
+        self.out.clear();
+        self.inbuf = Vec::new();
+        let r = Response {
+            retry_after: Some(1),
+            ..Response::error(503, api::REDIS_DOWN)
+        };
+        self.respond(id, &r.closing(), false, false, ctx);
     }
 
     fn accept_upgrade(&mut self, id: ConnId, key: &[u8], ctx: &mut Ctx<'_>) {

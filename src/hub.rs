@@ -8,6 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
+use crate::cluster::Op;
 use crate::config::Config;
 use crate::ids::{MsgId, MsgIdGen, RoomId, SecureRandom, SessionId, UserId};
 use crate::protocol::{self, ClientMsg, Frame, FrameBuf, Who};
@@ -118,6 +119,13 @@ pub struct Hub {
     rate_limited: u64,
     rooms_expired: u64,
     sessions_expired: u64,
+    /// Cluster mode: changes to write to Redis, and whether Redis is reachable.
+    cluster: Option<ClusterLink>,
+}
+
+struct ClusterLink {
+    up: bool,
+    ops: Vec<Op>,
 }
 
 struct Session {
@@ -137,6 +145,9 @@ struct Room {
     history: VecDeque<Stored>,
     empty_since: Micros,
     expiry_gen: u32,
+    /// `history` is complete and current. Always in single-node mode; in cluster mode while
+    /// this node is subscribed to the room (it has members here).
+    live: bool,
 }
 
 struct Member {
@@ -193,6 +204,164 @@ impl Hub {
             rate_limited: 0,
             rooms_expired: 0,
             sessions_expired: 0,
+            cluster: None,
+        }
+    }
+
+    // ---- cluster mode ---------------------------------------------------------------
+
+    /// Turns on cluster mode: shared changes come out of [`Hub::drain_ops`], and while
+    /// Redis is reachable events travel through it instead of straight to local members.
+    pub fn enable_cluster(&mut self) {
+        self.cluster = Some(ClusterLink {
+            up: false,
+            ops: Vec::new(),
+        });
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Redis came or went; while it is away rooms work for local members only.
+    pub fn set_cluster_up(&mut self, up: bool) {
+        if let Some(c) = &mut self.cluster {
+            c.up = up;
+        }
+    }
+
+    pub fn has_ops(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| !c.ops.is_empty())
+    }
+
+    pub fn drain_ops(&mut self) -> Vec<Op> {
+        self.cluster
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.ops))
+            .unwrap_or_default()
+    }
+
+    fn op(&mut self, op: Op) {
+        if let Some(c) = &mut self.cluster {
+            c.ops.push(op);
+        }
+    }
+
+    fn via_redis(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.up)
+    }
+
+    /// Whether this node knows the session and it has not expired here.
+    pub fn has_session(&self, id: SessionId, now: Now) -> bool {
+        self.sessions
+            .get(&id)
+            .is_some_and(|s| !s.conns.is_empty() || now.mono < s.last_used + self.cfg.session_ttl)
+    }
+
+    /// A session Redis knows: remember it here (or count it as used if already known).
+    pub fn install_session(&mut self, id: SessionId, username: &str, user_id: UserId, now: Now) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.last_used = now.mono;
+            return;
+        }
+        let bucket = Bucket {
+            micro_tokens: u64::from(self.cfg.chat_burst) * TOKEN,
+            at: now.mono,
+        };
+        self.sessions.insert(
+            id,
+            Session {
+                username: Rc::from(username),
+                user_id,
+                rooms: Vec::new(),
+                conns: Vec::new(),
+                last_used: now.mono,
+                bucket,
+                strikes: 0,
+            },
+        );
+        self.wheel
+            .arm(now.mono + self.cfg.session_ttl, Timer::Session(id));
+    }
+
+    /// A room Redis knows: keep a record of it here (without history until loaded).
+    pub fn install_room(&mut self, id: RoomId, now: Now) {
+        if self.rooms.contains_key(&id) {
+            return;
+        }
+        let g = self.bump_generation();
+        self.rooms.insert(
+            id,
+            Room {
+                members: Vec::new(),
+                history: VecDeque::new(),
+                empty_since: now.mono,
+                expiry_gen: g,
+                live: false,
+            },
+        );
+        self.wheel
+            .arm(now.mono + self.cfg.room_ttl, Timer::Room(id, g));
+    }
+
+    /// Whether the room's history here is complete (no need to load it from Redis).
+    pub fn room_live(&self, id: RoomId) -> bool {
+        self.rooms.get(&id).is_some_and(|r| r.live)
+    }
+
+    /// The room's history as Redis has it: this node now mirrors it.
+    pub fn load_history(&mut self, id: RoomId, messages: Vec<(MsgId, Vec<u8>)>) {
+        let keep = self.cfg.history;
+        let Some(room) = self.rooms.get_mut(&id) else {
+            return;
+        };
+        room.history.clear();
+        let skip = messages.len().saturating_sub(keep);
+        for (mid, json) in messages.into_iter().skip(skip) {
+            self.frame.start().extend_from_slice(&json);
+            let frame = self.frame.finish_text();
+            room.history.push_back(Stored { id: mid, frame });
+        }
+        self.frame.trim();
+        room.live = true;
+    }
+
+    /// A history event that came through Redis: framed once, sent to the members here.
+    pub fn deliver_event(&mut self, id: RoomId, mid: MsgId, json: &[u8]) {
+        let Some(room) = self.rooms.get_mut(&id) else {
+            return;
+        };
+        if !room.live {
+            return;
+        }
+        self.frame.start().extend_from_slice(json);
+        let frame = self.frame.finish_text();
+        self.frame.trim();
+        for m in &room.members {
+            self.actions.push(Action::Send(m.conn, frame.clone()));
+        }
+        if room.history.len() >= self.cfg.history {
+            room.history.pop_front();
+        }
+        room.history.push_back(Stored { id: mid, frame });
+    }
+
+    /// A typing event that came through Redis, for every member here but `except`.
+    pub fn deliver_typing(&mut self, id: RoomId, except: Option<ConnId>, json: &[u8]) {
+        let Some(room) = self.rooms.get(&id) else {
+            return;
+        };
+        self.frame.start().extend_from_slice(json);
+        let frame = self.frame.finish_text();
+        for m in room.members.iter().filter(|m| Some(m.conn) != except) {
+            self.actions.push(Action::Send(m.conn, frame.clone()));
+        }
+    }
+
+    /// Another node ended this session: close its sockets here with 1000 and forget it.
+    pub fn session_ended_elsewhere(&mut self, id: SessionId, now: Now) {
+        if self.sessions.contains_key(&id) {
+            self.end_local(id, now);
         }
     }
 
@@ -249,6 +418,11 @@ impl Hub {
         );
         self.wheel
             .arm(now.mono + self.cfg.session_ttl, Timer::Session(id));
+        self.op(Op::SessionCreated {
+            id,
+            user: Rc::from(username),
+            user_id,
+        });
         Ok((id, user_id))
     }
 
@@ -261,6 +435,7 @@ impl Hub {
             }
             Some(s) => {
                 s.last_used = now.mono;
+                self.op(Op::SessionUsed(id));
                 Ok(())
             }
             None => Err(HubError::InvalidSession),
@@ -286,6 +461,11 @@ impl Hub {
 
     /// Ends a session: its sockets leave their rooms and are closed with 1000.
     pub fn end_session(&mut self, id: SessionId, now: Now) {
+        self.op(Op::SessionEnded(id));
+        self.end_local(id, now);
+    }
+
+    fn end_local(&mut self, id: SessionId, now: Now) {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -321,10 +501,13 @@ impl Hub {
                 history: VecDeque::new(),
                 empty_since: now.mono,
                 expiry_gen: g,
+                // In cluster mode the node subscribes when the first member connects.
+                live: self.cluster.is_none(),
             },
         );
         self.wheel
             .arm(now.mono + self.cfg.room_ttl, Timer::Room(id, g));
+        self.op(Op::RoomCreated { room: id, session });
         self.remember_room(session, id);
         Ok(id)
     }
@@ -343,6 +526,7 @@ impl Hub {
         if let Some(s) = self.sessions.get_mut(&session) {
             s.rooms.retain(|r| *r != room);
         }
+        self.op(Op::Forget { session, room });
     }
 
     pub fn room_exists(&self, room: RoomId) -> bool {
@@ -402,6 +586,7 @@ impl Hub {
         session: SessionId,
         room_id: RoomId,
         since: Option<MsgId>,
+        elsewhere: &[(String, UserId)],
         now: Now,
     ) -> Result<(), HubError> {
         self.check_connect(session, room_id, now)?;
@@ -438,23 +623,31 @@ impl Hub {
                 room.history.len().saturating_sub(self.cfg.welcome_messages),
                 false,
             ),
-            Some(id) => match room.history.binary_search_by_key(&id, |m| m.id) {
-                Ok(i) => (i + 1, false),
-                Err(_) => (0, true),
+            // From the end: a reconnecting client usually missed little. (Not a binary search:
+            // in cluster mode ids from different nodes need not be in delivery order.)
+            Some(id) => match room.history.iter().rposition(|m| m.id == id) {
+                Some(i) => (i + 1, false),
+                None => (0, true),
             },
         };
         let out = self.frame.start();
         // One entry per user, even with several sockets (O(n) with a set; rooms can be big).
-        let mut seen = std::collections::HashSet::with_capacity(room.members.len());
-        let users = room.members.iter().filter(|m| seen.insert(m.user_id));
+        let mut seen =
+            std::collections::HashSet::with_capacity(room.members.len() + elsewhere.len());
+        let here = room.members.iter().map(|m| Who {
+            user: &m.user,
+            user_id: m.user_id,
+        });
+        let there = elsewhere.iter().map(|(user, user_id)| Who {
+            user,
+            user_id: *user_id,
+        });
+        let users = here.chain(there).filter(|w| seen.insert(w.user_id));
         protocol::write_welcome(
             out,
             room_id,
             me,
-            users.map(|m| Who {
-                user: &m.user,
-                user_id: m.user_id,
-            }),
+            users,
             room.history
                 .iter()
                 .skip(start)
@@ -463,6 +656,13 @@ impl Hub {
         );
         let welcome = self.frame.finish_text();
         self.actions.push(Action::Send(conn, welcome));
+        self.op(Op::Joined {
+            room: room_id,
+            conn,
+            session,
+            user: user.clone(),
+            user_id,
+        });
         let text = format!("{user} has joined");
         self.publish(room_id, "user_joined", me, &text, now);
         Ok(())
@@ -479,7 +679,13 @@ impl Hub {
         };
         let m = room.members.swap_remove(i);
         self.members -= 1;
+        let cluster = self.cluster.is_some();
         if room.members.is_empty() {
+            if cluster {
+                // Unsubscribed from now on: the copy here stops being current.
+                room.live = false;
+                room.history = VecDeque::new();
+            }
             room.empty_since = now.mono;
             let g = self.next_gen.wrapping_add(1);
             self.next_gen = g;
@@ -491,6 +697,11 @@ impl Hub {
             s.conns.retain(|(c, _)| *c != conn);
             s.last_used = now.mono;
         }
+        self.op(Op::Left {
+            room: room_id,
+            conn,
+            session: m.session,
+        });
         let who = Who {
             user: &m.user,
             user_id: m.user_id,
@@ -680,6 +891,7 @@ impl Hub {
         }
         self.rooms.remove(&id);
         self.rooms_expired += 1;
+        self.op(Op::Forgotten(id));
         log::debug!("room {id} expired");
     }
 
@@ -704,6 +916,17 @@ impl Hub {
     /// Stores a history message and sends it to every member, the sender included.
     fn publish(&mut self, room_id: RoomId, kind: &str, who: Who<'_>, text: &str, now: Now) {
         let id = self.ids.next(now.wall);
+        if self.via_redis() {
+            let mut json = Vec::with_capacity(192 + text.len());
+            protocol::write_event(&mut json, kind, id, who, text, now.wall, room_id);
+            self.op(Op::Publish {
+                room: room_id,
+                id,
+                json,
+            });
+            self.messages += 1;
+            return;
+        }
         protocol::write_event(self.frame.start(), kind, id, who, text, now.wall, room_id);
         let frame = self.frame.finish_text();
         self.frame.trim();
@@ -722,6 +945,16 @@ impl Hub {
 
     /// `typing` / `typing_stopped` to every member but `except`.
     fn typing_frame(&mut self, room_id: RoomId, kind: &str, who: Who<'_>, except: Option<ConnId>) {
+        if self.via_redis() {
+            let mut json = Vec::with_capacity(128);
+            protocol::write_typing(&mut json, kind, who, room_id);
+            self.op(Op::Typing {
+                room: room_id,
+                except,
+                json,
+            });
+            return;
+        }
         protocol::write_typing(self.frame.start(), kind, who, room_id);
         let frame = self.frame.finish_text();
         let Some(room) = self.rooms.get(&room_id) else {
@@ -739,6 +972,7 @@ impl Hub {
     }
 
     fn remember_room(&mut self, session: SessionId, room: RoomId) {
+        self.op(Op::Remember { session, room });
         let rooms = &self.rooms;
         if let Some(s) = self.sessions.get_mut(&session)
             && !s.rooms.contains(&room)

@@ -6,6 +6,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod http;

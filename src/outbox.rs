@@ -263,6 +263,11 @@ impl Queue {
         }
     }
 
+    /// Keeps this iteration's chunks unsent, for a later round (a held response).
+    pub fn keep(&mut self, ob: &mut Outbox) {
+        self.park(ob);
+    }
+
     /// Moves this iteration's unwritten chunks into the backlog (kept across iterations).
     fn park(&mut self, ob: &mut Outbox) {
         let mut at = self.head;

@@ -5,18 +5,20 @@
 //! the hub's actions (frames for members, closes); run due timers; then flush every
 //! connection that got output with one `writev` each. Nothing here decides protocol.
 
-use std::io::{self, Read};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mio::net::TcpListener;
+use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::cluster::{Answer, Cluster, ClusterConfig, Event as ClusterEvent, Facts, Query};
 use crate::config::Config;
-use crate::conn::{Conn, Ctx, LINGER, Next, State};
+use crate::conn::{ClusterCtx, Conn, Ctx, LINGER, Next, State};
 use crate::hub::{Action, ConnId, Hub, HubConfig};
 use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox};
@@ -29,6 +31,7 @@ use crate::ws;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
+const REDIS: Token = Token(usize::MAX - 3);
 /// Size of the one read buffer shared by all connections.
 const READ_BUF: usize = 64 * 1024;
 /// Reads per connection per iteration before others get their turn.
@@ -73,6 +76,35 @@ pub struct Server {
     date_secs: u64,
     accept_paused_until: Option<Micros>,
     shutdown_at: Option<Micros>,
+    /// Cluster mode only: the Redis side, its socket and the requests waiting on it.
+    cluster: Option<Cluster>,
+    redis: Option<RedisSocket>,
+    parked: HashMap<usize, Parked>,
+    held: Vec<Held>,
+    /// Facts fetched for the request being run again (empty otherwise).
+    facts: Facts,
+    /// Queries the request just run asked for.
+    wants: Vec<Query>,
+}
+
+struct RedisSocket {
+    stream: TcpStream,
+    connected: bool,
+}
+
+/// A request waiting for facts from Redis.
+struct Parked {
+    serial: u32,
+    waiting: usize,
+    facts: Facts,
+}
+
+/// A response held until Redis has answered every command up to `seq`.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    token: usize,
+    serial: u32,
+    seq: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,8 +135,25 @@ impl Server {
         let mut signals = Signals::new([SIGTERM, SIGINT])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let hub = Hub::new(HubConfig::from(&cfg));
+        let mut hub = Hub::new(HubConfig::from(&cfg));
         let limiter = CreateLimiter::new(cfg.create_rate);
+        let cluster = cfg.redis.as_ref().map(|url| {
+            hub.enable_cluster();
+            let node = crate::ids::SecureRandom::default().u64() as u32;
+            log::info!("cluster mode: sharing rooms through {url}");
+            Cluster::new(
+                ClusterConfig {
+                    room_ttl: cfg.room_ttl,
+                    session_ttl: cfg.session_ttl,
+                    history: cfg.history,
+                    presence_ttl: cfg.presence_ttl,
+                    db: url.db,
+                    user: url.user.clone(),
+                    password: url.password.clone(),
+                },
+                node,
+            )
+        });
         Ok(Server {
             cfg,
             poll,
@@ -131,6 +180,12 @@ impl Server {
             date_secs: u64::MAX,
             accept_paused_until: None,
             shutdown_at: None,
+            cluster,
+            redis: None,
+            parked: HashMap::new(),
+            held: Vec::new(),
+            facts: Facts::default(),
+            wants: Vec::new(),
         })
     }
 
@@ -155,6 +210,7 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
+                    REDIS => self.redis_ready(now),
                     SIGNALS => {
                         if self.signals.pending().next().is_some() {
                             self.begin_shutdown(now);
@@ -203,7 +259,9 @@ impl Server {
             self.accept(now);
         }
         self.run_timers(now);
+        self.cluster_timers(now);
         self.flush_all(now);
+        self.redis_write(now);
     }
 
     /// How long poll may sleep: until the earliest timer, or not at all if work is waiting.
@@ -216,6 +274,7 @@ impl Server {
             self.hub.poll_timeout(),
             self.accept_paused_until,
             self.shutdown_at,
+            self.cluster.as_ref().and_then(Cluster::poll_timeout),
         ]
         .into_iter()
         .flatten()
@@ -317,7 +376,7 @@ impl Server {
             let Some(conn) = self.conns.get_mut(id) else {
                 return;
             };
-            if conn.read_paused {
+            if conn.read_paused || conn.waiting {
                 return;
             }
             let n = match conn.stream.read(&mut self.rbuf) {
@@ -337,6 +396,7 @@ impl Server {
             self.metrics.bytes_in += n as u64;
             self.input(id, n, now);
             self.apply_actions(now);
+            self.after_input(id, now);
             self.arm(id);
             if n < self.rbuf.len() && !drain {
                 // A short read drained the socket (epoll(7): for stream sockets this is as
@@ -381,8 +441,16 @@ impl Server {
 
     // ---- hub actions ------------------------------------------------------------------
 
-    /// Moves the hub's frames onto members' queues and carries out its closes.
+    /// Moves the hub's frames onto members' queues and carries out its closes; in cluster
+    /// mode also hands its shared-state changes to the Redis side.
     fn apply_actions(&mut self, now: Now) {
+        if let Some(cluster) = &mut self.cluster
+            && self.hub.has_ops()
+        {
+            for op in self.hub.drain_ops() {
+                cluster.apply(op, now);
+            }
+        }
         while self.hub.has_actions() {
             let mut closes = Vec::new();
             for action in self.hub.drain_actions() {
@@ -414,6 +482,13 @@ impl Server {
             self.bury(now);
         }
         self.bury(now);
+        if let Some(cluster) = &mut self.cluster
+            && self.hub.has_ops()
+        {
+            for op in self.hub.drain_ops() {
+                cluster.apply(op, now);
+            }
+        }
     }
 
     /// Marks a connection to be closed once the current step is over.
@@ -535,6 +610,11 @@ impl Server {
             return;
         };
         conn.dirty = false;
+        if conn.waiting {
+            // A held response goes out once Redis has acknowledged its writes.
+            conn.out.keep(&mut self.outbox);
+            return;
+        }
         if conn.out.is_empty() && !conn.close_after_flush {
             return;
         }
@@ -562,6 +642,338 @@ impl Server {
                 self.doom(id, Doom::Gone);
             }
         }
+    }
+
+    // ---- cluster mode ---------------------------------------------------------------
+
+    /// After a connection's input was handled: park it if its request asked Redis for
+    /// facts, or hold its response until Redis has acknowledged what the request changed.
+    fn after_input(&mut self, id: usize, now: Now) {
+        self.facts.clear();
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let Some(conn) = self.conns.get(id) else {
+            self.wants.clear();
+            return;
+        };
+        if !conn.waiting {
+            self.wants.clear();
+            return;
+        }
+        let serial = conn.serial;
+        if self.wants.is_empty() {
+            self.held.push(Held {
+                token: id,
+                serial,
+                seq: cluster.sent(),
+            });
+            return;
+        }
+        let waiting = self.wants.len();
+        self.parked.insert(
+            id,
+            Parked {
+                serial,
+                waiting,
+                facts: Facts::default(),
+            },
+        );
+        for q in self.wants.drain(..) {
+            cluster.fetch(id, serial, q, now);
+        }
+        self.pump_cluster(now);
+    }
+
+    /// Runs a parked request again with what Redis said.
+    fn resume(&mut self, id: usize, facts: Facts, now: Now) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        conn.waiting = false;
+        self.mark_dirty(id);
+        self.facts = facts;
+        self.input(id, 0, now);
+        self.apply_actions(now);
+        self.after_input(id, now);
+        self.arm(id);
+    }
+
+    /// Carries out what the Redis side asks for until it has nothing more.
+    fn pump_cluster(&mut self, now: Now) {
+        loop {
+            let Some(cluster) = &mut self.cluster else {
+                return;
+            };
+            let answered = cluster.answered();
+            let events: Vec<ClusterEvent> = cluster.drain_events().collect();
+            let released = self.release_held(answered, now);
+            if events.is_empty() && !released {
+                return;
+            }
+            for e in events {
+                self.cluster_event(e, now);
+            }
+            self.apply_actions(now);
+        }
+    }
+
+    /// Lets out responses whose writes Redis has acknowledged; `true` if any.
+    fn release_held(&mut self, answered: u64, now: Now) -> bool {
+        if self.held.iter().all(|h| h.seq > answered) {
+            return false;
+        }
+        let (ready, rest): (Vec<Held>, Vec<Held>) =
+            self.held.drain(..).partition(|h| h.seq <= answered);
+        self.held = rest;
+        for h in ready {
+            if self
+                .conns
+                .get(h.token)
+                .is_some_and(|c| c.serial == h.serial)
+            {
+                self.resume(h.token, Facts::default(), now);
+            }
+        }
+        true
+    }
+
+    fn cluster_event(&mut self, e: ClusterEvent, now: Now) {
+        match e {
+            ClusterEvent::Up => self.hub.set_cluster_up(true),
+            ClusterEvent::Down => {
+                self.hub.set_cluster_up(false);
+                for h in std::mem::take(&mut self.held) {
+                    if self
+                        .conns
+                        .get(h.token)
+                        .is_some_and(|c| c.serial == h.serial)
+                    {
+                        self.with_conn(h.token, now, |conn, ctx| {
+                            conn.redis_lost(ConnId(h.token), ctx)
+                        });
+                        self.arm(h.token);
+                    }
+                }
+            }
+            ClusterEvent::Answer {
+                token,
+                serial,
+                query,
+                answer,
+            } => {
+                match (&query, &answer) {
+                    (Query::Session(id), Answer::Session(Some((user, user_id)))) => {
+                        self.hub.install_session(*id, user, *user_id, now)
+                    }
+                    (Query::RoomExists(room), Answer::Exists(true)) => {
+                        self.hub.install_room(*room, now)
+                    }
+                    _ => {}
+                }
+                self.answered(token, serial, Some((query, answer)), now);
+            }
+            ClusterEvent::Failed { token, serial } => self.answered(token, serial, None, now),
+            ClusterEvent::Deliver { room, id, json } => self.hub.deliver_event(room, id, &json),
+            ClusterEvent::Typing { room, except, json } => {
+                self.hub.deliver_typing(room, except, &json)
+            }
+            ClusterEvent::Loaded { room, messages } => self.hub.load_history(room, messages),
+            ClusterEvent::SessionEnded(id) => self.hub.session_ended_elsewhere(id, now),
+        }
+    }
+
+    /// One answer (or failure) for a parked request; runs it again once all are in.
+    fn answered(&mut self, token: usize, serial: u32, fact: Option<(Query, Answer)>, now: Now) {
+        let Some(p) = self.parked.get_mut(&token) else {
+            return;
+        };
+        if p.serial != serial {
+            return;
+        }
+        match fact {
+            Some((q, a)) => p.facts.add(q, a),
+            None => p.facts.failed = true,
+        }
+        p.waiting -= 1;
+        if p.waiting > 0 {
+            return;
+        }
+        if let Some(p) = self.parked.remove(&token)
+            && self.conns.get(token).is_some_and(|c| c.serial == serial)
+        {
+            self.resume(token, p.facts, now);
+        }
+    }
+
+    /// Connects to Redis when it is time, and runs heartbeats and the connect timeout.
+    fn cluster_timers(&mut self, now: Now) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        if self.shutdown_at.is_none() && cluster.should_connect(now) {
+            self.redis_connect(now);
+        }
+        if let Some(cluster) = &mut self.cluster {
+            cluster.on_timer(now);
+            if !cluster.wants_socket()
+                && let Some(mut sock) = self.redis.take()
+            {
+                let _ = self.poll.registry().deregister(&mut sock.stream);
+            }
+        }
+        self.pump_cluster(now);
+    }
+
+    fn redis_connect(&mut self, now: Now) {
+        let Some(url) = self.cfg.redis.as_ref() else {
+            return;
+        };
+        let addr = (url.host.as_str(), url.port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next());
+        let result = match addr {
+            Some(addr) => TcpStream::connect(addr),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("cannot resolve {}", url.host),
+            )),
+        };
+        match result.and_then(|mut stream| {
+            self.poll.registry().register(
+                &mut stream,
+                REDIS,
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            Ok(stream)
+        }) {
+            Ok(stream) => {
+                self.redis = Some(RedisSocket {
+                    stream,
+                    connected: false,
+                })
+            }
+            Err(e) => {
+                crate::limit_log!(
+                    self.throttle,
+                    Event::Redis,
+                    now.mono,
+                    warn,
+                    "cannot connect to Redis at {url}: {e}"
+                );
+                self.redis_lost(now);
+            }
+        }
+    }
+
+    fn redis_ready(&mut self, now: Now) {
+        let Some(sock) = &mut self.redis else {
+            return;
+        };
+        if !sock.connected {
+            match sock.stream.take_error() {
+                Ok(None) if sock.stream.peer_addr().is_ok() => {
+                    sock.connected = true;
+                    let _ = sock.stream.set_nodelay(true);
+                    if let Some(c) = &mut self.cluster {
+                        c.on_connected();
+                    }
+                }
+                Ok(None) => return, // still connecting
+                Ok(Some(e)) | Err(e) => {
+                    let url = self
+                        .cfg
+                        .redis
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    crate::limit_log!(
+                        self.throttle,
+                        Event::Redis,
+                        now.mono,
+                        warn,
+                        "cannot connect to Redis at {url}: {e}"
+                    );
+                    self.redis_lost(now);
+                    return;
+                }
+            }
+        }
+        loop {
+            let Some(sock) = &mut self.redis else {
+                return;
+            };
+            match sock.stream.read(&mut self.rbuf) {
+                Ok(0) => {
+                    log::warn!("Redis closed the connection");
+                    self.redis_lost(now);
+                    return;
+                }
+                Ok(n) => {
+                    let ok = self
+                        .cluster
+                        .as_mut()
+                        .is_some_and(|c| c.on_bytes(&self.rbuf[..n], now));
+                    if !ok {
+                        self.redis_lost(now);
+                        return;
+                    }
+                    self.pump_cluster(now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("Redis connection failed: {e}");
+                    self.redis_lost(now);
+                    return;
+                }
+            }
+        }
+        self.redis_write(now);
+    }
+
+    /// Writes the Redis side's pending commands (pipelined: all of them at once).
+    fn redis_write(&mut self, now: Now) {
+        let (Some(sock), Some(cluster)) = (&mut self.redis, &mut self.cluster) else {
+            return;
+        };
+        if !sock.connected || cluster.out.is_empty() {
+            return;
+        }
+        let mut done = 0;
+        let failed = loop {
+            if done == cluster.out.len() {
+                break false;
+            }
+            match sock.stream.write(&cluster.out[done..]) {
+                Ok(0) => break true,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("writing to Redis failed: {e}");
+                    break true;
+                }
+            }
+        };
+        cluster.out.drain(..done);
+        if cluster.out.is_empty() && cluster.out.capacity() > 1024 * 1024 {
+            cluster.out = Vec::new();
+        }
+        if failed {
+            self.redis_lost(now);
+        }
+    }
+
+    fn redis_lost(&mut self, now: Now) {
+        if let Some(mut sock) = self.redis.take() {
+            let _ = self.poll.registry().deregister(&mut sock.stream);
+        }
+        if let Some(c) = &mut self.cluster {
+            c.on_disconnected(now);
+        }
+        self.pump_cluster(now);
     }
 
     // ---- shutdown -------------------------------------------------------------------
@@ -624,8 +1036,16 @@ impl Server {
             date,
             limiter,
             throttle,
+            cluster,
+            facts,
+            wants,
             ..
         } = self;
+        let cluster = cluster.as_ref().map(|c| ClusterCtx {
+            up: c.is_up(),
+            facts,
+            wants,
+        });
         let conn = conns.get_mut(id)?;
         let mut ctx = Ctx {
             hub,
@@ -640,6 +1060,7 @@ impl Server {
             frame,
             limiter,
             throttle,
+            cluster,
         };
         Some(f(conn, &mut ctx))
     }

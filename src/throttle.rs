@@ -13,9 +13,10 @@ pub enum Event {
     HttpLimit,
     WsLimit,
     Timeout,
+    Redis,
 }
 
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 const INTERVAL: Micros = Micros(10_000_000);
 
 #[derive(Debug, Default)]

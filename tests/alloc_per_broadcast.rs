@@ -60,7 +60,7 @@ fn allocations_per_broadcast(members: usize) -> u64 {
     let (sid, _) = hub.create_session("alice", Now::fake(t)).unwrap();
     let room = hub.create_room(sid, Now::fake(t)).unwrap();
     for c in 0..members {
-        hub.connect(ConnId(c), sid, room, None, Now::fake(t))
+        hub.connect(ConnId(c), sid, room, None, &[], Now::fake(t))
             .unwrap();
     }
     let mut queues: Vec<Queue> = (0..members).map(|_| Queue::default()).collect();

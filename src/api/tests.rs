@@ -16,6 +16,7 @@ fn call(hub: &mut Hub, raw: &str) -> Reply {
         echo_path: None,
         peer: std::net::IpAddr::from([127, 0, 0, 1]),
         limiter: &mut limiter,
+        cluster: None,
     };
     handle(&req, body, hub, &mut ctx)
 }
@@ -218,6 +219,7 @@ fn create_rate_limits_creation_and_room_guessing_per_address() {
             echo_path: None,
             peer: std::net::IpAddr::from([10, 0, 0, 1]),
             limiter: &mut limiter,
+            cluster: None,
         };
         resp(handle(&req, body, hub, &mut ctx))
     };

@@ -129,7 +129,7 @@ fn room(hub: &mut Hub, s: SessionId, now: Now) -> RoomId {
 /// Connects `conn` and returns the actions it caused.
 #[track_caller]
 fn join(hub: &mut Hub, conn: ConnId, s: SessionId, r: RoomId, now: Now) -> Vec<Action> {
-    hub.connect(conn, s, r, None, now).expect("connect");
+    hub.connect(conn, s, r, None, &[], now).expect("connect");
     drain(hub)
 }
 
@@ -142,7 +142,8 @@ fn join_since(
     since: MsgId,
     now: Now,
 ) -> Vec<Action> {
-    hub.connect(conn, s, r, Some(since), now).expect("connect");
+    hub.connect(conn, s, r, Some(since), &[], now)
+        .expect("connect");
     drain(hub)
 }
 
@@ -440,7 +441,7 @@ fn room_nobody_connected_to_expires_after_room_ttl() {
     );
     assert_eq!(hub.join_room(s, r), Err(HubError::RoomNotFound));
     assert_eq!(
-        hub.connect(c(1), s, r, None, at(126 * SEC)),
+        hub.connect(c(1), s, r, None, &[], at(126 * SEC)),
         Err(HubError::RoomNotFound)
     );
     let st = hub.stats();
@@ -517,7 +518,7 @@ fn deleting_a_room_drops_its_history() {
     assert!(!hub.write_history(r, 50, &mut out));
     assert!(out.is_empty());
     assert_eq!(
-        hub.connect(c(1), s, r, None, at(200 * SEC)),
+        hub.connect(c(1), s, r, None, &[], at(200 * SEC)),
         Err(HubError::RoomNotFound)
     );
 }
@@ -665,11 +666,11 @@ fn connect_refusals() {
     let b = session(&mut hub, "bob", at(0));
     let r = room(&mut hub, a, at(0));
     assert_eq!(
-        hub.connect(c(1), SessionId(99), r, None, at(0)),
+        hub.connect(c(1), SessionId(99), r, None, &[], at(0)),
         Err(HubError::InvalidSession)
     );
     assert_eq!(
-        hub.connect(c(1), a, RoomId(0x42), None, at(0)),
+        hub.connect(c(1), a, RoomId(0x42), None, &[], at(0)),
         Err(HubError::RoomNotFound)
     );
     assert_eq!(
@@ -687,7 +688,7 @@ fn connect_refusals() {
     join(&mut hub, c(2), b, r, at(0));
     assert_eq!(hub.check_connect(b, r, at(0)), Err(HubError::RoomFull));
     assert_eq!(
-        hub.connect(c(3), b, r, None, at(0)),
+        hub.connect(c(3), b, r, None, &[], at(0)),
         Err(HubError::RoomFull)
     );
     assert!(!hub.has_actions(), "a refused connect sends nothing");
@@ -1374,7 +1375,7 @@ fn end_session_closes_every_socket_with_1000_and_tells_the_rooms() {
     assert_eq!(hub.stats().members, 2);
     assert_eq!((hub.user_count(r1), hub.user_count(r2)), (Some(1), Some(1)));
     assert_eq!(
-        hub.connect(c(6), a, r1, None, at(2 * SEC)),
+        hub.connect(c(6), a, r1, None, &[], at(2 * SEC)),
         Err(HubError::InvalidSession)
     );
 

@@ -1,0 +1,1210 @@
+//! Cluster mode: the Redis side of chatloop as a pure state machine (no sockets, no clock).
+//!
+//! Several chatloop nodes that share one Redis behave as one server. What lives where:
+//!
+//! | key (prefix `chatloop:`) | type | what | expiry |
+//! |---|---|---|---|
+//! | `s:{session}` | hash `u`, `i` | username, user id | `--session-ttl`, slid on every use |
+//! | `sr:{session}` | set | the session's rooms | as the session |
+//! | `rooms` | sorted set | room id → expiry (Unix ms) | score pushed forward while a node has members |
+//! | `h:{room}` | list | the last `--history` messages (`id` + JSON) | room TTL after the last refresh |
+//! | `p:{room}` | sorted set | `node:conn:user_id:user` → expiry (Unix ms) | heartbeated every `--presence-ttl`/3 |
+//! | channel `m:{room}` | pub/sub | `H{id}{json}` history events, `T{node}{conn}{json}` typing | subscribed while the node has members there |
+//! | channel `ctl` | pub/sub | `E{session}`: a session ended | always subscribed |
+//!
+//! One RESP3 connection carries commands (pipelined, answered in order) and pub/sub pushes,
+//! so a `SUBSCRIBE` followed by `LRANGE` on the same connection sees every message exactly
+//! once: pushes that arrive before the `LRANGE` reply are buffered and de-duplicated by id.
+//! A chat message is `RPUSH`ed and `PUBLISH`ed by one Lua script (atomic), so history order is
+//! delivery order on every node, and each node frames a delivered message once for all its
+//! members.
+//!
+//! The event loop feeds this module bytes from Redis ([`Cluster::on_bytes`]), connection
+//! changes and time; the hub's [`Op`]s become commands in [`Cluster::out`]; what the loop must
+//! do comes back as [`Event`]s. A request that needs facts from Redis (a session this node has
+//! not seen, a room's presence, ...) asks with [`Cluster::fetch`] and is answered by
+//! [`Event::Answer`].
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::rc::Rc;
+
+use redis_protocol::resp3::decode::complete::decode;
+use redis_protocol::resp3::encode::complete::encode_borrowed;
+use redis_protocol::resp3::types::{BorrowedFrame, OwnedFrame};
+
+use crate::hub::ConnId;
+use crate::ids::{MsgId, RoomId, SessionId, UserId};
+use crate::time::{Micros, Now};
+
+/// Where Redis is: `redis://[[user]:password@]host[:port][/db]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    pub host: String,
+    pub port: u16,
+    pub db: u32,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl RedisUrl {
+    pub fn parse(s: &str) -> Result<RedisUrl, String> {
+        let rest = s
+            .strip_prefix("redis://")
+            .ok_or("expected redis://host:port/db")?;
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((a, r)) => (Some(a), r),
+            None => (None, rest),
+        };
+        let (hostport, db) = match rest.split_once('/') {
+            Some((h, "")) => (h, 0),
+            Some((h, d)) => (
+                h,
+                d.parse()
+                    .map_err(|_| format!("bad database number {d:?}"))?,
+            ),
+            None => (rest, 0),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h, p.parse().map_err(|_| format!("bad port {p:?}"))?)
+            }
+            _ => (hostport, 6379),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err("expected a host in the Redis URL".into());
+        }
+        let (user, password) = match auth {
+            None => (None, None),
+            Some(a) => match a.split_once(':') {
+                Some((u, p)) => ((!u.is_empty()).then(|| u.to_string()), Some(p.to_string())),
+                None => (None, Some(a.to_string())),
+            },
+        };
+        Ok(RedisUrl {
+            host: host.to_string(),
+            port,
+            db,
+            user,
+            password,
+        })
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    /// The URL without its password (for logs).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let auth = if self.password.is_some() { "***@" } else { "" };
+        write!(f, "redis://{auth}{}:{}/{}", self.host, self.port, self.db)
+    }
+}
+
+/// The cluster's share of the settings.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub room_ttl: Micros,
+    pub session_ttl: Micros,
+    pub history: usize,
+    pub presence_ttl: Micros,
+    pub db: u32,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+/// A fact a request needs from Redis before it can be answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Query {
+    /// The session's name and user id (`HGETALL`); installed in the hub when found.
+    Session(SessionId),
+    /// Whether the room is registered and not expired (`ZSCORE`).
+    RoomExists(RoomId),
+    /// WebSocket members of the room on all nodes (`ZCOUNT` of live presence).
+    UserCount(RoomId),
+    /// Who is in the room on all nodes (`ZRANGEBYSCORE` of live presence).
+    Presence(RoomId),
+    /// The session's rooms that still exist (one Lua script).
+    SessionRooms(SessionId),
+    /// Every live room.
+    AllRooms,
+    /// The last `n` messages of a room.
+    History(RoomId, usize),
+    /// Subscribe to the room and load its history into the hub (`SUBSCRIBE` + `LRANGE`).
+    Subscribe(RoomId),
+}
+
+/// Redis's answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Session(Option<(String, UserId)>),
+    Exists(bool),
+    Count(usize),
+    Users(Vec<(String, UserId)>),
+    Rooms(Vec<RoomId>),
+    /// Message JSON, oldest first.
+    Messages(Vec<Vec<u8>>),
+    Done,
+}
+
+/// What a waiting request has learnt so far.
+#[derive(Debug, Default)]
+pub struct Facts {
+    items: Vec<(Query, Answer)>,
+    /// Redis went away while the request waited: it must be answered 503.
+    pub failed: bool,
+}
+
+impl Facts {
+    pub fn get(&self, q: Query) -> Option<&Answer> {
+        self.items.iter().find(|(k, _)| *k == q).map(|(_, a)| a)
+    }
+
+    pub fn add(&mut self, q: Query, a: Answer) {
+        self.items.push((q, a));
+    }
+
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.failed = false;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty() && !self.failed
+    }
+}
+
+/// A change of shared state made by the hub, to be written to Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    SessionCreated {
+        id: SessionId,
+        user: Rc<str>,
+        user_id: UserId,
+    },
+    /// An authenticated call: slide the session's TTL.
+    SessionUsed(SessionId),
+    /// `DELETE /sessions/me` here: delete it and tell every node.
+    SessionEnded(SessionId),
+    RoomCreated {
+        room: RoomId,
+        session: SessionId,
+    },
+    Remember {
+        session: SessionId,
+        room: RoomId,
+    },
+    Forget {
+        session: SessionId,
+        room: RoomId,
+    },
+    /// A history event (chat, joined, left) to store and deliver on every node.
+    Publish {
+        room: RoomId,
+        id: MsgId,
+        json: Vec<u8>,
+    },
+    /// `typing` / `typing_stopped` for every member but `except` (a member of this node).
+    Typing {
+        room: RoomId,
+        except: Option<ConnId>,
+        json: Vec<u8>,
+    },
+    Joined {
+        room: RoomId,
+        conn: ConnId,
+        session: SessionId,
+        user: Rc<str>,
+        user_id: UserId,
+    },
+    Left {
+        room: RoomId,
+        conn: ConnId,
+        session: SessionId,
+    },
+    /// The hub dropped its record of the room (no local members for the room TTL).
+    Forgotten(RoomId),
+}
+
+/// What the event loop must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Connected and ready: local rooms go through Redis again.
+    Up,
+    /// Lost Redis: degraded mode until [`Event::Up`].
+    Down,
+    /// A fact for the request parked on `token`.
+    Answer {
+        token: usize,
+        serial: u32,
+        query: Query,
+        answer: Answer,
+    },
+    /// Redis went away before answering the request parked on `token`.
+    Failed { token: usize, serial: u32 },
+    /// A history event for the room's local members.
+    Deliver {
+        room: RoomId,
+        id: MsgId,
+        json: Vec<u8>,
+    },
+    /// A typing event for the room's local members (but `except`).
+    Typing {
+        room: RoomId,
+        except: Option<ConnId>,
+        json: Vec<u8>,
+    },
+    /// The room's history as Redis has it, plus what arrived while it loaded.
+    Loaded {
+        room: RoomId,
+        messages: Vec<(MsgId, Vec<u8>)>,
+    },
+    /// A session ended on some node: close its sockets here with 1000.
+    SessionEnded(SessionId),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Not connected; the loop should connect at `retry_at`.
+    Down {
+        retry_at: Micros,
+    },
+    /// A TCP connect is in progress (or the handshake is), since `since`.
+    Connecting {
+        since: Micros,
+    },
+    Up,
+}
+
+/// What the reply to one command means.
+#[derive(Debug)]
+enum Pending {
+    Ignore,
+    Hello,
+    Fetch {
+        token: usize,
+        serial: u32,
+        query: Query,
+        now_ms: u64,
+    },
+    Load {
+        token: usize,
+        serial: u32,
+        room: RoomId,
+    },
+}
+
+#[derive(Debug)]
+enum Sub {
+    /// `SUBSCRIBE` sent, `LRANGE` not answered yet: history events are kept here.
+    Loading(Vec<(MsgId, Vec<u8>)>),
+    Live,
+}
+
+struct LocalMember {
+    conn: ConnId,
+    session: SessionId,
+    presence: Vec<u8>,
+}
+
+struct LocalSession {
+    sockets: u32,
+    user: Rc<str>,
+    user_id: UserId,
+}
+
+const PREFIX: &str = "chatloop:";
+const CTL: &[u8] = b"chatloop:ctl";
+const CONNECT_TIMEOUT: Micros = Micros(3_000_000);
+const BACKOFF_MIN: Micros = Micros(100_000);
+const BACKOFF_MAX: Micros = Micros(5_000_000);
+/// Incoming bytes above this without a complete frame mean a broken peer.
+const MAX_FRAME: usize = 512 * 1024 * 1024;
+
+/// Stores a history event and publishes it, atomically, so that history order is delivery
+/// order. A script rather than `MULTI`: Redis 7.0 writes a subscriber's own pushes into the
+/// middle of an `EXEC` reply, but before a script's reply.
+const PUBLISH: &str = "redis.call('RPUSH', KEYS[1], ARGV[1]) \
+redis.call('LTRIM', KEYS[1], ARGV[2], -1) \
+redis.call('EXPIRE', KEYS[1], ARGV[3]) \
+return redis.call('PUBLISH', KEYS[2], 'H' .. ARGV[1])";
+
+/// The Lua script behind [`Query::SessionRooms`]: the session's rooms whose registry score
+/// is still in the future.
+const SESSION_ROOMS: &str = "local out = {} \
+for _, r in ipairs(redis.call('SMEMBERS', KEYS[1])) do \
+local s = redis.call('ZSCORE', KEYS[2], r) \
+if s and tonumber(s) > tonumber(ARGV[1]) then out[#out + 1] = r end end \
+return out";
+
+pub struct Cluster {
+    cfg: ClusterConfig,
+    node: [u8; 8],
+    link: Link,
+    backoff: Micros,
+    /// Encoded commands not yet written to the socket.
+    pub out: Vec<u8>,
+    inbuf: Vec<u8>,
+    pending: VecDeque<Pending>,
+    sent: u64,
+    answered: u64,
+    subs: HashMap<RoomId, Sub>,
+    members: HashMap<RoomId, Vec<LocalMember>>,
+    sessions: HashMap<SessionId, LocalSession>,
+    next_heartbeat: Micros,
+    events: Vec<Event>,
+    scratch: String,
+}
+
+impl Cluster {
+    pub fn new(cfg: ClusterConfig, node_id: u32) -> Cluster {
+        let mut node = [0u8; 8];
+        node.copy_from_slice(format!("{node_id:08x}").as_bytes());
+        Cluster {
+            cfg,
+            node,
+            link: Link::Down {
+                retry_at: Micros::ZERO,
+            },
+            backoff: BACKOFF_MIN,
+            out: Vec::new(),
+            inbuf: Vec::new(),
+            pending: VecDeque::new(),
+            sent: 0,
+            answered: 0,
+            subs: HashMap::new(),
+            members: HashMap::new(),
+            sessions: HashMap::new(),
+            next_heartbeat: Micros::MAX,
+            events: Vec::new(),
+            scratch: String::new(),
+        }
+    }
+
+    /// This node's id in presence entries and typing events.
+    pub fn node(&self) -> &str {
+        std::str::from_utf8(&self.node).unwrap_or("????????")
+    }
+
+    /// Whether the loop should keep a socket (connecting or connected).
+    pub fn wants_socket(&self) -> bool {
+        !matches!(self.link, Link::Down { .. })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.link == Link::Up
+    }
+
+    /// Commands written so far (a held response waits until [`Cluster::answered`] reaches it).
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    pub fn answered(&self) -> u64 {
+        self.answered
+    }
+
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
+        self.events.drain(..)
+    }
+
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// When [`Cluster::on_timer`] has work.
+    pub fn poll_timeout(&self) -> Option<Micros> {
+        match self.link {
+            Link::Down { retry_at } => Some(retry_at),
+            Link::Connecting { since } => Some(since + CONNECT_TIMEOUT),
+            Link::Up => Some(self.next_heartbeat),
+        }
+    }
+
+    /// Whether the loop should start connecting now; if so the link is `Connecting`.
+    pub fn should_connect(&mut self, now: Now) -> bool {
+        match self.link {
+            Link::Down { retry_at } if now.mono >= retry_at => {
+                self.link = Link::Connecting { since: now.mono };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Heartbeats, and the connect timeout.
+    pub fn on_timer(&mut self, now: Now) {
+        match self.link {
+            Link::Connecting { since } if now.mono >= since + CONNECT_TIMEOUT => {
+                log::warn!(
+                    "Redis did not answer within {} s",
+                    CONNECT_TIMEOUT.0 / 1_000_000
+                );
+                self.on_disconnected(now);
+            }
+            Link::Up if now.mono >= self.next_heartbeat => self.heartbeat(now, false),
+            _ => {}
+        }
+    }
+
+    /// The TCP connection is open: say hello (RESP3, auth) and pick the database.
+    pub fn on_connected(&mut self) {
+        self.out.clear();
+        self.inbuf.clear();
+        let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
+        if let Some(p) = &self.cfg.password {
+            hello.push(b"AUTH");
+            hello.push(self.cfg.user.as_deref().unwrap_or("default").as_bytes());
+            hello.push(p.as_bytes());
+        }
+        let hello: Vec<Vec<u8>> = hello.into_iter().map(<[u8]>::to_vec).collect();
+        self.command_owned(&hello, Pending::Hello);
+        let db = self.cfg.db.to_string();
+        self.command(&[b"SELECT", db.as_bytes()], Pending::Hello);
+    }
+
+    /// The connection failed or closed: fail what waits, go degraded, retry with backoff.
+    pub fn on_disconnected(&mut self, now: Now) {
+        let was_up = self.link == Link::Up;
+        self.out.clear();
+        self.inbuf.clear();
+        for p in self.pending.drain(..) {
+            match p {
+                Pending::Fetch { token, serial, .. } | Pending::Load { token, serial, .. } => {
+                    self.events.push(Event::Failed { token, serial })
+                }
+                Pending::Ignore | Pending::Hello => {}
+            }
+        }
+        self.answered = self.sent;
+        // Rooms still loading have no members yet; rooms with members resubscribe on Up.
+        self.subs.retain(|_, s| matches!(s, Sub::Live));
+        self.link = Link::Down {
+            retry_at: now.mono + self.backoff,
+        };
+        self.backoff = (self.backoff + self.backoff).min(BACKOFF_MAX);
+        if was_up {
+            log::warn!("lost Redis: degraded mode (local rooms only) until it is back");
+            self.events.push(Event::Down);
+        }
+    }
+
+    /// Bytes from Redis; replies are matched to commands in order, pushes are routed.
+    /// Returns `false` if the stream is broken (the loop should close and reconnect).
+    pub fn on_bytes(&mut self, data: &[u8], now: Now) -> bool {
+        self.inbuf.extend_from_slice(data);
+        let mut pos = 0;
+        let ok = loop {
+            match decode(&self.inbuf[pos..]) {
+                Ok(Some((frame, used))) => {
+                    pos += used;
+                    if !self.on_frame(frame, now) {
+                        break false;
+                    }
+                }
+                Ok(None) => break self.inbuf.len() - pos <= MAX_FRAME,
+                Err(e) => {
+                    log::warn!("unreadable reply from Redis: {e:?}");
+                    break false;
+                }
+            }
+        };
+        self.inbuf.drain(..pos);
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 1024 * 1024 {
+            self.inbuf = Vec::new();
+        }
+        ok
+    }
+
+    /// Asks Redis for a fact on behalf of the request parked on `token`.
+    pub fn fetch(&mut self, token: usize, serial: u32, query: Query, now: Now) {
+        if !self.is_up() {
+            self.events.push(Event::Failed { token, serial });
+            return;
+        }
+        let now_ms = now.wall.0 / 1000;
+        let fetch = Pending::Fetch {
+            token,
+            serial,
+            query,
+            now_ms,
+        };
+        let after = format!("({now_ms}");
+        match query {
+            Query::Session(s) => {
+                let key = self.key("s:", s);
+                self.command(&[b"HGETALL", key.as_bytes()], fetch)
+            }
+            Query::RoomExists(r) => {
+                let room = r.hex();
+                self.command(&[b"ZSCORE", b"chatloop:rooms", &room], fetch)
+            }
+            Query::UserCount(r) => {
+                let key = self.key("p:", r);
+                self.command(
+                    &[b"ZCOUNT", key.as_bytes(), after.as_bytes(), b"+inf"],
+                    fetch,
+                )
+            }
+            Query::Presence(r) => {
+                let key = self.key("p:", r);
+                let args: [&[u8]; 4] =
+                    [b"ZRANGEBYSCORE", key.as_bytes(), after.as_bytes(), b"+inf"];
+                self.command(&args, fetch)
+            }
+            Query::SessionRooms(s) => {
+                let key = self.key("sr:", s);
+                let ms = now_ms.to_string();
+                let args: [&[u8]; 6] = [
+                    b"EVAL",
+                    SESSION_ROOMS.as_bytes(),
+                    b"2",
+                    key.as_bytes(),
+                    b"chatloop:rooms",
+                    ms.as_bytes(),
+                ];
+                self.command(&args, fetch)
+            }
+            Query::AllRooms => {
+                let args: [&[u8]; 4] = [
+                    b"ZRANGEBYSCORE",
+                    b"chatloop:rooms",
+                    after.as_bytes(),
+                    b"+inf",
+                ];
+                self.command(&args, fetch)
+            }
+            Query::History(r, n) => {
+                let key = self.key("h:", r);
+                let from = format!("-{n}");
+                self.command(&[b"LRANGE", key.as_bytes(), from.as_bytes(), b"-1"], fetch)
+            }
+            Query::Subscribe(r) => {
+                if matches!(self.subs.get(&r), Some(Sub::Live)) {
+                    self.events.push(Event::Answer {
+                        token,
+                        serial,
+                        query,
+                        answer: Answer::Done,
+                    });
+                    return;
+                }
+                if let std::collections::hash_map::Entry::Vacant(e) = self.subs.entry(r) {
+                    e.insert(Sub::Loading(Vec::new()));
+                    let channel = self.key("m:", r);
+                    self.command_push(&[b"SUBSCRIBE", channel.as_bytes()]);
+                }
+                let key = self.key("h:", r);
+                let load = Pending::Load {
+                    token,
+                    serial,
+                    room: r,
+                };
+                self.command(&[b"LRANGE", key.as_bytes(), b"0", b"-1"], load)
+            }
+        }
+    }
+
+    /// Writes one change of shared state. While Redis is down only local bookkeeping is
+    /// kept (what a heartbeat re-asserts once it is back).
+    pub fn apply(&mut self, op: Op, now: Now) {
+        let left = self.track(&op);
+        if !self.is_up() {
+            return;
+        }
+        let now_ms = now.wall.0 / 1000;
+        let session_ttl = secs(self.cfg.session_ttl).to_string();
+        match op {
+            Op::SessionCreated { id, user, user_id } => {
+                let key = self.key("s:", id);
+                let uid = user_id.to_string();
+                let args: [&[u8]; 6] = [
+                    b"HSET",
+                    key.as_bytes(),
+                    b"u",
+                    user.as_bytes(),
+                    b"i",
+                    uid.as_bytes(),
+                ];
+                self.command(&args, Pending::Ignore);
+                self.command(
+                    &[b"EXPIRE", key.as_bytes(), session_ttl.as_bytes()],
+                    Pending::Ignore,
+                );
+            }
+            Op::SessionUsed(id) => {
+                for kind in ["s:", "sr:"] {
+                    let key = self.key(kind, id);
+                    self.command(
+                        &[b"EXPIRE", key.as_bytes(), session_ttl.as_bytes()],
+                        Pending::Ignore,
+                    );
+                }
+            }
+            Op::SessionEnded(id) => {
+                let (s, sr) = (self.key("s:", id), self.key("sr:", id));
+                self.command(&[b"DEL", s.as_bytes(), sr.as_bytes()], Pending::Ignore);
+                let msg = format!("E{id}");
+                self.command(&[b"PUBLISH", CTL, msg.as_bytes()], Pending::Ignore);
+            }
+            Op::RoomCreated { room, session } => {
+                let exp = (now_ms + ms(self.cfg.room_ttl)).to_string();
+                let hex = room.hex();
+                let args: [&[u8]; 5] = [b"ZADD", b"chatloop:rooms", b"NX", exp.as_bytes(), &hex];
+                self.command(&args, Pending::Ignore);
+                self.remember(session, room, &session_ttl);
+            }
+            Op::Remember { session, room } => self.remember(session, room, &session_ttl),
+            Op::Forget { session, room } => {
+                let key = self.key("sr:", session);
+                self.command(&[b"SREM", key.as_bytes(), &room.hex()], Pending::Ignore);
+            }
+            Op::Publish { room, id, json } => {
+                let mut entry = Vec::with_capacity(36 + json.len());
+                let _ = std::io::Write::write_fmt(&mut entry, format_args!("{id}"));
+                entry.extend_from_slice(&json);
+                let (h, m) = (self.key("h:", room), self.key("m:", room));
+                let keep = format!("-{}", self.cfg.history);
+                let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
+                let args: [&[u8]; 8] = [
+                    b"EVAL",
+                    PUBLISH.as_bytes(),
+                    b"2",
+                    h.as_bytes(),
+                    m.as_bytes(),
+                    &entry,
+                    keep.as_bytes(),
+                    ttl.as_bytes(),
+                ];
+                self.command(&args, Pending::Ignore);
+            }
+            Op::Typing { room, except, json } => {
+                let mut msg = Vec::with_capacity(17 + json.len());
+                msg.push(b'T');
+                msg.extend_from_slice(&self.node);
+                let c = except.map_or(u32::MAX, |c| c.0 as u32);
+                let _ = std::io::Write::write_fmt(&mut msg, format_args!("{c:08x}"));
+                msg.extend_from_slice(&json);
+                let m = self.key("m:", room);
+                self.command(&[b"PUBLISH", m.as_bytes(), &msg], Pending::Ignore);
+            }
+            Op::Joined { room, conn, .. } => {
+                let presence = self
+                    .members
+                    .get(&room)
+                    .and_then(|ms| ms.iter().find(|m| m.conn == conn))
+                    .map(|m| m.presence.clone())
+                    .unwrap_or_default();
+                self.refresh_room(room, &[presence], now);
+            }
+            Op::Left { room, .. } => {
+                if let Some(member) = left {
+                    let key = self.key("p:", room);
+                    self.command(&[b"ZREM", key.as_bytes(), &member], Pending::Ignore);
+                }
+                if !self.members.contains_key(&room) {
+                    self.unsubscribe(room);
+                    let exp = (now_ms + ms(self.cfg.room_ttl)).to_string();
+                    let hex = room.hex();
+                    let args: [&[u8]; 5] =
+                        [b"ZADD", b"chatloop:rooms", b"GT", exp.as_bytes(), &hex];
+                    self.command(&args, Pending::Ignore);
+                }
+            }
+            Op::Forgotten(room) => {
+                if !self.members.contains_key(&room) {
+                    self.unsubscribe(room);
+                }
+            }
+        }
+    }
+
+    // ---- internals ------------------------------------------------------------------
+
+    /// Keeps the node's own view of its members and sessions (for heartbeats); returns the
+    /// presence entry of a member that left.
+    fn track(&mut self, op: &Op) -> Option<Vec<u8>> {
+        let mut left = None;
+        match op {
+            Op::Joined {
+                room,
+                conn,
+                session,
+                user,
+                user_id,
+            } => {
+                let presence =
+                    format!("{}:{:x}:{user_id}:{user}", self.node(), conn.0).into_bytes();
+                self.members.entry(*room).or_default().push(LocalMember {
+                    conn: *conn,
+                    session: *session,
+                    presence,
+                });
+                let s = self.sessions.entry(*session).or_insert(LocalSession {
+                    sockets: 0,
+                    user: user.clone(),
+                    user_id: *user_id,
+                });
+                s.sockets += 1;
+            }
+            Op::Left {
+                room,
+                conn,
+                session,
+            } => {
+                if let Some(ms) = self.members.get_mut(room)
+                    && let Some(i) = ms.iter().position(|m| m.conn == *conn)
+                {
+                    left = Some(ms.swap_remove(i).presence);
+                    if ms.is_empty() {
+                        self.members.remove(room);
+                    }
+                }
+                if let Some(s) = self.sessions.get_mut(session) {
+                    s.sockets = s.sockets.saturating_sub(1);
+                    if s.sockets == 0 {
+                        self.sessions.remove(session);
+                    }
+                }
+            }
+            Op::SessionEnded(id) => {
+                self.sessions.remove(id);
+            }
+            _ => {}
+        }
+        left
+    }
+
+    fn remember(&mut self, session: SessionId, room: RoomId, ttl: &str) {
+        let key = self.key("sr:", session);
+        self.command(&[b"SADD", key.as_bytes(), &room.hex()], Pending::Ignore);
+        self.command(
+            &[b"EXPIRE", key.as_bytes(), ttl.as_bytes()],
+            Pending::Ignore,
+        );
+    }
+
+    /// Presence entries of this node in `room`, the room's registry score and its keys' TTLs.
+    fn refresh_room(&mut self, room: RoomId, presence: &[Vec<u8>], now: Now) {
+        let now_ms = now.wall.0 / 1000;
+        let p = self.key("p:", room);
+        let until = (now_ms + ms(self.cfg.presence_ttl)).to_string();
+        let mut args: Vec<&[u8]> = Vec::with_capacity(2 + 2 * presence.len());
+        args.push(b"ZADD");
+        args.push(p.as_bytes());
+        for m in presence {
+            args.push(until.as_bytes());
+            args.push(m);
+        }
+        if presence.is_empty() {
+            return;
+        }
+        self.command(&args, Pending::Ignore);
+        let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
+        self.command(&[b"EXPIRE", p.as_bytes(), ttl.as_bytes()], Pending::Ignore);
+        let h = self.key("h:", room);
+        self.command(&[b"EXPIRE", h.as_bytes(), ttl.as_bytes()], Pending::Ignore);
+        let exp = (now_ms + ms(self.cfg.room_ttl)).to_string();
+        let hex = room.hex();
+        let args: [&[u8]; 5] = [b"ZADD", b"chatloop:rooms", b"GT", exp.as_bytes(), &hex];
+        self.command(&args, Pending::Ignore);
+    }
+
+    /// Every `--presence-ttl`/3: refresh what this node holds. Right after (re)connecting,
+    /// `reassert` also rewrites sessions and rooms in use, in case Redis lost them.
+    fn heartbeat(&mut self, now: Now, reassert: bool) {
+        self.next_heartbeat = now.mono + Micros(self.cfg.presence_ttl.0 / 3).max(Micros(100_000));
+        let now_ms = (now.wall.0 / 1000).to_string();
+        let rooms: Vec<(RoomId, Vec<Vec<u8>>)> = self
+            .members
+            .iter()
+            .map(|(r, ms)| (*r, ms.iter().map(|m| m.presence.clone()).collect()))
+            .collect();
+        for (room, presence) in rooms {
+            let p = self.key("p:", room);
+            let args: [&[u8]; 4] = [
+                b"ZREMRANGEBYSCORE",
+                p.as_bytes(),
+                b"-inf",
+                now_ms.as_bytes(),
+            ];
+            self.command(&args, Pending::Ignore);
+            self.refresh_room(room, &presence, now);
+        }
+        let args: [&[u8]; 4] = [
+            b"ZREMRANGEBYSCORE",
+            b"chatloop:rooms",
+            b"-inf",
+            now_ms.as_bytes(),
+        ];
+        self.command(&args, Pending::Ignore);
+        let ttl = secs(self.cfg.session_ttl).to_string();
+        let sessions: Vec<(SessionId, Rc<str>, UserId)> = self
+            .sessions
+            .iter()
+            .map(|(id, s)| (*id, s.user.clone(), s.user_id))
+            .collect();
+        for (id, user, user_id) in sessions {
+            let key = self.key("s:", id);
+            if reassert {
+                let uid = user_id.to_string();
+                let args: [&[u8]; 6] = [
+                    b"HSET",
+                    key.as_bytes(),
+                    b"u",
+                    user.as_bytes(),
+                    b"i",
+                    uid.as_bytes(),
+                ];
+                self.command(&args, Pending::Ignore);
+            }
+            self.command(
+                &[b"EXPIRE", key.as_bytes(), ttl.as_bytes()],
+                Pending::Ignore,
+            );
+            let key = self.key("sr:", id);
+            self.command(
+                &[b"EXPIRE", key.as_bytes(), ttl.as_bytes()],
+                Pending::Ignore,
+            );
+        }
+        if reassert {
+            // Rooms with members here exist, whatever Redis remembers.
+            let rooms: Vec<RoomId> = self.members.keys().copied().collect();
+            for room in rooms {
+                let sessions: Vec<SessionId> =
+                    self.members[&room].iter().map(|m| m.session).collect();
+                for s in sessions {
+                    self.remember(s, room, &ttl);
+                }
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, room: RoomId) {
+        if self.subs.remove(&room).is_some() {
+            let channel = self.key("m:", room);
+            self.command_push(&[b"UNSUBSCRIBE", channel.as_bytes()]);
+        }
+    }
+
+    fn on_frame(&mut self, frame: OwnedFrame, now: Now) -> bool {
+        if let OwnedFrame::Push { data, .. } = frame {
+            self.on_push(data);
+            return true;
+        }
+        let Some(p) = self.pending.pop_front() else {
+            log::warn!("Redis sent a reply nobody asked for");
+            return false;
+        };
+        self.answered += 1;
+        match p {
+            Pending::Ignore => {
+                if let OwnedFrame::SimpleError { data, .. } = &frame {
+                    log::warn!("Redis refused a write: {data}");
+                } else if let OwnedFrame::BlobError { data, .. } = &frame {
+                    log::warn!("Redis refused a write: {}", String::from_utf8_lossy(data));
+                }
+            }
+            Pending::Hello => {
+                if let Some(e) = error_text(&frame) {
+                    log::error!("Redis refused the connection handshake: {e}");
+                    return false;
+                }
+                if self.pending.iter().all(|p| !matches!(p, Pending::Hello)) {
+                    self.became_up(now);
+                }
+            }
+            Pending::Fetch {
+                token,
+                serial,
+                query,
+                now_ms,
+            } => match decode_answer(query, frame, now_ms) {
+                Ok(answer) => self.events.push(Event::Answer {
+                    token,
+                    serial,
+                    query,
+                    answer,
+                }),
+                Err(e) => {
+                    log::warn!("Redis answered {query:?} with {e}");
+                    self.events.push(Event::Failed { token, serial });
+                }
+            },
+            Pending::Load {
+                token,
+                serial,
+                room,
+            } => {
+                let query = Query::Subscribe(room);
+                if let Some(Sub::Loading(buffered)) = self.subs.get_mut(&room) {
+                    let buffered = std::mem::take(buffered);
+                    let mut messages: Vec<(MsgId, Vec<u8>)> = list_items(frame)
+                        .into_iter()
+                        .filter_map(|e| split_entry(&e))
+                        .collect();
+                    for (id, json) in buffered {
+                        if !messages.iter().rev().any(|(m, _)| *m == id) {
+                            messages.push((id, json));
+                        }
+                    }
+                    self.subs.insert(room, Sub::Live);
+                    self.events.push(Event::Loaded { room, messages });
+                }
+                self.events.push(Event::Answer {
+                    token,
+                    serial,
+                    query,
+                    answer: Answer::Done,
+                });
+            }
+        }
+        true
+    }
+
+    fn became_up(&mut self, now: Now) {
+        log::info!("connected to Redis as node {}", self.node());
+        self.link = Link::Up;
+        self.backoff = BACKOFF_MIN;
+        self.command_push(&[b"SUBSCRIBE", CTL]);
+        let rooms: Vec<RoomId> = self.members.keys().copied().collect();
+        for room in rooms {
+            // Members here kept chatting locally while Redis was away; their history stays.
+            self.subs.insert(room, Sub::Live);
+            let channel = self.key("m:", room);
+            self.command_push(&[b"SUBSCRIBE", channel.as_bytes()]);
+        }
+        self.heartbeat(now, true);
+        self.events.push(Event::Up);
+    }
+
+    fn on_push(&mut self, data: Vec<OwnedFrame>) {
+        let mut it = data.into_iter();
+        let (Some(kind), Some(channel), Some(payload)) = (it.next(), it.next(), it.next()) else {
+            return;
+        };
+        if blob(&kind) != Some(b"message") {
+            return; // subscribe / unsubscribe confirmations
+        }
+        let (Some(channel), Some(payload)) = (blob(&channel), into_blob(payload)) else {
+            return;
+        };
+        if channel == CTL {
+            if let Some(id) = payload
+                .strip_prefix(b"E")
+                .and_then(|s| std::str::from_utf8(s).ok())
+                .and_then(SessionId::parse)
+            {
+                self.events.push(Event::SessionEnded(id));
+            }
+            return;
+        }
+        let Some(room) = channel
+            .strip_prefix(b"chatloop:m:")
+            .and_then(|r| std::str::from_utf8(r).ok())
+            .and_then(RoomId::parse)
+        else {
+            return;
+        };
+        match payload.first() {
+            Some(b'H') => {
+                let Some((id, json)) = split_entry(&payload[1..]) else {
+                    return;
+                };
+                match self.subs.get_mut(&room) {
+                    Some(Sub::Loading(buf)) => buf.push((id, json)),
+                    Some(Sub::Live) => self.events.push(Event::Deliver { room, id, json }),
+                    None => {}
+                }
+            }
+            Some(b'T')
+                if payload.len() >= 17 && matches!(self.subs.get(&room), Some(Sub::Live)) =>
+            {
+                let (node, conn, json) = (&payload[1..9], &payload[9..17], &payload[17..]);
+                let except = (node == self.node)
+                    .then(|| std::str::from_utf8(conn).ok())
+                    .flatten()
+                    .and_then(|c| u32::from_str_radix(c, 16).ok())
+                    .filter(|c| *c != u32::MAX)
+                    .map(|c| ConnId(c as usize));
+                self.events.push(Event::Typing {
+                    room,
+                    except,
+                    json: json.to_vec(),
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn key(&mut self, kind: &str, id: impl std::fmt::Display) -> String {
+        self.scratch.clear();
+        let _ = write!(self.scratch, "{PREFIX}{kind}{id}");
+        self.scratch.clone()
+    }
+
+    /// Encodes a command whose reply is `pending`.
+    fn command(&mut self, args: &[&[u8]], pending: Pending) {
+        self.encode(args);
+        self.pending.push_back(pending);
+        self.sent += 1;
+    }
+
+    fn command_owned(&mut self, args: &[Vec<u8>], pending: Pending) {
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        self.command(&args, pending);
+    }
+
+    /// Encodes a (un)subscribe, which RESP3 answers with a push, not a reply.
+    fn command_push(&mut self, args: &[&[u8]]) {
+        self.encode(args);
+    }
+
+    fn encode(&mut self, args: &[&[u8]]) {
+        let parts: Vec<BorrowedFrame<'_>> = args
+            .iter()
+            .map(|a| BorrowedFrame::BlobString {
+                data: a,
+                attributes: None,
+            })
+            .collect();
+        let frame = BorrowedFrame::Array {
+            data: &parts,
+            attributes: None,
+        };
+        let at = self.out.len();
+        self.out.resize(at + frame.encode_len(false), 0);
+        match encode_borrowed(&mut self.out[at..], &frame, false) {
+            Ok(n) => self.out.truncate(at + n),
+            Err(e) => {
+                // Cannot happen with a buffer of encode_len bytes; never send half a command.
+                log::error!("could not encode a Redis command: {e:?}");
+                self.out.truncate(at);
+            }
+        }
+    }
+}
+
+fn secs(d: Micros) -> u64 {
+    d.0.div_ceil(1_000_000).max(1)
+}
+
+fn ms(d: Micros) -> u64 {
+    d.0 / 1000
+}
+
+fn blob(f: &OwnedFrame) -> Option<&[u8]> {
+    match f {
+        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => Some(data),
+        _ => None,
+    }
+}
+
+fn into_blob(f: OwnedFrame) -> Option<Vec<u8>> {
+    match f {
+        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => Some(data),
+        _ => None,
+    }
+}
+
+fn error_text(f: &OwnedFrame) -> Option<String> {
+    match f {
+        OwnedFrame::SimpleError { data, .. } => Some(data.clone()),
+        OwnedFrame::BlobError { data, .. } => Some(String::from_utf8_lossy(data).into_owned()),
+        _ => None,
+    }
+}
+
+fn list_items(f: OwnedFrame) -> Vec<Vec<u8>> {
+    match f {
+        OwnedFrame::Array { data, .. } => data.into_iter().filter_map(into_blob).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `{36-character id}{json}` as stored in history and published.
+fn split_entry(e: &[u8]) -> Option<(MsgId, Vec<u8>)> {
+    let id = std::str::from_utf8(e.get(..36)?)
+        .ok()
+        .and_then(MsgId::parse)?;
+    Some((id, e[36..].to_vec()))
+}
+
+/// Reads a presence entry `node:conn:user_id:user`.
+fn presence_user(e: &[u8]) -> Option<(String, UserId)> {
+    let s = std::str::from_utf8(e).ok()?;
+    let mut parts = s.splitn(4, ':');
+    let (_node, _conn) = (parts.next()?, parts.next()?);
+    let uid = u32::from_str_radix(parts.next()?, 16).ok()?;
+    Some((parts.next()?.to_string(), UserId(uid)))
+}
+
+fn decode_answer(query: Query, frame: OwnedFrame, now_ms: u64) -> Result<Answer, String> {
+    if let Some(e) = error_text(&frame) {
+        return Err(e);
+    }
+    Ok(match query {
+        Query::Session(_) => {
+            let mut user = None;
+            let mut uid = None;
+            let pairs: Vec<(OwnedFrame, OwnedFrame)> = match frame {
+                OwnedFrame::Map { data, .. } => data.into_iter().collect(),
+                OwnedFrame::Array { data, .. } => {
+                    let mut it = data.into_iter();
+                    let mut v = Vec::new();
+                    while let (Some(k), Some(val)) = (it.next(), it.next()) {
+                        v.push((k, val));
+                    }
+                    v
+                }
+                _ => Vec::new(),
+            };
+            for (k, v) in pairs {
+                match blob(&k) {
+                    Some(b"u") => user = into_blob(v).and_then(|b| String::from_utf8(b).ok()),
+                    Some(b"i") => {
+                        uid = into_blob(v)
+                            .and_then(|b| String::from_utf8(b).ok())
+                            .and_then(|s| u32::from_str_radix(&s, 16).ok())
+                    }
+                    _ => {}
+                }
+            }
+            Answer::Session(user.zip(uid.map(UserId)))
+        }
+        Query::RoomExists(_) => Answer::Exists(match frame {
+            OwnedFrame::Double { data, .. } => data > now_ms as f64,
+            OwnedFrame::BlobString { data, .. } => std::str::from_utf8(&data)
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+                .is_some_and(|s| s > now_ms as f64),
+            _ => false,
+        }),
+        Query::UserCount(_) => Answer::Count(match frame {
+            OwnedFrame::Number { data, .. } => usize::try_from(data).unwrap_or(0),
+            _ => 0,
+        }),
+        Query::Presence(_) => Answer::Users(
+            list_items(frame)
+                .iter()
+                .filter_map(|e| presence_user(e))
+                .collect(),
+        ),
+        Query::SessionRooms(_) | Query::AllRooms => Answer::Rooms(
+            list_items(frame)
+                .iter()
+                .filter_map(|r| std::str::from_utf8(r).ok().and_then(RoomId::parse))
+                .collect(),
+        ),
+        Query::History(..) => Answer::Messages(
+            list_items(frame)
+                .into_iter()
+                .filter_map(|e| split_entry(&e).map(|(_, j)| j))
+                .collect(),
+        ),
+        Query::Subscribe(_) => Answer::Done,
+    })
+}
+
+#[cfg(test)]
+mod tests;

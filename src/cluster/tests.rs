@@ -1,0 +1,384 @@
+//! Unit tests of the Redis side: URLs, commands, reply matching, subscribe-and-load.
+
+use super::*;
+use crate::time::UnixMicros;
+
+fn now(ms: u64) -> Now {
+    Now {
+        mono: Micros::from_millis(ms),
+        wall: UnixMicros(1_700_000_000_000_000 + ms * 1000),
+    }
+}
+
+fn cfg() -> ClusterConfig {
+    ClusterConfig {
+        room_ttl: Micros::from_secs(120),
+        session_ttl: Micros::from_secs(3600),
+        history: 1000,
+        presence_ttl: Micros::from_secs(15),
+        db: 2,
+        user: None,
+        password: None,
+    }
+}
+
+/// A cluster that has connected and finished its handshake.
+fn up() -> Cluster {
+    let mut c = Cluster::new(cfg(), 0xabcdef01);
+    assert!(c.should_connect(now(0)));
+    c.on_connected();
+    assert!(c.on_bytes(b"%1\r\n$6\r\nserver\r\n$5\r\nredis\r\n+OK\r\n", now(1)));
+    assert!(c.is_up());
+    assert_eq!(c.drain_events().collect::<Vec<_>>(), vec![Event::Up]);
+    ack_all(&mut c); // the first heartbeat's writes
+    c.out.clear();
+    c
+}
+
+/// Answers every pending command with `+OK`.
+fn ack_all(c: &mut Cluster) {
+    let n = c.pending.len();
+    let oks = "+OK\r\n".repeat(n);
+    assert!(c.on_bytes(oks.as_bytes(), now(2)));
+}
+
+fn push(channel: &str, payload: &[u8]) -> Vec<u8> {
+    let mut b = format!(
+        ">3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n",
+        channel.len(),
+        payload.len()
+    )
+    .into_bytes();
+    b.extend_from_slice(payload);
+    b.extend_from_slice(b"\r\n");
+    b
+}
+
+fn bulk_array(items: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = format!("*{}\r\n", items.len()).into_bytes();
+    for i in items {
+        b.extend_from_slice(format!("${}\r\n", i.len()).as_bytes());
+        b.extend_from_slice(i);
+        b.extend_from_slice(b"\r\n");
+    }
+    b
+}
+
+const ROOM: RoomId = RoomId(0x0123456789);
+
+fn entry(id: MsgId, text: &str) -> Vec<u8> {
+    let mut e = id.to_string().into_bytes();
+    e.extend_from_slice(format!("{{\"m\":\"{text}\"}}").as_bytes());
+    e
+}
+
+#[test]
+fn urls_parse_with_defaults_and_auth() {
+    let u = RedisUrl::parse("redis://127.0.0.1:6380/3").unwrap();
+    assert_eq!((u.host.as_str(), u.port, u.db), ("127.0.0.1", 6380, 3));
+    let u = RedisUrl::parse("redis://localhost").unwrap();
+    assert_eq!((u.host.as_str(), u.port, u.db), ("localhost", 6379, 0));
+    let u = RedisUrl::parse("redis://:s3cret@[::1]:7000/").unwrap();
+    assert_eq!((u.host.as_str(), u.port), ("::1", 7000));
+    assert_eq!(u.password.as_deref(), Some("s3cret"));
+    assert!(!u.to_string().contains("s3cret"));
+    assert!(RedisUrl::parse("http://x").is_err());
+    assert!(RedisUrl::parse("redis://h:notaport").is_err());
+    assert!(RedisUrl::parse("redis://h/x").is_err());
+}
+
+#[test]
+fn handshake_says_hello_3_and_selects_the_database() {
+    let mut c = Cluster::new(cfg(), 1);
+    assert!(c.should_connect(now(0)));
+    c.on_connected();
+    let text = String::from_utf8_lossy(&c.out).to_string();
+    assert!(
+        text.starts_with("*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("$6\r\nSELECT\r\n$1\r\n2\r\n"), "{text}");
+    assert!(!c.is_up());
+}
+
+#[test]
+fn a_refused_handshake_breaks_the_link() {
+    let mut c = Cluster::new(cfg(), 1);
+    c.should_connect(now(0));
+    c.on_connected();
+    assert!(!c.on_bytes(b"-WRONGPASS invalid password\r\n", now(1)));
+}
+
+#[test]
+fn fetches_are_answered_in_command_order_across_pushes() {
+    let mut c = up();
+    let s = SessionId(7);
+    c.fetch(5, 9, Query::Session(s), now(10));
+    c.fetch(6, 1, Query::UserCount(ROOM), now(10));
+    let mut replies = b"%2\r\n$1\r\nu\r\n$5\r\nalice\r\n$1\r\ni\r\n$8\r\n0000abcd\r\n".to_vec();
+    replies.extend_from_slice(&push("chatloop:ctl", b"Enot-a-session"));
+    replies.extend_from_slice(b":3\r\n");
+    // Split anywhere: partial frames wait for the rest.
+    assert!(c.on_bytes(&replies[..7], now(11)));
+    assert!(c.on_bytes(&replies[7..], now(11)));
+    let events: Vec<Event> = c.drain_events().collect();
+    assert_eq!(
+        events,
+        vec![
+            Event::Answer {
+                token: 5,
+                serial: 9,
+                query: Query::Session(s),
+                answer: Answer::Session(Some(("alice".into(), UserId(0xabcd)))),
+            },
+            Event::Answer {
+                token: 6,
+                serial: 1,
+                query: Query::UserCount(ROOM),
+                answer: Answer::Count(3),
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_missing_session_is_none_and_an_expired_room_does_not_exist() {
+    let mut c = up();
+    c.fetch(1, 1, Query::Session(SessionId(1)), now(10));
+    c.fetch(2, 1, Query::RoomExists(ROOM), now(10));
+    c.fetch(3, 1, Query::RoomExists(ROOM), now(10));
+    let past = (now(10).wall.0 / 1000 - 5).to_string();
+    let future = (now(10).wall.0 / 1000 + 5).to_string();
+    let replies = format!("%0\r\n,{past}\r\n,{future}\r\n");
+    assert!(c.on_bytes(replies.as_bytes(), now(11)));
+    let answers: Vec<Answer> = c
+        .drain_events()
+        .filter_map(|e| match e {
+            Event::Answer { answer, .. } => Some(answer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        vec![
+            Answer::Session(None),
+            Answer::Exists(false),
+            Answer::Exists(true)
+        ]
+    );
+}
+
+#[test]
+fn losing_redis_fails_waiting_requests_and_backs_off() {
+    let mut c = up();
+    c.fetch(4, 2, Query::AllRooms, now(10));
+    c.on_disconnected(now(20));
+    let events: Vec<Event> = c.drain_events().collect();
+    assert_eq!(
+        events,
+        vec![
+            Event::Failed {
+                token: 4,
+                serial: 2
+            },
+            Event::Down
+        ]
+    );
+    assert!(!c.is_up());
+    assert!(!c.should_connect(now(50)), "retries only after the backoff");
+    assert!(c.should_connect(now(20 + 100)));
+    c.on_disconnected(now(200));
+    assert!(!c.should_connect(now(350)), "the backoff doubles");
+    assert!(c.should_connect(now(400)));
+    // While down, a fetch fails at once instead of waiting.
+    c.fetch(8, 1, Query::AllRooms, now(401));
+    assert_eq!(
+        c.drain_events().collect::<Vec<_>>(),
+        vec![Event::Failed {
+            token: 8,
+            serial: 1
+        }]
+    );
+}
+
+#[test]
+fn subscribe_then_load_sees_each_message_exactly_once() {
+    let mut c = up();
+    c.fetch(1, 1, Query::Subscribe(ROOM), now(10));
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    let sub = out.find("SUBSCRIBE").unwrap();
+    let lrange = out.find("LRANGE").unwrap();
+    assert!(sub < lrange, "subscribe goes first on the same connection");
+    let (a, b, d) = (MsgId(1 << 80), MsgId(2 << 80), MsgId(3 << 80));
+    // b was published after SUBSCRIBE ran and before LRANGE ran: it is in both.
+    let mut bytes = push(
+        "chatloop:m:0123456789",
+        &[b"H".as_slice(), &entry(b, "b")].concat(),
+    );
+    bytes.extend_from_slice(&bulk_array(&[entry(a, "a"), entry(b, "b")]));
+    // d came after LRANGE: only as a push.
+    bytes.extend_from_slice(&push(
+        "chatloop:m:0123456789",
+        &[b"H".as_slice(), &entry(d, "d")].concat(),
+    ));
+    assert!(c.on_bytes(&bytes, now(11)));
+    let events: Vec<Event> = c.drain_events().collect();
+    assert_eq!(
+        events,
+        vec![
+            Event::Loaded {
+                room: ROOM,
+                messages: vec![
+                    (a, b"{\"m\":\"a\"}".to_vec()),
+                    (b, b"{\"m\":\"b\"}".to_vec())
+                ],
+            },
+            Event::Answer {
+                token: 1,
+                serial: 1,
+                query: Query::Subscribe(ROOM),
+                answer: Answer::Done,
+            },
+            Event::Deliver {
+                room: ROOM,
+                id: d,
+                json: b"{\"m\":\"d\"}".to_vec(),
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_chat_is_stored_and_published_by_one_script() {
+    let mut c = up();
+    let id = MsgId(5 << 80);
+    c.apply(
+        Op::Publish {
+            room: ROOM,
+            id,
+            json: b"{}".to_vec(),
+        },
+        now(10),
+    );
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    assert!(out.starts_with("*8\r\n$4\r\nEVAL\r\n"), "{out}");
+    for part in [
+        "RPUSH",
+        "LTRIM",
+        "PUBLISH",
+        "chatloop:h:0123456789",
+        "chatloop:m:0123456789",
+    ] {
+        assert!(out.contains(part), "{part} missing in {out}");
+    }
+    assert!(
+        out.contains("$5\r\n-1000\r\n"),
+        "capped at --history: {out}"
+    );
+    assert!(out.contains(&format!("{id}{{}}")), "{out}");
+    // The script's reply comes after the push of its own message (a subscriber's own push).
+    let mut bytes = push("chatloop:m:0123456789", format!("H{id}{{}}").as_bytes());
+    bytes.extend_from_slice(b":1\r\n");
+    let sent = c.sent();
+    assert!(c.on_bytes(&bytes, now(11)));
+    assert_eq!(c.answered(), sent);
+}
+
+#[test]
+fn typing_is_not_delivered_back_to_its_sender() {
+    let mut c = up();
+    c.fetch(1, 1, Query::Subscribe(ROOM), now(10));
+    assert!(c.on_bytes(&bulk_array(&[]), now(11)));
+    c.drain_events().for_each(drop);
+    c.apply(
+        Op::Typing {
+            room: ROOM,
+            except: Some(ConnId(42)),
+            json: b"{\"type\":\"typing\"}".to_vec(),
+        },
+        now(12),
+    );
+    let out = c.out.clone();
+    let at = out.windows(9).position(|w| w == b"Tabcdef01").unwrap();
+    let payload = &out[at..at + 17 + 17];
+    assert!(c.on_bytes(&push("chatloop:m:0123456789", payload), now(13)));
+    // The same payload from another node excludes nobody here.
+    let mut other = payload.to_vec();
+    other[1..9].copy_from_slice(b"99999999");
+    assert!(c.on_bytes(&push("chatloop:m:0123456789", &other), now(13)));
+    let excepts: Vec<Option<ConnId>> = c
+        .drain_events()
+        .filter_map(|e| match e {
+            Event::Typing { except, .. } => Some(except),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(excepts, vec![Some(ConnId(42)), None]);
+}
+
+#[test]
+fn presence_follows_members_and_the_last_leave_unsubscribes() {
+    let mut c = up();
+    c.fetch(1, 1, Query::Subscribe(ROOM), now(10));
+    assert!(c.on_bytes(&bulk_array(&[]), now(11)));
+    c.out.clear();
+    let joined = |conn| Op::Joined {
+        room: ROOM,
+        conn: ConnId(conn),
+        session: SessionId(conn as u128),
+        user: Rc::from("bo:b"),
+        user_id: UserId(0x1234),
+    };
+    c.apply(joined(3), now(12));
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    assert!(out.contains("abcdef01:3:00001234:bo:b"), "{out}");
+    c.apply(joined(4), now(12));
+    c.out.clear();
+    let left = |conn| Op::Left {
+        room: ROOM,
+        conn: ConnId(conn),
+        session: SessionId(conn as u128),
+    };
+    c.apply(left(3), now(13));
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    assert!(
+        out.contains("ZREM") && !out.contains("UNSUBSCRIBE"),
+        "{out}"
+    );
+    c.apply(left(4), now(13));
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    assert!(out.contains("UNSUBSCRIBE"), "{out}");
+    // Presence entries parse back into users.
+    assert_eq!(
+        presence_user(b"abcdef01:3:00001234:bo:b"),
+        Some(("bo:b".to_string(), UserId(0x1234)))
+    );
+}
+
+#[test]
+fn heartbeats_refresh_presence_every_third_of_its_ttl() {
+    let mut c = up();
+    c.apply(
+        Op::Joined {
+            room: ROOM,
+            conn: ConnId(1),
+            session: SessionId(1),
+            user: Rc::from("al"),
+            user_id: UserId(1),
+        },
+        now(10),
+    );
+    c.out.clear();
+    let due = c.poll_timeout().unwrap();
+    assert!(due <= Micros::from_secs(6), "{due:?}");
+    c.on_timer(now(due.0 / 1000));
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    assert!(
+        out.contains("ZADD") && out.contains("chatloop:p:0123456789"),
+        "{out}"
+    );
+    assert!(
+        out.contains("chatloop:s:"),
+        "sessions with sockets slide: {out}"
+    );
+}
