@@ -38,6 +38,8 @@ pub struct Gauges {
     pub websockets: usize,
     pub conn_timers: usize,
     pub hub: HubStats,
+    /// Cluster mode: (Redis reachable, requests waiting for Redis).
+    pub cluster: Option<(bool, usize)>,
 }
 
 impl Metrics {
@@ -86,6 +88,20 @@ impl Metrics {
             "WebSocket members in all rooms.",
             g.hub.members as u64,
         );
+        if let Some((up, waiting)) = g.cluster {
+            one(
+                "redis_up",
+                "gauge",
+                "Cluster mode: 1 while this node reaches Redis.",
+                u64::from(up),
+            );
+            one(
+                "redis_waiting_requests",
+                "gauge",
+                "Cluster mode: requests waiting for Redis (facts or acknowledgements).",
+                waiting as u64,
+            );
+        }
         one(
             "timers_armed",
             "gauge",

@@ -1013,6 +1013,10 @@ impl Server {
             websockets: self.websockets,
             conn_timers: self.wheel.len(),
             hub: self.hub.stats(),
+            cluster: self
+                .cluster
+                .as_ref()
+                .map(|c| (c.is_up(), self.parked.len() + self.held.len())),
         }
     }
 

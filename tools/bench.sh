@@ -6,7 +6,11 @@
 #
 # Scenarios: fanout1k (1 room x 1000 members @ 20 msg/s), fanout10x50 (10 x 50 @ 100 msg/s/room),
 # floor1k, floor10x50 (same shapes over raw loopback sockets), rest (POST /sessions),
-# join (connect storm into a 100-member room), idle (as many sockets as `ulimit -Hn` allows).
+# join (connect storm into a 100-member room), idle (as many sockets as `ulimit -Hn` allows),
+# and cluster mode: cluster0 (a single node without Redis), cluster1 (one node with Redis),
+# cluster2 (two nodes sharing one Redis, members split between them), all 10 x 50 at
+# BENCH_CLUSTER_RATE msg/s/room (100), unpinned (three or four processes share the two
+# cores), server CPU summed over the nodes and redis-server. Needs redis-server.
 #
 # Environment: BENCH_DURATION (5s), BENCH_WARMUP (1s), BENCH_IDLE_HOLD (5s),
 # BENCH_IDLE_CONNS (hard fd limit minus 1000), BENCH_REST_CLIENTS (16), BENCH_JOINS (2000),
@@ -27,7 +31,8 @@ IDLE_HOLD=${BENCH_IDLE_HOLD:-5s}
 REST_CLIENTS=${BENCH_REST_CLIENTS:-16}
 JOINS=${BENCH_JOINS:-2000}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
-ALL=(fanout1k fanout10x50 floor1k floor10x50 rest join idle)
+CLUSTER_RATE=${BENCH_CLUSTER_RATE:-100}
+ALL=(fanout1k fanout10x50 floor1k floor10x50 rest join idle cluster0 cluster1 cluster2)
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
 for s in "${SCENARIOS[@]}"; do
@@ -62,7 +67,20 @@ fi
 . "$ROOT/tools/lib/server.sh"
 SERVER_PREFIX=("${SRV_PIN[@]}")
 CHATLOOP_BIN=$SERVER_BIN
-trap stop_chatloop EXIT
+REDIS_PID="" NODE2_PID=""
+stop_cluster() {
+    local p
+    for p in "$NODE2_PID" "$REDIS_PID"; do
+        if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
+            kill -TERM "$p" 2>/dev/null || true
+            for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+            kill -KILL "$p" 2>/dev/null || true
+            wait "$p" 2>/dev/null || true
+        fi
+    done
+    NODE2_PID="" REDIS_PID=""
+}
+trap 'stop_chatloop; stop_cluster' EXIT
 trap 'exit 130' INT TERM
 
 # start_server NAME: a fresh chatloop logging to $OUT/NAME.server.log; sets SERVER_PID and ADDR.
@@ -197,6 +215,59 @@ idle() {
     say "    (kernel socket buffers are not in RSS; the delta includes one user_joined per socket kept in room history)"
 }
 
+# cluster NAME NODES: fan-out 10 x 50 through NODES chatloop nodes sharing one redis-server
+# (NODES=0: one node without Redis, the baseline for the Redis hop).
+cluster() {
+    local name=$1 nodes=$2 redis_args=() node_args=() extra="" pid1 port1 up
+    command -v redis-server >/dev/null || { say "$name: SKIPPED (no redis-server; apt-get install redis-server)"; return 0; }
+    local saved_prefix=("${SERVER_PREFIX[@]}")
+    SERVER_PREFIX=()
+    if [ "$nodes" -gt 0 ]; then
+        REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$OUT/$name.redis.log" 2>&1 &
+        REDIS_PID=$!
+        for _ in $(seq 1 100); do
+            [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && break
+            sleep 0.1
+        done
+        redis_args=(--redis "redis://127.0.0.1:$REDIS_PORT/0")
+        extra=$REDIS_PID
+    fi
+    start_chatloop "$OUT/$name.server.log" "${redis_args[@]}" --chat-rate 1000 --chat-burst 1000 || {
+        say "$name: FAILED (server start)"; SERVER_PREFIX=("${saved_prefix[@]}"); stop_cluster; return 0; }
+    pid1=$SERVER_PID port1=$PORT
+    if [ "$nodes" -gt 1 ]; then
+        start_chatloop "$OUT/$name.node2.log" "${redis_args[@]}" --chat-rate 1000 --chat-burst 1000 || {
+            say "$name: FAILED (node 2 start)"; SERVER_PREFIX=("${saved_prefix[@]}"); stop_cluster; return 0; }
+        NODE2_PID=$SERVER_PID
+        node_args=(--nodes "127.0.0.1:$PORT")
+        extra="$NODE2_PID,$extra"
+        SERVER_PID=$pid1 PORT=$port1
+    fi
+    SERVER_PREFIX=("${saved_prefix[@]}")
+    for log in "$OUT/$name.server.log" "$OUT/$name.node2.log"; do
+        if [ "$nodes" = 0 ] || [ ! -e "$log" ]; then continue; fi
+        up=""
+        for _ in $(seq 1 100); do
+            grep -q "connected to Redis" "$log" && { up=1; break; }
+            sleep 0.1
+        done
+        [ -n "$up" ] || { say "$name: FAILED (a node did not reach Redis; see $log)"; stop_cluster; return 0; }
+    done
+    echo >&2
+    echo "== $name: $nodes node(s) with Redis, loadgen fanout 10x50 @ $CLUSTER_RATE/s/room" >&2
+    local extra_args=()
+    [ -n "$extra" ] && extra_args=(--extra-pids "${extra%,}")
+    "$LG" fanout --addr "127.0.0.1:$port1" "${node_args[@]}" --rooms 10 --members 50 --senders 10 \
+        --rate "$CLUSTER_RATE" --duration "$DUR" --warmup "$WARMUP" --server-pid "$pid1" "${extra_args[@]}" \
+        >"$OUT/$name.json" 2> >(tee "$OUT/$name.log" >&2) || { say "$name: FAILED $(cat "$OUT/$name.json")"; stop_cluster; return 0; }
+    local f=$OUT/$name.json what="1 node, no Redis"
+    [ "$nodes" -gt 0 ] && what="$nodes node(s) + Redis"
+    say "$name ($what) 10x50 @${CLUSTER_RATE}/s/room: $(jget "$f" deliveries_per_s) deliveries/s, lost $(jget "$f" lost), dup $(jget "$f" duplicates), latency p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us max $(jget "$f" lat_max_us)us"
+    say "    CPU per delivery, nodes + redis-server summed (window): user $(jget "$f" server_user_us_per_delivery)us sys $(jget "$f" server_sys_us_per_delivery)us"
+    stop_cluster
+}
+
 REPEAT=${BENCH_REPEAT:-1}
 for rep in $(seq "$REPEAT"); do
     [ "$REPEAT" -gt 1 ] && say "-- run $rep of $REPEAT"
@@ -209,6 +280,9 @@ for rep in $(seq "$REPEAT"); do
             rest) rest ;;
             join) join ;;
             idle) idle ;;
+            cluster0) cluster cluster0 0 ;;
+            cluster1) cluster cluster1 1 ;;
+            cluster2) cluster cluster2 2 ;;
         esac
         if [ -n "$SERVER_PID" ]; then
             kill -0 "$SERVER_PID" 2>/dev/null || say "chatloop died during $s; see $OUT/$s.server.log"

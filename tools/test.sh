@@ -14,6 +14,14 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+# The cluster-mode tests (tests/cluster.rs) start their own redis-server processes.
+if ! command -v redis-server >/dev/null 2>&1; then
+  step "installing redis-server (Debian package) for the cluster tests"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  timeout 300 $SUDO apt-get update -qq
+  timeout 600 $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
+
 step "cargo test (unit + integration, release build of the server)"
 cargo test --release
 

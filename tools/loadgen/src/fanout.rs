@@ -197,7 +197,18 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     let connect_timeout = a.dur_or("connect-timeout", Duration::from_secs(30))?;
     let parallel = a.u64_or("connect-parallel", 128)?.max(1) as usize;
     let src_ips = a.u64_or("src-ips", 4)? as usize;
-    let mut watch = ServerWatch::new(a.opt_u64("server-pid")?)?;
+    let mut watch =
+        ServerWatch::new(a.opt_u64("server-pid")?)?.with_extra(a.opt_str("extra-pids")?)?;
+    // Cluster runs: members connect round-robin to --addr and these other nodes.
+    let mut nodes = vec![addr];
+    for n in a
+        .opt_str("nodes")?
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        nodes.push(crate::args::parse_loopback_addr(n.trim())?);
+    }
     a.finish()?;
 
     let total = rooms * members;
@@ -227,7 +238,7 @@ pub fn run(a: &Args) -> Result<Obj, String> {
         for m in 0..members {
             let i = r * members + m;
             let target = Target {
-                addr,
+                addr: nodes[i % nodes.len()],
                 path: format!("/ws/{}?session_id={}", room_id, sessions[i]),
                 src: (src_ips > 0).then(|| loopback_src(i, src_ips, 0)),
             };
@@ -285,6 +296,7 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     o.insert("rooms".into(), json!(rooms));
     o.insert("members".into(), json!(members));
     o.insert("senders".into(), json!(senders));
+    o.insert("nodes".into(), json!(nodes.len()));
     o.insert("rate_per_room".into(), json!(rate));
     o.insert("duration_s".into(), json!(duration.as_secs_f64()));
     o.insert("warmup_s".into(), json!(warmup.as_secs_f64()));

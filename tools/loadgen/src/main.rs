@@ -22,12 +22,14 @@ use serde_json::json;
 
 const USAGE: &str = "usage: loadgen <fanout|idle|rest|join|soak|floor> --addr 127.0.0.1:PORT [options]
   fanout --rooms R --members M --senders S --rate MSGS_PER_SEC_PER_ROOM --duration 10s [--warmup 2s]
+         [--nodes 127.0.0.1:P2,...] (cluster: members spread round-robin over --addr and these)
   idle   --conns N --duration 30s [--per-room 100] [--sockets-per-session 50]
   rest   --clients C --duration 10s
   join   --room-members 100 --joins J --duration 10s [--concurrency 4]
   soak   --clients N --rooms R --duration 10m [--seed S] (random chat/typing/reconnect/leave, checked)
   floor  --rooms R --members M --rate X --duration 10s (no --addr: loopback socket pairs)
-common: --server-pid PID (sample its CPU/RSS around the window)   see README.md";
+common: --server-pid PID (sample its CPU/RSS around the window), --extra-pids A,B (add them)
+see README.md";
 
 fn main() {
     clock::init();

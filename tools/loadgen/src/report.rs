@@ -37,23 +37,55 @@ pub fn ratio(a: f64, b: f64) -> f64 {
     if b == 0.0 { 0.0 } else { a / b }
 }
 
-/// Optional sampling of the server process (`--server-pid`) around the measured window.
+/// Optional sampling of the server process (`--server-pid`) around the measured window;
+/// `--extra-pids A,B` adds more processes (other cluster nodes, Redis) to the sums.
 pub struct ServerWatch {
-    pid: Option<u32>,
+    pids: Vec<u32>,
     start: Option<ProcSample>,
 }
 
 impl ServerWatch {
     pub fn new(pid: Option<u64>) -> Result<ServerWatch, String> {
-        let pid = pid.map(|p| p as u32);
-        if let Some(p) = pid {
+        let pids: Vec<u32> = pid.map(|p| p as u32).into_iter().collect();
+        for &p in &pids {
             sample_process(p).map_err(|e| format!("--server-pid {p}: {e}"))?;
         }
-        Ok(ServerWatch { pid, start: None })
+        Ok(ServerWatch { pids, start: None })
+    }
+
+    /// Also samples these processes (summed with the server's).
+    pub fn with_extra(mut self, extra: Option<String>) -> Result<ServerWatch, String> {
+        for p in extra
+            .iter()
+            .flat_map(|s| s.split(','))
+            .filter(|s| !s.is_empty())
+        {
+            let p: u32 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("--extra-pids: {p:?} is not a pid"))?;
+            sample_process(p).map_err(|e| format!("--extra-pids {p}: {e}"))?;
+            self.pids.push(p);
+        }
+        Ok(self)
     }
 
     pub fn sample(&self) -> Option<ProcSample> {
-        self.pid.and_then(|p| sample_process(p).ok())
+        let mut sum = ProcSample {
+            utime_us: 0,
+            stime_us: 0,
+            rss_bytes: 0,
+        };
+        if self.pids.is_empty() {
+            return None;
+        }
+        for &p in &self.pids {
+            let s = sample_process(p).ok()?;
+            sum.utime_us += s.utime_us;
+            sum.stime_us += s.stime_us;
+            sum.rss_bytes += s.rss_bytes;
+        }
+        Some(sum)
     }
 
     pub fn begin(&mut self) {
