@@ -315,6 +315,8 @@ struct LocalSession {
 const PREFIX: &str = "chatloop:";
 const CTL: &[u8] = b"chatloop:ctl";
 const CONNECT_TIMEOUT: Micros = Micros(3_000_000);
+/// A Redis that has had commands for this long without answering any is treated as gone.
+const REPLY_TIMEOUT: Micros = Micros(5_000_000);
 const BACKOFF_MIN: Micros = Micros(100_000);
 const BACKOFF_MAX: Micros = Micros(5_000_000);
 /// Incoming bytes above this without a complete frame mean a broken peer.
@@ -351,6 +353,10 @@ pub struct Cluster {
     members: HashMap<RoomId, Vec<LocalMember>>,
     sessions: HashMap<SessionId, LocalSession>,
     next_heartbeat: Micros,
+    /// When Redis last answered, or when it was last asked with nothing outstanding.
+    last_progress: Micros,
+    /// The latest time this module was told (for commands, which take no time argument).
+    clock: Micros,
     events: Vec<Event>,
     scratch: String,
 }
@@ -375,6 +381,8 @@ impl Cluster {
             members: HashMap::new(),
             sessions: HashMap::new(),
             next_heartbeat: Micros::MAX,
+            last_progress: Micros::ZERO,
+            clock: Micros::ZERO,
             events: Vec::new(),
             scratch: String::new(),
         }
@@ -416,12 +424,16 @@ impl Cluster {
         match self.link {
             Link::Down { retry_at } => Some(retry_at),
             Link::Connecting { since } => Some(since + CONNECT_TIMEOUT),
+            Link::Up if !self.pending.is_empty() => {
+                Some(self.next_heartbeat.min(self.last_progress + REPLY_TIMEOUT))
+            }
             Link::Up => Some(self.next_heartbeat),
         }
     }
 
     /// Whether the loop should start connecting now; if so the link is `Connecting`.
     pub fn should_connect(&mut self, now: Now) -> bool {
+        self.clock = now.mono;
         match self.link {
             Link::Down { retry_at } if now.mono >= retry_at => {
                 self.link = Link::Connecting { since: now.mono };
@@ -433,11 +445,21 @@ impl Cluster {
 
     /// Heartbeats, and the connect timeout.
     pub fn on_timer(&mut self, now: Now) {
+        self.clock = now.mono;
         match self.link {
             Link::Connecting { since } if now.mono >= since + CONNECT_TIMEOUT => {
                 log::warn!(
                     "Redis did not answer within {} s",
                     CONNECT_TIMEOUT.0 / 1_000_000
+                );
+                self.on_disconnected(now);
+            }
+            Link::Up
+                if !self.pending.is_empty() && now.mono >= self.last_progress + REPLY_TIMEOUT =>
+            {
+                log::warn!(
+                    "Redis has not answered for {} s: reconnecting",
+                    REPLY_TIMEOUT.0 / 1_000_000
                 );
                 self.on_disconnected(now);
             }
@@ -491,7 +513,9 @@ impl Cluster {
     /// Bytes from Redis; replies are matched to commands in order, pushes are routed.
     /// Returns `false` if the stream is broken (the loop should close and reconnect).
     pub fn on_bytes(&mut self, data: &[u8], now: Now) -> bool {
+        self.clock = now.mono;
         self.inbuf.extend_from_slice(data);
+        self.last_progress = now.mono;
         let mut pos = 0;
         let ok = loop {
             match decode(&self.inbuf[pos..]) {
@@ -517,6 +541,7 @@ impl Cluster {
 
     /// Asks Redis for a fact on behalf of the request parked on `token`.
     pub fn fetch(&mut self, token: usize, serial: u32, query: Query, now: Now) {
+        self.clock = now.mono;
         if !self.is_up() {
             self.events.push(Event::Failed { token, serial });
             return;
@@ -607,6 +632,7 @@ impl Cluster {
     /// Writes one change of shared state. While Redis is down only local bookkeeping is
     /// kept (what a heartbeat re-asserts once it is back).
     pub fn apply(&mut self, op: Op, now: Now) {
+        self.clock = now.mono;
         let left = self.track(&op);
         if !self.is_up() {
             return;
@@ -1045,6 +1071,9 @@ impl Cluster {
 
     /// Encodes a command whose reply is `pending`.
     fn command(&mut self, args: &[&[u8]], pending: Pending) {
+        if self.pending.is_empty() {
+            self.last_progress = self.clock;
+        }
         self.encode(args);
         self.pending.push_back(pending);
         self.sent += 1;

@@ -692,6 +692,8 @@ impl Server {
         };
         conn.waiting = false;
         self.mark_dirty(id);
+        // Bytes that arrived meanwhile raised no new edge: read them next iteration.
+        self.again.push(id);
         self.facts = facts;
         self.input(id, 0, now);
         self.apply_actions(now);

@@ -382,3 +382,26 @@ fn heartbeats_refresh_presence_every_third_of_its_ttl() {
         "sessions with sockets slide: {out}"
     );
 }
+
+#[test]
+fn a_redis_that_stops_answering_is_treated_as_gone() {
+    let mut c = up();
+    c.fetch(1, 1, Query::AllRooms, now(1000));
+    let due = c.poll_timeout().unwrap();
+    assert!(due <= Micros::from_millis(1000) + REPLY_TIMEOUT, "{due:?}");
+    c.on_timer(now(1000 + 4_000));
+    assert!(c.is_up(), "not yet");
+    c.on_timer(now(1000 + 5_000));
+    assert!(!c.is_up());
+    let events: Vec<Event> = c.drain_events().collect();
+    assert_eq!(
+        events,
+        vec![
+            Event::Failed {
+                token: 1,
+                serial: 1
+            },
+            Event::Down
+        ]
+    );
+}
