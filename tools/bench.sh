@@ -30,6 +30,7 @@ WARMUP=${BENCH_WARMUP:-1s}
 IDLE_HOLD=${BENCH_IDLE_HOLD:-5s}
 REST_CLIENTS=${BENCH_REST_CLIENTS:-16}
 JOINS=${BENCH_JOINS:-2000}
+JOIN_CONCURRENCY=${BENCH_JOIN_CONCURRENCY:-4}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 CLUSTER_RATE=${BENCH_CLUSTER_RATE:-100}
 ALL=(fanout1k fanout10x50 floor1k floor10x50 rest join idle cluster0 cluster1 cluster2)
@@ -181,7 +182,7 @@ rest() {
 
 join() {
     start_server join
-    run join join --addr "$ADDR" --room-members 100 --joins "$JOINS" --duration "$DUR" || { say "join: FAILED"; return 0; }
+    run join join --addr "$ADDR" --room-members 100 --joins "$JOINS" --concurrency "$JOIN_CONCURRENCY" --duration "$DUR" || { say "join: FAILED"; return 0; }
     local f=$OUT/join.json
     say "join into a 100-member room: $(jget "$f" joins_per_s) joins/s ($(jget "$f" joins) joins, $(jget "$f" failures) failures), connect->welcome p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us"
     say "    server CPU per join+leave (window): user $(jget "$f" server_user_us_per_join)us sys $(jget "$f" server_sys_us_per_join)us; whole scenario: $(whole "$(jget "$f" joins)")"

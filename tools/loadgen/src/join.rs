@@ -44,7 +44,8 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     let concurrency = a.u64_or("concurrency", 4)?.clamp(1, 1000) as usize;
     let join_timeout = a.dur_or("join-timeout", Duration::from_secs(5))?;
     let src_ips = a.u64_or("src-ips", 8)?.clamp(1, 250) as usize;
-    let mut watch = ServerWatch::new(a.opt_u64("server-pid")?)?;
+    let mut watch =
+        ServerWatch::new(a.opt_u64("server-pid")?)?.with_extra(a.opt_str("extra-pids")?)?;
     a.finish()?;
     crate::sys::raise_nofile().map_err(|e| format!("raising RLIMIT_NOFILE: {e}"))?;
 

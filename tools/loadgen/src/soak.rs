@@ -307,7 +307,8 @@ pub fn run(a: &Args) -> Result<Obj, String> {
         progress: a.dur_or("progress", Duration::from_secs(30))?,
         max_pad: a.u64_or("max-pad", 64)?.min(4000) as usize,
     };
-    let mut watch = ServerWatch::new(a.opt_u64("server-pid")?)?;
+    let mut watch =
+        ServerWatch::new(a.opt_u64("server-pid")?)?.with_extra(a.opt_str("extra-pids")?)?;
     a.finish()?;
     if o.offline_max < o.offline_min {
         return Err("--offline-max must be at least --offline-min".into());
