@@ -253,10 +253,19 @@ pub enum Event {
         except: Option<ConnId>,
         json: Vec<u8>,
     },
-    /// The room's history as Redis has it, plus what arrived while it loaded.
+    /// The room's history as Redis has it, plus what arrived while it loaded. `catch_up`:
+    /// after a reconnect, for a room with members here (send them what they missed).
     Loaded {
         room: RoomId,
         messages: Vec<(MsgId, Vec<u8>)>,
+        catch_up: bool,
+    },
+    /// A member of another node whose presence expired (that node is gone): this node won
+    /// the removal, so it announces `user_left` (exactly one node does).
+    Departed {
+        room: RoomId,
+        user: String,
+        user_id: UserId,
     },
     /// A session ended on some node: close its sockets here with 1000.
     SessionEnded(SessionId),
@@ -286,11 +295,14 @@ enum Pending {
         query: Query,
         now_ms: u64,
     },
+    /// `LRANGE` of a room's history after `SUBSCRIBE`: for a parked join (`for_request`), or
+    /// to catch up after a reconnect.
     Load {
-        token: usize,
-        serial: u32,
+        for_request: Option<(usize, u32)>,
         room: RoomId,
     },
+    /// The presence entries this heartbeat found expired (and removed).
+    Expired(RoomId),
 }
 
 #[derive(Debug)]
@@ -329,6 +341,12 @@ const PUBLISH: &str = "redis.call('RPUSH', KEYS[1], ARGV[1]) \
 redis.call('LTRIM', KEYS[1], ARGV[2], -1) \
 redis.call('EXPIRE', KEYS[1], ARGV[3]) \
 return redis.call('PUBLISH', KEYS[2], 'H' .. ARGV[1])";
+
+/// Removes a room's expired presence entries and returns them: the one node whose script
+/// removed an entry announces that member's `user_left`.
+const EXPIRE_PRESENCE: &str = "local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) \
+if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) end \
+return gone";
 
 /// The Lua script behind [`Query::SessionRooms`]: the session's rooms whose registry score
 /// is still in the future.
@@ -491,10 +509,12 @@ impl Cluster {
         self.inbuf.clear();
         for p in self.pending.drain(..) {
             match p {
-                Pending::Fetch { token, serial, .. } | Pending::Load { token, serial, .. } => {
-                    self.events.push(Event::Failed { token, serial })
-                }
-                Pending::Ignore | Pending::Hello => {}
+                Pending::Fetch { token, serial, .. }
+                | Pending::Load {
+                    for_request: Some((token, serial)),
+                    ..
+                } => self.events.push(Event::Failed { token, serial }),
+                Pending::Load { .. } | Pending::Ignore | Pending::Hello | Pending::Expired(_) => {}
             }
         }
         self.answered = self.sent;
@@ -620,8 +640,7 @@ impl Cluster {
                 }
                 let key = self.key("h:", r);
                 let load = Pending::Load {
-                    token,
-                    serial,
+                    for_request: Some((token, serial)),
                     room: r,
                 };
                 self.command(&[b"LRANGE", key.as_bytes(), b"0", b"-1"], load)
@@ -641,17 +660,7 @@ impl Cluster {
         let session_ttl = secs(self.cfg.session_ttl).to_string();
         match op {
             Op::SessionCreated { id, user, user_id } => {
-                let key = self.key("s:", id);
-                let uid = user_id.to_string();
-                let args: [&[u8]; 6] = [
-                    b"HSET",
-                    key.as_bytes(),
-                    b"u",
-                    user.as_bytes(),
-                    b"i",
-                    uid.as_bytes(),
-                ];
-                self.command(&args, Pending::Ignore);
+                let key = self.write_session(id, &user, user_id);
                 self.command(
                     &[b"EXPIRE", key.as_bytes(), session_ttl.as_bytes()],
                     Pending::Ignore,
@@ -800,6 +809,22 @@ impl Cluster {
         left
     }
 
+    /// `HSET`s a session's name and user id; returns its key.
+    fn write_session(&mut self, id: SessionId, user: &str, user_id: UserId) -> String {
+        let key = self.key("s:", id);
+        let uid = user_id.to_string();
+        let args: [&[u8]; 6] = [
+            b"HSET",
+            key.as_bytes(),
+            b"u",
+            user.as_bytes(),
+            b"i",
+            uid.as_bytes(),
+        ];
+        self.command(&args, Pending::Ignore);
+        key
+    }
+
     fn remember(&mut self, session: SessionId, room: RoomId, ttl: &str) {
         let key = self.key("sr:", session);
         self.command(&[b"SADD", key.as_bytes(), &room.hex()], Pending::Ignore);
@@ -847,13 +872,14 @@ impl Cluster {
             .collect();
         for (room, presence) in rooms {
             let p = self.key("p:", room);
-            let args: [&[u8]; 4] = [
-                b"ZREMRANGEBYSCORE",
+            let args: [&[u8]; 5] = [
+                b"EVAL",
+                EXPIRE_PRESENCE.as_bytes(),
+                b"1",
                 p.as_bytes(),
-                b"-inf",
                 now_ms.as_bytes(),
             ];
-            self.command(&args, Pending::Ignore);
+            self.command(&args, Pending::Expired(room));
             self.refresh_room(room, &presence, now);
         }
         let args: [&[u8]; 4] = [
@@ -870,19 +896,11 @@ impl Cluster {
             .map(|(id, s)| (*id, s.user.clone(), s.user_id))
             .collect();
         for (id, user, user_id) in sessions {
-            let key = self.key("s:", id);
-            if reassert {
-                let uid = user_id.to_string();
-                let args: [&[u8]; 6] = [
-                    b"HSET",
-                    key.as_bytes(),
-                    b"u",
-                    user.as_bytes(),
-                    b"i",
-                    uid.as_bytes(),
-                ];
-                self.command(&args, Pending::Ignore);
-            }
+            let key = if reassert {
+                self.write_session(id, &user, user_id)
+            } else {
+                self.key("s:", id)
+            };
             self.command(
                 &[b"EXPIRE", key.as_bytes(), ttl.as_bytes()],
                 Pending::Ignore,
@@ -957,12 +975,20 @@ impl Cluster {
                     self.events.push(Event::Failed { token, serial });
                 }
             },
-            Pending::Load {
-                token,
-                serial,
-                room,
-            } => {
-                let query = Query::Subscribe(room);
+            Pending::Expired(room) => {
+                for e in list_items(frame) {
+                    if let Some((user, user_id)) = presence_user(&e)
+                        && !e.starts_with(&self.node)
+                    {
+                        self.events.push(Event::Departed {
+                            room,
+                            user,
+                            user_id,
+                        });
+                    }
+                }
+            }
+            Pending::Load { for_request, room } => {
                 if let Some(Sub::Loading(buffered)) = self.subs.get_mut(&room) {
                     let buffered = std::mem::take(buffered);
                     let mut messages: Vec<(MsgId, Vec<u8>)> = list_items(frame)
@@ -975,14 +1001,20 @@ impl Cluster {
                         }
                     }
                     self.subs.insert(room, Sub::Live);
-                    self.events.push(Event::Loaded { room, messages });
+                    self.events.push(Event::Loaded {
+                        room,
+                        messages,
+                        catch_up: for_request.is_none(),
+                    });
                 }
-                self.events.push(Event::Answer {
-                    token,
-                    serial,
-                    query,
-                    answer: Answer::Done,
-                });
+                if let Some((token, serial)) = for_request {
+                    self.events.push(Event::Answer {
+                        token,
+                        serial,
+                        query: Query::Subscribe(room),
+                        answer: Answer::Done,
+                    });
+                }
             }
         }
         true
@@ -995,10 +1027,17 @@ impl Cluster {
         self.command_push(&[b"SUBSCRIBE", CTL]);
         let rooms: Vec<RoomId> = self.members.keys().copied().collect();
         for room in rooms {
-            // Members here kept chatting locally while Redis was away; their history stays.
-            self.subs.insert(room, Sub::Live);
+            // Members here missed what other nodes stored meanwhile: load the room again
+            // (pushes that arrive in between are merged by id, as on a first join).
+            self.subs.insert(room, Sub::Loading(Vec::new()));
             let channel = self.key("m:", room);
             self.command_push(&[b"SUBSCRIBE", channel.as_bytes()]);
+            let key = self.key("h:", room);
+            let load = Pending::Load {
+                for_request: None,
+                room,
+            };
+            self.command(&[b"LRANGE", key.as_bytes(), b"0", b"-1"], load);
         }
         self.heartbeat(now, true);
         self.events.push(Event::Up);

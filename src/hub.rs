@@ -264,24 +264,7 @@ impl Hub {
             s.last_used = now.mono;
             return;
         }
-        let bucket = Bucket {
-            micro_tokens: u64::from(self.cfg.chat_burst) * TOKEN,
-            at: now.mono,
-        };
-        self.sessions.insert(
-            id,
-            Session {
-                username: Rc::from(username),
-                user_id,
-                rooms: Vec::new(),
-                conns: Vec::new(),
-                last_used: now.mono,
-                bucket,
-                strikes: 0,
-            },
-        );
-        self.wheel
-            .arm(now.mono + self.cfg.session_ttl, Timer::Session(id));
+        self.insert_session(id, username, user_id, now);
     }
 
     /// A room Redis knows: keep a record of it here (without history until loaded).
@@ -324,6 +307,53 @@ impl Hub {
         }
         self.frame.trim();
         room.live = true;
+    }
+
+    /// After Redis came back: its history of the room becomes this node's copy, and what
+    /// this node's members missed meanwhile (stored by other nodes) is sent to them, once.
+    /// Messages sent here while Redis was away reached the members here live but are not in
+    /// Redis, so they leave this copy too: every node then answers `since` the same way.
+    pub fn catch_up(&mut self, id: RoomId, messages: Vec<(MsgId, Vec<u8>)>) {
+        let keep = self.cfg.history;
+        let Some(room) = self.rooms.get_mut(&id) else {
+            return;
+        };
+        let known: std::collections::HashSet<MsgId> = room.history.iter().map(|m| m.id).collect();
+        // Only what follows the last message the members here saw is news to them.
+        let start = messages
+            .iter()
+            .rposition(|(m, _)| known.contains(m))
+            .map_or(0, |i| i + 1);
+        let skip = messages.len().saturating_sub(keep);
+        let mut history = VecDeque::with_capacity(messages.len() - skip);
+        for (i, (mid, json)) in messages.into_iter().enumerate() {
+            let missed = i >= start && !known.contains(&mid);
+            if i < skip && !missed {
+                continue;
+            }
+            self.frame.start().extend_from_slice(&json);
+            let frame = self.frame.finish_text();
+            if missed {
+                for m in &room.members {
+                    self.actions.push(Action::Send(m.conn, frame.clone()));
+                }
+            }
+            if i >= skip {
+                history.push_back(Stored { id: mid, frame });
+            }
+        }
+        self.frame.trim();
+        room.history = history;
+        room.live = true;
+    }
+
+    /// A member of a node that is gone (its presence expired): announce that it left.
+    pub fn departed_elsewhere(&mut self, id: RoomId, user: &str, user_id: UserId, now: Now) {
+        if !self.rooms.contains_key(&id) {
+            return;
+        }
+        let text = format!("{user} has left");
+        self.publish(id, "user_left", Who { user, user_id }, &text, now);
     }
 
     /// A history event that came through Redis: framed once, sent to the members here.
@@ -400,24 +430,7 @@ impl Hub {
         }
         let id = self.random.session_id();
         let user_id = self.random.user_id();
-        let bucket = Bucket {
-            micro_tokens: u64::from(self.cfg.chat_burst) * TOKEN,
-            at: now.mono,
-        };
-        self.sessions.insert(
-            id,
-            Session {
-                username: Rc::from(username),
-                user_id,
-                rooms: Vec::new(),
-                conns: Vec::new(),
-                last_used: now.mono,
-                bucket,
-                strikes: 0,
-            },
-        );
-        self.wheel
-            .arm(now.mono + self.cfg.session_ttl, Timer::Session(id));
+        self.insert_session(id, username, user_id, now);
         self.op(Op::SessionCreated {
             id,
             user: Rc::from(username),
@@ -969,6 +982,27 @@ impl Hub {
         protocol::write_error(self.frame.start(), code, detail);
         let frame = self.frame.finish_text();
         self.actions.push(Action::Send(conn, frame));
+    }
+
+    fn insert_session(&mut self, id: SessionId, username: &str, user_id: UserId, now: Now) {
+        let bucket = Bucket {
+            micro_tokens: u64::from(self.cfg.chat_burst) * TOKEN,
+            at: now.mono,
+        };
+        self.sessions.insert(
+            id,
+            Session {
+                username: Rc::from(username),
+                user_id,
+                rooms: Vec::new(),
+                conns: Vec::new(),
+                last_used: now.mono,
+                bucket,
+                strikes: 0,
+            },
+        );
+        self.wheel
+            .arm(now.mono + self.cfg.session_ttl, Timer::Session(id));
     }
 
     fn remember_room(&mut self, session: SessionId, room: RoomId) {

@@ -780,7 +780,21 @@ impl Server {
             ClusterEvent::Typing { room, except, json } => {
                 self.hub.deliver_typing(room, except, &json)
             }
-            ClusterEvent::Loaded { room, messages } => self.hub.load_history(room, messages),
+            ClusterEvent::Loaded {
+                room,
+                messages,
+                catch_up: false,
+            } => self.hub.load_history(room, messages),
+            ClusterEvent::Loaded {
+                room,
+                messages,
+                catch_up: true,
+            } => self.hub.catch_up(room, messages),
+            ClusterEvent::Departed {
+                room,
+                user,
+                user_id,
+            } => self.hub.departed_elsewhere(room, &user, user_id, now),
             ClusterEvent::SessionEnded(id) => self.hub.session_ended_elsewhere(id, now),
         }
     }
@@ -856,17 +870,25 @@ impl Server {
                     connected: false,
                 })
             }
-            Err(e) => {
-                crate::limit_log!(
-                    self.throttle,
-                    Event::Redis,
-                    now.mono,
-                    warn,
-                    "cannot connect to Redis at {url}: {e}"
-                );
-                self.redis_lost(now);
-            }
+            Err(e) => self.redis_connect_failed(&e, now),
         }
+    }
+
+    fn redis_connect_failed(&mut self, e: &io::Error, now: Now) {
+        let url = self
+            .cfg
+            .redis
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        crate::limit_log!(
+            self.throttle,
+            Event::Redis,
+            now.mono,
+            warn,
+            "cannot connect to Redis at {url}: {e}"
+        );
+        self.redis_lost(now);
     }
 
     fn redis_ready(&mut self, now: Now) {
@@ -884,20 +906,7 @@ impl Server {
                 }
                 Ok(None) => return, // still connecting
                 Ok(Some(e)) | Err(e) => {
-                    let url = self
-                        .cfg
-                        .redis
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default();
-                    crate::limit_log!(
-                        self.throttle,
-                        Event::Redis,
-                        now.mono,
-                        warn,
-                        "cannot connect to Redis at {url}: {e}"
-                    );
-                    self.redis_lost(now);
+                    self.redis_connect_failed(&e, now);
                     return;
                 }
             }

@@ -232,6 +232,7 @@ fn subscribe_then_load_sees_each_message_exactly_once() {
                     (a, b"{\"m\":\"a\"}".to_vec()),
                     (b, b"{\"m\":\"b\"}".to_vec())
                 ],
+                catch_up: false,
             },
             Event::Answer {
                 token: 1,
@@ -403,5 +404,86 @@ fn a_redis_that_stops_answering_is_treated_as_gone() {
             },
             Event::Down
         ]
+    );
+}
+
+#[test]
+fn after_a_reconnect_rooms_with_members_load_again_to_catch_up() {
+    let mut c = up();
+    c.apply(
+        Op::Joined {
+            room: ROOM,
+            conn: ConnId(1),
+            session: SessionId(1),
+            user: Rc::from("al"),
+            user_id: UserId(1),
+        },
+        now(10),
+    );
+    c.on_disconnected(now(20));
+    c.drain_events().for_each(drop);
+    assert!(c.should_connect(now(200)));
+    c.on_connected();
+    assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(201)));
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    assert!(out.contains("SUBSCRIBE") && out.contains("LRANGE"), "{out}");
+    c.out.clear();
+    let id = MsgId(9 << 80);
+    // Replies in order: everything before the LRANGE is an ignored write, then the LRANGE.
+    let before = c
+        .pending
+        .iter()
+        .position(|p| matches!(p, Pending::Load { .. }))
+        .unwrap();
+    let mut bytes = "+OK\r\n".repeat(before).into_bytes();
+    bytes.extend_from_slice(&bulk_array(&[entry(id, "missed")]));
+    assert!(c.on_bytes(&bytes, now(202)));
+    let loaded: Vec<Event> = c
+        .drain_events()
+        .filter(|e| matches!(e, Event::Loaded { .. }))
+        .collect();
+    assert_eq!(
+        loaded,
+        vec![Event::Loaded {
+            room: ROOM,
+            messages: vec![(id, b"{\"m\":\"missed\"}".to_vec())],
+            catch_up: true,
+        }]
+    );
+}
+
+#[test]
+fn expired_presence_of_another_node_is_announced_by_the_node_that_removed_it() {
+    let mut c = up();
+    c.apply(
+        Op::Joined {
+            room: ROOM,
+            conn: ConnId(1),
+            session: SessionId(1),
+            user: Rc::from("al"),
+            user_id: UserId(1),
+        },
+        now(10),
+    );
+    ack_all(&mut c);
+    c.out.clear();
+    let due = c.poll_timeout().unwrap();
+    c.on_timer(now(due.0 / 1000));
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    assert!(out.contains("ZREMRANGEBYSCORE"), "{out}");
+    let mut bytes = bulk_array(&[
+        b"0badcafe:7:00000042:zed".to_vec(),
+        b"abcdef01:2:00000001:al".to_vec(), // our own: still here, not announced
+    ]);
+    bytes.extend_from_slice("+OK\r\n".repeat(c.pending.len() - 1).as_bytes());
+    assert!(c.on_bytes(&bytes, now(due.0 / 1000 + 1)));
+    let departed: Vec<Event> = c.drain_events().collect();
+    assert_eq!(
+        departed,
+        vec![Event::Departed {
+            room: ROOM,
+            user: "zed".into(),
+            user_id: UserId(0x42),
+        }]
     );
 }

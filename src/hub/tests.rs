@@ -1515,3 +1515,121 @@ fn stats_count_what_is_live() {
     let st = hub.stats();
     assert_eq!((st.members, st.messages), (1, 4));
 }
+
+// ---- cluster mode ---------------------------------------------------------------------
+
+/// A cluster-mode hub whose Redis is up, with `alice` in a loaded room on conn 1.
+fn cluster_room() -> (Hub, RoomId) {
+    let mut hub = Hub::new(fast());
+    hub.enable_cluster();
+    hub.set_cluster_up(true);
+    let s = session(&mut hub, "alice", at(0));
+    let r = room(&mut hub, s, at(0));
+    assert!(
+        !hub.room_live(r),
+        "a new room is loaded when its first member comes"
+    );
+    hub.load_history(r, Vec::new());
+    join(&mut hub, c(1), s, r, at(0));
+    hub.drain_ops();
+    (hub, r)
+}
+
+fn event_json(id: MsgId, text: &str) -> Vec<u8> {
+    format!("{{\"id\":\"{id}\",\"type\":\"chat\",\"message\":\"{text}\"}}").into_bytes()
+}
+
+#[test]
+fn in_cluster_mode_chat_goes_to_redis_and_is_delivered_when_it_comes_back() {
+    let (mut hub, r) = cluster_room();
+    hub.on_text(c(1), r, r#"{"type":"chat","message":"hi"}"#, at(SEC));
+    assert!(
+        drain(&mut hub).is_empty(),
+        "nothing is sent before Redis has it"
+    );
+    let ops = hub.drain_ops();
+    let Some(Op::Publish { id, json, .. }) = ops.iter().find(|o| matches!(o, Op::Publish { .. }))
+    else {
+        panic!("no publish in {ops:?}");
+    };
+    hub.deliver_event(r, *id, json);
+    let sent = drain(&mut hub);
+    assert_eq!(sent.len(), 1);
+    let mut out = Vec::new();
+    assert!(hub.write_history(r, 50, &mut out));
+    assert!(String::from_utf8_lossy(&out).contains("\"hi\""));
+}
+
+#[test]
+fn while_redis_is_away_chat_stays_local() {
+    let (mut hub, r) = cluster_room();
+    hub.set_cluster_up(false);
+    hub.on_text(c(1), r, r#"{"type":"chat","message":"local"}"#, at(SEC));
+    let sent = drain(&mut hub);
+    assert_eq!(sent.len(), 1, "delivered here at once");
+    assert!(
+        !hub.drain_ops()
+            .iter()
+            .any(|o| matches!(o, Op::Publish { .. }))
+    );
+}
+
+#[test]
+fn catching_up_sends_only_what_the_members_missed_and_adopts_redis_history() {
+    let (mut hub, r) = cluster_room();
+    let (a, b, local, missed1, missed2) = (
+        MsgId(1 << 80),
+        MsgId(2 << 80),
+        MsgId(3 << 80),
+        MsgId(4 << 80),
+        MsgId(5 << 80),
+    );
+    hub.deliver_event(r, a, &event_json(a, "a"));
+    hub.deliver_event(r, b, &event_json(b, "b"));
+    hub.set_cluster_up(false);
+    hub.deliver_event(r, local, &event_json(local, "local")); // as if sent here meanwhile
+    drain(&mut hub);
+    hub.set_cluster_up(true);
+    hub.catch_up(
+        r,
+        vec![
+            (a, event_json(a, "a")),
+            (b, event_json(b, "b")),
+            (missed1, event_json(missed1, "m1")),
+            (missed2, event_json(missed2, "m2")),
+        ],
+    );
+    let texts: Vec<String> = drain(&mut hub)
+        .iter()
+        .map(|act| match act {
+            Action::Send(_, f) => decode(f)["message"].as_str().unwrap().to_string(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(texts, ["m1", "m2"]);
+    let mut out = Vec::new();
+    hub.write_history(r, 50, &mut out);
+    let hist: Value = serde_json::from_slice(&[b"[", out.as_slice(), b"]"].concat()).unwrap();
+    let hist: Vec<&str> = hist
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        hist,
+        ["a", "b", "m1", "m2"],
+        "Redis's history, as on every node"
+    );
+}
+
+#[test]
+fn the_last_member_leaving_a_cluster_room_drops_its_copy_of_the_history() {
+    let (mut hub, r) = cluster_room();
+    let a = MsgId(1 << 80);
+    hub.deliver_event(r, a, &event_json(a, "a"));
+    hub.disconnect(c(1), r, at(SEC));
+    assert!(!hub.room_live(r));
+    let ops = hub.drain_ops();
+    assert!(ops.iter().any(|o| matches!(o, Op::Left { .. })), "{ops:?}");
+}

@@ -1,0 +1,1332 @@
+//! Cluster mode (`--redis`): several chatloop processes on one real `redis-server` behave as
+//! one server. Sessions, rooms, joins, `user_count` and history work on any node; chat,
+//! `user_joined`/`user_left` and `typing` reach the members of every node, chat exactly once
+//! and in one order for everybody; a killed node's clients reconnect elsewhere with `since`
+//! and lose nothing while its members leave presence within about `--presence-ttl`; a node
+//! stopped with SIGTERM closes with 1001 and its members leave at once; while Redis is down
+//! the nodes stay up, say so on `/health`, refuse what needs Redis with 503 and keep local chat
+//! going, and they recover on their own when Redis is back (with its data, or empty); one
+//! node cut off from Redis (closed or silent link, through a test proxy) recovers and, once
+//! back, holds the same history as the others.
+//!
+//! Each test starts its own `redis-server` (tests/common/redis.rs) on a free loopback port, so
+//! the tests run in parallel. Every wait is bounded.
+mod common;
+#[path = "common/redis.rs"]
+mod redis;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use common::*;
+use redis::{Proxy, RedisOptions, RedisServer};
+use serde_json::{Value, json};
+
+/// No chat rate limit in the way of the bursts these tests send.
+const FAST: [&str; 4] = ["--chat-rate", "100000", "--chat-burst", "100000"];
+/// How long a node may take to (re)connect to Redis and say so on `/health`.
+const REDIS_UP_LIMIT: Duration = Duration::from_secs(10);
+/// How long a node may take to report a lost Redis on `/health`.
+const REDIS_DOWN_LIMIT: Duration = Duration::from_secs(10);
+/// How long a node may take to reconnect after Redis restarted ("within a few seconds",
+/// with a bounded backoff).
+const RECOVERY_LIMIT: Duration = Duration::from_secs(20);
+
+/// Some nodes on one Redis. On a failing test, prints the logs of every node and of Redis.
+struct Cluster {
+    nodes: Vec<Server>,
+    redis: RedisServer,
+}
+
+impl Cluster {
+    #[track_caller]
+    fn start(n: usize, args: &[&str]) -> Cluster {
+        Cluster::start_with(n, args, RedisOptions::default(), 0)
+    }
+
+    #[track_caller]
+    fn start_with(n: usize, args: &[&str], opts: RedisOptions, db: u32) -> Cluster {
+        let redis = RedisServer::start_with(opts);
+        let urls = vec![redis.url(db); n];
+        Cluster::start_nodes(redis, &urls, args)
+    }
+
+    /// One node per URL (the Redis URL, or a [`Proxy`] in front of it), all on `redis`.
+    #[track_caller]
+    fn start_nodes(redis: RedisServer, urls: &[String], args: &[&str]) -> Cluster {
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            redis,
+        };
+        for url in urls {
+            let mut all = vec!["--redis", url.as_str()];
+            all.extend_from_slice(&FAST);
+            all.extend_from_slice(args);
+            let s = Server::start(&all);
+            c.nodes.push(s);
+        }
+        for i in 0..urls.len() {
+            c.wait_health(i, "up", REDIS_UP_LIMIT);
+        }
+        c
+    }
+
+    fn node(&self, i: usize) -> &Server {
+        &self.nodes[i]
+    }
+
+    /// Polls `/health` on node `i` until it reports `"redis": want` (panics after `limit`).
+    #[track_caller]
+    fn wait_health(&self, i: usize, want: &str, limit: Duration) -> Value {
+        let mut last = String::from("no answer");
+        let mut found = None;
+        wait_for(limit, || match health(&self.nodes[i]) {
+            Some((code, v)) if v["redis"] == want => {
+                found = Some((code, v));
+                true
+            }
+            Some((code, v)) => {
+                last = format!("{code} {v}");
+                false
+            }
+            None => false,
+        });
+        let Some((code, v)) = found else {
+            panic!(
+                "node {i}: /health never said \"redis\":\"{want}\" within {limit:?}; last: {last}"
+            );
+        };
+        if want != "up" {
+            eprintln!("node {i} /health without Redis: {code} {v}");
+        }
+        let status = if want == "up" { "ok" } else { "degraded" };
+        assert_eq!(v["status"], status, "node {i} /health: {code} {v}");
+        assert!(v["version"].is_string(), "node {i} /health: {v}");
+        if want == "up" {
+            assert_eq!(code, 200, "node {i} /health: {v}");
+        }
+        v
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (i, n) in self.nodes.iter().enumerate() {
+                let log = n.log();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("----- node {i} ({}) log, last 60 lines -----", n.addr);
+                for l in &lines[lines.len().saturating_sub(60)..] {
+                    eprintln!("{l}");
+                }
+            }
+            eprintln!("----- redis log -----\n{}", self.redis.log_tail(30));
+        }
+    }
+}
+
+/// `GET /health` → (status, JSON), `None` if the node did not answer.
+fn health(s: &Server) -> Option<(u16, Value)> {
+    // `Http::connect` panics when the node is gone; this asks first.
+    std::net::TcpStream::connect(s.addr).ok()?;
+    let r = s.http().try_get("/health")?;
+    let v = serde_json::from_slice(&r.body).ok()?;
+    Some((r.status, v))
+}
+
+/// The `id` of a stored message (chat, user_joined, user_left), `None` for other frames.
+fn id_of(v: &Value) -> Option<&str> {
+    v["id"].as_str()
+}
+
+fn ids(msgs: &[Value]) -> Vec<String> {
+    msgs.iter().filter_map(id_of).map(str::to_string).collect()
+}
+
+/// A short readable form of messages for failure output.
+fn brief(msgs: &[Value]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| {
+            format!(
+                "{}:{}:{}",
+                m["type"].as_str().unwrap_or("?"),
+                m["user"].as_str().unwrap_or(""),
+                m["message"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+/// `GET /rooms/{room}/messages?limit=1000` on `s`.
+#[track_caller]
+fn history(s: &Server, room: &str, sid: &str) -> Vec<Value> {
+    let r = s
+        .http()
+        .get(&format!("/rooms/{room}/messages?limit=1000"), Some(sid));
+    assert_eq!(r.status, 200, "history of {room}: {}", r.text());
+    r.json()["messages"].as_array().unwrap().clone()
+}
+
+/// The messages after the one with id `since`.
+#[track_caller]
+fn after(msgs: &[Value], since: &str) -> Vec<Value> {
+    let at = msgs
+        .iter()
+        .position(|m| m["id"] == since)
+        .unwrap_or_else(|| panic!("{since} is not in the history {:?}", brief(msgs)));
+    msgs[at + 1..].to_vec()
+}
+
+/// The sorted `user_id`s of a welcome's `users`.
+fn user_ids(welcome: &Value) -> Vec<String> {
+    let mut v: Vec<String> = welcome["users"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no users: {welcome}"))
+        .iter()
+        .map(|u| u["user_id"].as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn sorted(ids: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// The JSON array at `key` of `GET path` (bearer `sid`) as strings; asserts 200.
+#[track_caller]
+fn list(s: &Server, path: &str, sid: Option<&str>, key: &str) -> Vec<String> {
+    let r = s.http().get(path, sid);
+    assert_eq!(r.status, 200, "GET {path} on {}: {}", s.addr, r.text());
+    r.json()[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("GET {path}: no {key}: {}", r.text()))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `GET /rooms/{room}` → its user_count.
+#[track_caller]
+fn user_count(s: &Server, room: &str) -> Value {
+    let r = s.http().get(&format!("/rooms/{room}"), None);
+    assert_eq!(r.status, 200, "GET /rooms/{room}: {}", r.text());
+    r.json()["user_count"].clone()
+}
+
+/// Polls `user_count` of `room` on `s` until it is `n`; panics after `limit`.
+#[track_caller]
+fn wait_count(s: &Server, room: &str, n: u64, limit: Duration) -> Duration {
+    let mut last = Value::Null;
+    match wait_for(limit, || {
+        last = user_count(s, room);
+        last == n
+    }) {
+        Some(t) => t,
+        None => panic!(
+            "user_count of {room} on {} never became {n} within {limit:?}: {last}",
+            s.addr
+        ),
+    }
+}
+
+/// A WebSocket upgrade by hand, for its refusal: (status, body).
+fn ws_refusal(s: &Server, path: &str) -> (u16, String) {
+    let r = s.http().request(
+        "GET",
+        path,
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ],
+        None,
+    );
+    (r.status, r.text())
+}
+
+/// Asserts a 503 whose JSON `detail` mentions Redis.
+#[track_caller]
+fn assert_503_redis(what: &str, status: u16, body: &str) {
+    assert_eq!(status, 503, "{what}: {status} {body}");
+    let v: Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"));
+    let detail = v["detail"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no detail: {body}"));
+    assert!(
+        detail.to_ascii_lowercase().contains("redis"),
+        "{what}: the detail does not mention Redis: {body}"
+    );
+}
+
+/// Reads the next frame and asserts it is the `kind` notice of `uid`.
+#[track_caller]
+fn expect_notice(ws: &mut Ws, kind: &str, uid: &str, who: &str) -> Value {
+    let v = ws
+        .try_recv()
+        .unwrap_or_else(|e| panic!("{who}: waiting for {kind} of {uid}: {e}"));
+    assert_eq!(v["type"], kind, "{who}: {v}");
+    assert_eq!(v["user_id"], uid, "{who}: {v}");
+    v
+}
+
+/// Reads until the chat `text`; returns the stored frames (those with an id) read, it included.
+#[track_caller]
+fn stored_until(ws: &mut Ws, text: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        let v = ws
+            .try_recv()
+            .unwrap_or_else(|e| panic!("waiting for chat {text:?}: {e}"));
+        let done = v["type"] == "chat" && v["message"] == text;
+        if id_of(&v).is_some() {
+            out.push(v);
+        }
+        if done {
+            return out;
+        }
+    }
+    panic!("chat {text:?} did not come in time");
+}
+
+/// A member of a room: name, user id and WebSocket.
+struct Member {
+    name: String,
+    uid: String,
+    ws: Ws,
+}
+
+/// Joins `member` (session already made) to `room` on node `on`, checks its welcome lists
+/// every member already in (`others`, on any node) and syncs the `user_joined`: the newcomer
+/// and every member in `others` get it next. Returns the welcome.
+#[track_caller]
+fn join_synced(
+    node: &Server,
+    room: &str,
+    name: &str,
+    sid: &str,
+    uid: &str,
+    others: &mut [Member],
+) -> (Member, Value) {
+    let (mut ws, welcome) = node.join(room, sid);
+    let mut want: Vec<&str> = others.iter().map(|m| m.uid.as_str()).collect();
+    want.push(uid);
+    let mut want = sorted(&want);
+    want.dedup();
+    assert_eq!(
+        user_ids(&welcome),
+        want,
+        "{name}'s welcome on {} lists the members of every node: {welcome}",
+        node.addr
+    );
+    expect_notice(&mut ws, "user_joined", uid, name);
+    for m in others.iter_mut() {
+        expect_notice(&mut m.ws, "user_joined", uid, &m.name);
+    }
+    (
+        Member {
+            name: name.to_string(),
+            uid: uid.to_string(),
+            ws,
+        },
+        welcome,
+    )
+}
+
+// ---- (1) chat across three nodes: every message once, one order for everybody -------------
+
+#[test]
+fn chat_across_three_nodes_arrives_once_and_in_one_order_for_everybody() {
+    const CLIENTS: usize = 6;
+    const PER: usize = 20;
+    const TOTAL: usize = CLIENTS * PER;
+    let c = Cluster::start(3, &[]);
+    let (owner, _) = c.node(0).session("owner");
+    let room = c.node(0).room(&owner);
+
+    // Client i: session made on node (i+1)%3, WebSocket on node i%3; welcome lists everyone
+    // already in, on every node.
+    let mut members: Vec<Member> = Vec::new();
+    let mut node_of = Vec::new();
+    for i in 0..CLIENTS {
+        let name = format!("user{i}");
+        let (sid, uid) = c.node((i + 1) % 3).session(&name);
+        let (m, _) = join_synced(c.node(i % 3), &room, &name, &sid, &uid, &mut members);
+        members.push(m);
+        node_of.push(i % 3);
+    }
+    for n in &c.nodes {
+        wait_count(n, &room, CLIENTS as u64, TIMEOUT);
+    }
+    let names: HashMap<String, String> = members
+        .iter()
+        .map(|m| (m.uid.clone(), m.name.clone()))
+        .collect();
+
+    // Everybody sends at once, from its own thread; then reads until it has every chat.
+    let handles: Vec<_> = members
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut m)| {
+            std::thread::spawn(move || {
+                for k in 0..PER {
+                    m.ws.chat(&format!("m{i}-{k}"));
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let mut got = Vec::new();
+                let mut err = None;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while got.len() < TOTAL && Instant::now() < deadline {
+                    match m.ws.try_recv() {
+                        Ok(v) => got.push(v),
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                }
+                // Anything more (a duplicate) would arrive now.
+                let extra = m.ws.drain(Duration::from_millis(500));
+                (m, got, extra, err)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(h.join().expect("client thread"));
+    }
+
+    let mut reference: Option<Vec<String>> = None;
+    for (i, (m, got, extra, err)) in results.iter().enumerate() {
+        let who = format!("{} (node {})", m.name, node_of[i]);
+        assert!(
+            got.len() == TOTAL,
+            "{who} got {} of {TOTAL} frames ({err:?}); last: {:?}",
+            got.len(),
+            brief(&got[got.len().saturating_sub(5)..])
+        );
+        assert!(extra.is_empty(), "{who} got more: {:?}", brief(extra));
+        for v in got {
+            assert_eq!(v["type"], "chat", "{who}: only chat expected: {v}");
+            assert_eq!(v["room_id"], room.as_str(), "{who}: {v}");
+            let uid = v["user_id"].as_str().unwrap();
+            assert_eq!(
+                Some(&v["user"].as_str().unwrap().to_string()),
+                names.get(uid),
+                "{who}: user matches user_id: {v}"
+            );
+            assert!(uuid_version(id_of(v).unwrap()).is_some(), "{who}: {v}");
+        }
+        // Exactly once: 120 distinct ids, 120 distinct (sender, text), each sender in order.
+        let idset: BTreeSet<&str> = got.iter().filter_map(id_of).collect();
+        assert_eq!(idset.len(), TOTAL, "{who}: duplicate ids");
+        let mut per_sender: HashMap<String, Vec<String>> = HashMap::new();
+        for v in got {
+            per_sender
+                .entry(v["user"].as_str().unwrap().to_string())
+                .or_default()
+                .push(v["message"].as_str().unwrap().to_string());
+        }
+        for s in 0..CLIENTS {
+            let want: Vec<String> = (0..PER).map(|k| format!("m{s}-{k}")).collect();
+            assert_eq!(
+                per_sender.get(&format!("user{s}")),
+                Some(&want),
+                "{who}: user{s}'s chats, each once and in the order sent"
+            );
+        }
+        // One order for everybody.
+        let seq = ids(got);
+        match &reference {
+            None => reference = Some(seq),
+            Some(r) => {
+                if let Some(at) = (0..TOTAL).find(|&k| r[k] != seq[k]) {
+                    panic!(
+                        "{who} sees another order than user0 from position {at}: {:?} vs {:?}",
+                        brief(&got[at..(at + 5).min(TOTAL)]),
+                        brief(&results[0].1[at..(at + 5).min(TOTAL)])
+                    );
+                }
+            }
+        }
+    }
+    let order = reference.unwrap();
+    let chats = &results[0].1;
+
+    // History (in Redis) holds the same 120 chats in the same order, on every node.
+    for (n, node) in c.nodes.iter().enumerate() {
+        let all = history(node, &room, &owner);
+        let hist_chats: Vec<Value> = all
+            .iter()
+            .filter(|m| m["type"] == "chat")
+            .cloned()
+            .collect();
+        assert_eq!(
+            ids(&hist_chats),
+            order,
+            "node {n}: history order differs from the delivered order"
+        );
+        assert_eq!(
+            ids(&all[all.len() - TOTAL..]),
+            order,
+            "node {n}: the chats are the newest messages"
+        );
+    }
+
+    // Reconnecting with since=<the 60th chat> on any node gives exactly what followed.
+    let since = chats[TOTAL / 2 - 1]["id"].as_str().unwrap().to_string();
+    let mut probes = Vec::new();
+    for (n, node) in c.nodes.iter().enumerate() {
+        let want = after(&history(node, &room, &owner), &since);
+        let (sid, _) = node.session(&format!("late{n}"));
+        let (mut ws, welcome) = node.join_query(&room, &format!("session_id={sid}&since={since}"));
+        let got = welcome["messages"].as_array().unwrap();
+        assert_eq!(
+            ids(got),
+            ids(&want),
+            "node {n}: since gives exactly the later messages: {:?}",
+            brief(got)
+        );
+        assert_eq!(got[..TOTAL / 2], chats[TOTAL / 2..], "node {n}");
+        assert!(
+            welcome.get("truncated").is_none_or(|t| t == false),
+            "{welcome}"
+        );
+        ws.recv_type("user_joined");
+        probes.push(ws);
+    }
+}
+
+// ---- (2) REST on any node ----------------------------------------------------------------
+
+#[test]
+fn sessions_rooms_and_history_work_on_every_node() {
+    let c = Cluster::start(3, &[]);
+    let (a, b, cc) = (c.node(0), c.node(1), c.node(2));
+
+    // A session made on A works on every node.
+    let (alice, alice_uid) = a.session("alice");
+    for n in &c.nodes {
+        let r = n.http().get("/sessions/me", Some(&alice));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["session_id"], alice.as_str(), "{v}");
+        assert_eq!(v["username"], "alice", "{v}");
+        assert_eq!(v["joined_rooms"], json!([]), "{v}");
+    }
+
+    // A room made on B (with A's session) is listed everywhere and is alice's everywhere.
+    let room = b.room(&alice);
+    for (i, n) in c.nodes.iter().enumerate() {
+        assert!(
+            list(n, "/rooms/all", None, "rooms").contains(&room),
+            "node {i}: /rooms/all lists {room}"
+        );
+        let r = n.http().get(&format!("/rooms/{room}"), None);
+        assert_eq!(r.status, 200, "node {i}: {}", r.text());
+        assert_eq!(
+            r.json(),
+            json!({"room_id": room, "exists": true, "user_count": 0}),
+            "node {i}"
+        );
+        assert_eq!(
+            list(n, "/sessions/me", Some(&alice), "joined_rooms"),
+            vec![room.clone()],
+            "node {i}"
+        );
+        assert_eq!(
+            list(n, "/rooms", Some(&alice), "rooms"),
+            vec![room.clone()],
+            "node {i}"
+        );
+    }
+
+    // bob (session on C) joins over REST on A; every node knows.
+    let (bob, bob_uid) = cc.session("bob");
+    let r = a
+        .http()
+        .call("POST", &format!("/rooms/{room}/join"), Some(&bob));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["message"], format!("Joined room {room}"));
+    for (i, n) in c.nodes.iter().enumerate() {
+        assert_eq!(
+            list(n, "/sessions/me", Some(&bob), "joined_rooms"),
+            vec![room.clone()],
+            "node {i}"
+        );
+        assert_eq!(
+            list(n, "/rooms", Some(&bob), "rooms"),
+            vec![room.clone()],
+            "node {i}"
+        );
+        // An unknown room is unknown everywhere.
+        let r = n.http().call("POST", "/rooms/0123456789/join", Some(&bob));
+        assert_eq!(r.status, 404, "node {i}: {}", r.text());
+        assert_eq!(n.status("/rooms/0123456789"), 404, "node {i}");
+        assert_eq!(
+            n.ws(&format!("/ws/0123456789?session_id={bob}")).err(),
+            Some(404),
+            "node {i}"
+        );
+    }
+
+    // WebSockets: alice on A, bob on C; user_count counts both on every node.
+    let mut members = Vec::new();
+    let (m, _) = join_synced(a, &room, "alice", &alice, &alice_uid, &mut members);
+    members.push(m);
+    let (m, welcome_b) = join_synced(cc, &room, "bob", &bob, &bob_uid, &mut members);
+    members.push(m);
+    let hist = welcome_b["messages"].as_array().unwrap();
+    assert_eq!(brief(hist), ["user_joined:alice:alice has joined"]);
+    for n in &c.nodes {
+        wait_count(n, &room, 2, TIMEOUT);
+    }
+
+    // Chat both ways.
+    let (ma, mb) = members.split_at_mut(1);
+    let (wa, wb) = (&mut ma[0].ws, &mut mb[0].ws);
+    wa.chat("hello from A");
+    let c1 = wa.recv_chat("hello from A");
+    assert_eq!(wb.recv(), c1);
+    wb.chat("hello from C");
+    let c2 = wb.recv_chat("hello from C");
+    assert_eq!(wa.recv(), c2);
+
+    // History from B, which has no member in the room, with a session made on C.
+    let all = history(b, &room, &bob);
+    assert_eq!(
+        brief(&all),
+        [
+            "user_joined:alice:alice has joined",
+            "user_joined:bob:bob has joined",
+            "chat:alice:hello from A",
+            "chat:bob:hello from C",
+        ]
+    );
+    assert_eq!(all[2], c1);
+    assert_eq!(all[3], c2);
+    let r = b
+        .http()
+        .get(&format!("/rooms/{room}/messages?limit=2"), Some(&alice));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["messages"], json!([c1, c2]));
+
+    // alice's session ended on B: her socket on A closes with 1000, bob (on C) sees her leave,
+    // and the session is 401 on every node.
+    let r = b.http().call("DELETE", "/sessions/me", Some(&alice));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"message": "Session ended"}));
+    assert_eq!(
+        wa.close_code(),
+        Some(1000),
+        "alice's WebSocket on A closes with 1000"
+    );
+    let left = wb.recv_type("user_left");
+    assert_eq!(left["user_id"], alice_uid.as_str(), "{left}");
+    for (i, n) in c.nodes.iter().enumerate() {
+        let r = n.http().get("/sessions/me", Some(&alice));
+        assert_eq!(r.status, 401, "node {i}: {}", r.text());
+        assert_eq!(n.http().get("/rooms", Some(&alice)).status, 401, "node {i}");
+        assert_eq!(
+            n.ws(&format!("/ws/{room}?session_id={alice}")).err(),
+            Some(403),
+            "node {i}"
+        );
+        wait_count(n, &room, 1, TIMEOUT);
+        assert_eq!(n.http().get("/sessions/me", Some(&bob)).status, 200);
+    }
+}
+
+#[test]
+fn the_database_in_the_url_is_the_one_used() {
+    let c = Cluster::start_with(2, &[], RedisOptions::default(), 5);
+    let (sid, _) = c.node(0).session("alice");
+    let room = c.node(1).room(&sid);
+    let (_ws, _) = c.node(0).join(&room, &sid);
+    let in_db = |db| {
+        c.redis
+            .command(db, &["DBSIZE"])
+            .unwrap_or_else(|e| panic!("DBSIZE in {db}: {e}"))
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(in_db(5) > 0, "nothing stored in database 5");
+    assert_eq!(in_db(0), 0, "keys stored in database 0 instead of 5");
+}
+
+// ---- (3) a node dies ---------------------------------------------------------------------
+
+#[test]
+fn clients_of_a_killed_node_reconnect_elsewhere_lose_nothing_and_its_members_leave_presence() {
+    let mut c = Cluster::start(3, &["--presence-ttl", "2s"]);
+    let (sb, bob_uid) = c.node(1).session("bob");
+    let room = c.node(1).room(&sb);
+    let (sc, carol_uid) = c.node(2).session("carol");
+    let (sa, alice_uid) = c.node(0).session("alice");
+    let (sd, dave_uid) = c.node(0).session("dave");
+    let (sf, frank_uid) = c.node(0).session("frank");
+
+    let mut m: Vec<Member> = Vec::new();
+    for (node, name, sid, uid) in [
+        (1, "bob", &sb, &bob_uid),
+        (2, "carol", &sc, &carol_uid),
+        (0, "alice", &sa, &alice_uid),
+        (0, "dave", &sd, &dave_uid),
+        (0, "frank", &sf, &frank_uid),
+    ] {
+        let (member, _) = join_synced(c.node(node), &room, name, sid, uid, &mut m);
+        m.push(member);
+    }
+    for n in &c.nodes {
+        wait_count(n, &room, 5, TIMEOUT);
+    }
+    // Some chat from every node; everybody reads all of it.
+    let mut seen: Vec<Vec<Value>> = vec![Vec::new(); m.len()];
+    for (i, text) in [(2, "before-alice"), (0, "before-bob"), (1, "before-carol")] {
+        m[i].ws.chat(text);
+        for (j, mj) in m.iter_mut().enumerate() {
+            let v = mj.ws.recv();
+            assert_eq!(v["message"], text, "{}: {v}", mj.name);
+            seen[j].push(v);
+        }
+    }
+    let last_alice = seen[2].last().unwrap()["id"].as_str().unwrap().to_string();
+    let last_dave = seen[3].last().unwrap()["id"].as_str().unwrap().to_string();
+
+    // Node A (alice, dave, frank) dies.
+    let killed_at = Instant::now();
+    assert!(
+        c.nodes[0]
+            .signal_and_wait("KILL", Duration::from_secs(5))
+            .is_some(),
+        "node A did not die"
+    );
+    let mut frank = m.pop().unwrap();
+    let mut dave = m.pop().unwrap();
+    let mut alice = m.pop().unwrap();
+    assert!(alice.ws.try_recv().is_err(), "alice's socket is gone");
+    assert!(dave.ws.try_recv().is_err());
+    assert!(frank.ws.try_recv().is_err());
+
+    // bob and carol keep chatting meanwhile.
+    m[0].ws.chat("during-bob");
+    m[1].ws.chat("during-carol");
+    let during_b = m[0].ws.recv_chat("during-bob");
+    let during_c = m[1].ws.recv_chat("during-carol");
+
+    // alice comes back on B, dave on C, each with since=<last id seen>.
+    let (b, cc) = (c.node(1), c.node(2));
+    let (wa, welcome_a) = b.join_query(&room, &format!("session_id={sa}&since={last_alice}"));
+    let (wd, welcome_d) = cc.join_query(&room, &format!("session_id={sd}&since={last_dave}"));
+    alice.ws = wa;
+    dave.ws = wd;
+    for (who, welcome) in [("alice", &welcome_a), ("dave", &welcome_d)] {
+        let got = welcome["messages"].as_array().unwrap();
+        let texts: Vec<&str> = got
+            .iter()
+            .filter(|v| v["type"] == "chat")
+            .map(|v| v["message"].as_str().unwrap())
+            .collect();
+        assert!(
+            texts.contains(&"during-bob") && texts.contains(&"during-carol"),
+            "{who}'s welcome has the chats sent while it was away: {:?}",
+            brief(got)
+        );
+        assert!(
+            got.contains(&during_b) && got.contains(&during_c),
+            "{who}: {:?}",
+            brief(got)
+        );
+        assert!(
+            welcome.get("truncated").is_none_or(|t| t == false),
+            "{welcome}"
+        );
+    }
+
+    // frank's (and the dead connections') presence expires: alice, dave, bob, carol remain.
+    for n in [b, cc] {
+        wait_count(n, &room, 4, Duration::from_secs(10));
+    }
+    eprintln!(
+        "presence of the killed node's members gone {:?} after the kill",
+        killed_at.elapsed()
+    );
+
+    // Nothing lost, nothing twice: for alice and dave, welcome + live frames up to a marker
+    // chat = the history after their last id up to that marker.
+    alice.ws.chat("marker");
+    let mut live: Vec<Vec<Value>> = Vec::new();
+    for mj in [&mut alice, &mut dave] {
+        live.push(stored_until(&mut mj.ws, "marker"));
+    }
+    for mj in m.iter_mut() {
+        mj.ws.recv_chat("marker");
+    }
+    let all = history(cc, &room, &sc);
+    for (k, (who, welcome, since)) in [
+        ("alice", &welcome_a, &last_alice),
+        ("dave", &welcome_d, &last_dave),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut want = after(&all, since);
+        let end = want
+            .iter()
+            .position(|v| v["message"] == "marker")
+            .expect("the marker is in the history");
+        want.truncate(end + 1);
+        let mut got = welcome["messages"].as_array().unwrap().clone();
+        got.extend(live[k].iter().cloned());
+        assert_eq!(
+            ids(&got),
+            ids(&want),
+            "{who}: welcome + live frames vs the history after its last id:\n got  {:?}\n want {:?}",
+            brief(&got),
+            brief(&want)
+        );
+    }
+    // And since=<alice's last id> on either live node gives exactly the history after it.
+    // (Each probe stays open until the end, and its own user_joined is read, so that the
+    // history is settled before the next probe reads it.)
+    let mut probes = Vec::new();
+    for n in [b, cc] {
+        let want = after(&history(n, &room, &sb), &last_alice);
+        let (mut ws, w) = n.join_query(&room, &format!("session_id={sa}&since={last_alice}"));
+        let got = w["messages"].as_array().unwrap();
+        assert_eq!(
+            ids(got),
+            ids(&want),
+            "since on {}:\n got  {:?}\n want {:?}",
+            n.addr,
+            brief(got),
+            brief(&want)
+        );
+        ws.recv_type("user_joined");
+        probes.push(ws);
+    }
+
+    // A newcomer's welcome lists the live members only: frank is gone.
+    let (se, eve_uid) = cc.session("eve");
+    let (_we, welcome_e) = b.join(&room, &se);
+    assert_eq!(
+        user_ids(&welcome_e),
+        sorted(&[&alice_uid, &bob_uid, &carol_uid, &dave_uid, &eve_uid]),
+        "{welcome_e}"
+    );
+}
+
+#[test]
+fn a_client_that_reconnects_to_another_node_sees_every_stored_message_exactly_once() {
+    let mut c = Cluster::start(2, &["--presence-ttl", "2s"]);
+    let (sa, alice_uid) = c.node(0).session("alice");
+    let (sb, bob_uid) = c.node(1).session("bob");
+    let room = c.node(0).room(&sa);
+    let mut m: Vec<Member> = Vec::new();
+    let (mb, _) = join_synced(c.node(1), &room, "bob", &sb, &bob_uid, &mut m);
+    m.push(mb);
+    let (ma, _) = join_synced(c.node(0), &room, "alice", &sa, &alice_uid, &mut m);
+    m.push(ma);
+    let mut alice = m.pop().unwrap();
+    let mut bob = m.pop().unwrap();
+    // bob records every stored frame from here on.
+    let mut bob_seen: Vec<Value> = Vec::new();
+    alice.ws.chat("a1");
+    let last = alice.ws.recv_chat("a1");
+    bob_seen.push(bob.ws.recv());
+    assert!(
+        c.nodes[0]
+            .signal_and_wait("KILL", Duration::from_secs(5))
+            .is_some()
+    );
+    for k in 0..10 {
+        bob.ws.chat(&format!("b{k}"));
+    }
+    // bob reads his ten chats (and whatever notices come meanwhile).
+    while bob_seen.iter().filter(|v| v["type"] == "chat").count() < 11 {
+        bob_seen.push(bob.ws.recv());
+    }
+    let since = last["id"].as_str().unwrap();
+    let (mut ws, welcome) = c
+        .node(1)
+        .join_query(&room, &format!("session_id={sa}&since={since}"));
+    // alice's stream = welcome messages, then live frames; bob's = what he saw after a1.
+    let mut alice_stream: Vec<Value> = welcome["messages"].as_array().unwrap().clone();
+    // Wait for alice's old connection to leave presence, so any user_left for it is in.
+    wait_count(c.node(1), &room, 2, Duration::from_secs(10));
+    bob.ws.chat("done");
+    loop {
+        let v = ws.recv();
+        let done = v["message"] == "done";
+        if id_of(&v).is_some() {
+            alice_stream.push(v);
+        }
+        if done {
+            break;
+        }
+    }
+    loop {
+        let v = bob.ws.recv();
+        let done = v["message"] == "done";
+        if id_of(&v).is_some() {
+            bob_seen.push(v);
+        }
+        if done {
+            break;
+        }
+    }
+    // bob saw a1 first, then everything after it; alice must have the same after a1.
+    let bob_after: Vec<Value> = bob_seen[1..].to_vec();
+    assert_eq!(
+        ids(&alice_stream),
+        ids(&bob_after),
+        "alice (welcome + live) vs bob:\n alice {:?}\n bob   {:?}",
+        brief(&alice_stream),
+        brief(&bob_after)
+    );
+    let all = history(c.node(1), &room, &sb);
+    assert_eq!(ids(&after(&all, since)), ids(&bob_after), "history agrees");
+}
+
+// ---- (4) Redis goes away and comes back --------------------------------------------------
+
+#[test]
+fn without_redis_nodes_stay_up_refuse_with_503_chat_locally_then_recover() {
+    let mut c = Cluster::start_with(
+        2,
+        &["--presence-ttl", "2s"],
+        RedisOptions { appendonly: true },
+        0,
+    );
+    let (sa, alice_uid) = c.node(0).session("alice");
+    let (sb, bob_uid) = c.node(0).session("bob");
+    let (sc, carol_uid) = c.node(1).session("carol");
+    let room = c.node(0).room(&sa);
+    let mut m: Vec<Member> = Vec::new();
+    for (node, name, sid, uid) in [
+        (0, "alice", &sa, &alice_uid),
+        (0, "bob", &sb, &bob_uid),
+        (1, "carol", &sc, &carol_uid),
+    ] {
+        let (member, _) = join_synced(c.node(node), &room, name, sid, uid, &mut m);
+        m.push(member);
+    }
+    // Chat crosses nodes before the outage.
+    m[0].ws.chat("before");
+    for mj in m.iter_mut() {
+        mj.ws.recv_chat("before");
+    }
+
+    c.redis.stop();
+    for i in 0..2 {
+        c.wait_health(i, "down", REDIS_DOWN_LIMIT);
+    }
+    for (i, n) in c.nodes.iter().enumerate() {
+        assert_eq!(n.status("/ping"), 200, "node {i} is up");
+        let r = n
+            .http()
+            .post_json("/sessions", r#"{"username":"zed"}"#, None);
+        assert_503_redis(&format!("node {i}: POST /sessions"), r.status, &r.text());
+        let (status, body) = ws_refusal(n, &format!("/ws/{room}?session_id={sa}"));
+        assert_503_redis(&format!("node {i}: WebSocket join"), status, &body);
+    }
+
+    // Local chat on node A goes on: alice → alice and bob, each once.
+    m[0].ws.chat("local-1");
+    let l1 = m[0].ws.recv_chat("local-1");
+    let got = m[1].ws.recv_chat("local-1");
+    assert_eq!(got["user_id"], alice_uid.as_str(), "{got}");
+    assert_eq!(got["id"], l1["id"], "the same message for both");
+    m[1].ws.chat("local-2");
+    m[0].ws.recv_chat("local-2");
+    m[1].ws.recv_chat("local-2");
+    for mj in m[..2].iter_mut() {
+        let more = mj.ws.drain(Duration::from_millis(300));
+        assert!(
+            more.iter()
+                .all(|v| v["message"] != "local-1" && v["message"] != "local-2"),
+            "{}: local chat delivered twice: {:?}",
+            mj.name,
+            brief(&more)
+        );
+    }
+    for (i, n) in c.nodes.iter().enumerate() {
+        assert_eq!(n.status("/ping"), 200, "node {i} is still up");
+    }
+
+    // Redis is back on the same port: both nodes reconnect on their own.
+    c.redis.restart();
+    for i in 0..2 {
+        c.wait_health(i, "up", RECOVERY_LIMIT);
+    }
+    // New sessions work again, on both nodes.
+    let (sd, dave_uid) = c.node(1).session("dave");
+    let (_se, _) = c.node(0).session("eve");
+
+    // Chat crosses nodes again. A node may still be re-subscribing right after /health
+    // turned up: probe (bounded) until one chat from A reaches carol on B.
+    let crossed = wait_for(Duration::from_secs(10), || {
+        m[0].ws.chat("probe");
+        m[2].ws.recv_within(Duration::from_millis(300)).is_some()
+    });
+    assert!(
+        crossed.is_some(),
+        "after Redis came back, chat from node A never reached node B"
+    );
+    for mj in m.iter_mut() {
+        mj.ws.drain(Duration::from_millis(300));
+    }
+    m[0].ws.chat("after-A");
+    for mj in m.iter_mut() {
+        mj.ws.recv_chat("after-A");
+    }
+    m[2].ws.chat("after-B");
+    for mj in m.iter_mut() {
+        mj.ws.recv_chat("after-B");
+    }
+    for mj in m.iter_mut() {
+        let more = mj.ws.drain(Duration::from_millis(300));
+        assert!(
+            more.iter()
+                .all(|v| v["message"] != "after-A" && v["message"] != "after-B"),
+            "{}: delivered twice after recovery: {:?}",
+            mj.name,
+            brief(&more)
+        );
+    }
+    // A new member joins on B (the room survived in Redis) and chats with A.
+    let (mut wd, _) = c.node(1).join(&room, &sd);
+    let joined = wd.recv_type("user_joined");
+    assert_eq!(joined["user_id"], dave_uid.as_str(), "{joined}");
+    wd.chat("hello from dave");
+    wd.recv_chat("hello from dave");
+    for mj in m.iter_mut() {
+        mj.ws.recv_chat("hello from dave");
+    }
+    for (i, n) in c.nodes.iter().enumerate() {
+        wait_count(n, &room, 4, Duration::from_secs(10));
+        assert_eq!(
+            n.http().get("/sessions/me", Some(&sa)).status,
+            200,
+            "node {i}"
+        );
+    }
+}
+
+/// Sends `probe` chats from `from` (bounded) until one reaches `to`; returns every frame `to`
+/// read meanwhile. For right after a recovery, while a node may still be resubscribing.
+#[track_caller]
+fn probe_until_crossed(from: &mut Member, to: &mut Member, probe: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    let crossed = wait_for(Duration::from_secs(10), || {
+        from.ws.chat(probe);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(300) {
+            match to.ws.recv_within(Duration::from_millis(300)) {
+                Some(v) => {
+                    let hit = v["message"] == probe;
+                    seen.push(v);
+                    if hit {
+                        return true;
+                    }
+                }
+                None => break,
+            }
+        }
+        false
+    });
+    assert!(
+        crossed.is_some(),
+        "{probe}: no chat from {} reached {} within 10 s; {} got {:?}",
+        from.name,
+        to.name,
+        to.name,
+        brief(&seen)
+    );
+    seen.extend(to.ws.drain(Duration::from_millis(300)));
+    from.ws.drain(Duration::from_millis(300));
+    seen
+}
+
+/// Node A reaches Redis through a [`Proxy`], node B directly; alice is on A, carol on B, and
+/// a chat "before" from alice reached both.
+struct Pair {
+    c: Cluster,
+    proxy: Proxy,
+    room: String,
+    alice: Member,
+    carol: Member,
+    before: Value,
+}
+
+#[track_caller]
+fn proxied_pair(args: &[&str]) -> Pair {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr());
+    let urls = [proxy.url(0), redis.url(0)];
+    let c = Cluster::start_nodes(redis, &urls, args);
+    let (sa, alice_uid) = c.node(0).session("alice");
+    let (sc, carol_uid) = c.node(1).session("carol");
+    let room = c.node(1).room(&sc);
+    let mut m = Vec::new();
+    let (ma, _) = join_synced(c.node(0), &room, "alice", &sa, &alice_uid, &mut m);
+    m.push(ma);
+    let (mc, _) = join_synced(c.node(1), &room, "carol", &sc, &carol_uid, &mut m);
+    m.push(mc);
+    let mut carol = m.pop().unwrap();
+    let mut alice = m.pop().unwrap();
+    alice.ws.chat("before");
+    let before = alice.ws.recv_chat("before");
+    assert_eq!(carol.ws.recv(), before);
+    Pair {
+        c,
+        proxy,
+        room,
+        alice,
+        carol,
+        before,
+    }
+}
+
+/// A is cut off from Redis while carol (on B) sends two chats; then A's link heals and chat
+/// crosses again. Returns the pair and every frame alice read after "before".
+#[track_caller]
+fn cut_off_while_the_other_node_chats() -> (Pair, Vec<Value>) {
+    let mut p = proxied_pair(&[]);
+    p.proxy.cut();
+    p.c.wait_health(0, "down", REDIS_DOWN_LIMIT);
+    p.c.wait_health(1, "up", REDIS_UP_LIMIT);
+    p.carol.ws.chat("while-cut-1");
+    p.carol.ws.recv_chat("while-cut-1");
+    p.carol.ws.chat("while-cut-2");
+    p.carol.ws.recv_chat("while-cut-2");
+    let mut seen = p.alice.ws.drain(Duration::from_millis(300));
+    p.proxy.restore();
+    p.c.wait_health(0, "up", RECOVERY_LIMIT);
+    seen.extend(probe_until_crossed(
+        &mut p.carol,
+        &mut p.alice,
+        "probe-to-A",
+    ));
+    probe_until_crossed(&mut p.alice, &mut p.carol, "probe-to-B");
+    (p, seen)
+}
+
+#[test]
+fn after_a_node_was_cut_off_from_redis_since_gives_the_same_messages_on_every_node() {
+    let (p, _) = cut_off_while_the_other_node_chats();
+    let since = p.before["id"].as_str().unwrap();
+    let (pa, _) = p.c.node(0).session("probe-a");
+    let (pb, _) = p.c.node(1).session("probe-b");
+    let (mut wa, welcome_a) =
+        p.c.node(0)
+            .join_query(&p.room, &format!("session_id={pa}&since={since}"));
+    let joined_a = wa.recv_type("user_joined");
+    let (_wb, welcome_b) =
+        p.c.node(1)
+            .join_query(&p.room, &format!("session_id={pb}&since={since}"));
+    let got_a = welcome_a["messages"].as_array().unwrap().clone();
+    let got_b = welcome_b["messages"].as_array().unwrap().clone();
+    let mut want_b = got_a.clone();
+    want_b.push(joined_a);
+    assert_eq!(
+        ids(&got_b),
+        ids(&want_b),
+        "since=<before> on A and on B differ:\n A {:?}\n B {:?}",
+        brief(&got_a),
+        brief(&got_b)
+    );
+    for text in ["while-cut-1", "while-cut-2"] {
+        assert_eq!(
+            got_a.iter().filter(|v| v["message"] == text).count(),
+            1,
+            "since on A: {text} once: {:?}",
+            brief(&got_a)
+        );
+    }
+}
+
+#[test]
+fn a_member_of_a_node_that_was_cut_off_from_redis_gets_what_it_missed_once() {
+    let (_p, seen) = cut_off_while_the_other_node_chats();
+    for text in ["while-cut-1", "while-cut-2"] {
+        assert_eq!(
+            seen.iter().filter(|v| v["message"] == text).count(),
+            1,
+            "alice (on A) gets carol's {text} once after A is back: {:?}",
+            brief(&seen)
+        );
+    }
+}
+
+#[test]
+fn a_node_whose_redis_link_goes_silent_turns_degraded_then_recovers() {
+    let mut p = proxied_pair(&["--presence-ttl", "3s"]);
+    p.proxy.stall();
+    // No RST, no FIN: only the missing replies tell.
+    p.c.wait_health(0, "down", Duration::from_secs(30));
+    p.c.wait_health(1, "up", REDIS_UP_LIMIT);
+    let r =
+        p.c.node(0)
+            .http()
+            .post_json("/sessions", r#"{"username":"zed"}"#, None);
+    assert_503_redis("A: POST /sessions", r.status, &r.text());
+    assert_eq!(p.c.node(1).session("zed").0.len(), 36);
+    p.proxy.restore();
+    p.c.wait_health(0, "up", RECOVERY_LIMIT);
+    p.c.node(0).session("after");
+    probe_until_crossed(&mut p.carol, &mut p.alice, "probe-to-A");
+    probe_until_crossed(&mut p.alice, &mut p.carol, "probe-to-B");
+}
+
+#[test]
+fn redis_restarted_empty_gets_back_the_sessions_rooms_and_presence_the_nodes_hold() {
+    let mut c = Cluster::start(2, &["--presence-ttl", "2s"]);
+    let (sa, alice_uid) = c.node(0).session("alice");
+    let (sb, bob_uid) = c.node(1).session("bob");
+    let room = c.node(0).room(&sa);
+    let mut m = Vec::new();
+    let (ma, _) = join_synced(c.node(0), &room, "alice", &sa, &alice_uid, &mut m);
+    m.push(ma);
+    let (mb, _) = join_synced(c.node(1), &room, "bob", &sb, &bob_uid, &mut m);
+    m.push(mb);
+    c.redis.stop();
+    for i in 0..2 {
+        c.wait_health(i, "down", REDIS_DOWN_LIMIT);
+    }
+    c.redis.restart(); // without --appendonly: empty
+    assert_eq!(c.redis.command(0, &["DBSIZE"]).as_deref(), Ok("0"));
+    for i in 0..2 {
+        c.wait_health(i, "up", RECOVERY_LIMIT);
+    }
+    // Sessions with an open socket, rooms with members and presence are written back.
+    for (i, n) in c.nodes.iter().enumerate() {
+        for sid in [&sa, &sb] {
+            assert!(
+                wait_for(TIMEOUT, || n.http().get("/sessions/me", Some(sid)).status
+                    == 200)
+                .is_some(),
+                "node {i}: a session with an open socket works again"
+            );
+        }
+        assert!(
+            wait_for(TIMEOUT, || n.status(&format!("/rooms/{room}")) == 200).is_some(),
+            "node {i}: the room exists again"
+        );
+        wait_count(n, &room, 2, Duration::from_secs(10));
+    }
+    let (mut bob, mut alice) = (m.pop().unwrap(), m.pop().unwrap());
+    probe_until_crossed(&mut alice, &mut bob, "probe-to-B");
+    probe_until_crossed(&mut bob, &mut alice, "probe-to-A");
+    // A newcomer on B sees both.
+    let (sd, dave_uid) = c.node(1).session("dave");
+    let (_wd, welcome) = c.node(1).join(&room, &sd);
+    assert_eq!(
+        user_ids(&welcome),
+        sorted(&[&alice_uid, &bob_uid, &dave_uid]),
+        "{welcome}"
+    );
+}
+
+// ---- a node stops ------------------------------------------------------------------------
+
+#[test]
+fn a_node_stopped_with_sigterm_closes_with_1001_and_its_members_leave_at_once() {
+    // Default --presence-ttl (15 s): leaving must not wait for it.
+    let mut c = Cluster::start(2, &[]);
+    let (sa, alice_uid) = c.node(0).session("alice");
+    let (sb, bob_uid) = c.node(1).session("bob");
+    let room = c.node(1).room(&sb);
+    let mut m = Vec::new();
+    let (ma, _) = join_synced(c.node(0), &room, "alice", &sa, &alice_uid, &mut m);
+    m.push(ma);
+    let (mb, _) = join_synced(c.node(1), &room, "bob", &sb, &bob_uid, &mut m);
+    m.push(mb);
+    let (mut bob, mut alice) = (m.pop().unwrap(), m.pop().unwrap());
+    let status = c.nodes[0].signal_and_wait("TERM", Duration::from_secs(5));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "node A exits 0: {status:?}"
+    );
+    assert_eq!(alice.ws.close_code(), Some(1001));
+    let left = bob.ws.recv_type("user_left");
+    assert_eq!(left["user_id"], alice_uid.as_str(), "{left}");
+    wait_count(c.node(1), &room, 1, Duration::from_secs(5));
+    let (sd, dave_uid) = c.node(1).session("dave");
+    let (_wd, welcome) = c.node(1).join(&room, &sd);
+    assert_eq!(user_ids(&welcome), sorted(&[&bob_uid, &dave_uid]));
+}
+
+// ---- (5) typing --------------------------------------------------------------------------
+
+/// Three nodes, alice on A, bob on B, carol on C, all joined and synced.
+fn three_typists(extra: &[&str]) -> (Cluster, Vec<Member>) {
+    let mut args = vec!["--typing-quiet", "30s"];
+    args.extend_from_slice(extra);
+    let c = Cluster::start(3, &args);
+    let sessions = [
+        c.node(0).session("alice"),
+        c.node(1).session("bob"),
+        c.node(2).session("carol"),
+    ];
+    let room = c.node(1).room(&sessions[0].0);
+    let mut m: Vec<Member> = Vec::new();
+    for (i, name) in ["alice", "bob", "carol"].into_iter().enumerate() {
+        let (sid, uid) = &sessions[i];
+        let (member, _) = join_synced(c.node(i), &room, name, sid, uid, &mut m);
+        m.push(member);
+    }
+    (c, m)
+}
+
+#[test]
+fn typing_reaches_the_other_members_on_every_node_but_not_the_sender() {
+    let (_c, mut m) = three_typists(&[]);
+    for typist in 0..3 {
+        m[typist].ws.send_json(json!({"type": "typing"}));
+        let (name, uid) = (m[typist].name.clone(), m[typist].uid.clone());
+        for (j, mj) in m.iter_mut().enumerate() {
+            if j == typist {
+                continue;
+            }
+            let v = mj
+                .ws
+                .recv_within(TIMEOUT)
+                .unwrap_or_else(|| panic!("{}: no typing from {name}", mj.name));
+            assert_eq!(v["type"], "typing", "{}: {v}", mj.name);
+            assert_eq!(v["user"], name.as_str(), "{v}");
+            assert_eq!(v["user_id"], uid.as_str(), "{v}");
+        }
+        // Once each, and never to the sender.
+        for mj in m.iter_mut() {
+            mj.ws.expect_silence(Duration::from_millis(500));
+        }
+    }
+}
+
+#[test]
+fn typing_stopped_crosses_nodes_before_the_chat_that_ends_the_typing() {
+    let (_c, mut m) = three_typists(&[]);
+    m[0].ws.send_json(json!({"type": "typing"}));
+    for mj in m[1..].iter_mut() {
+        let v = mj.ws.recv();
+        assert_eq!(v["type"], "typing", "{}: {v}", mj.name);
+    }
+    m[0].ws.chat("done typing");
+    let alice_uid = m[0].uid.clone();
+    for mj in m[1..].iter_mut() {
+        let v = mj.ws.recv();
+        assert_eq!(v["type"], "typing_stopped", "{}: {v}", mj.name);
+        assert_eq!(v["user_id"], alice_uid.as_str(), "{v}");
+        let v = mj.ws.recv();
+        assert_eq!(v["message"], "done typing", "{}: {v}", mj.name);
+    }
+    // The sender gets its chat, not its own typing_stopped.
+    let v = m[0].ws.recv();
+    assert_eq!(v["message"], "done typing", "alice: {v}");
+}
