@@ -1025,7 +1025,16 @@ impl Cluster {
         self.link = Link::Up;
         self.backoff = BACKOFF_MIN;
         self.command_push(&[b"SUBSCRIBE", CTL]);
-        let rooms: Vec<RoomId> = self.members.keys().copied().collect();
+        // Rooms with members here, and rooms loaded for a join that did not happen (their
+        // copy in the hub counts as current, so it must be current again).
+        let mut rooms: Vec<RoomId> = self
+            .members
+            .keys()
+            .chain(self.subs.keys())
+            .copied()
+            .collect();
+        rooms.sort_unstable();
+        rooms.dedup();
         for room in rooms {
             // Members here missed what other nodes stored meanwhile: load the room again
             // (pushes that arrive in between are merged by id, as on a first join).

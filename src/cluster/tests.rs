@@ -487,3 +487,20 @@ fn expired_presence_of_another_node_is_announced_by_the_node_that_removed_it() {
         }]
     );
 }
+
+#[test]
+fn a_room_loaded_for_a_join_that_never_happened_is_reloaded_after_a_reconnect_too() {
+    let mut c = up();
+    c.fetch(1, 1, Query::Subscribe(ROOM), now(10));
+    assert!(c.on_bytes(&bulk_array(&[]), now(11)));
+    c.on_disconnected(now(20));
+    assert!(c.should_connect(now(200)));
+    c.on_connected();
+    c.out.clear();
+    assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(201)));
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    assert!(
+        out.contains("SUBSCRIBE\r\n$21\r\nchatloop:m:0123456789") && out.contains("LRANGE"),
+        "{out}"
+    );
+}
