@@ -272,19 +272,7 @@ impl Hub {
         if self.rooms.contains_key(&id) {
             return;
         }
-        let g = self.bump_generation();
-        self.rooms.insert(
-            id,
-            Room {
-                members: Vec::new(),
-                history: VecDeque::new(),
-                empty_since: now.mono,
-                expiry_gen: g,
-                live: false,
-            },
-        );
-        self.wheel
-            .arm(now.mono + self.cfg.room_ttl, Timer::Room(id, g));
+        self.insert_room(id, false, now);
     }
 
     /// Whether the room's history here is complete (no need to load it from Redis).
@@ -506,20 +494,8 @@ impl Hub {
                 break id;
             }
         };
-        let g = self.bump_generation();
-        self.rooms.insert(
-            id,
-            Room {
-                members: Vec::new(),
-                history: VecDeque::new(),
-                empty_since: now.mono,
-                expiry_gen: g,
-                // In cluster mode the node subscribes when the first member connects.
-                live: self.cluster.is_none(),
-            },
-        );
-        self.wheel
-            .arm(now.mono + self.cfg.room_ttl, Timer::Room(id, g));
+        // In cluster mode the node subscribes when the first member connects.
+        self.insert_room(id, self.cluster.is_none(), now);
         self.op(Op::RoomCreated { room: id, session });
         self.remember_room(session, id);
         Ok(id)
@@ -982,6 +958,23 @@ impl Hub {
         protocol::write_error(self.frame.start(), code, detail);
         let frame = self.frame.finish_text();
         self.actions.push(Action::Send(conn, frame));
+    }
+
+    /// A new, empty room record whose expiry timer runs from `now`.
+    fn insert_room(&mut self, id: RoomId, live: bool, now: Now) {
+        let g = self.bump_generation();
+        self.rooms.insert(
+            id,
+            Room {
+                members: Vec::new(),
+                history: VecDeque::new(),
+                empty_since: now.mono,
+                expiry_gen: g,
+                live,
+            },
+        );
+        self.wheel
+            .arm(now.mono + self.cfg.room_ttl, Timer::Room(id, g));
     }
 
     fn insert_session(&mut self, id: SessionId, username: &str, user_id: UserId, now: Now) {
