@@ -444,13 +444,6 @@ impl Server {
     /// Moves the hub's frames onto members' queues and carries out its closes; in cluster
     /// mode also hands its shared-state changes to the Redis side.
     fn apply_actions(&mut self, now: Now) {
-        if let Some(cluster) = &mut self.cluster
-            && self.hub.has_ops()
-        {
-            for op in self.hub.drain_ops() {
-                cluster.apply(op, now);
-            }
-        }
         while self.hub.has_actions() {
             let mut closes = Vec::new();
             for action in self.hub.drain_actions() {
@@ -482,6 +475,7 @@ impl Server {
             self.bury(now);
         }
         self.bury(now);
+        // After the closes above, whose leaving adds changes too (one ordered list of ops).
         if let Some(cluster) = &mut self.cluster
             && self.hub.has_ops()
         {
