@@ -26,7 +26,6 @@
 //! [`Event::Answer`].
 
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::rc::Rc;
 
 use redis_protocol::resp3::decode::complete::decode;
@@ -376,7 +375,6 @@ pub struct Cluster {
     /// The latest time this module was told (for commands, which take no time argument).
     clock: Micros,
     events: Vec<Event>,
-    scratch: String,
 }
 
 impl Cluster {
@@ -402,7 +400,6 @@ impl Cluster {
             last_progress: Micros::ZERO,
             clock: Micros::ZERO,
             events: Vec::new(),
-            scratch: String::new(),
         }
     }
 
@@ -576,7 +573,7 @@ impl Cluster {
         let after = format!("({now_ms}");
         match query {
             Query::Session(s) => {
-                let key = self.key("s:", s);
+                let key = key("s:", s);
                 self.command(&[b"HGETALL", key.as_bytes()], fetch)
             }
             Query::RoomExists(r) => {
@@ -584,20 +581,20 @@ impl Cluster {
                 self.command(&[b"ZSCORE", b"chatloop:rooms", &room], fetch)
             }
             Query::UserCount(r) => {
-                let key = self.key("p:", r);
+                let key = key("p:", r);
                 self.command(
                     &[b"ZCOUNT", key.as_bytes(), after.as_bytes(), b"+inf"],
                     fetch,
                 )
             }
             Query::Presence(r) => {
-                let key = self.key("p:", r);
+                let key = key("p:", r);
                 let args: [&[u8]; 4] =
                     [b"ZRANGEBYSCORE", key.as_bytes(), after.as_bytes(), b"+inf"];
                 self.command(&args, fetch)
             }
             Query::SessionRooms(s) => {
-                let key = self.key("sr:", s);
+                let key = key("sr:", s);
                 let ms = now_ms.to_string();
                 let args: [&[u8]; 6] = [
                     b"EVAL",
@@ -619,7 +616,7 @@ impl Cluster {
                 self.command(&args, fetch)
             }
             Query::History(r, n) => {
-                let key = self.key("h:", r);
+                let key = key("h:", r);
                 let from = format!("-{n}");
                 self.command(&[b"LRANGE", key.as_bytes(), from.as_bytes(), b"-1"], fetch)
             }
@@ -635,10 +632,10 @@ impl Cluster {
                 }
                 if let std::collections::hash_map::Entry::Vacant(e) = self.subs.entry(r) {
                     e.insert(Sub::Loading(Vec::new()));
-                    let channel = self.key("m:", r);
+                    let channel = key("m:", r);
                     self.command_push(&[b"SUBSCRIBE", channel.as_bytes()]);
                 }
-                let key = self.key("h:", r);
+                let key = key("h:", r);
                 let load = Pending::Load {
                     for_request: Some((token, serial)),
                     room: r,
@@ -668,7 +665,7 @@ impl Cluster {
             }
             Op::SessionUsed(id) => {
                 for kind in ["s:", "sr:"] {
-                    let key = self.key(kind, id);
+                    let key = key(kind, id);
                     self.command(
                         &[b"EXPIRE", key.as_bytes(), session_ttl.as_bytes()],
                         Pending::Ignore,
@@ -676,7 +673,7 @@ impl Cluster {
                 }
             }
             Op::SessionEnded(id) => {
-                let (s, sr) = (self.key("s:", id), self.key("sr:", id));
+                let (s, sr) = (key("s:", id), key("sr:", id));
                 self.command(&[b"DEL", s.as_bytes(), sr.as_bytes()], Pending::Ignore);
                 let msg = format!("E{id}");
                 self.command(&[b"PUBLISH", CTL, msg.as_bytes()], Pending::Ignore);
@@ -690,14 +687,14 @@ impl Cluster {
             }
             Op::Remember { session, room } => self.remember(session, room, &session_ttl),
             Op::Forget { session, room } => {
-                let key = self.key("sr:", session);
+                let key = key("sr:", session);
                 self.command(&[b"SREM", key.as_bytes(), &room.hex()], Pending::Ignore);
             }
             Op::Publish { room, id, json } => {
                 let mut entry = Vec::with_capacity(36 + json.len());
                 let _ = std::io::Write::write_fmt(&mut entry, format_args!("{id}"));
                 entry.extend_from_slice(&json);
-                let (h, m) = (self.key("h:", room), self.key("m:", room));
+                let (h, m) = (key("h:", room), key("m:", room));
                 let keep = format!("-{}", self.cfg.history);
                 let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
                 let args: [&[u8]; 8] = [
@@ -719,7 +716,7 @@ impl Cluster {
                 let c = except.map_or(u32::MAX, |c| c.0 as u32);
                 let _ = std::io::Write::write_fmt(&mut msg, format_args!("{c:08x}"));
                 msg.extend_from_slice(&json);
-                let m = self.key("m:", room);
+                let m = key("m:", room);
                 self.command(&[b"PUBLISH", m.as_bytes(), &msg], Pending::Ignore);
             }
             Op::Joined { room, conn, .. } => {
@@ -733,7 +730,7 @@ impl Cluster {
             }
             Op::Left { room, .. } => {
                 if let Some(member) = left {
-                    let key = self.key("p:", room);
+                    let key = key("p:", room);
                     self.command(&[b"ZREM", key.as_bytes(), &member], Pending::Ignore);
                 }
                 if !self.members.contains_key(&room) {
@@ -811,7 +808,7 @@ impl Cluster {
 
     /// `HSET`s a session's name and user id; returns its key.
     fn write_session(&mut self, id: SessionId, user: &str, user_id: UserId) -> String {
-        let key = self.key("s:", id);
+        let key = key("s:", id);
         let uid = user_id.to_string();
         let args: [&[u8]; 6] = [
             b"HSET",
@@ -826,7 +823,7 @@ impl Cluster {
     }
 
     fn remember(&mut self, session: SessionId, room: RoomId, ttl: &str) {
-        let key = self.key("sr:", session);
+        let key = key("sr:", session);
         self.command(&[b"SADD", key.as_bytes(), &room.hex()], Pending::Ignore);
         self.command(
             &[b"EXPIRE", key.as_bytes(), ttl.as_bytes()],
@@ -837,7 +834,7 @@ impl Cluster {
     /// Presence entries of this node in `room`, the room's registry score and its keys' TTLs.
     fn refresh_room(&mut self, room: RoomId, presence: &[Vec<u8>], now: Now) {
         let now_ms = now.wall.0 / 1000;
-        let p = self.key("p:", room);
+        let p = key("p:", room);
         let until = (now_ms + ms(self.cfg.presence_ttl)).to_string();
         let mut args: Vec<&[u8]> = Vec::with_capacity(2 + 2 * presence.len());
         args.push(b"ZADD");
@@ -852,7 +849,7 @@ impl Cluster {
         self.command(&args, Pending::Ignore);
         let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
         self.command(&[b"EXPIRE", p.as_bytes(), ttl.as_bytes()], Pending::Ignore);
-        let h = self.key("h:", room);
+        let h = key("h:", room);
         self.command(&[b"EXPIRE", h.as_bytes(), ttl.as_bytes()], Pending::Ignore);
         let exp = (now_ms + ms(self.cfg.room_ttl)).to_string();
         let hex = room.hex();
@@ -871,7 +868,7 @@ impl Cluster {
             .map(|(r, ms)| (*r, ms.iter().map(|m| m.presence.clone()).collect()))
             .collect();
         for (room, presence) in rooms {
-            let p = self.key("p:", room);
+            let p = key("p:", room);
             let args: [&[u8]; 5] = [
                 b"EVAL",
                 EXPIRE_PRESENCE.as_bytes(),
@@ -896,20 +893,15 @@ impl Cluster {
             .map(|(id, s)| (*id, s.user.clone(), s.user_id))
             .collect();
         for (id, user, user_id) in sessions {
-            let key = if reassert {
+            let s = if reassert {
                 self.write_session(id, &user, user_id)
             } else {
-                self.key("s:", id)
+                key("s:", id)
             };
-            self.command(
-                &[b"EXPIRE", key.as_bytes(), ttl.as_bytes()],
-                Pending::Ignore,
-            );
-            let key = self.key("sr:", id);
-            self.command(
-                &[b"EXPIRE", key.as_bytes(), ttl.as_bytes()],
-                Pending::Ignore,
-            );
+            let sr = key("sr:", id);
+            for k in [s, sr] {
+                self.command(&[b"EXPIRE", k.as_bytes(), ttl.as_bytes()], Pending::Ignore);
+            }
         }
         if reassert {
             // Rooms with members here exist, whatever Redis remembers.
@@ -926,7 +918,7 @@ impl Cluster {
 
     fn unsubscribe(&mut self, room: RoomId) {
         if self.subs.remove(&room).is_some() {
-            let channel = self.key("m:", room);
+            let channel = key("m:", room);
             self.command_push(&[b"UNSUBSCRIBE", channel.as_bytes()]);
         }
     }
@@ -1039,9 +1031,9 @@ impl Cluster {
             // Members here missed what other nodes stored meanwhile: load the room again
             // (pushes that arrive in between are merged by id, as on a first join).
             self.subs.insert(room, Sub::Loading(Vec::new()));
-            let channel = self.key("m:", room);
+            let channel = key("m:", room);
             self.command_push(&[b"SUBSCRIBE", channel.as_bytes()]);
-            let key = self.key("h:", room);
+            let key = key("h:", room);
             let load = Pending::Load {
                 for_request: None,
                 room,
@@ -1111,12 +1103,6 @@ impl Cluster {
         }
     }
 
-    fn key(&mut self, kind: &str, id: impl std::fmt::Display) -> String {
-        self.scratch.clear();
-        let _ = write!(self.scratch, "{PREFIX}{kind}{id}");
-        self.scratch.clone()
-    }
-
     /// Encodes a command whose reply is `pending`.
     fn command(&mut self, args: &[&[u8]], pending: Pending) {
         if self.pending.is_empty() {
@@ -1160,6 +1146,11 @@ impl Cluster {
             }
         }
     }
+}
+
+/// A Redis key or channel: `chatloop:{kind}{id}`.
+fn key(kind: &str, id: impl std::fmt::Display) -> String {
+    format!("{PREFIX}{kind}{id}")
 }
 
 fn secs(d: Micros) -> u64 {
