@@ -34,6 +34,7 @@ pub struct Config {
     pub pong_timeout: Micros,
     pub typing_debounce: Micros,
     pub typing_quiet: Micros,
+    pub notice_delay: Micros,
     pub max_sessions: usize,
     pub max_rooms: usize,
     pub create_rate: u32,
@@ -296,6 +297,16 @@ pub const OPTIONS: &[Opt] = &[
         }
     ),
     opt!(
+        "notice-delay",
+        ["CHATLOOP_NOTICE_DELAY"],
+        "10ms",
+        "user_joined/user_left may wait this long to share writes (0: send at once)",
+        |c, v| {
+            c.notice_delay = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
         "max-sessions",
         ["CHATLOOP_MAX_SESSIONS"],
         "2000000",
@@ -427,6 +438,7 @@ impl Default for Config {
             pong_timeout: Micros::ZERO,
             typing_debounce: Micros::ZERO,
             typing_quiet: Micros::ZERO,
+            notice_delay: Micros::ZERO,
             max_sessions: 0,
             max_rooms: 0,
             create_rate: 0,

@@ -54,6 +54,9 @@ pub struct HubConfig {
     pub typing_max_per_sec: u32,
     pub max_sessions: usize,
     pub max_rooms: usize,
+    /// How long `user_joined` / `user_left` may wait to share one write with the notices
+    /// that follow; zero sends each at once. See [`Hub::release`].
+    pub notice_delay: Micros,
 }
 
 impl From<&Config> for HubConfig {
@@ -72,6 +75,7 @@ impl From<&Config> for HubConfig {
             typing_max_per_sec: 50,
             max_sessions: c.max_sessions,
             max_rooms: c.max_rooms,
+            notice_delay: c.notice_delay,
         }
     }
 }
@@ -119,6 +123,11 @@ pub struct Hub {
     rate_limited: u64,
     rooms_expired: u64,
     sessions_expired: u64,
+    /// Rooms with held notices, and when they are due (one deadline for all of them).
+    held_rooms: Vec<RoomId>,
+    held_due: Option<Micros>,
+    /// Where a batch of held notices is put together.
+    batch: Vec<u8>,
     /// Cluster mode: changes to write to Redis, and whether Redis is reachable.
     cluster: Option<ClusterLink>,
 }
@@ -148,6 +157,16 @@ struct Room {
     /// `history` is complete and current. Always in single-node mode; in cluster mode while
     /// this node is subscribed to the room (it has members here).
     live: bool,
+    /// Presence notices already in `history` (its newest entries) but not yet sent to the
+    /// members; see [`Hub::release`].
+    held: Vec<Frame>,
+}
+
+impl Room {
+    /// How many of the oldest history entries the members have been sent: all but the held.
+    fn sent(&self) -> usize {
+        self.history.len().saturating_sub(self.held.len())
+    }
 }
 
 struct Member {
@@ -204,6 +223,9 @@ impl Hub {
             rate_limited: 0,
             rooms_expired: 0,
             sessions_expired: 0,
+            held_rooms: Vec::new(),
+            held_due: None,
+            batch: Vec::new(),
             cluster: None,
         }
     }
@@ -282,6 +304,7 @@ impl Hub {
 
     /// The room's history as Redis has it: this node now mirrors it.
     pub fn load_history(&mut self, id: RoomId, messages: Vec<(MsgId, Vec<u8>)>) {
+        self.release(id);
         let keep = self.cfg.history;
         let Some(room) = self.rooms.get_mut(&id) else {
             return;
@@ -302,6 +325,7 @@ impl Hub {
     /// Messages sent here while Redis was away reached the members here live but are not in
     /// Redis, so they leave this copy too: every node then answers `since` the same way.
     pub fn catch_up(&mut self, id: RoomId, messages: Vec<(MsgId, Vec<u8>)>) {
+        self.release(id);
         let keep = self.cfg.history;
         let Some(room) = self.rooms.get_mut(&id) else {
             return;
@@ -345,27 +369,19 @@ impl Hub {
     }
 
     /// A history event that came through Redis: framed once, sent to the members here.
-    pub fn deliver_event(&mut self, id: RoomId, mid: MsgId, json: &[u8]) {
-        let Some(room) = self.rooms.get_mut(&id) else {
-            return;
-        };
-        if !room.live {
+    pub fn deliver_event(&mut self, id: RoomId, mid: MsgId, json: &[u8], now: Now) {
+        if !self.rooms.get(&id).is_some_and(|r| r.live) {
             return;
         }
         self.frame.start().extend_from_slice(json);
         let frame = self.frame.finish_text();
         self.frame.trim();
-        for m in &room.members {
-            self.actions.push(Action::Send(m.conn, frame.clone()));
-        }
-        if room.history.len() >= self.cfg.history {
-            room.history.pop_front();
-        }
-        room.history.push_back(Stored { id: mid, frame });
+        self.store_and_send(id, mid, frame, protocol::is_presence(json), now);
     }
 
     /// A typing event that came through Redis, for every member here but `except`.
     pub fn deliver_typing(&mut self, id: RoomId, except: Option<ConnId>, json: &[u8]) {
+        self.release(id);
         let Some(room) = self.rooms.get(&id) else {
             return;
         };
@@ -532,17 +548,17 @@ impl Hub {
     }
 
     /// Writes the last `limit` messages of a room as JSON values separated by commas,
-    /// oldest first. `false` when the room does not exist.
+    /// oldest first: what its members have been sent (not held notices, as in `welcome`).
+    /// `false` when the room does not exist.
     pub fn write_history(&self, room: RoomId, limit: usize, out: &mut Vec<u8>) -> bool {
         let Some(r) = self.rooms.get(&room) else {
             return false;
         };
-        let skip = r.history.len().saturating_sub(limit);
+        let sent = r.sent();
         protocol::write_joined(
             out,
             r.history
-                .iter()
-                .skip(skip)
+                .range(sent.saturating_sub(limit)..sent)
                 .map(|m| protocol::frame_payload(&m.frame)),
         );
         true
@@ -579,6 +595,19 @@ impl Hub {
         now: Now,
     ) -> Result<(), HubError> {
         self.check_connect(session, room_id, now)?;
+        // The welcome leaves out held notices (the new member gets them with everyone else),
+        // unless the client already saw some of them on another node: then they go out now.
+        if let Some(id) = since
+            && self.rooms.get(&room_id).is_some_and(|r| {
+                r.history
+                    .iter()
+                    .rev()
+                    .take(r.held.len())
+                    .any(|m| m.id == id)
+            })
+        {
+            self.release(room_id);
+        }
         self.remember_room(session, room_id);
         let s = self
             .sessions
@@ -607,14 +636,12 @@ impl Hub {
             user: &user,
             user_id,
         };
+        let sent = room.sent();
         let (start, truncated) = match since {
-            None => (
-                room.history.len().saturating_sub(self.cfg.welcome_messages),
-                false,
-            ),
+            None => (sent.saturating_sub(self.cfg.welcome_messages), false),
             // From the end: a reconnecting client usually missed little. (Not a binary search:
             // in cluster mode ids from different nodes need not be in delivery order.)
-            Some(id) => match room.history.iter().rposition(|m| m.id == id) {
+            Some(id) => match room.history.range(..sent).rposition(|m| m.id == id) {
                 Some(i) => (i + 1, false),
                 None => (0, true),
             },
@@ -638,8 +665,7 @@ impl Hub {
             me,
             users,
             room.history
-                .iter()
-                .skip(start)
+                .range(start..sent)
                 .map(|m| protocol::frame_payload(&m.frame)),
             truncated,
         );
@@ -721,11 +747,17 @@ impl Hub {
 
     /// When `handle_timeout` next has work; `None` when nothing is pending.
     pub fn poll_timeout(&self) -> Option<Micros> {
-        self.wheel.next_deadline()
+        match (self.wheel.next_deadline(), self.held_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Runs every timer that is due: room and session expiry, `typing_stopped`.
+    /// Runs every timer that is due: held notices, room and session expiry, `typing_stopped`.
     pub fn handle_timeout(&mut self, now: Now) {
+        if self.held_due.is_some_and(|due| due <= now.mono) {
+            self.release_all();
+        }
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.advance(now.mono, &mut fired);
         for t in fired.drain(..) {
@@ -919,17 +951,81 @@ impl Hub {
         protocol::write_event(self.frame.start(), kind, id, who, text, now.wall, room_id);
         let frame = self.frame.finish_text();
         self.frame.trim();
+        self.store_and_send(room_id, id, frame, kind != "chat", now);
+        self.messages += 1;
+    }
+
+    /// Appends a history event to the room and sends it to every member: at once, or, for a
+    /// presence notice, held back to share a write with the notices that follow.
+    fn store_and_send(&mut self, room_id: RoomId, id: MsgId, frame: Frame, notice: bool, now: Now) {
+        let hold = notice && self.cfg.notice_delay > Micros::ZERO;
+        if !hold {
+            self.release(room_id);
+        }
         let Some(room) = self.rooms.get_mut(&room_id) else {
             return;
         };
-        for m in &room.members {
-            self.actions.push(Action::Send(m.conn, frame.clone()));
+        if hold {
+            if room.held.is_empty() {
+                self.held_rooms.push(room_id);
+                if self.held_due.is_none() {
+                    self.held_due = Some(now.mono + self.cfg.notice_delay);
+                }
+            }
+            room.held.push(frame.clone());
+        } else {
+            for m in &room.members {
+                self.actions.push(Action::Send(m.conn, frame.clone()));
+            }
         }
         if room.history.len() >= self.cfg.history {
             room.history.pop_front();
         }
         room.history.push_back(Stored { id, frame });
-        self.messages += 1;
+    }
+
+    /// Sends the room's held presence notices to its members, all of them in one frame
+    /// buffer (one write per member however many there are).
+    ///
+    /// Why notices wait: a join or leave is one write to every member, and the kernel's cost
+    /// of a small loopback write (about 3 µs) dwarfs the user-space work, so a storm of
+    /// joins into a big room (everyone reconnecting after a restart) would cost
+    /// joins × members writes. Held for `notice_delay`, the notices of a storm share the
+    /// writes. Anything else sent to the room releases them first, so every member still
+    /// sees the room's events in history order, and chat is never delayed.
+    fn release(&mut self, room_id: RoomId) {
+        let Some(room) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        let frame = match room.held.as_slice() {
+            [] => return,
+            [one] => one.clone(),
+            many => {
+                self.batch.clear();
+                for f in many {
+                    self.batch.extend_from_slice(f);
+                }
+                Frame::from(&self.batch[..])
+            }
+        };
+        room.held.clear();
+        for m in &room.members {
+            self.actions.push(Action::Send(m.conn, frame.clone()));
+        }
+    }
+
+    /// Sends every held notice now (their delay is over, or the server is stopping).
+    pub fn release_all(&mut self) {
+        let rooms = std::mem::take(&mut self.held_rooms);
+        for &id in &rooms {
+            self.release(id);
+        }
+        self.held_rooms = rooms;
+        self.held_rooms.clear();
+        self.held_due = None;
+        if self.batch.capacity() > 64 * 1024 {
+            self.batch = Vec::new();
+        }
     }
 
     /// `typing` / `typing_stopped` to every member but `except`.
@@ -944,6 +1040,7 @@ impl Hub {
             });
             return;
         }
+        self.release(room_id);
         protocol::write_typing(self.frame.start(), kind, who, room_id);
         let frame = self.frame.finish_text();
         let Some(room) = self.rooms.get(&room_id) else {
@@ -971,6 +1068,7 @@ impl Hub {
                 empty_since: now.mono,
                 expiry_gen: g,
                 live,
+                held: Vec::new(),
             },
         );
         self.wheel

@@ -186,6 +186,15 @@ pub fn write_event(
     let _ = write!(out, "\",\"room_id\":\"{room}\"}}");
 }
 
+/// Whether an event written by [`write_event`] is a presence notice (`user_joined` or
+/// `user_left`); for events that come back through Redis. The type follows the fixed-width
+/// id, so only the start of the JSON is looked at.
+pub fn is_presence(json: &[u8]) -> bool {
+    const AT: usize = "{\"id\":\"".len() + 36 + "\",\"type\":\"".len();
+    json.get(AT..)
+        .is_some_and(|t| t.starts_with(b"user_joined\"") || t.starts_with(b"user_left\""))
+}
+
 /// `typing` or `typing_stopped`.
 pub fn write_typing(out: &mut Vec<u8>, kind: &str, who: Who<'_>, room: RoomId) {
     let _ = write!(out, "{{\"type\":\"{kind}\",\"user\":");
@@ -306,6 +315,35 @@ mod tests {
             assert!(h.is_final && h.mask.is_none());
             assert_eq!(plen as usize, len);
         }
+    }
+
+    #[test]
+    fn presence_is_recognised_from_the_written_event() {
+        let who = Who {
+            user: "user_joined",
+            user_id: UserId(7),
+        };
+        for (kind, presence) in [
+            ("user_joined", true),
+            ("user_left", true),
+            ("chat", false),
+            ("user_joinedx", false),
+        ] {
+            let mut out = Vec::new();
+            let id = MsgId(u128::MAX - 3);
+            write_event(
+                &mut out,
+                kind,
+                id,
+                who,
+                "user_left",
+                UnixMicros(0),
+                RoomId(1),
+            );
+            assert_eq!(is_presence(&out), presence, "{kind}");
+        }
+        assert!(!is_presence(b""));
+        assert!(!is_presence(br#"{"type":"user_joined"}"#));
     }
 
     #[test]

@@ -770,7 +770,9 @@ impl Server {
                 self.answered(token, serial, Some((query, answer)), now);
             }
             ClusterEvent::Failed { token, serial } => self.answered(token, serial, None, now),
-            ClusterEvent::Deliver { room, id, json } => self.hub.deliver_event(room, id, &json),
+            ClusterEvent::Deliver { room, id, json } => {
+                self.hub.deliver_event(room, id, &json, now)
+            }
             ClusterEvent::Typing { room, except, json } => {
                 self.hub.deliver_typing(room, except, &json)
             }
@@ -996,6 +998,8 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut l);
         }
         self.shutdown_at = Some(now.mono + SHUTDOWN_GRACE);
+        self.hub.release_all();
+        self.apply_actions(now);
         let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();
         for id in ids {
             let ws = self.conns.get(id).is_some_and(Conn::is_websocket);

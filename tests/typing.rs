@@ -25,10 +25,18 @@ fn setup_with_sid() -> (Server, Ws, Ws, String, String) {
     let room = s.room(&a);
     let (mut wa, _) = s.join(&room, &a);
     let (mut wb, _) = s.join(&room, &b);
-    // alice: her own user_joined, then bob's; bob: his own.
+    // alice: her own user_joined, then bob's; bob: his own, after alice's if it was still
+    // held (`--notice-delay`) when he joined.
     assert_eq!(wa.recv()["type"], "user_joined");
-    assert_eq!(wa.recv()["type"], "user_joined");
-    assert_eq!(wb.recv()["type"], "user_joined");
+    assert_eq!(wa.recv()["user"], "bob");
+    let mut v = wb.recv();
+    if v["user"] == "alice" {
+        v = wb.recv();
+    }
+    assert_eq!(
+        (&v["type"], &v["user"]),
+        (&json!("user_joined"), &json!("bob"))
+    );
     (s, wa, wb, a_uid, a)
 }
 

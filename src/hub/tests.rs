@@ -28,7 +28,59 @@ fn cfg() -> HubConfig {
         typing_max_per_sec: 50,
         max_sessions: 1000,
         max_rooms: 1000,
+        notice_delay: Micros::ZERO,
     }
+}
+
+/// Presence notices held for 10 ms (the server's default).
+fn held() -> HubConfig {
+    HubConfig {
+        notice_delay: Micros::from_millis(10),
+        ..cfg()
+    }
+}
+
+/// Every WebSocket frame in a buffer of one or more server text frames, decoded.
+#[track_caller]
+fn decode_all(mut buf: &[u8]) -> Vec<Value> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let (hlen, len) = match buf[1] & 0x7f {
+            126 => (4, usize::from(u16::from_be_bytes([buf[2], buf[3]]))),
+            127 => (
+                10,
+                u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+            ),
+            n => (2, usize::from(n)),
+        };
+        assert_eq!(buf[0], 0x81, "a final text frame");
+        out.push(serde_json::from_slice(&buf[hlen..hlen + len]).expect("JSON payload"));
+        buf = &buf[hlen + len..];
+    }
+    out
+}
+
+/// Every frame `conn` got, each send's buffer split into its frames: (send, frame).
+fn batches_for(actions: &[Action], conn: ConnId) -> Vec<Vec<Value>> {
+    raw_for(actions, conn)
+        .iter()
+        .map(|f| decode_all(f))
+        .collect()
+}
+
+/// `type` and `user` of each frame, to compare sequences of events at a glance.
+fn events(frames: &[Value]) -> Vec<(String, String)> {
+    frames
+        .iter()
+        .map(|f| {
+            let user = f["user"].as_str().unwrap_or("").to_string();
+            (f["type"].as_str().unwrap().to_string(), user)
+        })
+        .collect()
+}
+
+fn ev(kind: &str, user: &str) -> (String, String) {
+    (kind.to_string(), user.to_string())
 }
 
 /// No practical chat rate limit, for tests that send many messages at once.
@@ -238,6 +290,7 @@ fn default_config_follows_the_contract() {
     assert_eq!(d.welcome_messages, 50);
     assert_eq!(d.max_chat_chars, 4096);
     assert_eq!(d.max_room_members, 10_000);
+    assert_eq!(d.notice_delay, Micros::from_millis(10));
     assert_eq!((d.chat_rate, d.chat_burst), (20, 40));
     assert_eq!(
         (d.typing_debounce, d.typing_quiet),
@@ -1552,7 +1605,7 @@ fn in_cluster_mode_chat_goes_to_redis_and_is_delivered_when_it_comes_back() {
     else {
         panic!("no publish in {ops:?}");
     };
-    hub.deliver_event(r, *id, json);
+    hub.deliver_event(r, *id, json, at(SEC));
     let sent = drain(&mut hub);
     assert_eq!(sent.len(), 1);
     let mut out = Vec::new();
@@ -1584,10 +1637,10 @@ fn catching_up_sends_only_what_the_members_missed_and_adopts_redis_history() {
         MsgId(4 << 80),
         MsgId(5 << 80),
     );
-    hub.deliver_event(r, a, &event_json(a, "a"));
-    hub.deliver_event(r, b, &event_json(b, "b"));
+    hub.deliver_event(r, a, &event_json(a, "a"), at(SEC));
+    hub.deliver_event(r, b, &event_json(b, "b"), at(SEC));
     hub.set_cluster_up(false);
-    hub.deliver_event(r, local, &event_json(local, "local")); // as if sent here meanwhile
+    hub.deliver_event(r, local, &event_json(local, "local"), at(SEC)); // as if sent here meanwhile
     drain(&mut hub);
     hub.set_cluster_up(true);
     hub.catch_up(
@@ -1627,9 +1680,215 @@ fn catching_up_sends_only_what_the_members_missed_and_adopts_redis_history() {
 fn the_last_member_leaving_a_cluster_room_drops_its_copy_of_the_history() {
     let (mut hub, r) = cluster_room();
     let a = MsgId(1 << 80);
-    hub.deliver_event(r, a, &event_json(a, "a"));
+    hub.deliver_event(r, a, &event_json(a, "a"), at(SEC));
     hub.disconnect(c(1), r, at(SEC));
     assert!(!hub.room_live(r));
     let ops = hub.drain_ops();
     assert!(ops.iter().any(|o| matches!(o, Op::Left { .. })), "{ops:?}");
+}
+
+// ---- held presence notices --------------------------------------------------------------
+
+#[test]
+fn presence_notices_wait_for_the_delay_then_go_out_together() {
+    let (mut hub, r, _) = room_with(held(), &["alice"], at(0));
+    let first = run_until(&mut hub, 10 * MS);
+    assert_eq!(
+        batches_for(&first, c(1))
+            .iter()
+            .map(|b| events(b))
+            .collect::<Vec<_>>(),
+        [vec![ev("user_joined", "alice")]],
+        "one notice alone goes out as it is when the delay is over"
+    );
+
+    let bob = session(&mut hub, "bob", at(SEC));
+    let carol = session(&mut hub, "carol", at(SEC));
+    let acts = join(&mut hub, c(2), bob, r, at(SEC));
+    assert_eq!(
+        recipients(&acts),
+        [c(2)],
+        "bob gets his welcome, nobody a notice yet"
+    );
+    let w = &frames_for(&acts, c(2))[0];
+    assert_eq!(w["type"], "welcome");
+    assert_eq!(
+        events(w["messages"].as_array().unwrap()),
+        [ev("user_joined", "alice")]
+    );
+    let acts = join(&mut hub, c(3), carol, r, at(SEC + 2 * MS));
+    let w = &frames_for(&acts, c(3))[0];
+    assert_eq!(
+        events(w["messages"].as_array().unwrap()),
+        [ev("user_joined", "alice")],
+        "the welcome leaves out notices the members have not been sent yet"
+    );
+    assert_eq!(recipients(&acts), [c(3)]);
+    let acts = leave(&mut hub, c(2), r, at(SEC + 4 * MS));
+    assert!(acts.is_empty(), "bob's leaving is held too: {acts:?}");
+    assert!(run_until(&mut hub, SEC + 9 * MS).is_empty(), "not due yet");
+    assert_eq!(
+        events(&history(&hub, r, 50)),
+        [ev("user_joined", "alice")],
+        "REST history, like the welcome, has only what the members were sent"
+    );
+
+    let acts = run_until(&mut hub, SEC + 10 * MS);
+    let want = [
+        ev("user_joined", "bob"),
+        ev("user_joined", "carol"),
+        ev("user_left", "bob"),
+    ];
+    for member in [c(1), c(3)] {
+        let batches = batches_for(&acts, member);
+        assert_eq!(batches.len(), 1, "one buffer (one write) per member");
+        assert_eq!(events(&batches[0]), want);
+    }
+    assert_eq!(recipients(&acts), [c(1), c(3)]);
+    assert!(
+        Rc::ptr_eq(&raw_for(&acts, c(1))[0], &raw_for(&acts, c(3))[0]),
+        "the batch is put together once and shared"
+    );
+    assert!(
+        hub.poll_timeout().is_some_and(|d| d.0 > 100 * SEC),
+        "no notice timer left once everything is out, only the far room and session timers"
+    );
+    let h = history(&hub, r, 50);
+    assert_eq!(
+        events(&h)[1..],
+        want,
+        "history has every notice once sent, in order"
+    );
+}
+
+#[test]
+fn anything_else_for_the_room_releases_held_notices_first() {
+    let (mut hub, r, _) = room_with(
+        HubConfig {
+            notice_delay: Micros::from_secs(5),
+            ..fast()
+        },
+        &["alice", "bob"],
+        at(0),
+    );
+    // Chat: the notices, then the message, to everyone at once; no delay for chat.
+    let acts = say(&mut hub, c(2), r, "hi", at(SEC));
+    for member in [c(1), c(2)] {
+        let all: Vec<Value> = batches_for(&acts, member).concat();
+        assert_eq!(
+            events(&all),
+            [
+                ev("user_joined", "alice"),
+                ev("user_joined", "bob"),
+                ev("chat", "bob")
+            ]
+        );
+    }
+    // Typing: the held leave of carol first, then `typing` to the others.
+    let carol = session(&mut hub, "carol", at(SEC));
+    join(&mut hub, c(3), carol, r, at(SEC));
+    leave(&mut hub, c(3), r, at(SEC));
+    let acts = type_key(&mut hub, c(1), r, at(2 * SEC));
+    assert_eq!(
+        events(&batches_for(&acts, c(2)).concat()),
+        [
+            ev("user_joined", "carol"),
+            ev("user_left", "carol"),
+            ev("typing", "alice")
+        ]
+    );
+    assert_eq!(
+        events(&batches_for(&acts, c(1)).concat()),
+        [ev("user_joined", "carol"), ev("user_left", "carol")]
+    );
+    assert!(
+        batches_for(&run_until(&mut hub, 10 * SEC), c(1)).is_empty(),
+        "nothing was left held"
+    );
+}
+
+#[test]
+fn release_all_sends_what_is_held_at_once() {
+    let (mut hub, r, _) = room_with(
+        HubConfig {
+            notice_delay: Micros::from_secs(5),
+            ..cfg()
+        },
+        &["alice", "bob"],
+        at(0),
+    );
+    assert!(drain(&mut hub).is_empty());
+    hub.release_all();
+    let acts = drain(&mut hub);
+    assert_eq!(recipients(&acts), [c(1), c(2)]);
+    assert_eq!(
+        events(&decode_all(&raw_for(&acts, c(1))[0])),
+        [ev("user_joined", "alice"), ev("user_joined", "bob")]
+    );
+    assert!(hub.poll_timeout().is_some_and(|d| d.0 > 100 * SEC));
+    assert!(hub.room_exists(r));
+}
+
+#[test]
+fn a_reconnect_since_a_held_notice_gets_each_event_once() {
+    let (mut hub, r, s) = room_with(held(), &["alice"], at(0));
+    run_until(&mut hub, 10 * MS);
+    let bob = session(&mut hub, "bob", at(SEC));
+    join(&mut hub, c(2), bob, r, at(SEC));
+    // The id of bob's held `user_joined` (in cluster mode another node may have sent it).
+    assert_eq!(
+        history(&hub, r, 50).len(),
+        1,
+        "REST history leaves out held notices"
+    );
+    let seen = hub.rooms[&r].history.back().unwrap().id;
+    let acts = join_since(&mut hub, c(3), s[0], r, seen, at(SEC + MS));
+    assert_eq!(
+        events(&batches_for(&acts, c(1)).concat()),
+        [ev("user_joined", "bob")],
+        "the held notice went out before the new socket joined"
+    );
+    let w = &frames_for(&acts, c(3))[0];
+    assert!(w["messages"].as_array().unwrap().is_empty());
+    assert_ne!(w["truncated"], true);
+    let later = run_until(&mut hub, SEC + 20 * MS);
+    assert_eq!(
+        events(&batches_for(&later, c(3)).concat()),
+        [ev("user_joined", "alice")],
+        "the new socket gets only its own notice afterwards"
+    );
+}
+
+#[test]
+fn with_no_delay_each_notice_goes_out_at_once() {
+    let (mut hub, r, _) = room_with(cfg(), &["alice"], at(0));
+    let bob = session(&mut hub, "bob", at(SEC));
+    let acts = join(&mut hub, c(2), bob, r, at(SEC));
+    assert_eq!(kinds(&frames_for(&acts, c(1))), ["user_joined"]);
+    assert!(hub.poll_timeout().is_some_and(|d| d.0 > 100 * SEC));
+}
+
+#[test]
+fn in_cluster_mode_delivered_presence_is_held_and_chat_is_not() {
+    let mut hub = Hub::new(held());
+    hub.enable_cluster();
+    hub.set_cluster_up(true);
+    let s = session(&mut hub, "alice", at(0));
+    let r = room(&mut hub, s, at(0));
+    hub.load_history(r, Vec::new());
+    join(&mut hub, c(1), s, r, at(0));
+    let ops = hub.drain_ops();
+    let Some(Op::Publish { id, json, .. }) = ops.iter().find(|o| matches!(o, Op::Publish { .. }))
+    else {
+        panic!("no publish in {ops:?}");
+    };
+    hub.deliver_event(r, *id, json, at(SEC));
+    assert!(drain(&mut hub).is_empty(), "user_joined from Redis is held");
+    let chat_id = MsgId(u128::MAX);
+    hub.deliver_event(r, chat_id, &event_json(chat_id, "hi"), at(SEC + MS));
+    let acts = drain(&mut hub);
+    assert_eq!(
+        events(&batches_for(&acts, c(1)).concat()),
+        [ev("user_joined", "alice"), ev("chat", "")]
+    );
 }

@@ -7,6 +7,7 @@ mod fanout;
 mod floor;
 mod hist;
 mod http;
+mod httpfloor;
 mod idle;
 mod join;
 mod members;
@@ -20,7 +21,7 @@ mod wsclient;
 
 use serde_json::json;
 
-const USAGE: &str = "usage: loadgen <fanout|idle|rest|join|soak|floor> --addr 127.0.0.1:PORT [options]
+const USAGE: &str = "usage: loadgen <fanout|idle|rest|join|soak|floor|httpfloor> --addr 127.0.0.1:PORT [options]
   fanout --rooms R --members M --senders S --rate MSGS_PER_SEC_PER_ROOM --duration 10s [--warmup 2s]
          [--nodes 127.0.0.1:P2,...] (cluster: members spread round-robin over --addr and these)
   idle   --conns N --duration 30s [--per-room 100] [--sockets-per-session 50]
@@ -28,6 +29,7 @@ const USAGE: &str = "usage: loadgen <fanout|idle|rest|join|soak|floor> --addr 12
   join   --room-members 100 --joins J --duration 10s [--concurrency 4]
   soak   --clients N --rooms R --duration 10m [--seed S] (random chat/typing/reconnect/leave, checked)
   floor  --rooms R --members M --rate X --duration 10s (no --addr: loopback socket pairs)
+  httpfloor --duration 30s [--port 0] [--response-bytes 330] (a minimal HTTP server: REST's floor)
 common: --server-pid PID (sample its CPU/RSS around the window), --extra-pids A,B (add them)
 see README.md";
 
@@ -45,6 +47,7 @@ fn main() {
     let result = args::Args::parse(&argv[1..]).and_then(|a| match cmd.as_str() {
         "fanout" => fanout::run(&a),
         "floor" => floor::run(&a),
+        "httpfloor" => httpfloor::run(&a),
         "idle" => idle::run(&a),
         "join" => join::run(&a),
         "rest" => rest::run(&a),
