@@ -5,8 +5,10 @@
 #   tools/bench.sh fanout1k floor1k rest
 #
 # Scenarios: fanout1k (1 room x 1000 members @ 20 msg/s), fanout10x50 (10 x 50 @ 100 msg/s/room),
-# floor1k, floor10x50 (same shapes over raw loopback sockets), rest (POST /sessions),
-# join (connect storm into a 100-member room), idle (as many sockets as `ulimit -Hn` allows),
+# floor1k, floor10x50 (same shapes over raw loopback sockets), relay1k, relay10x50 (the same
+# with each message's timestamp taken on the loadgen's CPU and relayed to the writer over one
+# more loopback connection, as a chat message reaches a server), rest (POST /sessions),
+# restfloor (the same load against `loadgen httpfloor`, a minimal HTTP server), join (connect storm into a 100-member room), idle (as many sockets as `ulimit -Hn` allows),
 # and cluster mode: cluster0 (a single node without Redis), cluster1 (one node with Redis),
 # cluster2 (two nodes sharing one Redis, members split between them), all 10 x 50 at
 # BENCH_CLUSTER_RATE msg/s/room (100), unpinned (three or four processes share the two
@@ -33,7 +35,7 @@ JOINS=${BENCH_JOINS:-2000}
 JOIN_CONCURRENCY=${BENCH_JOIN_CONCURRENCY:-4}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 CLUSTER_RATE=${BENCH_CLUSTER_RATE:-100}
-ALL=(fanout1k fanout10x50 floor1k floor10x50 rest join idle cluster0 cluster1 cluster2)
+ALL=(fanout1k fanout10x50 floor1k floor10x50 relay1k relay10x50 rest restfloor join idle cluster0 cluster1 cluster2)
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
 for s in "${SCENARIOS[@]}"; do
@@ -152,12 +154,13 @@ fanout() {
 
 floor() {
     local name=$1 rooms=$2 members=$3 rate=$4 bytes
+    shift 4 # the rest: extra loadgen floor flags
     bytes=${FRAME_BYTES[$rooms x $members]:-}
     [ -z "$bytes" ] || [ "$bytes" = 0 ] && bytes=200
     echo >&2
-    echo "== $name: loadgen floor (no server involved)" >&2
+    echo "== $name: loadgen floor $* (no server involved)" >&2
     "$LG" floor --rooms "$rooms" --members "$members" --rate "$rate" --duration "$DUR" --warmup "$WARMUP" \
-        --frame-bytes "$bytes" "${FLOOR_PIN[@]}" >"$OUT/$name.json" 2> >(tee "$OUT/$name.log" >&2) || {
+        --frame-bytes "$bytes" "${FLOOR_PIN[@]}" "$@" >"$OUT/$name.json" 2> >(tee "$OUT/$name.log" >&2) || {
         say "$name: FAILED $(cat "$OUT/$name.json")"
         return 0
     }
@@ -172,12 +175,35 @@ floor() {
     say "    writer CPU per delivery: user ${u}us sys ${s}us (total ${t}us)$ratio"
 }
 
+REST_PER_REQUEST="" REST_RESPONSE_BYTES=243
 rest() {
     start_server rest
     run rest rest --addr "$ADDR" --clients "$REST_CLIENTS" --duration "$DUR" || { say "rest: FAILED"; return 0; }
-    local f=$OUT/rest.json
+    local f=$OUT/rest.json u s
+    u=$(jget "$f" server_user_us_per_request)
+    s=$(jget "$f" server_sys_us_per_request)
+    REST_PER_REQUEST=$(calc "$u + $s")
+    REST_RESPONSE_BYTES=$(jget "$f" response_bytes)
     say "rest POST /sessions x$REST_CLIENTS clients: $(jget "$f" requests_per_s) req/s, errors $(jget "$f" errors), latency p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us"
-    say "    server CPU per request (window): user $(jget "$f" server_user_us_per_request)us sys $(jget "$f" server_sys_us_per_request)us; whole scenario: $(whole "$(jget "$f" requests)")"
+    say "    server CPU per request (window): user ${u}us sys ${s}us; whole scenario: $(whole "$(jget "$f" requests)")"
+}
+
+# The same rest load against `loadgen httpfloor`, a minimal HTTP server answering every
+# request with a canned response of chatloop's size: REST's floor on this machine.
+restfloor() {
+    local log=$OUT/restfloor.server.log f=$OUT/restfloor.json u s t ratio=""
+    SERVER_ARGS0=(httpfloor --duration 600s --response-bytes "$REST_RESPONSE_BYTES")
+    CHATLOOP_BIN=$LG start_chatloop "$log" || exit 1
+    SERVER_ARGS0=()
+    ADDR=127.0.0.1:$PORT
+    echo "== httpfloor pid $SERVER_PID listening on $ADDR (log: $log)" >&2
+    run restfloor rest --addr "$ADDR" --clients "$REST_CLIENTS" --duration "$DUR" || { say "restfloor: FAILED"; return 0; }
+    u=$(jget "$f" server_user_us_per_request)
+    s=$(jget "$f" server_sys_us_per_request)
+    t=$(calc "$u + $s")
+    [ -n "$REST_PER_REQUEST" ] && ratio=" => chatloop costs $(calc "$REST_PER_REQUEST / ($t > 0 ? $t : 1)")x the floor"
+    say "restfloor (minimal server, ${REST_RESPONSE_BYTES}-byte responses) x$REST_CLIENTS clients: $(jget "$f" requests_per_s) req/s, latency p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us"
+    say "    floor CPU per request (window): user ${u}us sys ${s}us (total ${t}us)$ratio"
 }
 
 join() {
@@ -278,7 +304,10 @@ for rep in $(seq "$REPEAT"); do
             fanout10x50) fanout fanout10x50 10 50 100 10 ;;
             floor1k) floor floor1k 1 1000 20 ;;
             floor10x50) floor floor10x50 10 50 100 ;;
+            relay1k) floor relay1k 1 1000 20 --relay ;;
+            relay10x50) floor relay10x50 10 50 100 --relay ;;
             rest) rest ;;
+            restfloor) restfloor ;;
             join) join ;;
             idle) idle ;;
             cluster0) cluster cluster0 0 ;;

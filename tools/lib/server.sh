@@ -4,7 +4,8 @@
 #   start_chatloop LOGFILE [flags...]   sets SERVER_PID and PORT, or returns 1 (log on stderr)
 #   stop_chatloop                       SIGTERM, then SIGKILL after 5 s; only the pid started here
 # CHATLOOP_BIN picks the binary (default: the release build); the array SERVER_PREFIX, if set,
-# goes in front of it (e.g. `taskset -c 0`). Every wait is bounded.
+# goes in front of it (e.g. `taskset -c 0`), and the array SERVER_ARGS0, if set, right after it
+# (e.g. `httpfloor`, to start `loadgen httpfloor`). Every wait is bounded.
 
 SERVER_PID=""
 PORT=""
@@ -13,7 +14,7 @@ start_chatloop() {
   local log=$1
   shift
   ${SERVER_PREFIX[@]+"${SERVER_PREFIX[@]}"} "${CHATLOOP_BIN:-$ROOT/target/release/chatloop}" \
-    --host 127.0.0.1 --port 0 "$@" 2>"$log" >/dev/null &
+    ${SERVER_ARGS0[@]+"${SERVER_ARGS0[@]}"} --host 127.0.0.1 --port 0 "$@" 2>"$log" >/dev/null &
   SERVER_PID=$!
   PORT=""
   for _ in $(seq 1 300); do

@@ -2,6 +2,13 @@
 //! "server") writes one pre-framed WebSocket text frame, shaped like a chatloop chat frame, to
 //! every socket of a room with one write(2) each, at the fanout scenario's rate; reader threads
 //! receive them exactly as `fanout` members do. Reports the writer's CPU per delivery.
+//!
+//! With `--relay`, the writer does not keep time itself: a trigger thread on the readers' CPU
+//! (where `fanout`'s senders run) takes the timestamp at the scheduled time and sends it over
+//! one more loopback TCP connection, and the writer, blocked in `read`, fans out when it
+//! arrives. That adds what any server has in front of its fan-out: the inbound hop and
+//! waking the writer's CPU, which a writer that sleeps until the scheduled time and only
+//! then takes the timestamp leaves out of its latency.
 
 use crate::args::Args;
 use crate::clock::{self, now_ns};
@@ -11,7 +18,7 @@ use crate::report::{self, Obj, ServerWatch};
 use crate::ws;
 use crate::wsclient::WsClient;
 use serde_json::json;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, mpsc};
@@ -31,6 +38,88 @@ pub fn chat_payload(ts: u64, seq: u64, size: usize) -> String {
     s
 }
 
+/// `fanout`'s send schedule: room r's k-th message is due at go + interval × (k + r / rooms).
+struct Schedule {
+    go: u64,
+    end: u64,
+    interval: f64,
+    next_k: Vec<u64>,
+}
+
+impl Schedule {
+    fn new(go: u64, end: u64, rate: f64, rooms: usize) -> Schedule {
+        Schedule {
+            go,
+            end,
+            interval: 1e9 / rate,
+            next_k: vec![0; rooms],
+        }
+    }
+
+    /// The earliest message not yet sent over all rooms: (room, k, due), until the end.
+    fn next(&mut self) -> Option<(usize, u64, u64)> {
+        let n = self.next_k.len();
+        let (r, t) = (0..n)
+            .map(|r| {
+                let offset = self.interval * r as f64 / n as f64;
+                (
+                    r,
+                    self.go + (offset + self.interval * self.next_k[r] as f64) as u64,
+                )
+            })
+            .min_by_key(|&(_, t)| t)?;
+        if t >= self.end {
+            return None;
+        }
+        let k = self.next_k[r];
+        self.next_k[r] += 1;
+        Some((r, k, t))
+    }
+}
+
+/// Blocks until the window's start time is set; `None` if stopped first.
+fn wait_for_go(ctl: &Control) -> Option<u64> {
+    loop {
+        match ctl.go_ns.load(Relaxed) {
+            0 if ctl.stop.load(Relaxed) => return None,
+            0 => std::thread::sleep(Duration::from_millis(1)),
+            go => return Some(go),
+        }
+    }
+}
+
+/// `--relay`: takes each message's timestamp at its scheduled time and sends it to the writer.
+fn trigger(
+    ctl: Arc<Control>,
+    mut to_writer: TcpStream,
+    rate: f64,
+    rooms: usize,
+    cpu: Option<usize>,
+) -> Result<(), String> {
+    if let Some(c) = cpu {
+        crate::sys::pin_current_thread(c)
+            .map_err(|e| format!("pinning trigger to CPU {c}: {e}"))?;
+    }
+    let Some(go) = wait_for_go(&ctl) else {
+        return Ok(());
+    };
+    let mut schedule = Schedule::new(go, ctl.send_end(), rate, rooms);
+    while let Some((r, k, t)) = schedule.next() {
+        if ctl.stop.load(Relaxed) {
+            break;
+        }
+        std::thread::sleep(clock::until(t));
+        let mut msg = [0u8; 24];
+        msg[..8].copy_from_slice(&now_ns().to_le_bytes());
+        msg[8..16].copy_from_slice(&(r as u64).to_le_bytes());
+        msg[16..].copy_from_slice(&k.to_le_bytes());
+        to_writer
+            .write_all(&msg)
+            .map_err(|e| format!("trigger write: {e}"))?;
+    }
+    Ok(()) // dropping the socket tells the writer that the schedule is over
+}
+
 #[derive(Default)]
 struct WriterResult {
     writes_in_window: u64,
@@ -46,49 +135,51 @@ fn writer(
     rate: f64,
     size: usize,
     cpu: Option<usize>,
+    mut relay: Option<TcpStream>,
 ) -> Result<(WriterResult, Vec<Vec<TcpStream>>), String> {
     if let Some(c) = cpu {
         crate::sys::pin_current_thread(c).map_err(|e| format!("pinning writer to CPU {c}: {e}"))?;
     }
     let mut res = WriterResult::default();
-    while ctl.go_ns.load(Relaxed) == 0 {
-        if ctl.stop.load(Relaxed) {
-            return Ok((res, rooms));
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let go = ctl.go_ns.load(Relaxed);
+    let Some(go) = wait_for_go(&ctl) else {
+        return Ok((res, rooms));
+    };
     let (start, end) = (ctl.measure_start(), ctl.send_end());
-    let interval = 1e9 / rate;
-    let n = rooms.len();
-    let mut next_k = vec![0u64; n];
+    let mut schedule = Schedule::new(go, end, rate, rooms.len());
     let mut dead = vec![false; rooms.iter().map(Vec::len).sum()];
     let mut cpu0: Option<(u64, u64, u64)> = None;
     let mut frame = Vec::with_capacity(size + 16);
     loop {
-        // The earliest due message over all rooms.
-        let (r, t) = (0..n)
-            .map(|r| {
-                (
-                    r,
-                    go + (interval * r as f64 / n as f64 + interval * next_k[r] as f64) as u64,
-                )
-            })
-            .min_by_key(|&(_, t)| t)
-            .unwrap_or((0, u64::MAX));
-        if t >= end || ctl.stop.load(Relaxed) {
+        if ctl.stop.load(Relaxed) {
             break;
         }
-        std::thread::sleep(clock::until(t));
-        let k = next_k[r];
-        next_k[r] += 1;
+        let (r, k, mut ts) = match relay.as_mut() {
+            None => {
+                let Some((r, k, t)) = schedule.next() else {
+                    break;
+                };
+                std::thread::sleep(clock::until(t));
+                (r, k, now_ns())
+            }
+            Some(from) => {
+                let mut msg = [0u8; 24];
+                if from.read_exact(&mut msg).is_err() {
+                    break; // the trigger is done
+                }
+                let word = |i: usize| {
+                    u64::from_le_bytes(msg[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+                };
+                (word(1) as usize % rooms.len(), word(2), word(0))
+            }
+        };
         // "In the window" is decided by the embedded timestamp, exactly as receivers do.
-        let mut ts = now_ns();
         let in_window = ts >= start && ts < end;
         if in_window && cpu0.is_none() {
             let (u, s) = crate::sys::thread_cpu_us();
             cpu0 = Some((u, s, crate::sys::thread_cpu_total_us()));
-            ts = now_ns();
+            if relay.is_none() {
+                ts = now_ns();
+            }
         }
         frame.clear();
         ws::encode_server_frame(
@@ -135,6 +226,7 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     let threads = a.u64_or("threads", 1)?.clamp(1, 64) as usize;
     let size = a.u64_or("frame-bytes", 200)?.clamp(100, 60_000) as usize;
     let writer_cpu = a.opt_u64("writer-cpu")?.map(|c| c as usize);
+    let relay = a.flag("relay");
     let reader_cpu = a.opt_u64("reader-cpu")?.map(|c| c as usize);
     a.finish()?;
     if rate <= 0.0 {
@@ -185,8 +277,23 @@ pub fn run(a: &Args) -> Result<Obj, String> {
             std::thread::spawn(move || run_worker(cfg, ctl, g, tx))
         })
         .collect();
+    let (relay_in, th) = if relay {
+        let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listen: {e}"))?;
+        let out = TcpStream::connect(l.local_addr().map_err(|e| e.to_string())?)
+            .map_err(|e| format!("relay connect: {e}"))?;
+        let (inp, _) = l.accept().map_err(|e| format!("relay accept: {e}"))?;
+        for x in [&out, &inp] {
+            x.set_nodelay(true).map_err(|e| e.to_string())?;
+        }
+        let tctl = ctl.clone();
+        let th = std::thread::spawn(move || trigger(tctl, out, rate, rooms, reader_cpu));
+        (Some(inp), Some(th))
+    } else {
+        (None, None)
+    };
     let wctl = ctl.clone();
-    let wh = std::thread::spawn(move || writer(wctl, server_side, rate, size, writer_cpu));
+    let wh =
+        std::thread::spawn(move || writer(wctl, server_side, rate, size, writer_cpu, relay_in));
     let (per_room, failures, samples) =
         collect_ready(&rx, threads, rooms, Duration::from_secs(15))?;
     if failures > 0 {
@@ -197,6 +304,7 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     }
     let mut o = Obj::new();
     o.insert("scenario".into(), json!("floor"));
+    o.insert("relay".into(), json!(relay));
     o.insert("ok".into(), json!(true));
     o.insert("rooms".into(), json!(rooms));
     o.insert("members".into(), json!(members));
@@ -205,6 +313,10 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     o.insert("warmup_s".into(), json!(warmup.as_secs_f64()));
     let mut no_watch = ServerWatch::new(None)?;
     let (w, _) = run_window(&ctl, &per_room, drain, &mut no_watch, &mut o, "delivery");
+    if let Some(th) = th {
+        th.join()
+            .map_err(|_| "trigger thread panicked".to_string())??;
+    }
     let writer_result = wh.join().map_err(|_| "writer thread panicked".to_string());
     let st = join_workers(handles)?;
     let (wr, sockets) = writer_result??;

@@ -5,7 +5,7 @@
 //! response, and all responses for a socket go out with one write. No routing, no JSON, no
 //! state: what remains is the kernel's cost of a request and a response, plus `epoll_wait`.
 //!
-//! Prints `listening on ADDR` on stderr once bound, serves for `--duration`, then exits with
+//! Prints `listening on http://ADDR` on stderr once bound, serves for `--duration`, then exits with
 //! the usual JSON line (requests served, responses written).
 
 use crate::args::Args;
@@ -69,13 +69,14 @@ fn request_len(buf: &[u8]) -> Result<Option<usize>, String> {
 
 pub fn run(a: &Args) -> Result<Obj, String> {
     let port = a.u64_or("port", 0)?;
+    let host = a.opt_str("host")?.unwrap_or_else(|| "127.0.0.1".into());
     let duration = a.dur_or("duration", Duration::from_secs(30))?;
-    let response = canned_response(a.u64_or("response-bytes", 330)?.clamp(120, 60_000) as usize);
+    let response = canned_response(a.u64_or("response-bytes", 243)?.clamp(120, 60_000) as usize);
     a.finish()?;
     crate::sys::raise_nofile().map_err(|e| format!("raising RLIMIT_NOFILE: {e}"))?;
 
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
-    let addr = format!("127.0.0.1:{port}")
+    let addr = format!("{host}:{port}")
         .parse()
         .map_err(|e| format!("address: {e}"))?;
     let mut listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
@@ -83,7 +84,8 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)
         .map_err(|e| e.to_string())?;
-    eprintln!("listening on {local}");
+    // The same line as chatloop's, so that tools/lib/server.sh can start either.
+    eprintln!("httpfloor listening on http://{local}");
 
     let mut conns: slab::Slab<Conn> = slab::Slab::new();
     let mut events = Events::with_capacity(256);

@@ -176,6 +176,9 @@ fn bit_test_set(seen: &mut Vec<u64>, seq: u64) -> bool {
     was
 }
 
+/// The send timer's token (members use their index).
+const TIMER: Token = Token(usize::MAX - 1);
+
 struct Worker {
     cfg: WorkerConfig,
     ctl: Arc<Control>,
@@ -310,6 +313,15 @@ impl Worker {
 
     fn run_phase(&mut self) -> Result<(), String> {
         let mut events = Events::with_capacity(1024);
+        let timer = crate::sys::TimerFd::new().map_err(|e| format!("timerfd: {e}"))?;
+        self.poll
+            .registry()
+            .register(
+                &mut mio::unix::SourceFd(&timer.raw()),
+                TIMER,
+                mio::Interest::READABLE,
+            )
+            .map_err(|e| format!("registering the timerfd: {e}"))?;
         let (mut f, mut s) = (0, Vec::new());
         let (mut cpu_start, mut cpu_done) = (None, false);
         while !self.ctl.stop.load(Relaxed) {
@@ -325,18 +337,21 @@ impl Worker {
                     cpu_done = true;
                 }
             }
-            let mut timeout = self.send_due();
-            // epoll sleeps in whole milliseconds (rounded up): sleep short waits precisely with
-            // nanosleep (the sender's few sockets can wait), and wake a millisecond early from
-            // longer ones. Never spin: a spinning sender would steal the receivers' CPU.
-            if timeout < Duration::from_millis(2) {
-                std::thread::sleep(timeout);
-                timeout = Duration::ZERO;
-            } else if timeout < Duration::from_millis(20) {
-                timeout = Duration::from_millis(timeout.as_millis() as u64 - 1);
+            let timeout = self.send_due();
+            // epoll sleeps in whole milliseconds (rounded up), so the next send is timed by a
+            // timerfd in the same epoll: this thread's own members (the senders receive every
+            // message too) are read while it waits. (Sleeping in nanosleep instead left their
+            // deliveries unread for up to the interval between sends.) Never spin: a spinning
+            // sender would steal the receivers' CPU.
+            if !self.send_rooms.is_empty() && timeout < Duration::from_millis(20) {
+                timer.set(timeout).map_err(|e| format!("timerfd: {e}"))?;
             }
-            poll_wait(&mut self.poll, &mut events, timeout)?;
+            poll_wait(&mut self.poll, &mut events, Duration::from_millis(20))?;
             for ev in events.iter() {
+                if ev.token() == TIMER {
+                    timer.clear();
+                    continue;
+                }
                 self.handle(
                     ev.token().0,
                     ev.is_readable() || ev.is_read_closed() || ev.is_error(),

@@ -30,6 +30,8 @@ struct Rest {
     clients: Vec<Client>,
     hist: Histogram,
     ok: u64,
+    /// Size of the last `201` response, head and body (`httpfloor --response-bytes`).
+    response_bytes: usize,
     statuses: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
     reconnects: u64,
@@ -57,6 +59,7 @@ pub fn run(a: &Args) -> Result<Obj, String> {
         clients: Vec::new(),
         hist: Histogram::new(),
         ok: 0,
+        response_bytes: 0,
         statuses: BTreeMap::new(),
         errors: BTreeMap::new(),
         reconnects: 0,
@@ -119,6 +122,7 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     o.insert("clients".into(), json!(clients));
     o.insert("duration_s".into(), json!(report::round(elapsed, 3)));
     o.insert("requests".into(), json!(r.ok));
+    o.insert("response_bytes".into(), json!(r.response_bytes));
     o.insert("requests_per_s".into(), json!(report::round(rps, 1)));
     o.insert("errors".into(), json!(errors));
     o.insert("unexpected_status".into(), json!(r.statuses));
@@ -244,6 +248,7 @@ impl Rest {
         let latency = now_ns() - c.sent_at;
         if h.status == 201 {
             self.ok += 1;
+            self.response_bytes = h.head_len + h.content_length;
             self.hist.record(latency);
         } else {
             *self

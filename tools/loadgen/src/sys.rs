@@ -214,6 +214,61 @@ pub fn sample_process(pid: u32) -> Result<ProcSample, String> {
     })
 }
 
+/// A non-blocking timerfd (CLOCK_MONOTONIC): lets a thread wait for a deadline finer than
+/// epoll's milliseconds inside the same `epoll_wait` that reads its sockets, instead of
+/// sleeping while their data waits.
+pub struct TimerFd {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl TimerFd {
+    pub fn new() -> io::Result<TimerFd> {
+        // SAFETY: plain syscall; the returned descriptor is owned below.
+        let fd = cvt(unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        })?;
+        // SAFETY: fd was just created and is owned by nobody else.
+        Ok(TimerFd {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Fires once, `after` from now (at least 1 ns: zero would disarm it).
+    pub fn set(&self, after: std::time::Duration) -> io::Result<()> {
+        let after = after.max(std::time::Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: fd is a timerfd we own; spec lives on the stack for the call.
+        cvt(unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) })
+            .map(drop)
+    }
+
+    /// Consumes an expiry so the next one raises a new edge.
+    pub fn clear(&self) {
+        use std::os::fd::AsRawFd;
+        let mut n = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a stack buffer from a timerfd we own.
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), n.as_mut_ptr().cast(), 8) };
+    }
+
+    pub fn raw(&self) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
