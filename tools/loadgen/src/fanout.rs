@@ -233,7 +233,10 @@ pub fn run(a: &Args) -> Result<Obj, String> {
         .collect::<Result<Vec<_>, _>>()?;
 
     let ctl = Arc::new(Control::new(rooms, warmup, duration));
-    let mut groups: Vec<Vec<Member>> = (0..=threads).map(|_| Vec::new()).collect();
+    // Senders read too (each gets its room's messages): they share the receivers' threads, a
+    // room's senders all in one thread (its worker keeps that room's schedule), so no
+    // thread of its own competes for the CPU with the readers (as none does in `floor`).
+    let mut groups: Vec<Vec<Member>> = (0..threads).map(|_| Vec::new()).collect();
     for (r, room_id) in room_ids.iter().enumerate() {
         for m in 0..members {
             let i = r * members + m;
@@ -243,12 +246,12 @@ pub fn run(a: &Args) -> Result<Obj, String> {
                 src: (src_ips > 0).then(|| loopback_src(i, src_ips, 0)),
             };
             let sender = m < senders;
-            let g = if sender { 0 } else { 1 + i % threads };
+            let g = if sender { r % threads } else { i % threads };
             groups[g].push(Member::to_connect(r, sender, target));
         }
     }
     eprintln!(
-        "fanout: connecting {total} WebSockets ({} sender(s)/room, {threads} receiver thread(s))",
+        "fanout: connecting {total} WebSockets ({} sender(s)/room, {threads} thread(s))",
         senders
     );
     let (tx, rx) = mpsc::channel();
@@ -269,7 +272,7 @@ pub fn run(a: &Args) -> Result<Obj, String> {
         .collect();
     let ready = collect_ready(
         &rx,
-        threads + 1,
+        threads,
         rooms,
         connect_timeout + Duration::from_secs(10),
     );
