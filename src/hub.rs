@@ -167,6 +167,25 @@ impl Room {
     fn sent(&self) -> usize {
         self.history.len().saturating_sub(self.held.len())
     }
+
+    /// [`Hub::release`] for this room; `batch` is where several notices are put together.
+    fn release(&mut self, batch: &mut Vec<u8>, actions: &mut Vec<Action>) {
+        let frame = match self.held.as_slice() {
+            [] => return,
+            [one] => one.clone(),
+            many => {
+                batch.clear();
+                for f in many {
+                    batch.extend_from_slice(f);
+                }
+                Frame::from(&batch[..])
+            }
+        };
+        self.held.clear();
+        for m in &self.members {
+            actions.push(Action::Send(m.conn, frame.clone()));
+        }
+    }
 }
 
 struct Member {
@@ -959,12 +978,12 @@ impl Hub {
     /// presence notice, held back to share a write with the notices that follow.
     fn store_and_send(&mut self, room_id: RoomId, id: MsgId, frame: Frame, notice: bool, now: Now) {
         let hold = notice && self.cfg.notice_delay > Micros::ZERO;
-        if !hold {
-            self.release(room_id);
-        }
         let Some(room) = self.rooms.get_mut(&room_id) else {
             return;
         };
+        if !hold {
+            room.release(&mut self.batch, &mut self.actions);
+        }
         if hold {
             if room.held.is_empty() {
                 self.held_rooms.push(room_id);
@@ -994,23 +1013,8 @@ impl Hub {
     /// writes. Anything else sent to the room releases them first, so every member still
     /// sees the room's events in history order, and chat is never delayed.
     fn release(&mut self, room_id: RoomId) {
-        let Some(room) = self.rooms.get_mut(&room_id) else {
-            return;
-        };
-        let frame = match room.held.as_slice() {
-            [] => return,
-            [one] => one.clone(),
-            many => {
-                self.batch.clear();
-                for f in many {
-                    self.batch.extend_from_slice(f);
-                }
-                Frame::from(&self.batch[..])
-            }
-        };
-        room.held.clear();
-        for m in &room.members {
-            self.actions.push(Action::Send(m.conn, frame.clone()));
+        if let Some(room) = self.rooms.get_mut(&room_id) {
+            room.release(&mut self.batch, &mut self.actions);
         }
     }
 
