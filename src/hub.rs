@@ -181,7 +181,11 @@ impl Room {
                 Frame::from(&batch[..])
             }
         };
-        self.held.clear();
+        if self.held.capacity() > 64 {
+            self.held = Vec::new(); // after a storm: do not keep its peak per room
+        } else {
+            self.held.clear();
+        }
         for m in &self.members {
             actions.push(Action::Send(m.conn, frame.clone()));
         }
@@ -981,9 +985,6 @@ impl Hub {
         let Some(room) = self.rooms.get_mut(&room_id) else {
             return;
         };
-        if !hold {
-            room.release(&mut self.batch, &mut self.actions);
-        }
         if hold {
             if room.held.is_empty() {
                 self.held_rooms.push(room_id);
@@ -993,6 +994,7 @@ impl Hub {
             }
             room.held.push(frame.clone());
         } else {
+            room.release(&mut self.batch, &mut self.actions);
             for m in &room.members {
                 self.actions.push(Action::Send(m.conn, frame.clone()));
             }
