@@ -322,6 +322,7 @@ impl Worker {
                 mio::Interest::READABLE,
             )
             .map_err(|e| format!("registering the timerfd: {e}"))?;
+        let mut armed = u64::MAX;
         let (mut f, mut s) = (0, Vec::new());
         let (mut cpu_start, mut cpu_done) = (None, false);
         while !self.ctl.stop.load(Relaxed) {
@@ -337,19 +338,25 @@ impl Worker {
                     cpu_done = true;
                 }
             }
-            let timeout = self.send_due();
+            let next = self.send_due();
             // epoll sleeps in whole milliseconds (rounded up), so the next send is timed by a
             // timerfd in the same epoll: this thread's own members (the senders receive every
             // message too) are read while it waits. (Sleeping in nanosleep instead left their
-            // deliveries unread for up to the interval between sends.) Never spin: a spinning
-            // sender would steal the receivers' CPU.
-            if !self.send_rooms.is_empty() && timeout < Duration::from_millis(20) {
-                timer.set(timeout).map_err(|e| format!("timerfd: {e}"))?;
+            // deliveries unread for up to the interval between sends.) Set only when the
+            // deadline changes: reprogramming a timer can cost a VM exit, and this loop wakes
+            // many times per message. Never spin: a spinning sender would steal the receivers'
+            // CPU.
+            if next != u64::MAX && next != armed {
+                timer
+                    .set(crate::clock::until(next))
+                    .map_err(|e| format!("timerfd: {e}"))?;
+                armed = next;
             }
             poll_wait(&mut self.poll, &mut events, Duration::from_millis(20))?;
             for ev in events.iter() {
                 if ev.token() == TIMER {
                     timer.clear();
+                    armed = u64::MAX; // fired: whatever is due next needs arming again
                     continue;
                 }
                 self.handle(
@@ -404,12 +411,12 @@ impl Worker {
         }
     }
 
-    /// Sends every chat message whose scheduled time has come; returns how long to sleep.
-    fn send_due(&mut self) -> Duration {
-        let idle = Duration::from_millis(20);
+    /// Sends every chat message whose scheduled time has come; returns when the next one is
+    /// due (`u64::MAX`: none).
+    fn send_due(&mut self) -> u64 {
         let go = self.ctl.go_ns.load(Relaxed);
         if go == 0 || self.send_rooms.is_empty() || self.cfg.rate_per_room <= 0.0 {
-            return idle;
+            return u64::MAX;
         }
         let interval = 1e9 / self.cfg.rate_per_room;
         let (start, end) = (self.ctl.measure_start(), self.ctl.send_end());
@@ -432,11 +439,7 @@ impl Worker {
                 self.send_rooms[ri].2 += 1;
             }
         }
-        if next_due == u64::MAX {
-            idle
-        } else {
-            Duration::from_nanos(next_due.saturating_sub(now_ns())).min(idle)
-        }
+        next_due
     }
 
     fn send_one(&mut self, ri: usize, k: u64, scheduled: u64, measure_start: u64) {
