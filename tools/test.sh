@@ -25,6 +25,11 @@ fi
 step "cargo test (unit + integration, release build of the server)"
 cargo test --release
 
+# The load generator is its own crate (tools/loadgen, own lock file and target dir).
+step "tools/loadgen: cargo fmt --check, clippy -D warnings, test"
+(cd tools/loadgen && cargo fmt -- --check && cargo clippy --all-targets -- -D warnings \
+  && cargo test --release)
+
 if [ "${SKIP_SLOW:-0}" = 1 ]; then
   echo "SKIP_SLOW=1: system-level suites skipped"
   exit 0
