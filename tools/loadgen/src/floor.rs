@@ -13,7 +13,7 @@
 use crate::args::Args;
 use crate::clock::{self, now_ns};
 use crate::fanout::{collect_ready, delivery_report, join_workers, run_window};
-use crate::members::{Control, Member, WorkerConfig, run_worker};
+use crate::members::{Control, Member, WorkerConfig, run_worker, send_time};
 use crate::report::{self, Obj, ServerWatch};
 use crate::ws;
 use crate::wsclient::WsClient;
@@ -38,11 +38,11 @@ pub fn chat_payload(ts: u64, seq: u64, size: usize) -> String {
     s
 }
 
-/// `fanout`'s send schedule: room r's k-th message is due at go + interval × (k + r / rooms).
+/// `fanout`'s send schedule ([`send_time`]), all rooms in one sequence.
 struct Schedule {
     go: u64,
     end: u64,
-    interval: f64,
+    rate: f64,
     next_k: Vec<u64>,
 }
 
@@ -51,7 +51,7 @@ impl Schedule {
         Schedule {
             go,
             end,
-            interval: 1e9 / rate,
+            rate,
             next_k: vec![0; rooms],
         }
     }
@@ -60,13 +60,7 @@ impl Schedule {
     fn next(&mut self) -> Option<(usize, u64, u64)> {
         let n = self.next_k.len();
         let (r, t) = (0..n)
-            .map(|r| {
-                let offset = self.interval * r as f64 / n as f64;
-                (
-                    r,
-                    self.go + (offset + self.interval * self.next_k[r] as f64) as u64,
-                )
-            })
+            .map(|r| (r, send_time(self.go, self.rate, r, n, self.next_k[r])))
             .min_by_key(|&(_, t)| t)?;
         if t >= self.end {
             return None;

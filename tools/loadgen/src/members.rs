@@ -176,6 +176,13 @@ fn bit_test_set(seen: &mut Vec<u64>, seq: u64) -> bool {
     was
 }
 
+/// When room `room`'s `k`-th message is due (ns): the rooms' schedules are spread evenly over
+/// one interval, so messages of different rooms do not arrive together. `floor` uses the same.
+pub fn send_time(go: u64, rate_per_room: f64, room: usize, rooms: usize, k: u64) -> u64 {
+    let interval = 1e9 / rate_per_room;
+    go + (interval * room as f64 / rooms as f64 + interval * k as f64) as u64
+}
+
 /// The send timer's token (members use their index).
 const TIMER: Token = Token(usize::MAX - 1);
 
@@ -418,15 +425,13 @@ impl Worker {
         if go == 0 || self.send_rooms.is_empty() || self.cfg.rate_per_room <= 0.0 {
             return u64::MAX;
         }
-        let interval = 1e9 / self.cfg.rate_per_room;
         let (start, end) = (self.ctl.measure_start(), self.ctl.send_end());
         let mut next_due = u64::MAX;
         for ri in 0..self.send_rooms.len() {
             let room = self.send_rooms[ri].0;
-            let offset = interval * room as f64 / self.cfg.rooms as f64;
             loop {
                 let k = self.send_rooms[ri].2;
-                let t = go + (offset + interval * k as f64) as u64;
+                let t = send_time(go, self.cfg.rate_per_room, room, self.cfg.rooms, k);
                 if t >= end {
                     break;
                 }
@@ -637,6 +642,14 @@ fn count_chat(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rooms_are_spread_over_one_interval() {
+        // 100 msg/s per room: 10 ms apart; 10 rooms: 1 ms apart from each other.
+        assert_eq!(send_time(7, 100.0, 0, 10, 0), 7);
+        assert_eq!(send_time(7, 100.0, 5, 10, 0), 7 + 5_000_000);
+        assert_eq!(send_time(7, 100.0, 5, 10, 3), 7 + 35_000_000);
+    }
 
     #[test]
     fn probes() {
