@@ -404,15 +404,9 @@ impl Hub {
 
     /// A typing event that came through Redis, for every member here but `except`.
     pub fn deliver_typing(&mut self, id: RoomId, except: Option<ConnId>, json: &[u8]) {
-        self.release(id);
-        let Some(room) = self.rooms.get(&id) else {
-            return;
-        };
         self.frame.start().extend_from_slice(json);
         let frame = self.frame.finish_text();
-        for m in room.members.iter().filter(|m| Some(m.conn) != except) {
-            self.actions.push(Action::Send(m.conn, frame.clone()));
-        }
+        self.send_typing(id, frame, except);
     }
 
     /// Another node ended this session: close its sockets here with 1000 and forget it.
@@ -1046,12 +1040,17 @@ impl Hub {
             });
             return;
         }
-        self.release(room_id);
         protocol::write_typing(self.frame.start(), kind, who, room_id);
         let frame = self.frame.finish_text();
-        let Some(room) = self.rooms.get(&room_id) else {
+        self.send_typing(room_id, frame, except);
+    }
+
+    /// A typing frame to every member but `except`, after the room's held notices.
+    fn send_typing(&mut self, room_id: RoomId, frame: Frame, except: Option<ConnId>) {
+        let Some(room) = self.rooms.get_mut(&room_id) else {
             return;
         };
+        room.release(&mut self.batch, &mut self.actions);
         for m in room.members.iter().filter(|m| Some(m.conn) != except) {
             self.actions.push(Action::Send(m.conn, frame.clone()));
         }
