@@ -55,7 +55,7 @@ pub struct HubConfig {
     pub max_sessions: usize,
     pub max_rooms: usize,
     /// How long `user_joined` / `user_left` may wait to share one write with the notices
-    /// that follow; zero sends each at once. See [`Hub::release`].
+    /// that follow; zero sends each at once. Why: the comment on `Hub::release`.
     pub notice_delay: Micros,
 }
 
