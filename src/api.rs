@@ -1,7 +1,7 @@
 //! The REST API and the WebSocket upgrade decision: request in, `Reply` out. Pure.
 //!
 //! Routing is a `match` on the path segments (both slash forms), then on the method.
-//! Handlers ask the [`Hub`] and build the exact JSON of the contract (`shared/API.md`).
+//! Handlers ask the [`Hub`] and build the exact JSON of the contract (`docs/API.md`).
 
 use std::borrow::Cow;
 use std::io::Write as _;

@@ -6,7 +6,7 @@
 # checks the report: each case's behavior must be OK, NON-STRICT or INFORMATIONAL and its
 # behaviorClose OK (or INFORMATIONAL where wstest marks the whole case informational). Prints the counts per behavior and a last line `N passed, M failed`.
 #
-# Installs wstest with ../shared/tools/install-autobahn.sh when it is missing.
+# Installs wstest with tools/install-autobahn.sh (Debian and PyPI packages) when it is missing.
 # Report and server log: artifacts/autobahn/ (HTML report: artifacts/autobahn/report/index.html).
 # Env: AUTOBAHN_CASES='["1.*","2.*"]' to run a subset (JSON list), AUTOBAHN_TIMEOUT (s, 300).
 set -euo pipefail
@@ -20,8 +20,7 @@ lap() { printf '[autobahn] %s (%ds)\n' "$*" $((SECONDS - T0)); }
 WSTEST=$(command -v wstest || true)
 if [ -z "$WSTEST" ] && [ -x "$HOME/.local/bin/wstest" ]; then WSTEST="$HOME/.local/bin/wstest"; fi
 if [ -z "$WSTEST" ] || ! "$WSTEST" --help >/dev/null 2>&1; then
-  installer="$ROOT/../shared/tools/install-autobahn.sh"
-  [ -f "$installer" ] || { echo "autobahn: wstest missing and no $installer" >&2; exit 1; }
+  installer="$ROOT/tools/install-autobahn.sh"
   lap "installing Autobahn|TestSuite"
   WSTEST=$(bash "$installer" | tail -n 1)
 fi
