@@ -22,8 +22,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
   timeout 600 $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 fi
 
-step "cargo test (unit + integration, release build of the server)"
-cargo test --release
+step "cargo test (unit + integration; profile fast: release optimisations without fat LTO)"
+cargo test --profile fast
 
 # The load generator is its own crate (tools/loadgen, own lock file and target dir).
 step "tools/loadgen: cargo fmt --check, clippy -D warnings, test"
