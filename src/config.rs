@@ -44,6 +44,7 @@ pub struct Config {
     pub presence_ttl: Micros,
     pub log_level: LevelFilter,
     pub log_format: LogFormat,
+    pub lock_memory: bool,
 }
 
 /// How log lines are written.
@@ -347,6 +348,17 @@ pub const OPTIONS: &[Opt] = &[
             Ok(())
         },
     },
+    Opt {
+        flag: "lock-memory",
+        env: &["CHATLOOP_LOCK_MEMORY"],
+        default: "false",
+        switch: true,
+        help: "lock all memory (mlockall) so chat never reaches swap; needs CAP_IPC_LOCK or RLIMIT_MEMLOCK",
+        set: |c, v| {
+            c.lock_memory = boolean(v)?;
+            Ok(())
+        },
+    },
     opt!(
         "echo-path",
         ["CHATLOOP_ECHO_PATH"],
@@ -448,6 +460,7 @@ impl Default for Config {
             presence_ttl: Micros::ZERO,
             log_level: LevelFilter::Info,
             log_format: LogFormat::Text,
+            lock_memory: false,
         };
         for o in OPTIONS {
             (o.set)(&mut c, o.default).expect("built-in defaults parse");

@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use chatloop::config::{Command, Config};
 
+mod harden;
+
 fn main() -> ExitCode {
     let cfg = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
         Ok(Command::Run(cfg)) => *cfg,
@@ -17,6 +19,21 @@ fn main() -> ExitCode {
         }
     };
     chatloop::logging::init(cfg.log_level, cfg.log_format);
+    // Memory-only: chat must never reach a core file or (with --lock-memory) swap.
+    if let Err(e) = harden::forbid_core_dumps() {
+        log::warn!("could not turn off core dumps: {e}");
+    }
+    if cfg.lock_memory {
+        if let Err(e) = harden::lock_memory() {
+            log::error!(
+                "--lock-memory: mlockall failed ({e}); give the process CAP_IPC_LOCK or raise \
+                 RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=infinity)"
+            );
+            return ExitCode::FAILURE;
+        }
+        log::info!("memory locked (mlockall): chat never reaches swap");
+    }
+    log::debug!("core dumps off, process dumpable: {}", harden::dumpable());
     let mut server = match chatloop::server::Server::bind(cfg.clone()) {
         Ok(s) => s,
         Err(e) => {

@@ -14,12 +14,16 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-# The cluster-mode tests (tests/cluster.rs) start their own redis-server processes.
-if ! command -v redis-server >/dev/null 2>&1; then
-  step "installing redis-server (Debian package) for the cluster tests"
+# Debian packages the cargo tests need: redis-server (tests/cluster.rs starts its own
+# instances) and strace (tests/memory_only.rs traces a whole scenario for file writes).
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v strace >/dev/null 2>&1 || need+=(strace)
+if [ ${#need[@]} -gt 0 ]; then
+  step "installing ${need[*]} (Debian packages) for the cargo tests"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   timeout 300 $SUDO apt-get update -qq
-  timeout 600 $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  timeout 600 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 step "cargo test (unit + integration; profile fast: release optimisations without fat LTO)"

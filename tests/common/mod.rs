@@ -25,7 +25,23 @@ impl Server {
     /// Starts `chatloop --port 0 <args>` and waits for its "listening on" line.
     #[track_caller]
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatloop"))
+        Server::start_wrapped(&[], args)
+    }
+
+    /// Like [`Server::start`], run under `wrapper` (e.g. `["strace", "-f", ...]`): the
+    /// wrapper's command line, then the binary and its arguments.
+    #[track_caller]
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Server {
+        let bin = env!("CARGO_BIN_EXE_chatloop");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
             .args(["--host", "127.0.0.1", "--port", "0"])
             .args(args)
             .env_remove("PORT")
