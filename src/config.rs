@@ -45,6 +45,7 @@ pub struct Config {
     pub log_level: LevelFilter,
     pub log_format: LogFormat,
     pub lock_memory: bool,
+    pub reuse_port: bool,
 }
 
 /// How log lines are written.
@@ -399,6 +400,17 @@ pub const OPTIONS: &[Opt] = &[
             Ok(())
         }
     ),
+    Opt {
+        flag: "reuse-port",
+        env: &["CHATLOOP_REUSE_PORT"],
+        default: "false",
+        switch: true,
+        help: "listen with SO_REUSEPORT: several nodes (one per core, same --redis) share the port and the kernel spreads connections over them",
+        set: |c, v| {
+            c.reuse_port = boolean(v)?;
+            Ok(())
+        },
+    },
     opt!(
         "log-level",
         ["CHATLOOP_LOG_LEVEL"],
@@ -461,6 +473,7 @@ impl Default for Config {
             log_level: LevelFilter::Info,
             log_format: LogFormat::Text,
             lock_memory: false,
+            reuse_port: false,
         };
         for o in OPTIONS {
             (o.set)(&mut c, o.default).expect("built-in defaults parse");

@@ -115,6 +115,24 @@ enum Doom {
     Gone,
 }
 
+/// The listening socket: `SO_REUSEADDR` (as `mio` sets it), optionally `SO_REUSEPORT` so
+/// several processes can listen on one port and the kernel spreads new connections over them.
+fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 impl Server {
     /// Binds the listening socket (port 0 picks a free one).
     pub fn bind(cfg: Config) -> io::Result<Server> {
@@ -127,8 +145,13 @@ impl Server {
                     format!("cannot resolve host {:?}", cfg.host),
                 )
             })?;
-        let mut listener = TcpListener::bind(addr)?;
+        let mut listener = listen(addr, cfg.reuse_port)?;
         let local_addr = listener.local_addr()?;
+        if cfg.reuse_port && cfg.redis.is_none() {
+            log::warn!(
+                "--reuse-port without --redis: nodes sharing this port share no sessions or rooms"
+            );
+        }
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
