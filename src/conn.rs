@@ -25,8 +25,15 @@ use crate::ws::{self, CloseWith, Step, WsEvent, WsState};
 /// How long a closing connection may take to flush and hear the peer's FIN.
 pub const LINGER: Micros = Micros(2_000_000);
 
-/// Output above which an HTTP connection stops being read until its client catches up.
+/// Unsent output above which an HTTP connection's requests stop being answered (and its
+/// socket read) until its client catches up; see [`pause_bytes`].
 pub const HTTP_PAUSE_BYTES: usize = 256 * 1024;
+
+/// The pause mark: [`HTTP_PAUSE_BYTES`], or half of `--max-output-queue` if that is smaller,
+/// so that answering stops well before the output cap. Answering resumes below half of it.
+pub fn pause_bytes(cfg: &Config) -> usize {
+    HTTP_PAUSE_BYTES.min(cfg.max_output_queue / 2)
+}
 
 pub struct Conn {
     pub stream: TcpStream,
@@ -47,6 +54,11 @@ pub struct Conn {
     pub over_limit: bool,
     /// Not read while its output is backed up.
     pub read_paused: bool,
+    /// `inbuf` holds requests not answered yet because the output passed the pause mark:
+    /// they are answered from `inbuf` when it drains, before the socket is read again.
+    pub unanswered: bool,
+    /// Length of the newest HTTP response queued (the output cap does not count it).
+    pub last_response: usize,
     /// Cluster mode: its request waits for Redis (facts to fetch, or writes to be
     /// acknowledged before the response may go out). Neither read nor flushed meanwhile.
     pub waiting: bool,
@@ -139,6 +151,8 @@ impl Conn {
             close_after_flush: false,
             over_limit,
             read_paused: false,
+            unanswered: false,
+            last_response: 0,
             waiting: false,
         }
     }
@@ -161,11 +175,29 @@ impl Conn {
         matches!(self.state, State::Ws(_) | State::Echo { .. })
     }
 
+    /// Whether its unsent output is over `cap` (`--max-output-queue`): it is then closed and
+    /// its memory freed. For HTTP the newest response does not count (one answer, however
+    /// large, is allowed; answering stops at the pause mark, far below the cap).
+    pub fn over_output_cap(&self, cap: usize) -> bool {
+        match self.state {
+            State::Ws(_) | State::Echo { .. } => self.out.bytes() > cap,
+            State::Http { .. } => self.out.bytes().saturating_sub(self.last_response) > cap,
+            State::Closing { .. } | State::Lingering { .. } => false,
+        }
+    }
+
     /// Handles input; returns how many bytes were used (the rest is an incomplete unit).
     pub fn on_bytes(&mut self, id: ConnId, data: &mut [u8], ctx: &mut Ctx<'_>) -> usize {
         let mut pos = 0;
+        self.unanswered = false;
         while pos < data.len() {
             let used = match self.state {
+                State::Http { .. } if self.out.bytes() > pause_bytes(ctx.cfg) => {
+                    // The client is not reading its answers: the rest waits, unread.
+                    self.read_paused = true;
+                    self.unanswered = true;
+                    break;
+                }
                 State::Http { .. } => self.http_step(id, &data[pos..], ctx),
                 State::Ws(_) | State::Echo { .. } => self.ws_step(id, &mut data[pos..], ctx),
                 State::Closing { .. } | State::Lingering { .. } => Some(data.len() - pos),
@@ -496,9 +528,14 @@ impl Conn {
                 self.peer
             );
         }
-        let mut out = Vec::with_capacity(192 + r.content_type.len());
-        http::write_response(&mut out, r, ctx.date, keep_alive, head);
+        let mut out = Vec::with_capacity(320 + r.content_type.len());
+        let body = http::write_response_parts(&mut out, r, ctx.date, keep_alive, head);
+        self.last_response = out.len() + body.map_or(0, <[u8]>::len);
         self.send(id, Chunk::Owned(out), ctx.outbox, ctx.dirty);
+        if let Some(body) = body {
+            // The pages are sent from the binary's own copy, never copied per response.
+            self.send(id, Chunk::Static(body), ctx.outbox, ctx.dirty);
+        }
         let now = ctx.now.mono;
         if !keep_alive || r.close {
             self.close_after_flush = true;
@@ -509,7 +546,7 @@ impl Conn {
                 idle_since: now,
                 continue_sent: false,
             };
-            if self.out.bytes() > HTTP_PAUSE_BYTES {
+            if self.out.bytes() > pause_bytes(ctx.cfg) {
                 self.read_paused = true;
             }
         }

@@ -240,10 +240,24 @@ impl Response {
 
 /// Writes a response. `date` is the cached `Date` value; `head` leaves the body out.
 pub fn write_response(out: &mut Vec<u8>, r: &Response, date: &[u8], keep_alive: bool, head: bool) {
+    if let Some(body) = write_response_parts(out, r, date, keep_alive, head) {
+        out.extend_from_slice(body);
+    }
+}
+
+/// Writes a response like [`write_response`], except a static body: that is returned instead,
+/// for the caller to queue after the head without copying it.
+pub fn write_response_parts(
+    out: &mut Vec<u8>,
+    r: &Response,
+    date: &[u8],
+    keep_alive: bool,
+    head: bool,
+) -> Option<&'static [u8]> {
     let body = r.body.bytes();
     let _ = write!(out, "HTTP/1.1 {} {}\r\nDate: ", r.status, reason(r.status));
     out.extend_from_slice(date);
-    out.extend_from_slice(b"\r\nAccess-Control-Allow-Origin: *\r\n");
+    out.extend_from_slice(COMMON_HEADERS.as_bytes());
     if r.status != 204 && r.status != 101 {
         let _ = write!(
             out,
@@ -260,10 +274,20 @@ pub fn write_response(out: &mut Vec<u8>, r: &Response, date: &[u8], keep_alive: 
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    if !head && r.status != 204 && r.status != 101 {
-        out.extend_from_slice(body);
+    if head || r.status == 204 || r.status == 101 {
+        return None;
+    }
+    match r.body {
+        Body::Static(b) => Some(b),
+        _ => {
+            out.extend_from_slice(body);
+            None
+        }
     }
 }
+
+/// Headers on every response.
+const COMMON_HEADERS: &str = "\r\nAccess-Control-Allow-Origin: *\r\n";
 
 /// The CORS preflight answer's extra headers.
 pub const PREFLIGHT: &str = "Access-Control-Allow-Methods: GET, POST, DELETE, HEAD, OPTIONS\r\n\

@@ -267,9 +267,7 @@ impl Server {
         if !self.again.is_empty() {
             let again = std::mem::take(&mut self.again);
             for &id in &again {
-                if self.conns.get(id).is_some_and(|c| !c.read_paused) {
-                    self.read(id, now, true);
-                }
+                self.resume_input(id, now);
             }
             let mut again = again;
             again.clear();
@@ -399,7 +397,9 @@ impl Server {
             let Some(conn) = self.conns.get_mut(id) else {
                 return;
             };
-            if conn.read_paused || conn.waiting {
+            // Requests it already holds go first (`resume_input`): the input buffer never
+            // holds more than one incomplete request and one read.
+            if conn.read_paused || conn.waiting || conn.unanswered {
                 return;
             }
             let n = match conn.stream.read(&mut self.rbuf) {
@@ -430,6 +430,30 @@ impl Server {
         }
         // Budget spent with data perhaps still waiting: continue next iteration.
         self.again.push(id);
+    }
+
+    /// Continues a connection that stopped: first the requests it already holds (answering
+    /// stopped at the pause mark; no new readable edge will come for them), then the socket.
+    fn resume_input(&mut self, id: usize, now: Now) {
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
+        if conn.read_paused || conn.waiting {
+            return;
+        }
+        if conn.unanswered {
+            self.input(id, 0, now);
+            self.apply_actions(now);
+            self.after_input(id, now);
+            self.arm(id);
+        }
+        if self
+            .conns
+            .get(id)
+            .is_some_and(|c| !c.read_paused && !c.waiting)
+        {
+            self.read(id, now, true);
+        }
     }
 
     /// Feeds `rbuf[..n]` (after any bytes kept from before) to the connection.
@@ -521,19 +545,25 @@ impl Server {
             };
             if why == Doom::SlowConsumer {
                 self.metrics.slow_consumers += 1;
+                let ws = conn.is_websocket();
                 crate::limit_log!(
                     self.throttle,
                     Event::SlowConsumer,
                     now.mono,
                     info,
-                    "closing slow consumer {} (conn {id}) with 1013: {} bytes unsent",
+                    "closing slow consumer {} (conn {id}){}: {} bytes unsent",
                     conn.peer,
+                    if ws { " with 1013" } else { "" },
                     conn.out.bytes()
                 );
                 conn.out.clear();
-                // Best effort: the socket is likely full, so this close frame may be lost.
-                let _ = io::Write::write(&mut conn.stream, &ws::close_frame(1013, "slow consumer"));
-                self.with_conn(id, now, |conn, ctx| conn.leave(ConnId(id), ctx, 1013));
+                conn.inbuf = Vec::new();
+                if ws {
+                    // Best effort: the socket is likely full, so this close frame may be lost.
+                    let frame = ws::close_frame(1013, "slow consumer");
+                    let _ = io::Write::write(&mut conn.stream, &frame);
+                    self.with_conn(id, now, |conn, ctx| conn.leave(ConnId(id), ctx, 1013));
+                }
             }
             self.remove(id, now);
         }
@@ -647,9 +677,11 @@ impl Server {
                         until: now.mono + LINGER,
                     };
                     self.arm(id);
-                } else if conn.out.bytes() > self.cfg.max_output_queue && conn.is_websocket() {
+                } else if conn.over_output_cap(self.cfg.max_output_queue) {
                     self.doom(id, Doom::SlowConsumer);
-                } else if conn.read_paused && conn.out.bytes() < crate::conn::HTTP_PAUSE_BYTES / 2 {
+                } else if conn.read_paused
+                    && conn.out.bytes() < crate::conn::pause_bytes(&self.cfg) / 2
+                {
                     conn.read_paused = false;
                     self.again.push(id);
                 }

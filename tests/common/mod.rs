@@ -790,3 +790,42 @@ impl Http {
         self.try_read_response(false)
     }
 }
+
+// ---- Helpers for per-address and memory tests ----------------------------------------------
+
+/// A TCP connection to `addr` whose client side is bound to the loopback address `src`
+/// (e.g. "127.0.0.2": all of 127.0.0.0/8 is loopback), so the server sees another client IP.
+#[track_caller]
+pub fn connect_from(addr: SocketAddr, src: &str) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let src: std::net::IpAddr = src.parse().expect("a source address");
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::new(src, 0).into())
+        .expect("bind the client side");
+    socket.connect(&addr.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream
+}
+
+impl Http {
+    /// A keep-alive client whose connection comes from the loopback address `src`.
+    pub fn connect_from(addr: SocketAddr, src: &str) -> Http {
+        Http {
+            stream: connect_from(addr, src),
+            buf: Vec::new(),
+        }
+    }
+}
+
+/// The resident memory of process `pid` in KiB (`VmRSS` in /proc/PID/status).
+#[track_caller]
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a VmRSS line")
+}
