@@ -111,9 +111,7 @@ fn ensure_room(hub: &Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Result<(), Repl
     }
 }
 
-pub const INDEX_HTML: &str = include_str!("web/index.html");
-pub const DOCS_HTML: &str = include_str!("web/docs.html");
-pub const OPENAPI_JSON: &str = include_str!("web/openapi.json");
+pub use crate::web::{DOCS_HTML, INDEX_HTML, OPENAPI_JSON};
 
 const ALLOW_GET: &str = "Allow: GET, HEAD, OPTIONS\r\n";
 const ALLOW_POST: &str = "Allow: POST, OPTIONS\r\n";

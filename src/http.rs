@@ -266,6 +266,9 @@ pub fn write_response_parts(
             body.len()
         );
     }
+    if r.content_type.starts_with("text/html") {
+        out.extend_from_slice(crate::web::html_headers().as_bytes());
+    }
     out.extend_from_slice(r.extra.as_bytes());
     if let Some(s) = r.retry_after {
         let _ = write!(out, "Retry-After: {s}\r\n");
@@ -286,8 +289,11 @@ pub fn write_response_parts(
     }
 }
 
-/// Headers on every response.
-const COMMON_HEADERS: &str = "\r\nAccess-Control-Allow-Origin: *\r\n";
+/// Headers on every response: CORS (browsers may read `Retry-After` and `WWW-Authenticate`
+/// too, so a web client can honour a 429 or tell a 401's cause) and no MIME sniffing.
+const COMMON_HEADERS: &str = "\r\nAccess-Control-Allow-Origin: *\r\n\
+Access-Control-Expose-Headers: Retry-After, WWW-Authenticate\r\n\
+X-Content-Type-Options: nosniff\r\n";
 
 /// The CORS preflight answer's extra headers.
 pub const PREFLIGHT: &str = "Access-Control-Allow-Methods: GET, POST, DELETE, HEAD, OPTIONS\r\n\

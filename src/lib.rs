@@ -21,6 +21,7 @@ pub mod server;
 pub mod throttle;
 pub mod time;
 pub mod timer;
+pub mod web;
 pub mod ws;
 
 /// The crate version, as in `Cargo.toml`.

@@ -272,3 +272,128 @@ fn websocket_upgrades_are_accepted_from_any_origin() {
         assert_eq!(v["type"], "welcome", "{v}");
     }
 }
+
+#[test]
+fn every_answer_says_nosniff_and_lets_browsers_read_retry_after_and_www_authenticate() {
+    let s = Server::start(&["--create-rate", "2"]);
+    let (sid, _) = s.session("alice");
+    let room = s.room(&sid); // the budget of 2 is spent: the next create is a 429
+    let auth = bearer(&sid);
+    // The 429s first, while the budget is spent (it refills at 2 per second).
+    let cases: Vec<Case> = vec![
+        (
+            429,
+            "POST",
+            "/rooms".into(),
+            vec![("Authorization", &auth)],
+            None,
+        ),
+        (429, "GET", format!("/rooms/{room}"), vec![], None),
+        (200, "GET", "/health".into(), vec![], None),
+        (200, "GET", "/".into(), vec![], None),
+        (200, "GET", "/openapi.json".into(), vec![], None),
+        (200, "HEAD", "/docs".into(), vec![], None),
+        (204, "OPTIONS", "/sessions".into(), vec![], None),
+        (401, "GET", "/sessions/me".into(), vec![], None),
+        (404, "GET", "/nope".into(), vec![], None),
+    ];
+    for (want, method, path, headers, body) in cases {
+        let r = s.http().request(method, &path, &headers, body);
+        assert_eq!(r.status, want, "{method} {path}: {}", r.text());
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{method} {path}: {:?}",
+            r.headers
+        );
+        let exposed = list(
+            r.header("access-control-expose-headers")
+                .unwrap_or_else(|| panic!("{method} {path}: no Expose-Headers")),
+        );
+        for h in ["retry-after", "www-authenticate"] {
+            assert!(
+                exposed.iter().any(|x| x == h),
+                "{method} {path}: {exposed:?}"
+            );
+        }
+        if want == 429 {
+            assert!(r.header("retry-after").is_some(), "{method} {path}");
+        }
+        if want == 401 {
+            assert!(r.header("www-authenticate").is_some(), "{method} {path}");
+        }
+    }
+}
+
+/// The text of the first inline `<tag>` element of a page.
+fn inline(page: &str, tag: &str) -> String {
+    let start = page.find(&format!("<{tag}>")).expect("an inline element") + tag.len() + 2;
+    let end = start + page[start..].find(&format!("</{tag}>")).expect("its end");
+    page[start..end].to_string()
+}
+
+#[test]
+fn html_pages_get_a_strict_content_security_policy_and_cannot_be_framed() {
+    use sha2::{Digest, Sha256};
+    let s = Server::start(&[]);
+    for path in ["/", "/docs"] {
+        let r = s.http().get(path, None);
+        assert_eq!(r.status, 200);
+        assert!(r.header("content-type").unwrap().starts_with("text/html"));
+        assert_eq!(r.header("x-frame-options"), Some("DENY"), "{path}");
+        let csp = r
+            .header("content-security-policy")
+            .unwrap_or_else(|| panic!("{path}: no Content-Security-Policy in {:?}", r.headers));
+        let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
+        for d in [
+            "default-src 'none'",
+            "frame-ancestors 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "connect-src 'self'",
+            "img-src data:",
+        ] {
+            assert!(directives.contains(&d), "{path}: {d:?} missing in {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: {csp}");
+        assert!(
+            !csp.contains("http"),
+            "{path}: no other origin is needed: {csp}"
+        );
+        // The page's own inline script and style are allowed by hash, and only by hash.
+        let page = r.text();
+        for (tag, directive) in [("script", "script-src"), ("style", "style-src")] {
+            let hash = Sha256::digest(inline(&page, tag).as_bytes());
+            let want = format!("'sha256-{}'", base64(&hash));
+            let d = directives
+                .iter()
+                .find(|d| d.starts_with(directive))
+                .unwrap_or_else(|| panic!("{path}: no {directive} in {csp}"));
+            assert!(d.contains(&want), "{path}: {directive} lacks {want}: {csp}");
+            assert!(
+                d.split(' ').skip(1).all(|s| s.starts_with("'sha256-")),
+                "{path}: {d}"
+            );
+        }
+        // HEAD says the same.
+        let h = s.http().request("HEAD", path, &[], None);
+        assert_eq!(h.header("content-security-policy"), Some(csp));
+    }
+    // JSON answers are not pages: no policy needed there.
+    let r = s.http().get("/health", None);
+    assert!(r.header("content-security-policy").is_none());
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in bytes.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=c.len() {
+            s.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+        s.extend(std::iter::repeat_n('=', 3 - c.len()));
+    }
+    s
+}
