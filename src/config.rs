@@ -16,6 +16,7 @@ use crate::time::Micros;
 pub struct Config {
     pub host: String,
     pub port: u16,
+    pub trusted_proxy: crate::proxy::Trusted,
     pub room_ttl: Micros,
     pub session_ttl: Micros,
     pub history: usize,
@@ -115,6 +116,16 @@ pub const OPTIONS: &[Opt] = &[
             c.port = v
                 .parse()
                 .map_err(|_| "expected a port number 0..65535".to_string())?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "trusted-proxy",
+        ["CHATLOOP_TRUSTED_PROXY"],
+        "",
+        "comma-separated CIDRs of reverse proxies (10.0.0.0/8,2001:db8::/32): their PROXY protocol header (v1/v2) or X-Forwarded-For names the client address used for per-IP limits and logs; off when empty",
+        |c, v| {
+            c.trusted_proxy = crate::proxy::Trusted::parse(v)?;
             Ok(())
         }
     ),
@@ -444,6 +455,7 @@ impl Default for Config {
         let mut c = Config {
             host: String::new(),
             port: 0,
+            trusted_proxy: crate::proxy::Trusted::default(),
             room_ttl: Micros::ZERO,
             session_ttl: Micros::ZERO,
             history: 0,
@@ -710,6 +722,22 @@ mod tests {
         let c = run(&["--port=0", "--no-room-list"], &[("PORT", "9000")]).unwrap();
         assert_eq!(c.port, 0);
         assert!(c.no_room_list);
+    }
+
+    #[test]
+    fn trusted_proxy_takes_cidrs_from_the_flag_or_the_environment() {
+        assert!(run(&[], &[]).unwrap().trusted_proxy.is_empty());
+        let c = run(&["--trusted-proxy", "10.0.0.0/8, ::1"], &[]).unwrap();
+        assert!(c.trusted_proxy.contains("10.2.3.4".parse().unwrap()));
+        assert!(c.trusted_proxy.contains("::1".parse().unwrap()));
+        assert!(!c.trusted_proxy.contains("127.0.0.1".parse().unwrap()));
+        let c = run(&[], &[("CHATLOOP_TRUSTED_PROXY", "127.0.0.1")]).unwrap();
+        assert!(c.trusted_proxy.contains("127.0.0.1".parse().unwrap()));
+        let e = run(&["--trusted-proxy", "10.0.0.1/8"], &[]).unwrap_err();
+        assert!(
+            e.0.contains("--trusted-proxy") && e.0.contains("10.0.0.0/8"),
+            "{e}"
+        );
     }
 
     #[test]

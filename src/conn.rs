@@ -17,6 +17,7 @@ use crate::ids::{RoomId, SessionId};
 use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox, Queue};
 use crate::protocol::{self, FrameBuf};
+use crate::proxy;
 use crate::ratelimit::CreateLimiter;
 use crate::throttle::{Event, LogThrottle};
 use crate::time::{Micros, Now};
@@ -39,7 +40,17 @@ pub struct Conn {
     pub stream: TcpStream,
     /// Tells this connection from an earlier one in the same slab slot (for stale timers).
     pub serial: u32,
+    /// The socket's remote address.
     pub peer: IpAddr,
+    /// The client's address, for per-IP limits and logs: the peer's, unless the peer is a
+    /// trusted proxy (`--trusted-proxy`) that named another (PROXY header, X-Forwarded-For).
+    pub client: IpAddr,
+    /// The peer is in `--trusted-proxy`.
+    pub trusted: bool,
+    /// The connection may still begin with a PROXY protocol header (nothing read yet).
+    pub proxy_expected: bool,
+    /// It began with one: that header, not `X-Forwarded-For`, names the client.
+    pub proxied: bool,
     pub state: State,
     /// Bytes of an incomplete request or frame; empty (unallocated) otherwise.
     pub inbuf: Vec<u8>,
@@ -132,6 +143,7 @@ impl Conn {
         stream: TcpStream,
         serial: u32,
         peer: IpAddr,
+        trusted: bool,
         now: Micros,
         over_limit: bool,
     ) -> Conn {
@@ -139,6 +151,10 @@ impl Conn {
             stream,
             serial,
             peer,
+            client: peer,
+            trusted,
+            proxy_expected: true,
+            proxied: false,
             state: State::Http {
                 busy_since: Some(now),
                 idle_since: now,
@@ -190,6 +206,12 @@ impl Conn {
     pub fn on_bytes(&mut self, id: ConnId, data: &mut [u8], ctx: &mut Ctx<'_>) -> usize {
         let mut pos = 0;
         self.unanswered = false;
+        if self.proxy_expected {
+            match self.proxy_header(id, data, ctx) {
+                Some(n) => pos = n,
+                None => return 0, // incomplete: wait for the rest (the request timeout runs)
+            }
+        }
         while pos < data.len() {
             let used = match self.state {
                 State::Http { .. } if self.out.bytes() > pause_bytes(ctx.cfg) => {
@@ -268,7 +290,7 @@ impl Conn {
                     now,
                     info,
                     "request timeout: {} did not finish its request in time (408)",
-                    self.peer
+                    self.client
                 );
                 let r = Response::error(
                     408,
@@ -312,7 +334,7 @@ impl Conn {
                     ctx.now.mono,
                     info,
                     "limit hit: {} closed with 1008 ({reason})",
-                    self.peer
+                    self.client
                 );
             }
             *ctx.websockets -= 1;
@@ -352,6 +374,36 @@ impl Conn {
 
     // ---- HTTP -----------------------------------------------------------------------
 
+    /// A PROXY protocol header at the start of the connection: from a trusted proxy it names
+    /// the client; from anyone else, or malformed, it is a bad request. Returns the bytes it
+    /// used, `None` while it is incomplete.
+    fn proxy_header(&mut self, id: ConnId, data: &[u8], ctx: &mut Ctx<'_>) -> Option<usize> {
+        let why = match proxy::parse_header(data) {
+            Ok(proxy::Header::Partial) => return None,
+            Ok(proxy::Header::Absent) => {
+                self.proxy_expected = false;
+                return Some(0);
+            }
+            Ok(proxy::Header::Complete { len, client }) if self.trusted => {
+                self.proxy_expected = false;
+                self.proxied = true;
+                if let Some(c) = client {
+                    self.client = c;
+                }
+                return Some(len);
+            }
+            Ok(proxy::Header::Complete { .. }) => {
+                "PROXY protocol header from an address that is not a trusted proxy"
+            }
+            Err(proxy::Invalid(why)) => why,
+        };
+        self.proxy_expected = false;
+        log::debug!("conn {} from {}: {why}", id.0, self.peer);
+        let r = Response::error(400, why).closing();
+        self.respond(id, &r, false, false, ctx);
+        Some(data.len())
+    }
+
     fn http_step(&mut self, id: ConnId, data: &[u8], ctx: &mut Ctx<'_>) -> Option<usize> {
         let cfg = ctx.cfg;
         let (req, head_len) = match http::parse(data, cfg.max_request_head, cfg.max_request_body) {
@@ -383,6 +435,11 @@ impl Conn {
         }
         let body = &data[head_len..total];
         let head = req.method == http::Method::Head;
+        if self.trusted && !self.proxied {
+            // Behind an HTTP proxy: each request says whom it is from.
+            self.client = proxy::forwarded_client(req.forwarded_for.values(), &cfg.trusted_proxy)
+                .unwrap_or(self.peer);
+        }
         if self.over_limit {
             let r = Response::error(503, "Server is at its connection limit; try again later")
                 .closing();
@@ -394,7 +451,7 @@ impl Conn {
             now: ctx.now,
             no_room_list: cfg.no_room_list,
             echo_path: cfg.echo_path.as_deref(),
-            peer: self.peer,
+            peer: self.client,
             limiter: ctx.limiter,
             cluster: ctx.cluster.as_mut().map(|c| ClusterReq {
                 up: c.up,
@@ -525,7 +582,7 @@ impl Conn {
                 "limit hit: {} {} for {}",
                 r.status,
                 http::reason(r.status),
-                self.peer
+                self.client
             );
         }
         let mut out = Vec::with_capacity(320 + r.content_type.len());
@@ -590,7 +647,7 @@ impl Conn {
                         ctx.now.mono,
                         info,
                         "limit hit: {} sent a message over --max-ws-message (1009)",
-                        self.peer
+                        self.client
                     );
                 } else {
                     log::debug!("conn {} WebSocket protocol error {code}: {reason}", id.0);

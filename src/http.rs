@@ -33,6 +33,35 @@ pub struct Request<'a> {
     pub ws_key: Option<&'a [u8]>,
     pub ws_version: Option<&'a [u8]>,
     pub expect_continue: bool,
+    /// `X-Forwarded-For` values, in order (the last [`MAX_FORWARDED`] header lines).
+    pub forwarded_for: Forwarded<'a>,
+}
+
+/// `X-Forwarded-For` header lines kept per request. The client's address is found walking
+/// from the right (`proxy::forwarded_client`), so only the last lines matter.
+pub const MAX_FORWARDED: usize = 8;
+
+/// A request's `X-Forwarded-For` values, without allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forwarded<'a> {
+    values: [&'a [u8]; MAX_FORWARDED],
+    len: usize,
+}
+
+impl<'a> Forwarded<'a> {
+    fn push(&mut self, v: &'a [u8]) {
+        if self.len == MAX_FORWARDED {
+            self.values.rotate_left(1);
+            self.len -= 1;
+        }
+        self.values[self.len] = v;
+        self.len += 1;
+    }
+
+    /// The values in header order.
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &'a [u8]> + '_ {
+        self.values[..self.len].iter().copied()
+    }
 }
 
 /// A request that cannot be served; the connection is answered and closed.
@@ -111,6 +140,7 @@ pub fn parse(
         ws_key: None,
         ws_version: None,
         expect_continue: false,
+        forwarded_for: Forwarded::default(),
     };
     let mut seen_length: Option<usize> = None;
     for h in req.headers.iter() {
@@ -147,6 +177,8 @@ pub fn parse(
             r.ws_version = Some(v.trim_ascii());
         } else if name.eq_ignore_ascii_case("expect") {
             r.expect_continue = v.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            r.forwarded_for.push(v);
         }
     }
     r.content_length = seen_length.unwrap_or(0);
@@ -350,6 +382,35 @@ mod tests {
         assert_eq!(r.authorization, Some(&b"Bearer t"[..]));
         assert!(r.keep_alive);
         assert_eq!(&raw[n..], b"hello");
+    }
+
+    #[test]
+    fn x_forwarded_for_lines_are_kept_in_order_the_last_eight() {
+        let (r, _) = ok(b"GET / HTTP/1.1\r\nX-Forwarded-For: 1.1.1.1, 2.2.2.2\r\nx-forwarded-for: 3.3.3.3\r\n\r\n");
+        let v: Vec<&[u8]> = r.forwarded_for.values().collect();
+        assert_eq!(v, [&b"1.1.1.1, 2.2.2.2"[..], b"3.3.3.3"]);
+        let mut raw = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..12 {
+            raw.extend_from_slice(format!("X-Forwarded-For: 10.0.0.{i}\r\n").as_bytes());
+        }
+        raw.extend_from_slice(b"\r\n");
+        let (r, _) = ok(&raw);
+        let v: Vec<String> = r
+            .forwarded_for
+            .values()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        assert_eq!(v.len(), MAX_FORWARDED);
+        assert_eq!(v.first().map(String::as_str), Some("10.0.0.4"));
+        assert_eq!(v.last().map(String::as_str), Some("10.0.0.11"));
+        assert_eq!(
+            ok(b"GET / HTTP/1.1\r\n\r\n")
+                .0
+                .forwarded_for
+                .values()
+                .count(),
+            0
+        );
     }
 
     #[test]

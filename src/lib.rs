@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod proxy;
 pub mod ratelimit;
 pub mod server;
 pub mod throttle;

@@ -363,7 +363,9 @@ impl Server {
                             self.cfg.max_connections
                         );
                     }
-                    entry.insert(Conn::new(stream, self.serial, peer.ip(), now.mono, over));
+                    let trusted = self.cfg.trusted_proxy.contains(peer.ip());
+                    let conn = Conn::new(stream, self.serial, peer.ip(), trusted, now.mono, over);
+                    entry.insert(conn);
                     self.arm(id);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -552,7 +554,7 @@ impl Server {
                     now.mono,
                     info,
                     "closing slow consumer {} (conn {id}){}: {} bytes unsent",
-                    conn.peer,
+                    conn.client,
                     if ws { " with 1013" } else { "" },
                     conn.out.bytes()
                 );
