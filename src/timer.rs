@@ -1,4 +1,5 @@
-//! Timer wheel: every deadline in the server in one place, with O(1) arming and O(levels) polling.
+//! Timer wheel: every deadline in the server in one place, with O(1) arming and cancelling and
+//! O(levels) polling.
 //!
 //! A hierarchical hashed wheel after tokio's `runtime/time/wheel`, simplified: one tick is 1 ms,
 //! and there are 6 levels of 64 slots, so a slot on level `n` spans `64^n` ticks and the whole
@@ -12,37 +13,53 @@
 //! - A deadline that has already passed fires on the next [`Wheel::advance`].
 //! - A deadline more than `64^6 - 1` ms ahead is clamped to that and fires early. Owners must
 //!   check their own deadline when an item fires, and re-arm if it's still in the future.
-//! - There is no cancel. Cancelling is lazy and is the owners' job: put a generation number in
-//!   `T`, bump it to cancel or re-arm, and ignore items whose generation is stale. Stale items
-//!   still count in [`Wheel::len`] until they fire.
+//! - Entries live in a slab behind the wheel; each slot is a doubly linked list threaded through
+//!   the slab (FIFO, so items due in the same tick fire in the order they were armed).
+//!   [`Wheel::arm`] returns a [`TimerId`] (slab index and generation), and [`Wheel::cancel`]
+//!   unlinks and frees the entry in O(1). Freed entries are reused before the slab grows, so
+//!   the wheel's memory is its peak number of live timers, never the number ever armed. Every
+//!   free bumps the entry's generation: an id whose timer already fired or was cancelled is
+//!   recognised as stale and cancelling it does nothing, even once its entry holds another
+//!   timer. [`Wheel::len`] counts live timers only.
+//! - Owners that keep an id must forget it (or let it go stale) when its item fires. Timers
+//!   that no longer matter are cancelled, so an idle loop sleeps until its next real deadline.
 //!
 //! ```
 //! use chatloop::time::Micros;
 //! use chatloop::timer::Wheel;
 //!
-//! let mut idle_gen = 0u32; // the connection's current idle-timer generation
 //! let mut wheel = Wheel::new();
-//! wheel.arm(Micros::from_secs(30), (7usize, idle_gen)); // (connection id, generation)
-//! idle_gen += 1; // activity: the armed timer is now stale...
-//! wheel.arm(Micros::from_secs(45), (7, idle_gen)); // ...and a new one replaces it
+//! let idle = wheel.arm(Micros::from_secs(30), 7usize); // connection 7's idle timeout
+//! // Activity: cancel the armed timer and arm a new one.
+//! assert_eq!(wheel.cancel(idle), Some(7));
+//! let idle = wheel.arm(Micros::from_secs(45), 7);
+//! assert_eq!(wheel.len(), 1);
 //!
 //! let mut fired = Vec::new();
 //! wheel.advance(Micros::from_secs(45), &mut fired);
-//! assert_eq!(fired, [(7, 0), (7, 1)]);
-//! fired.retain(|&(_, generation)| generation == idle_gen);
-//! assert_eq!(fired, [(7, 1)]);
+//! assert_eq!(fired, [7]);
+//! assert_eq!(wheel.cancel(idle), None, "it fired: the id is stale");
+//! assert!(wheel.is_empty());
 //! ```
 
-use std::mem;
-
 use crate::time::Micros;
+
+/// Names one armed timer, for [`Wheel::cancel`]. Stale once the timer fired or was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TimerId {
+    index: u32,
+    generation: u32,
+}
 
 /// A hierarchical timer wheel of `T`s, each armed for a deadline.
 #[derive(Debug)]
 pub struct Wheel<T> {
     /// The current tick (ms). Every stored deadline is at or after it.
     elapsed: u64,
-    levels: [Level<T>; LEVELS],
+    levels: [Level; LEVELS],
+    /// Every entry, armed or free. Free entries form a list through `next`.
+    nodes: Vec<Node<T>>,
+    free: u32,
     len: usize,
 }
 
@@ -52,16 +69,64 @@ impl<T: Copy> Wheel<T> {
         Wheel {
             elapsed: 0,
             levels: std::array::from_fn(|_| Level::new()),
+            nodes: Vec::new(),
+            free: NIL,
             len: 0,
         }
     }
 
     /// Arms `item` to fire at `deadline`, rounded up to the next whole ms. O(1).
-    pub fn arm(&mut self, deadline: Micros, item: T) {
+    pub fn arm(&mut self, deadline: Micros, item: T) -> TimerId {
         let tick = deadline.0.div_ceil(TICK_MICROS);
         let tick = tick.clamp(self.elapsed, self.elapsed + MAX_SPAN);
-        self.insert(Entry { tick, item });
+        let index = if self.free == NIL {
+            let index = u32::try_from(self.nodes.len())
+                .ok()
+                .filter(|&i| i != NIL)
+                .expect("fewer than 2^32 - 1 timers");
+            self.nodes.push(Node {
+                tick,
+                item,
+                prev: NIL,
+                next: NIL,
+                generation: 0,
+                place: FREE,
+            });
+            index
+        } else {
+            let index = self.free;
+            let node = &mut self.nodes[index as usize];
+            self.free = node.next;
+            node.tick = tick;
+            node.item = item;
+            index
+        };
+        self.insert(index);
         self.len += 1;
+        TimerId {
+            index,
+            generation: self.nodes[index as usize].generation,
+        }
+    }
+
+    /// Disarms a timer and returns its item; `None` (doing nothing) when the id is stale
+    /// because the timer already fired or was cancelled. O(1).
+    pub fn cancel(&mut self, id: TimerId) -> Option<T> {
+        let node = self.nodes.get(id.index as usize)?;
+        if node.generation != id.generation || node.place == FREE {
+            return None;
+        }
+        let item = node.item;
+        self.unlink(id.index);
+        self.release(id.index);
+        Some(item)
+    }
+
+    /// The (rounded) deadline of an armed timer; `None` for a stale id.
+    pub fn deadline(&self, id: TimerId) -> Option<Micros> {
+        let node = self.nodes.get(id.index as usize)?;
+        (node.generation == id.generation && node.place != FREE)
+            .then(|| Micros(node.tick.saturating_mul(TICK_MICROS)))
     }
 
     /// Returns when `advance` next has work to do: either an item fires or a slot cascades.
@@ -74,34 +139,38 @@ impl<T: Copy> Wheel<T> {
     }
 
     /// Moves the clock to `now` and appends to `out` every item whose rounded deadline is at or
-    /// before `now`, in deadline order. A `now` earlier than the wheel's clock moves nothing
-    /// but still yields the items that are due.
+    /// before `now`, in deadline order (items due in the same tick in the order they were
+    /// armed). A `now` earlier than the wheel's clock moves nothing but still yields the items
+    /// that are due. The ids of the items yielded are stale from now on.
     pub fn advance(&mut self, now: Micros, out: &mut Vec<T>) {
         let now = (now.0 / TICK_MICROS).max(self.elapsed);
         while let Some(exp) = self.next_expiration().filter(|exp| exp.tick <= now) {
             self.elapsed = exp.tick;
             let level = &mut self.levels[exp.level];
             level.occupied &= !(1 << exp.slot);
-            // Take the Vec, then put it back empty, so it keeps its capacity.
-            let mut entries = mem::take(&mut level.slots[exp.slot]);
-            if exp.level == 0 {
-                // A level-0 slot holds exactly one tick, the one that just came due.
-                self.len -= entries.len();
-                out.extend(entries.drain(..).map(|entry| entry.item));
-            } else {
-                // The entries now share a higher-level slot with `elapsed`, so every one
-                // re-lands on a lower level, never back in this slot.
-                for entry in entries.drain(..) {
-                    self.insert(entry);
+            // Detach the whole list; each entry then fires or re-lands on a lower level.
+            let mut at = std::mem::replace(&mut level.heads[exp.slot], NIL);
+            level.tails[exp.slot] = NIL;
+            while at != NIL {
+                let next = self.nodes[at as usize].next;
+                if exp.level == 0 {
+                    // A level-0 slot holds exactly one tick, the one that just came due.
+                    out.push(self.nodes[at as usize].item);
+                    self.release(at);
+                    self.len -= 1;
+                } else {
+                    // The entries now share a higher-level slot with `elapsed`, so every one
+                    // re-lands on a lower level, never back in this slot.
+                    self.insert(at);
                 }
+                at = next;
             }
-            debug_assert!(self.levels[exp.level].slots[exp.slot].is_empty());
-            self.levels[exp.level].slots[exp.slot] = entries;
+            debug_assert_eq!(self.levels[exp.level].heads[exp.slot], NIL);
         }
         self.elapsed = now;
     }
 
-    /// How many items are armed, including stale ones that their owners will ignore.
+    /// How many timers are armed (cancelled and fired ones are gone).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -110,23 +179,62 @@ impl<T: Copy> Wheel<T> {
         self.len == 0
     }
 
-    /// Total capacity of all slot Vecs. Tests use it to check that the steady state doesn't allocate.
+    /// Entries the slab has room for. Tests use it to check that the steady state doesn't
+    /// allocate and that cancelled entries are reused.
     #[cfg(test)]
     fn capacity(&self) -> usize {
-        self.levels
-            .iter()
-            .flat_map(|level| &level.slots)
-            .map(Vec::capacity)
-            .sum()
+        self.nodes.capacity()
     }
 
-    /// Stores `entry` (with `entry.tick >= self.elapsed`) on its level relative to `elapsed`.
-    fn insert(&mut self, entry: Entry<T>) {
-        let level = level_for(self.elapsed, entry.tick);
-        let slot = ((entry.tick >> (LEVEL_BITS * level)) & SLOT_MASK) as usize;
-        let level = &mut self.levels[level];
-        level.occupied |= 1 << slot;
-        level.slots[slot].push(entry);
+    /// Links armed entry `index` (with `tick >= self.elapsed`) at the tail of its slot's list,
+    /// on its level relative to `elapsed`.
+    fn insert(&mut self, index: u32) {
+        let tick = self.nodes[index as usize].tick;
+        let level = level_for(self.elapsed, tick);
+        let slot = ((tick >> (LEVEL_BITS * level)) & SLOT_MASK) as usize;
+        let l = &mut self.levels[level];
+        let tail = l.tails[slot];
+        l.occupied |= 1 << slot;
+        l.tails[slot] = index;
+        if tail == NIL {
+            l.heads[slot] = index;
+        } else {
+            self.nodes[tail as usize].next = index;
+        }
+        let node = &mut self.nodes[index as usize];
+        node.prev = tail;
+        node.next = NIL;
+        node.place = (level * SLOTS + slot) as u16;
+    }
+
+    /// Takes armed entry `index` out of its slot's list.
+    fn unlink(&mut self, index: u32) {
+        let Node {
+            prev, next, place, ..
+        } = self.nodes[index as usize];
+        let (level, slot) = (usize::from(place) / SLOTS, usize::from(place) % SLOTS);
+        match prev {
+            NIL => self.levels[level].heads[slot] = next,
+            p => self.nodes[p as usize].next = next,
+        }
+        match next {
+            NIL => self.levels[level].tails[slot] = prev,
+            n => self.nodes[n as usize].prev = prev,
+        }
+        if self.levels[level].heads[slot] == NIL {
+            self.levels[level].occupied &= !(1 << slot);
+        }
+        self.len -= 1;
+    }
+
+    /// Returns entry `index` (no longer in any list) to the free list; its ids go stale.
+    fn release(&mut self, index: u32) {
+        let node = &mut self.nodes[index as usize];
+        node.place = FREE;
+        node.generation = node.generation.wrapping_add(1);
+        node.prev = NIL;
+        node.next = self.free;
+        self.free = index;
     }
 
     /// The earliest slot that is due or must cascade, and the tick at which that happens.
@@ -174,28 +282,41 @@ const SLOT_MASK: u64 = SLOTS as u64 - 1;
 const LEVELS: usize = 6;
 /// The furthest ahead a deadline can be, in ticks: just under one turn of the top level.
 const MAX_SPAN: u64 = (1 << (LEVEL_BITS * LEVELS)) - 1;
+/// No entry: the end of a list.
+const NIL: u32 = u32::MAX;
+/// `Node::place` of an entry on the free list.
+const FREE: u16 = u16::MAX;
 
 #[derive(Debug)]
-struct Level<T> {
-    /// Bit `i` is set when `slots[i]` is non-empty.
+struct Level {
+    /// Bit `i` is set when slot `i`'s list is non-empty.
     occupied: u64,
-    slots: [Vec<Entry<T>>; SLOTS],
+    heads: [u32; SLOTS],
+    tails: [u32; SLOTS],
 }
 
-impl<T> Level<T> {
+impl Level {
     fn new() -> Self {
         Level {
             occupied: 0,
-            slots: std::array::from_fn(|_| Vec::new()),
+            heads: [NIL; SLOTS],
+            tails: [NIL; SLOTS],
         }
     }
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Entry<T> {
+struct Node<T> {
     /// The deadline in ticks, already rounded and clamped.
     tick: u64,
     item: T,
+    /// Neighbours in the slot's list; `next` links the free list for a free entry.
+    prev: u32,
+    next: u32,
+    /// Bumped each time the entry is freed, so old ids go stale.
+    generation: u32,
+    /// `level * SLOTS + slot` of an armed entry; `FREE` otherwise.
+    place: u16,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -474,6 +595,127 @@ mod tests {
     }
 
     #[test]
+    fn cancel_frees_the_entry_and_the_deadline_at_once() {
+        let mut wheel = Wheel::new();
+        let a = wheel.arm(ms(5), 'a');
+        let b = wheel.arm(ms(5), 'b');
+        let c = wheel.arm(ms(5), 'c');
+        let far = wheel.arm(ms(DAY), 'f');
+        assert_eq!(wheel.len(), 4);
+        assert_eq!(wheel.deadline(b), Some(ms(5)));
+        // The middle, the head and the tail of one slot's list.
+        assert_eq!(wheel.cancel(b), Some('b'));
+        assert_eq!(wheel.cancel(a), Some('a'));
+        assert_eq!(wheel.len(), 2);
+        assert_eq!(wheel.deadline(b), None);
+        assert_eq!(wheel.cancel(b), None, "cancelling twice does nothing");
+        let mut out = Vec::new();
+        wheel.advance(ms(5), &mut out);
+        assert_eq!(out, ['c']);
+        assert_eq!(wheel.cancel(c), None, "a fired timer's id is stale");
+        // Only the far timer is left; cancelling it leaves nothing to wake up for.
+        assert!(wheel.next_deadline().is_some_and(|d| d > ms(HOUR)));
+        assert_eq!(wheel.cancel(far), Some('f'));
+        assert_eq!((wheel.len(), wheel.next_deadline()), (0, None));
+        wheel.advance(ms(2 * DAY), &mut out);
+        assert_eq!(out, ['c'], "cancelled timers never fire");
+    }
+
+    #[test]
+    fn cancelling_on_every_level_leaves_no_wakeup_behind() {
+        for span in [1, 63, 64, 4095, 4096, HOUR, DAY, 30 * DAY, MAX_SPAN - 1] {
+            let origin = Micros(37_250);
+            let mut wheel = wheel_at(origin);
+            let keep = wheel.arm(origin + ms(span), 1);
+            let drop = wheel.arm(origin + ms(span), 2);
+            let other = wheel.arm(origin + ms(span / 2 + 1), 3);
+            assert_eq!(wheel.cancel(drop), Some(2));
+            assert_eq!(wheel.cancel(other), Some(3));
+            let (fired, _) = drive(&mut wheel);
+            assert_eq!(fired, [(1, ceil_ms(origin + ms(span)))], "span {span}");
+            assert_eq!(wheel.cancel(keep), None);
+            let id = wheel.arm(origin + ms(span), 4);
+            assert_eq!(wheel.cancel(id), Some(4));
+            assert_eq!(wheel.next_deadline(), None, "span {span}");
+        }
+    }
+
+    #[test]
+    fn rearming_moves_a_deadline_either_way() {
+        let mut wheel = Wheel::new();
+        let mut out = Vec::new();
+        // A request timeout at 10 s replaced by a ping deadline at 30 s: nothing wakes at 10 s.
+        let t = wheel.arm(ms(10 * SEC), "request");
+        wheel.cancel(t);
+        let t = wheel.arm(ms(30 * SEC), "ping");
+        assert_eq!(wheel.deadline(t), Some(ms(30 * SEC)));
+        let mut wakeups = 0;
+        while let Some(now) = wheel.next_deadline().filter(|&d| d < ms(30 * SEC)) {
+            wheel.advance(now, &mut out);
+            wakeups += 1;
+        }
+        assert!(out.is_empty() && wakeups <= LEVELS, "{wakeups} cascades");
+        // And earlier again.
+        wheel.cancel(t);
+        let t = wheel.arm(ms(29 * SEC), "close");
+        wheel.advance(ms(29 * SEC), &mut out);
+        assert_eq!(out, ["close"]);
+        assert_eq!(wheel.deadline(t), None);
+        assert!(wheel.is_empty());
+    }
+
+    #[test]
+    fn a_freed_entry_is_reused_and_its_old_id_stays_stale() {
+        let mut wheel = Wheel::new();
+        let old = wheel.arm(ms(100), "old");
+        assert_eq!(wheel.cancel(old), Some("old"));
+        let new = wheel.arm(ms(200), "new");
+        assert_eq!(new.index, old.index, "the freed entry is reused");
+        assert_ne!(new.generation, old.generation);
+        assert_eq!(
+            wheel.cancel(old),
+            None,
+            "the old id cannot cancel the new timer"
+        );
+        assert_eq!(wheel.deadline(old), None);
+        assert_eq!(wheel.len(), 1);
+        // The same after firing.
+        let mut out = Vec::new();
+        wheel.advance(ms(200), &mut out);
+        assert_eq!(out, ["new"]);
+        let newer = wheel.arm(ms(300), "newer");
+        assert_eq!(newer.index, new.index);
+        assert_eq!(wheel.cancel(new), None);
+        assert_eq!(wheel.cancel(old), None);
+        assert_eq!(wheel.cancel(newer), Some("newer"));
+        // An id from another wheel's bigger slab is simply unknown here.
+        let foreign = TimerId {
+            index: 1000,
+            generation: 0,
+        };
+        assert_eq!(wheel.cancel(foreign), None);
+    }
+
+    #[test]
+    fn arm_and_cancel_cycles_keep_memory_flat() {
+        // A session created and ended 100 000 times: one entry, reused each time.
+        let mut wheel = Wheel::new();
+        let resident = wheel.arm(ms(DAY), u32::MAX);
+        let mut out = Vec::new();
+        for i in 0..100_000u32 {
+            let now = ms(u64::from(i));
+            wheel.advance(now, &mut out);
+            let id = wheel.arm(now + ms(DAY), i);
+            assert_eq!(wheel.len(), 2);
+            assert_eq!(wheel.cancel(id), Some(i));
+        }
+        assert!(out.is_empty());
+        assert_eq!(wheel.len(), 1);
+        assert!(wheel.capacity() <= 4, "capacity {}", wheel.capacity());
+        assert_eq!(wheel.cancel(resident), Some(u32::MAX));
+    }
+
+    #[test]
     fn steady_state_does_not_grow_slot_capacity() {
         // Each round arms the same timers (within 60 s) at a start time that's a multiple of
         // 64^3 ms, so every round uses the same slots. After the first round warms them up,
@@ -575,5 +817,62 @@ mod tests {
         }
         assert!(fired.iter().all(|&f| f) && wheel.is_empty());
         assert!(deadlines.len() > 10_000, "only {} timers", deadlines.len());
+    }
+
+    #[test]
+    fn randomized_arm_cancel_and_fire_agree_with_a_model() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut wheel = Wheel::new();
+        let mut live: Vec<(TimerId, usize)> = Vec::new();
+        let mut pending = BTreeSet::new(); // (rounded deadline, id)
+        let mut deadlines: Vec<Micros> = Vec::new();
+        let mut stale: Vec<TimerId> = Vec::new();
+        let mut out = Vec::new();
+        let mut now = Micros(rng.below(1 << 40));
+        let mut peak = 0;
+        wheel.advance(now, &mut out);
+        for _ in 0..40_000 {
+            match rng.below(4) {
+                0 | 1 => {
+                    let deadline = now + Micros(rng.span(DAY));
+                    let id = deadlines.len();
+                    deadlines.push(deadline);
+                    pending.insert((ceil_ms(deadline), id));
+                    live.push((wheel.arm(deadline, id), id));
+                }
+                2 if !live.is_empty() => {
+                    let (tid, id) = live.swap_remove(rng.below(live.len() as u64) as usize);
+                    assert_eq!(wheel.cancel(tid), Some(id));
+                    assert!(pending.remove(&(ceil_ms(deadlines[id]), id)));
+                    stale.push(tid);
+                }
+                _ => {
+                    now = now + Micros(rng.span(4096));
+                    wheel.advance(now, &mut out);
+                    for id in out.drain(..) {
+                        assert!(deadlines[id] <= now, "item {id} fired early");
+                        assert!(pending.remove(&(ceil_ms(deadlines[id]), id)), "{id} twice");
+                        let i = live.iter().position(|&(_, l)| l == id).unwrap();
+                        stale.push(live.swap_remove(i).0);
+                    }
+                    assert!(pending.first().is_none_or(|&(d, _)| d > now), "item late");
+                }
+            }
+            // A stale id never cancels anything, whatever now lives in its entry.
+            if let Some(&old) = stale.get(rng.below(stale.len() as u64 + 1) as usize) {
+                assert_eq!(wheel.cancel(old), None);
+            }
+            assert_eq!(wheel.len(), pending.len());
+            peak = peak.max(wheel.len());
+        }
+        assert!(
+            wheel.nodes.len() <= peak,
+            "{} entries for a peak of {peak} live timers",
+            wheel.nodes.len()
+        );
+        for (tid, id) in live.drain(..) {
+            assert_eq!(wheel.cancel(tid), Some(id));
+        }
+        assert_eq!((wheel.len(), wheel.next_deadline()), (0, None));
     }
 }
