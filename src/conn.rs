@@ -21,6 +21,7 @@ use crate::proxy;
 use crate::ratelimit::CreateLimiter;
 use crate::throttle::{Event, LogThrottle};
 use crate::time::{Micros, Now};
+use crate::timer::TimerId;
 use crate::ws::{self, CloseWith, Step, WsEvent, WsState};
 
 /// How long a closing connection may take to flush and hear the peer's FIN.
@@ -57,7 +58,9 @@ pub struct Conn {
     pub out: Queue,
     /// Already in this iteration's flush list.
     pub dirty: bool,
-    /// The deadline a timer is armed for, `Micros::MAX` if none.
+    /// The connection's timer in the loop's wheel, and the deadline it is armed for
+    /// (`Micros::MAX` if none).
+    pub timer: Option<TimerId>,
     pub timer_at: Micros,
     /// Close (shutdown, then linger) once the queue is empty.
     pub close_after_flush: bool,
@@ -163,6 +166,7 @@ impl Conn {
             inbuf: Vec::new(),
             out: Queue::default(),
             dirty: false,
+            timer: None,
             timer_at: Micros::MAX,
             close_after_flush: false,
             over_limit,

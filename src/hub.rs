@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::ids::{MsgId, MsgIdGen, RoomId, SecureRandom, SessionId, UserId};
 use crate::protocol::{self, ClientMsg, Frame, FrameBuf, Who};
 use crate::time::{Micros, Now};
-use crate::timer::Wheel;
+use crate::timer::{TimerId, Wheel};
 
 /// Which connection (the event loop's slab index).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,7 +117,6 @@ pub struct Hub {
     frame: FrameBuf,
     random: SecureRandom,
     ids: MsgIdGen,
-    next_gen: u32,
     members: usize,
     messages: u64,
     rate_limited: u64,
@@ -144,6 +143,10 @@ struct Session {
     /// Open WebSockets of this session, with their room.
     conns: Vec<(ConnId, RoomId)>,
     last_used: Micros,
+    /// The expiry timer: always armed, for the creation time (or a later last use) plus the
+    /// TTL. Use does not move it (that would touch the wheel on every request): when it fires
+    /// early it is armed again for the session's real deadline.
+    expiry: TimerId,
     bucket: Bucket,
     /// Chat messages refused in a row for the rate limit.
     strikes: u32,
@@ -153,7 +156,8 @@ struct Room {
     members: Vec<Member>,
     history: VecDeque<Stored>,
     empty_since: Micros,
-    expiry_gen: u32,
+    /// The expiry timer, armed while the room has no member (cancelled when one connects).
+    expiry: Option<TimerId>,
     /// `history` is complete and current. Always in single-node mode; in cluster mode while
     /// this node is subscribed to the room (it has members here).
     live: bool,
@@ -200,7 +204,8 @@ struct Member {
     /// When the member stops counting as typing; `None` when not typing.
     typing_until: Option<Micros>,
     typing_sent: Micros,
-    typing_gen: u32,
+    /// The `typing_stopped` timer, armed while typing.
+    typing_timer: Option<TimerId>,
     typing_window: Micros,
     typing_count: u32,
 }
@@ -212,9 +217,9 @@ struct Stored {
 
 #[derive(Debug, Clone, Copy)]
 enum Timer {
-    Room(RoomId, u32),
+    Room(RoomId),
     Session(SessionId),
-    Typing(RoomId, ConnId, u32),
+    Typing(RoomId, ConnId),
 }
 
 /// A token bucket in micro-tokens: `rate` tokens per second, at most `burst`.
@@ -240,7 +245,6 @@ impl Hub {
             frame: FrameBuf::default(),
             random,
             ids: MsgIdGen::new(seed),
-            next_gen: 0,
             members: 0,
             messages: 0,
             rate_limited: 0,
@@ -509,7 +513,9 @@ impl Hub {
             self.actions
                 .push(Action::Close(conn, 1000, "session ended"));
         }
-        self.sessions.remove(&id);
+        if let Some(s) = self.sessions.remove(&id) {
+            self.wheel.cancel(s.expiry);
+        }
     }
 
     // ---- rooms ----------------------------------------------------------------------
@@ -633,9 +639,10 @@ impl Hub {
         s.conns.push((conn, room_id));
         s.last_used = now.mono;
         let (user, user_id) = (s.username.clone(), s.user_id);
-        let g = self.bump_generation();
         let room = self.rooms.get_mut(&room_id).ok_or(HubError::RoomNotFound)?;
-        room.expiry_gen = g; // cancels a pending expiry
+        if let Some(t) = room.expiry.take() {
+            self.wheel.cancel(t); // occupied rooms do not expire
+        }
         room.members.push(Member {
             conn,
             session,
@@ -643,7 +650,7 @@ impl Hub {
             user_id,
             typing_until: None,
             typing_sent: Micros::ZERO,
-            typing_gen: 0,
+            typing_timer: None,
             typing_window: Micros::ZERO,
             typing_count: 0,
         });
@@ -719,11 +726,16 @@ impl Hub {
                 room.history = VecDeque::new();
             }
             room.empty_since = now.mono;
-            let g = self.next_gen.wrapping_add(1);
-            self.next_gen = g;
-            room.expiry_gen = g;
-            self.wheel
-                .arm(now.mono + self.cfg.room_ttl, Timer::Room(room_id, g));
+            let due = now.mono + self.cfg.room_ttl;
+            if let Some(t) = room
+                .expiry
+                .replace(self.wheel.arm(due, Timer::Room(room_id)))
+            {
+                self.wheel.cancel(t);
+            }
+        }
+        if let Some(t) = m.typing_timer {
+            self.wheel.cancel(t);
         }
         if let Some(s) = self.sessions.get_mut(&m.session) {
             s.conns.retain(|(c, _)| *c != conn);
@@ -779,9 +791,9 @@ impl Hub {
         self.wheel.advance(now.mono, &mut fired);
         for t in fired.drain(..) {
             match t {
-                Timer::Room(id, g) => self.expire_room(id, g, now),
+                Timer::Room(id) => self.expire_room(id, now),
                 Timer::Session(id) => self.expire_session(id, now),
-                Timer::Typing(room, conn, g) => self.typing_timeout(room, conn, g, now),
+                Timer::Typing(room, conn) => self.typing_timeout(room, conn, now),
             }
         }
         self.fired = fired;
@@ -836,6 +848,9 @@ impl Hub {
                 .and_then(|r| r.members.get_mut(i))
             {
                 m.typing_until = None;
+                if let Some(t) = m.typing_timer.take() {
+                    self.wheel.cancel(t);
+                }
             }
             self.typing_frame(room_id, "typing_stopped", who, Some(conn));
         }
@@ -848,7 +863,6 @@ impl Hub {
             self.cfg.typing_quiet,
             self.cfg.typing_max_per_sec,
         );
-        let g = self.next_gen.wrapping_add(1);
         let Some(m) = self
             .rooms
             .get_mut(&room_id)
@@ -866,11 +880,13 @@ impl Hub {
         }
         let was_typing = m.typing_until.is_some();
         m.typing_until = Some(now.mono + quiet);
-        if !was_typing {
-            self.next_gen = g;
-            m.typing_gen = g;
-            self.wheel
-                .arm(now.mono + quiet, Timer::Typing(room_id, m.conn, g));
+        if m.typing_timer.is_none() {
+            // Armed once per bout of typing; keystrokes move `typing_until` only, and the
+            // timer, when it fires early, is armed again for it.
+            m.typing_timer = Some(
+                self.wheel
+                    .arm(now.mono + quiet, Timer::Typing(room_id, m.conn)),
+            );
         }
         if was_typing && now.mono.since(m.typing_sent) < debounce {
             return;
@@ -888,7 +904,7 @@ impl Hub {
         );
     }
 
-    fn typing_timeout(&mut self, room_id: RoomId, conn: ConnId, g: u32, now: Now) {
+    fn typing_timeout(&mut self, room_id: RoomId, conn: ConnId, now: Now) {
         let Some(m) = self
             .rooms
             .get_mut(&room_id)
@@ -896,35 +912,36 @@ impl Hub {
         else {
             return;
         };
-        match m.typing_until {
-            Some(until) if m.typing_gen == g => {
-                if until > now.mono {
-                    self.wheel.arm(until, Timer::Typing(room_id, conn, g));
-                    return;
-                }
-                m.typing_until = None;
-                let user = m.user.clone();
-                let who = Who {
-                    user: &user,
-                    user_id: m.user_id,
-                };
-                self.typing_frame(room_id, "typing_stopped", who, Some(conn));
-            }
-            _ => {}
-        }
-    }
-
-    fn expire_room(&mut self, id: RoomId, g: u32, now: Now) {
-        let ttl = self.cfg.room_ttl;
-        let Some(room) = self.rooms.get(&id) else {
+        m.typing_timer = None; // it just fired
+        let Some(until) = m.typing_until else {
             return;
         };
-        if room.expiry_gen != g || !room.members.is_empty() {
+        if until > now.mono {
+            // Typed again since the timer was armed: it fired early, so arm it for the end.
+            m.typing_timer = Some(self.wheel.arm(until, Timer::Typing(room_id, conn)));
+            return;
+        }
+        m.typing_until = None;
+        let user = m.user.clone();
+        let who = Who {
+            user: &user,
+            user_id: m.user_id,
+        };
+        self.typing_frame(room_id, "typing_stopped", who, Some(conn));
+    }
+
+    fn expire_room(&mut self, id: RoomId, now: Now) {
+        let ttl = self.cfg.room_ttl;
+        let Some(room) = self.rooms.get_mut(&id) else {
+            return;
+        };
+        room.expiry = None; // it just fired
+        if !room.members.is_empty() {
             return;
         }
         let due = room.empty_since + ttl;
         if due > now.mono {
-            self.wheel.arm(due, Timer::Room(id, g));
+            room.expiry = Some(self.wheel.arm(due, Timer::Room(id)));
             return;
         }
         self.rooms.remove(&id);
@@ -935,7 +952,7 @@ impl Hub {
 
     fn expire_session(&mut self, id: SessionId, now: Now) {
         let ttl = self.cfg.session_ttl;
-        let Some(s) = self.sessions.get(&id) else {
+        let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
         let due = if s.conns.is_empty() {
@@ -944,7 +961,7 @@ impl Hub {
             now.mono + ttl
         };
         if due > now.mono {
-            self.wheel.arm(due, Timer::Session(id));
+            s.expiry = self.wheel.arm(due, Timer::Session(id));
             return;
         }
         self.sessions.remove(&id);
@@ -1064,20 +1081,24 @@ impl Hub {
 
     /// A new, empty room record whose expiry timer runs from `now`.
     fn insert_room(&mut self, id: RoomId, live: bool, now: Now) {
-        let g = self.bump_generation();
-        self.rooms.insert(
+        let expiry = self
+            .wheel
+            .arm(now.mono + self.cfg.room_ttl, Timer::Room(id));
+        let old = self.rooms.insert(
             id,
             Room {
                 members: Vec::new(),
                 history: VecDeque::new(),
                 empty_since: now.mono,
-                expiry_gen: g,
+                expiry: Some(expiry),
                 live,
                 held: Vec::new(),
             },
         );
-        self.wheel
-            .arm(now.mono + self.cfg.room_ttl, Timer::Room(id, g));
+        // Callers check first; should a record be replaced all the same, its timer goes too.
+        if let Some(t) = old.and_then(|r| r.expiry) {
+            self.wheel.cancel(t);
+        }
     }
 
     fn insert_session(&mut self, id: SessionId, username: &str, user_id: UserId, now: Now) {
@@ -1085,7 +1106,10 @@ impl Hub {
             micro_tokens: u64::from(self.cfg.chat_burst) * TOKEN,
             at: now.mono,
         };
-        self.sessions.insert(
+        let expiry = self
+            .wheel
+            .arm(now.mono + self.cfg.session_ttl, Timer::Session(id));
+        let old = self.sessions.insert(
             id,
             Session {
                 username: Rc::from(username),
@@ -1093,12 +1117,14 @@ impl Hub {
                 rooms: Vec::new(),
                 conns: Vec::new(),
                 last_used: now.mono,
+                expiry,
                 bucket,
                 strikes: 0,
             },
         );
-        self.wheel
-            .arm(now.mono + self.cfg.session_ttl, Timer::Session(id));
+        if let Some(old) = old {
+            self.wheel.cancel(old.expiry);
+        }
     }
 
     fn remember_room(&mut self, session: SessionId, room: RoomId) {
@@ -1120,11 +1146,6 @@ impl Hub {
             .copied()
             .filter(|r| self.rooms.contains_key(r))
             .collect()
-    }
-
-    fn bump_generation(&mut self) -> u32 {
-        self.next_gen = self.next_gen.wrapping_add(1);
-        self.next_gen
     }
 }
 

@@ -105,7 +105,7 @@ impl Metrics {
         one(
             "timers_armed",
             "gauge",
-            "Entries in the timer wheels.",
+            "Live timers in both timer wheels (connections and hub); cancelled and fired ones are gone.",
             (g.conn_timers + g.hub.timers) as u64,
         );
         one(

@@ -43,11 +43,17 @@ const ACCEPT_BACKOFF: Micros = Micros(100_000);
 /// How long shutdown waits for close frames to be flushed.
 const SHUTDOWN_GRACE: Micros = Micros(500_000);
 
+/// How much later than its armed timer a connection's deadline may move before the timer is
+/// moved too. Deadlines that follow activity (the idle timeout of a keep-alive connection, the
+/// ping deadline of a WebSocket) move a little with every request or frame; their timer is
+/// kept, fires at most this much early, finds nothing due and is armed again. Bigger moves
+/// (a request finished, a socket upgraded) cancel the old timer, so nothing wakes for it.
+const TIMER_SLACK: Micros = Micros(1_000_000);
+
 #[derive(Debug, Clone, Copy)]
 struct ConnTimer {
     token: usize,
     serial: u32,
-    at: Micros,
 }
 
 pub struct Server {
@@ -575,29 +581,35 @@ impl Server {
     fn remove(&mut self, id: usize, now: Now) {
         self.with_conn(id, now, |conn, ctx| conn.leave(ConnId(id), ctx, 1006));
         if self.conns.contains(id) {
-            self.conns.remove(id); // closes the socket
+            let conn = self.conns.remove(id); // closes the socket
+            if let Some(t) = conn.timer {
+                self.wheel.cancel(t);
+            }
         }
     }
 
     // ---- timers -----------------------------------------------------------------------
 
-    /// Arms the connection's timer if its deadline moved earlier.
+    /// Moves the connection's timer to its deadline: at once if the deadline moved earlier
+    /// or more than [`TIMER_SLACK`] later (cancelling the old timer), otherwise when the
+    /// timer fires.
     fn arm(&mut self, id: usize) {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
         let at = conn.deadline(&self.cfg);
-        if at < conn.timer_at {
-            conn.timer_at = at;
-            self.wheel.arm(
-                at,
-                ConnTimer {
-                    token: id,
-                    serial: conn.serial,
-                    at,
-                },
-            );
+        if conn.timer.is_some() && at >= conn.timer_at && at.since(conn.timer_at) <= TIMER_SLACK {
+            return;
         }
+        if let Some(t) = conn.timer.take() {
+            self.wheel.cancel(t);
+        }
+        conn.timer_at = at;
+        let item = ConnTimer {
+            token: id,
+            serial: conn.serial,
+        };
+        conn.timer = Some(self.wheel.arm(at, item));
     }
 
     fn run_timers(&mut self, now: Now) {
@@ -607,9 +619,10 @@ impl Server {
             let Some(conn) = self.conns.get_mut(t.token) else {
                 continue;
             };
-            if conn.serial != t.serial || conn.timer_at != t.at {
-                continue; // stale: the connection is gone or re-armed earlier
+            if conn.serial != t.serial {
+                continue; // never happens: a connection's timer is cancelled when it goes
             }
+            conn.timer = None; // it just fired
             conn.timer_at = Micros::MAX;
             let next = self.with_conn(t.token, now, |conn, ctx| {
                 conn.on_timer(ConnId(t.token), ctx)

@@ -70,3 +70,52 @@ fn a_thousand_idle_websockets_cause_no_wakeups() {
     assert_eq!(metric_in(&after, "chatloop_websockets"), SOCKETS as f64);
     drop(sockets);
 }
+
+/// Issue 12, finding 3: each WebSocket's finished request timeout (armed at accept, 10 s)
+/// stayed in the wheel after the upgrade, so 10 s after 1000 sockets connected the loop woke
+/// about once per socket (1 ms poll timeouts) for timers that no longer mattered.
+#[test]
+fn a_thousand_websockets_sleep_through_their_old_request_timeouts() {
+    let s = Server::start(&["--create-rate", "0"]);
+    let sessions: Vec<String> = (0..SESSIONS)
+        .map(|i| s.session(&format!("user{i}")).0)
+        .collect();
+    let rooms: Vec<String> = (0..ROOMS)
+        .map(|i| s.room(&sessions[i % SESSIONS]))
+        .collect();
+    let t = Instant::now();
+    // From four loopback addresses, 250 each, so no per-address limit is near.
+    let sockets: Vec<Ws> = (0..SOCKETS)
+        .map(|i| {
+            let from = std::net::IpAddr::from([127, 0, 0, 2 + (i % 4) as u8]);
+            s.join_from(from, &rooms[i % ROOMS], &sessions[i % SESSIONS])
+                .0
+        })
+        .collect();
+    let connect_time = t.elapsed();
+    let mut h = s.http();
+    sleep(Duration::from_millis(200)); // the last joins' notices go out
+    let before = h.get("/metrics", None).text();
+    // Every socket's request timeout (10 s after its connect) falls inside this window.
+    sleep(Duration::from_millis(10_500));
+    let after = h.get("/metrics", None).text();
+    let wakeups = metric_in(&after, "chatloop_loop_wakeups_total")
+        - metric_in(&before, "chatloop_loop_wakeups_total");
+    eprintln!(
+        "{SOCKETS} WebSockets connected in {connect_time:?}; {wakeups} loop wakeups in the 10.5 s after; timers armed {}",
+        metric_in(&after, "chatloop_timers_armed")
+    );
+    assert_eq!(metric_in(&after, "chatloop_websockets"), SOCKETS as f64);
+    assert!(
+        wakeups <= 10.0,
+        "{wakeups} loop wakeups in 10.5 s with {SOCKETS} idle WebSockets"
+    );
+    // One timer per connection (each socket's ping deadline, the metrics connection's idle
+    // timeout) and one per session; occupied rooms have none.
+    let timers = metric_in(&after, "chatloop_timers_armed");
+    assert!(
+        timers <= (SOCKETS + 1 + SESSIONS) as f64,
+        "{timers} timers armed"
+    );
+    drop(sockets);
+}

@@ -472,6 +472,81 @@ fn max_sessions_is_a_global_cap() {
     assert_eq!(hub.stats().sessions, 2);
 }
 
+#[test]
+fn ending_a_session_cancels_its_timer() {
+    // The attack of issue 12: create and end sessions in a loop. Each cycle used to leave a
+    // 24 h timer behind in the wheel; now the wheel holds only what is live.
+    let mut hub = Hub::new(HubConfig {
+        max_sessions: 10,
+        ..cfg()
+    });
+    let keep = session(&mut hub, "resident", at(0));
+    assert_eq!(hub.stats().timers, 1);
+    for i in 0..100_000u64 {
+        let s = session(&mut hub, "mallory", at(i));
+        assert_eq!(hub.stats().timers, 2);
+        hub.end_session(s, at(i));
+    }
+    let st = hub.stats();
+    assert_eq!(
+        (st.sessions, st.timers),
+        (1, 1),
+        "only the resident's timer is left"
+    );
+    assert!(hub.session_view(keep).is_some());
+    // The one left is the resident's expiry, a day away: nothing wakes for hours (the wheel
+    // may wake once before it to move it to a finer level).
+    assert!(
+        hub.poll_timeout()
+            .is_some_and(|t| t > Micros::from_secs(20 * 3600)),
+        "{:?}",
+        hub.poll_timeout()
+    );
+}
+
+#[test]
+fn timers_follow_what_is_live_in_rooms() {
+    let mut hub = Hub::new(cfg());
+    let a = session(&mut hub, "alice", at(0));
+    let b = session(&mut hub, "bob", at(0));
+    let r = room(&mut hub, a, at(0));
+    assert_eq!(hub.stats().timers, 3, "two sessions and the empty room");
+    join(&mut hub, c(1), a, r, at(SEC));
+    assert_eq!(
+        hub.stats().timers,
+        2,
+        "an occupied room has no expiry timer"
+    );
+    join(&mut hub, c(2), b, r, at(SEC));
+    type_key(&mut hub, c(1), r, at(2 * SEC));
+    type_key(&mut hub, c(1), r, at(2 * SEC + 100 * MS));
+    assert_eq!(hub.stats().timers, 3, "one typing timer per bout of typing");
+    say(&mut hub, c(1), r, "hi", at(2 * SEC + 200 * MS));
+    assert_eq!(hub.stats().timers, 2, "chat ends typing and its timer");
+    type_key(&mut hub, c(2), r, at(3 * SEC));
+    assert_eq!(hub.stats().timers, 3);
+    leave(&mut hub, c(2), r, at(3 * SEC));
+    assert_eq!(hub.stats().timers, 2, "leaving cancels the typing timer");
+    leave(&mut hub, c(1), r, at(4 * SEC));
+    assert_eq!(
+        hub.stats().timers,
+        3,
+        "the empty room's expiry is armed again"
+    );
+    // Rejoin and leave many times: still one expiry timer for the room.
+    for i in 0..1000 {
+        join(&mut hub, c(3), a, r, at(5 * SEC + i));
+        leave(&mut hub, c(3), r, at(5 * SEC + i));
+    }
+    assert_eq!(hub.stats().timers, 3);
+    // The room expires 120 s after the last leave, not at any earlier one.
+    run_until(&mut hub, 125 * SEC + 998);
+    assert!(hub.room_exists(r));
+    run_until(&mut hub, 125 * SEC + 1000);
+    assert!(!hub.room_exists(r));
+    assert_eq!(hub.stats().timers, 2, "just the two sessions' timers");
+}
+
 // ---- rooms ----------------------------------------------------------------------------
 
 #[test]

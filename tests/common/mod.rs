@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +21,12 @@ pub struct Server {
     log: Arc<Mutex<String>>,
 }
 
+/// The server binary under test: this build's, or `CHATLOOP_TEST_BIN` (to show that a new
+/// test fails on an older build).
+fn server_bin() -> String {
+    std::env::var("CHATLOOP_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_chatloop").into())
+}
+
 impl Server {
     /// Starts `chatloop --port 0 <args>` and waits for its "listening on" line.
     #[track_caller]
@@ -32,7 +38,7 @@ impl Server {
     /// wrapper's command line, then the binary and its arguments.
     #[track_caller]
     pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Server {
-        let bin = env!("CARGO_BIN_EXE_chatloop");
+        let bin = server_bin();
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = Command::new(program);
@@ -828,4 +834,50 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("a VmRSS line")
+}
+
+// ---- Bystanders and attackers on other loopback addresses --------------------------------
+
+/// The address of a well-behaved bystander: the server sees it as another client.
+pub const BYSTANDER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+impl Server {
+    /// A keep-alive HTTP client connecting from `from`.
+    pub fn http_from(&self, from: IpAddr) -> Http {
+        Http::connect_from(self.addr, &from.to_string())
+    }
+
+    /// `POST /sessions` from `from` → (session_id, user_id).
+    #[track_caller]
+    pub fn session_from(&self, from: IpAddr, name: &str) -> (String, String) {
+        let r = self.http_from(from).post_json(
+            "/sessions",
+            &serde_json::json!({ "username": name }).to_string(),
+            None,
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        let v = r.json();
+        (
+            v["session_id"].as_str().unwrap().to_string(),
+            v["user_id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Opens a chat WebSocket from `from` and returns it with its `welcome` frame.
+    #[track_caller]
+    pub fn join_from(&self, from: IpAddr, room: &str, sid: &str) -> (Ws, Value) {
+        let stream = connect_from(self.addr, &from.to_string());
+        let url = format!("ws://{}/ws/{room}?session_id={sid}", self.addr);
+        let (socket, _) = tungstenite::client::client(url.as_str(), MaybeTlsStream::Plain(stream))
+            .expect("WebSocket upgrade accepted");
+        let mut ws = Ws { socket };
+        let welcome = ws.recv();
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (ws, welcome)
+    }
+
+    /// Resident memory of the server process (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
 }
