@@ -26,7 +26,7 @@ fn http_parse_and_route(c: &mut Criterion) {
         "GET /rooms/{room} HTTP/1.1\r\nHost: localhost:8000\r\nUser-Agent: bench\r\nAccept: */*\r\n\
          Content-Type: application/json\r\nAuthorization: Bearer {sid}\r\n\r\n"
     );
-    let mut limiter = CreateLimiter::new(0);
+    let mut limiter = CreateLimiter::new(0, 1);
     let mut out = Vec::with_capacity(512);
     c.bench_function("http_parse_route_respond GET /rooms/{id}", |b| {
         b.iter(|| {

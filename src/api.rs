@@ -359,11 +359,16 @@ fn create_room(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply 
     if let Err(r) = need_redis(ctx) {
         return r;
     }
-    if let Err(wait) = ctx.limiter.take(ctx.peer, now.mono) {
+    if let Err(wait) = ctx.limiter.check(ctx.peer, ctx.now.mono) {
         return too_many(wait).into();
     }
     match hub.create_room(id, now) {
-        Ok(room) => Response::json(201, format!("{{\"room_id\":\"{room}\"}}").into_bytes()),
+        Ok(room) => {
+            // Only a room actually created spends the budget (check said there is a token).
+            let _ = ctx.limiter.take(ctx.peer, now.mono);
+            Response::json(201, format!("{{\"room_id\":\"{room}\"}}").into_bytes())
+        }
+        Err(HubError::TooManyRoomsForSession) => too_many_rooms(hub.max_rooms_per_session()),
         Err(e) => hub_error(e),
     }
     .into()
@@ -686,7 +691,18 @@ fn hub_error(e: HubError) -> Response {
         HubError::TooManyRooms => {
             Response::error(503, "Too many rooms on this server; try again later")
         }
+        HubError::TooManyRoomsForSession => too_many_rooms(0),
     }
+}
+
+/// 429 for `--max-rooms-per-session`. No `Retry-After`: a place frees up only when one of
+/// the session's rooms expires (`--room-ttl` after its last connection closes).
+fn too_many_rooms(max: usize) -> Response {
+    let detail = format!(
+        "This session already has {max} live rooms, the most it may create; \
+         use one of them, or create another once one of them has expired"
+    );
+    Response::error(429, &detail)
 }
 
 fn too_many(wait: u32) -> Response {

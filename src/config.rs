@@ -38,7 +38,9 @@ pub struct Config {
     pub notice_delay: Micros,
     pub max_sessions: usize,
     pub max_rooms: usize,
+    pub max_rooms_per_session: usize,
     pub create_rate: u32,
+    pub create_burst: u32,
     pub no_room_list: bool,
     pub echo_path: Option<String>,
     pub redis: Option<crate::cluster::RedisUrl>,
@@ -340,12 +342,32 @@ pub const OPTIONS: &[Opt] = &[
         }
     ),
     opt!(
+        "max-rooms-per-session",
+        ["CHATLOOP_MAX_ROOMS_PER_SESSION"],
+        "50",
+        "live rooms one session may have created (429 beyond); 0 = no limit",
+        |c, v| {
+            c.max_rooms_per_session = count(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
         "create-rate",
         ["CHATLOOP_CREATE_RATE"],
-        "0",
-        "sessions+rooms created (and room 404s) per client IP per second; 0 = off",
+        "2",
+        "sessions+rooms created (and room 404s) per client address (IPv6: per /64) per second, sustained (429 beyond); 0 = off (benchmarks)",
         |c, v| {
-            c.create_rate = count(v)? as u32;
+            c.create_rate = u32::try_from(count(v)?).map_err(|_| "too large".to_string())?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "create-burst",
+        ["CHATLOOP_CREATE_BURST"],
+        "60",
+        "how many of those one address may spend at once before --create-rate applies",
+        |c, v| {
+            c.create_burst = u32::try_from(count(v)?).map_err(|_| "too large".to_string())?;
             Ok(())
         }
     ),
@@ -477,7 +499,9 @@ impl Default for Config {
             notice_delay: Micros::ZERO,
             max_sessions: 0,
             max_rooms: 0,
+            max_rooms_per_session: 0,
             create_rate: 0,
+            create_burst: 0,
             no_room_list: false,
             echo_path: None,
             redis: None,
@@ -554,6 +578,11 @@ impl Config {
         }
         if self.chat_rate == 0 || self.chat_burst == 0 {
             return fail("--chat-rate and --chat-burst must be at least 1");
+        }
+        if self.create_rate > 0 && self.create_burst == 0 {
+            return fail(
+                "--create-burst must be at least 1 (or turn the budget off with --create-rate 0)",
+            );
         }
         if self.max_ws_message < 125 {
             return fail("--max-ws-message must be at least 125 bytes");

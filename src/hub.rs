@@ -36,6 +36,8 @@ pub enum HubError {
     RoomFull,
     TooManySessions,
     TooManyRooms,
+    /// The session already has `--max-rooms-per-session` live rooms of its own.
+    TooManyRoomsForSession,
 }
 
 /// The hub's share of the settings.
@@ -54,6 +56,8 @@ pub struct HubConfig {
     pub typing_max_per_sec: u32,
     pub max_sessions: usize,
     pub max_rooms: usize,
+    /// Live rooms one session may have created (0: no limit).
+    pub max_rooms_per_session: usize,
     /// How long `user_joined` / `user_left` may wait to share one write with the notices
     /// that follow; zero sends each at once. Why: the comment on `Hub::release`.
     pub notice_delay: Micros,
@@ -75,6 +79,7 @@ impl From<&Config> for HubConfig {
             typing_max_per_sec: 50,
             max_sessions: c.max_sessions,
             max_rooms: c.max_rooms,
+            max_rooms_per_session: c.max_rooms_per_session,
             notice_delay: c.notice_delay,
         }
     }
@@ -147,6 +152,8 @@ struct Session {
     /// TTL. Use does not move it (that would touch the wheel on every request): when it fires
     /// early it is armed again for the session's real deadline.
     expiry: TimerId,
+    /// Live rooms this session created (for `--max-rooms-per-session`).
+    rooms_created: usize,
     bucket: Bucket,
     /// Chat messages refused in a row for the rate limit.
     strikes: u32,
@@ -158,6 +165,8 @@ struct Room {
     empty_since: Micros,
     /// The expiry timer, armed while the room has no member (cancelled when one connects).
     expiry: Option<TimerId>,
+    /// The session that created the room here, whose `rooms_created` it counts in.
+    owner: Option<SessionId>,
     /// `history` is complete and current. Always in single-node mode; in cluster mode while
     /// this node is subscribed to the room (it has members here).
     live: bool,
@@ -521,8 +530,12 @@ impl Hub {
     // ---- rooms ----------------------------------------------------------------------
 
     pub fn create_room(&mut self, session: SessionId, now: Now) -> Result<RoomId, HubError> {
-        if !self.sessions.contains_key(&session) {
+        let Some(s) = self.sessions.get(&session) else {
             return Err(HubError::InvalidSession);
+        };
+        let per_session = self.cfg.max_rooms_per_session;
+        if per_session > 0 && s.rooms_created >= per_session {
+            return Err(HubError::TooManyRoomsForSession);
         }
         if self.rooms.len() >= self.cfg.max_rooms {
             return Err(HubError::TooManyRooms);
@@ -535,6 +548,10 @@ impl Hub {
         };
         // In cluster mode the node subscribes when the first member connects.
         self.insert_room(id, self.cluster.is_none(), now);
+        if let (Some(r), Some(s)) = (self.rooms.get_mut(&id), self.sessions.get_mut(&session)) {
+            r.owner = Some(session);
+            s.rooms_created += 1;
+        }
         self.op(Op::RoomCreated { room: id, session });
         self.remember_room(session, id);
         Ok(id)
@@ -555,6 +572,11 @@ impl Hub {
             s.rooms.retain(|r| *r != room);
         }
         self.op(Op::Forget { session, room });
+    }
+
+    /// `--max-rooms-per-session` (for the refusal's wording).
+    pub fn max_rooms_per_session(&self) -> usize {
+        self.cfg.max_rooms_per_session
     }
 
     pub fn room_exists(&self, room: RoomId) -> bool {
@@ -944,7 +966,11 @@ impl Hub {
             room.expiry = Some(self.wheel.arm(due, Timer::Room(id)));
             return;
         }
-        self.rooms.remove(&id);
+        if let Some(owner) = self.rooms.remove(&id).and_then(|r| r.owner)
+            && let Some(s) = self.sessions.get_mut(&owner)
+        {
+            s.rooms_created = s.rooms_created.saturating_sub(1);
+        }
         self.rooms_expired += 1;
         self.op(Op::Forgotten(id));
         log::debug!("room {id} expired");
@@ -1091,6 +1117,7 @@ impl Hub {
                 history: VecDeque::new(),
                 empty_since: now.mono,
                 expiry: Some(expiry),
+                owner: None,
                 live,
                 held: Vec::new(),
             },
@@ -1118,6 +1145,7 @@ impl Hub {
                 conns: Vec::new(),
                 last_used: now.mono,
                 expiry,
+                rooms_created: 0,
                 bucket,
                 strikes: 0,
             },

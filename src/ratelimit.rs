@@ -1,17 +1,53 @@
-//! Per-client-IP budget for creating sessions and rooms (and for missing rooms, so room ids
-//! cannot be guessed quickly). Off by default; `--create-rate N` allows N per second per IP
-//! with bursts of N. Pure: the caller passes the time.
+//! Per-client-address budgets: the key every per-address table uses ([`ip_key`]), and the
+//! budget for creating sessions and rooms (and for missing rooms, so room ids cannot be guessed
+//! quickly). `--create-rate R --create-burst B` allows R per second per address, sustained, and
+//! bursts of B; on by default (2 per second, bursts of 60), `--create-rate 0` turns it off.
+//! Pure: the caller passes the time.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
 use crate::time::Micros;
 
-/// Token buckets keyed by client address, pruned as they go idle.
+/// What identifies one client in every per-address table.
+///
+/// An IPv4 address counts as itself, also when it arrives IPv4-mapped (`::ffff:a.b.c.d`, as on
+/// a dual-stack listener). An IPv6 address counts by its /64 prefix: one subscriber, home or
+/// host usually gets a whole /64 and can pick any of its 2^64 addresses, so keying single
+/// IPv6 addresses would give one client endless budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpKey {
+    V4([u8; 4]),
+    /// The first 64 bits of the address.
+    V6Net(u64),
+}
+
+/// The one key function for client addresses (see [`IpKey`]).
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(v4) => IpKey::V4(v4.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpKey::V4(v4.octets()),
+            None => IpKey::V6Net((v6.to_bits() >> 64) as u64),
+        },
+    }
+}
+
+/// Token buckets keyed by client address, pruned as they refill.
+///
+/// Only addresses that have spent something are tracked, and a bucket that has refilled is
+/// dropped (it behaves exactly like a missing one). A bucket missing `k` tokens refills in
+/// `k / rate` seconds, so each token taken keeps one entry for `1 / rate` seconds: however
+/// many addresses an attacker spends from, the table holds about `tokens taken per second /
+/// rate` entries, plus those that refilled since the last prune (which runs at most once a
+/// second once more than 4096 are tracked). At the default rate of 2 that is at most 1.5
+/// entries per request the server answered in the last second (a few MB at full speed; the
+/// unit test `many_addresses_at_full_speed_stay_bounded` checks it).
 #[derive(Debug, Default)]
 pub struct CreateLimiter {
     rate: u32,
-    buckets: HashMap<IpAddr, Bucket>,
+    burst: u32,
+    buckets: HashMap<IpKey, Bucket>,
     next_prune: Micros,
 }
 
@@ -22,14 +58,16 @@ struct Bucket {
 }
 
 const TOKEN: u64 = 1_000_000;
-/// Above this many tracked addresses, idle (full) buckets are dropped.
+/// Above this many tracked addresses, refilled buckets are dropped (at most once a second).
 const PRUNE_ABOVE: usize = 4096;
 
 impl CreateLimiter {
-    /// `rate` per second per IP; 0 turns the limiter off.
-    pub fn new(rate: u32) -> CreateLimiter {
+    /// `rate` per second per address, sustained, with bursts of `burst`; rate 0 turns the
+    /// limiter off.
+    pub fn new(rate: u32, burst: u32) -> CreateLimiter {
         CreateLimiter {
             rate,
+            burst: burst.max(1),
             buckets: HashMap::new(),
             next_prune: Micros::ZERO,
         }
@@ -41,23 +79,37 @@ impl CreateLimiter {
             return Ok(());
         }
         self.prune(now);
-        self.check(ip, now)?;
-        self.refilled(ip, now).micro_tokens -= TOKEN;
-        Ok(())
+        let key = ip_key(ip);
+        let (rate, cap) = (u64::from(self.rate), self.cap());
+        let b = self.buckets.entry(key).or_insert(Bucket {
+            micro_tokens: cap,
+            at: now,
+        });
+        b.refill(now, rate, cap);
+        if b.micro_tokens >= TOKEN {
+            b.micro_tokens -= TOKEN;
+            Ok(())
+        } else {
+            Err(b.wait(rate))
+        }
     }
 
-    /// Whether `take` would succeed now, without taking anything.
+    /// Whether `take` would succeed now, without taking anything (or tracking the address).
     pub fn check(&mut self, ip: IpAddr, now: Micros) -> Result<(), u32> {
         if self.rate == 0 {
             return Ok(());
         }
-        let rate = u64::from(self.rate);
-        let b = self.refilled(ip, now);
-        if b.micro_tokens >= TOKEN {
-            Ok(())
-        } else {
-            let wait_us = (TOKEN - b.micro_tokens).div_ceil(rate);
-            Err(wait_us.div_ceil(1_000_000).max(1) as u32)
+        let (rate, cap) = (u64::from(self.rate), self.cap());
+        match self.buckets.get_mut(&ip_key(ip)) {
+            None => Ok(()),
+            Some(b) => {
+                b.refill(now, rate, cap);
+                if b.micro_tokens >= TOKEN {
+                    Ok(())
+                } else {
+                    Err(b.wait(rate))
+                }
+            }
         }
     }
 
@@ -66,16 +118,8 @@ impl CreateLimiter {
         self.buckets.len()
     }
 
-    fn refilled(&mut self, ip: IpAddr, now: Micros) -> &mut Bucket {
-        let cap = u64::from(self.rate) * TOKEN;
-        let rate = u64::from(self.rate);
-        let b = self.buckets.entry(ip).or_insert(Bucket {
-            micro_tokens: cap,
-            at: now,
-        });
-        b.micro_tokens = (b.micro_tokens + now.since(b.at).0.saturating_mul(rate)).min(cap);
-        b.at = now;
-        b
+    fn cap(&self) -> u64 {
+        u64::from(self.burst) * TOKEN
     }
 
     /// Drops buckets that have refilled completely: they behave exactly like new ones.
@@ -83,25 +127,47 @@ impl CreateLimiter {
         if self.buckets.len() <= PRUNE_ABOVE || now < self.next_prune {
             return;
         }
-        let rate = u64::from(self.rate);
-        let cap = rate * TOKEN;
+        let (rate, cap) = (u64::from(self.rate), self.cap());
         self.buckets
             .retain(|_, b| b.micro_tokens + now.since(b.at).0.saturating_mul(rate) < cap);
+        if self.buckets.capacity() > 4 * self.buckets.len().max(PRUNE_ABOVE) {
+            self.buckets
+                .shrink_to(2 * self.buckets.len().max(PRUNE_ABOVE));
+        }
         self.next_prune = now + Micros::from_secs(1);
+    }
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Micros, rate: u64, cap: u64) {
+        self.micro_tokens =
+            (self.micro_tokens + now.since(self.at).0.saturating_mul(rate)).min(cap);
+        self.at = now;
+    }
+
+    /// Whole seconds until one token is back (at least 1).
+    fn wait(&self, rate: u64) -> u32 {
+        let wait_us = (TOKEN - self.micro_tokens.min(TOKEN)).div_ceil(rate);
+        u32::try_from(wait_us.div_ceil(1_000_000).max(1)).unwrap_or(u32::MAX)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv6Addr;
 
     fn ip(n: u8) -> IpAddr {
         IpAddr::from([127, 0, 0, n])
     }
 
+    fn v6(s: &str) -> IpAddr {
+        s.parse::<Ipv6Addr>().unwrap().into()
+    }
+
     #[test]
     fn off_allows_everything() {
-        let mut l = CreateLimiter::new(0);
+        let mut l = CreateLimiter::new(0, 1);
         for _ in 0..10_000 {
             assert!(l.take(ip(1), Micros::ZERO).is_ok());
         }
@@ -110,7 +176,7 @@ mod tests {
 
     #[test]
     fn burst_then_refill_per_ip() {
-        let mut l = CreateLimiter::new(3);
+        let mut l = CreateLimiter::new(3, 3);
         for _ in 0..3 {
             assert!(l.take(ip(1), Micros::ZERO).is_ok());
         }
@@ -128,8 +194,62 @@ mod tests {
     }
 
     #[test]
+    fn the_burst_and_the_sustained_rate_are_separate() {
+        // The defaults: bursts of 60, then 2 per second.
+        let mut l = CreateLimiter::new(2, 60);
+        for i in 0..60 {
+            assert!(l.take(ip(1), Micros::ZERO).is_ok(), "burst {i}");
+        }
+        assert_eq!(l.take(ip(1), Micros::ZERO), Err(1));
+        // 10 s later: 20 more, not 60.
+        let t = Micros::from_secs(10);
+        let ok = (0..60).filter(|_| l.take(ip(1), t).is_ok()).count();
+        assert_eq!(ok, 20);
+        // A slow rate gives a longer Retry-After.
+        let mut slow = CreateLimiter::new(1, 1);
+        assert!(slow.take(ip(1), Micros::ZERO).is_ok());
+        assert_eq!(slow.take(ip(1), Micros(1)), Err(1));
+        let mut slower = CreateLimiter::new(1, 1);
+        let _ = slower.take(ip(1), Micros::ZERO);
+        assert_eq!(slower.check(ip(1), Micros(100_000)), Err(1));
+    }
+
+    #[test]
+    fn check_does_not_track_new_addresses() {
+        let mut l = CreateLimiter::new(2, 60);
+        for i in 0..=255 {
+            assert!(l.check(ip(i), Micros::ZERO).is_ok());
+        }
+        assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
+        let a = v6("2001:db8:1:2::1");
+        let b = v6("2001:db8:1:2:ffff:ffff:ffff:ffff");
+        let other = v6("2001:db8:1:3::1");
+        assert_eq!(ip_key(a), ip_key(b), "one /64, one key");
+        assert_ne!(ip_key(a), ip_key(other), "the next /64 is another client");
+        assert_eq!(ip_key(a), IpKey::V6Net(0x2001_0db8_0001_0002));
+        assert_eq!(ip_key(v6("::ffff:127.0.0.2")), ip_key(ip(2)));
+        assert_ne!(ip_key(v6("::1")), ip_key(ip(1)));
+        assert_ne!(ip_key(ip(1)), ip_key(ip(2)), "IPv4 counts per address");
+
+        // Spending from many addresses of one /64 spends one budget.
+        let mut l = CreateLimiter::new(1, 3);
+        for i in 0..3u16 {
+            let addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 2, i, i, i, i);
+            assert!(l.take(addr.into(), Micros::ZERO).is_ok());
+        }
+        let fresh = Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 9, 9, 9, 9);
+        assert_eq!(l.take(fresh.into(), Micros::ZERO), Err(1));
+        assert!(l.take(other, Micros::ZERO).is_ok());
+        assert_eq!(l.tracked(), 2);
+    }
+
+    #[test]
     fn idle_buckets_are_pruned() {
-        let mut l = CreateLimiter::new(1);
+        let mut l = CreateLimiter::new(1, 1);
         for i in 0..5000u32 {
             let a = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
             let _ = l.take(a, Micros::ZERO);
@@ -137,5 +257,33 @@ mod tests {
         assert!(l.tracked() > PRUNE_ABOVE);
         let _ = l.take(ip(1), Micros::from_secs(10));
         assert!(l.tracked() <= 2, "{}", l.tracked());
+    }
+
+    #[test]
+    fn many_addresses_at_full_speed_stay_bounded() {
+        // The worst case: every request from a new /64 (an attacker with a /32 has 2^32 of
+        // them), 100 000 requests a second for 20 s, each spending a whole burst.
+        let (rate, burst) = (2, 60);
+        let mut l = CreateLimiter::new(rate, burst);
+        let per_sec = 100_000u64;
+        let mut peak = 0;
+        let mut n = 0u64;
+        for us in (0..20_000_000u64).step_by((1_000_000 / per_sec) as usize) {
+            n += 1;
+            let net = 0x2001_0db8_0000_0000u64 + n / u64::from(burst);
+            let addr = Ipv6Addr::from_bits(u128::from(net) << 64 | 1);
+            let _ = l.take(addr.into(), Micros(us));
+            peak = peak.max(l.tracked());
+        }
+        // Each token keeps an entry for 1/rate s; pruning runs once a second.
+        let bound = per_sec as usize * (1 + 1) / rate as usize + per_sec as usize + PRUNE_ABOVE;
+        assert!(peak <= bound, "peak {peak} over {bound}");
+        // Each entry here spends a whole burst, so it is tracked for burst/rate s; the
+        // table still holds what about one prune interval and one refill time brought.
+        let expected = (per_sec / u64::from(burst)) as usize * (burst / rate + 1) as usize;
+        assert!(peak <= expected + PRUNE_ABOVE, "peak {peak} vs {expected}");
+        // Once the attack stops, the table empties at the next prune.
+        let _ = l.take(ip(1), Micros::from_secs(60));
+        assert!(l.tracked() <= 1, "{}", l.tracked());
     }
 }

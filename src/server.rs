@@ -165,7 +165,7 @@ impl Server {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let mut hub = Hub::new(HubConfig::from(&cfg));
-        let limiter = CreateLimiter::new(cfg.create_rate);
+        let limiter = CreateLimiter::new(cfg.create_rate, cfg.create_burst);
         let cluster = cfg.redis.as_ref().map(|url| {
             hub.enable_cluster();
             let node = crate::ids::SecureRandom::default().u64() as u32;

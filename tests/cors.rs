@@ -275,7 +275,7 @@ fn websocket_upgrades_are_accepted_from_any_origin() {
 
 #[test]
 fn every_answer_says_nosniff_and_lets_browsers_read_retry_after_and_www_authenticate() {
-    let s = Server::start(&["--create-rate", "2"]);
+    let s = Server::start(&["--create-rate", "2", "--create-burst", "2"]);
     let (sid, _) = s.session("alice");
     let room = s.room(&sid); // the budget of 2 is spent: the next create is a 429
     let auth = bearer(&sid);

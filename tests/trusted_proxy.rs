@@ -13,7 +13,14 @@ use common::*;
 use tungstenite::stream::MaybeTlsStream;
 
 /// One create per second per client address: a second create at once is a 429.
-const ARGS: &[&str] = &["--trusted-proxy", "127.0.0.1/32, ::1", "--create-rate", "1"];
+const ARGS: &[&str] = &[
+    "--trusted-proxy",
+    "127.0.0.1/32, ::1",
+    "--create-rate",
+    "1",
+    "--create-burst",
+    "1",
+];
 
 fn v1(src: &str) -> Vec<u8> {
     let family = if src.contains(':') { "TCP6" } else { "TCP4" };
@@ -167,7 +174,7 @@ fn an_untrusted_peer_gets_400_for_a_proxy_header_and_its_forwarded_for_is_ignore
 
 #[test]
 fn without_the_flag_nobody_is_trusted() {
-    let s = Server::start(&["--create-rate", "1"]);
+    let s = Server::start(&["--create-rate", "1", "--create-burst", "1"]);
     let mut h = via_proxy(&s, &v1("203.0.113.1"));
     h.send_raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(h.read_response(false).status, 400);

@@ -9,7 +9,7 @@ fn call(hub: &mut Hub, raw: &str) -> Reply {
         .unwrap()
         .unwrap();
     let body = &raw.as_bytes()[n..n + req.content_length];
-    let mut limiter = CreateLimiter::new(0);
+    let mut limiter = CreateLimiter::new(0, 1);
     let mut ctx = ApiCtx {
         now: Now::fake(0),
         no_room_list: false,
@@ -206,7 +206,7 @@ fn upgrade_refusals() {
 #[test]
 fn create_rate_limits_creation_and_room_guessing_per_address() {
     let mut hub = Hub::new(HubConfig::default());
-    let mut limiter = CreateLimiter::new(2);
+    let mut limiter = CreateLimiter::new(2, 2);
     let mut send = |hub: &mut Hub, raw: &str| {
         let raw = raw.replace('\n', "\r\n");
         let (req, n) = http::parse(raw.as_bytes(), 16 * 1024, 64 * 1024)

@@ -28,6 +28,7 @@ fn cfg() -> HubConfig {
         typing_max_per_sec: 50,
         max_sessions: 1000,
         max_rooms: 1000,
+        max_rooms_per_session: 0,
         notice_delay: Micros::ZERO,
     }
 }
@@ -545,6 +546,47 @@ fn timers_follow_what_is_live_in_rooms() {
     run_until(&mut hub, 125 * SEC + 1000);
     assert!(!hub.room_exists(r));
     assert_eq!(hub.stats().timers, 2, "just the two sessions' timers");
+}
+
+#[test]
+fn rooms_per_session_are_capped_and_freed_when_they_expire() {
+    let mut hub = Hub::new(HubConfig {
+        max_rooms_per_session: 2,
+        ..cfg()
+    });
+    let a = session(&mut hub, "alice", at(0));
+    let b = session(&mut hub, "bob", at(0));
+    let r1 = room(&mut hub, a, at(0));
+    let r2 = room(&mut hub, a, at(SEC));
+    assert_eq!(
+        hub.create_room(a, at(SEC)),
+        Err(HubError::TooManyRoomsForSession)
+    );
+    // Others are not affected, and joining others' rooms does not count.
+    let rb = room(&mut hub, b, at(SEC));
+    assert_eq!(hub.join_room(a, rb), Ok(()));
+    join(&mut hub, c(1), a, rb, at(SEC));
+    assert_eq!(
+        hub.create_room(a, at(SEC)),
+        Err(HubError::TooManyRoomsForSession)
+    );
+    // r1 expires (nobody connected); r2 is kept alive by a socket.
+    join(&mut hub, c(2), a, r2, at(2 * SEC));
+    run_until(&mut hub, 120 * SEC);
+    assert!(!hub.room_exists(r1) && hub.room_exists(r2));
+    let r3 = room(&mut hub, a, at(120 * SEC));
+    assert_eq!(
+        hub.create_room(a, at(120 * SEC)),
+        Err(HubError::TooManyRoomsForSession)
+    );
+    // Ending the session forgets its count; the rooms it made live on by their own rules.
+    hub.end_session(a, at(121 * SEC));
+    drain(&mut hub);
+    run_until(&mut hub, 400 * SEC);
+    assert!(!hub.room_exists(r2) && !hub.room_exists(r3));
+    let c2 = session(&mut hub, "carol", at(400 * SEC));
+    room(&mut hub, c2, at(400 * SEC));
+    room(&mut hub, c2, at(400 * SEC));
 }
 
 // ---- rooms ----------------------------------------------------------------------------
