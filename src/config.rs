@@ -25,6 +25,7 @@ pub struct Config {
     pub max_ws_message: usize,
     pub max_chat_chars: usize,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub max_room_members: usize,
     pub chat_rate: u32,
     pub chat_burst: u32,
@@ -208,6 +209,16 @@ pub const OPTIONS: &[Opt] = &[
         "open connections in total (503 beyond)",
         |c, v| {
             c.max_connections = count(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-connections-per-ip",
+        ["CHATLOOP_MAX_CONNECTIONS_PER_IP"],
+        "1000",
+        "open connections per client address (IPv6: per /64); the next gets 503 and is closed; 0 = off",
+        |c, v| {
+            c.max_connections_per_ip = count(v)?;
             Ok(())
         }
     ),
@@ -486,6 +497,7 @@ impl Default for Config {
             max_ws_message: 0,
             max_chat_chars: 0,
             max_connections: 0,
+            max_connections_per_ip: 0,
             max_room_members: 0,
             chat_rate: 0,
             chat_burst: 0,
@@ -737,6 +749,18 @@ mod tests {
         );
         assert!(!c.no_room_list);
         assert_eq!(c.echo_path, None);
+        // Per-address budgets are on by default; benchmarks turn them off explicitly.
+        assert_eq!((c.create_rate, c.create_burst), (2, 60));
+        assert_eq!(c.max_rooms_per_session, 50);
+        assert_eq!(c.max_connections_per_ip, 1000);
+        let c = run(
+            &["--create-rate", "0", "--max-connections-per-ip", "0"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!((c.create_rate, c.max_connections_per_ip), (0, 0));
+        assert!(run(&["--create-burst", "0"], &[]).is_err());
+        assert!(run(&["--create-burst", "0", "--create-rate", "0"], &[]).is_ok());
     }
 
     #[test]

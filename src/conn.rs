@@ -18,7 +18,7 @@ use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox, Queue};
 use crate::protocol::{self, FrameBuf};
 use crate::proxy;
-use crate::ratelimit::CreateLimiter;
+use crate::ratelimit::{Admit, ConnCounter, CreateLimiter, IpKey};
 use crate::throttle::{Event, LogThrottle};
 use crate::time::{Micros, Now};
 use crate::timer::TimerId;
@@ -64,8 +64,12 @@ pub struct Conn {
     pub timer_at: Micros,
     /// Close (shutdown, then linger) once the queue is empty.
     pub close_after_flush: bool,
-    /// Accepted above `--max-connections`: its first request is answered 503.
-    pub over_limit: bool,
+    /// Accepted above `--max-connections` or `--max-connections-per-ip`: its first request
+    /// is answered 503 and it closes.
+    pub over_limit: Option<OverLimit>,
+    /// The address key this connection counts under for `--max-connections-per-ip` (`None`
+    /// when that limit is off); released when the connection is dropped.
+    pub counted_as: Option<IpKey>,
     /// Not read while its output is backed up.
     pub read_paused: bool,
     /// `inbuf` holds requests not answered yet because the output passed the pause mark:
@@ -76,6 +80,15 @@ pub struct Conn {
     /// Cluster mode: its request waits for Redis (facts to fetch, or writes to be
     /// acknowledged before the response may go out). Neither read nor flushed meanwhile.
     pub waiting: bool,
+}
+
+/// Which limit a connection was accepted over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    /// `--max-connections`.
+    Server,
+    /// `--max-connections-per-ip`.
+    Address,
 }
 
 pub enum State {
@@ -122,6 +135,8 @@ pub struct Ctx<'a> {
     pub websockets: &'a mut usize,
     pub frame: &'a mut FrameBuf,
     pub limiter: &'a mut CreateLimiter,
+    /// Open connections per client address (`--max-connections-per-ip`).
+    pub per_ip: &'a mut ConnCounter,
     pub throttle: &'a mut LogThrottle,
     /// Cluster mode: Redis reachable, facts fetched for the current request, queries to ask.
     pub cluster: Option<ClusterCtx<'a>>,
@@ -148,7 +163,7 @@ impl Conn {
         peer: IpAddr,
         trusted: bool,
         now: Micros,
-        over_limit: bool,
+        over_limit: Option<OverLimit>,
     ) -> Conn {
         Conn {
             stream,
@@ -170,6 +185,7 @@ impl Conn {
             timer_at: Micros::MAX,
             close_after_flush: false,
             over_limit,
+            counted_as: None,
             read_paused: false,
             unanswered: false,
             last_response: 0,
@@ -393,6 +409,7 @@ impl Conn {
                 self.proxied = true;
                 if let Some(c) = client {
                     self.client = c;
+                    self.count_client(ctx);
                 }
                 return Some(len);
             }
@@ -406,6 +423,24 @@ impl Conn {
         let r = Response::error(400, why).closing();
         self.respond(id, &r, false, false, ctx);
         Some(data.len())
+    }
+
+    /// A trusted proxy's connection named its client: from now on it counts under that
+    /// client for `--max-connections-per-ip` (over the limit: its requests get 503).
+    fn count_client(&mut self, ctx: &mut Ctx<'_>) {
+        if self.counted_as.is_some() {
+            return;
+        }
+        match ctx.per_ip.admit(self.client) {
+            Admit::Serve(key) => self.counted_as = key,
+            Admit::Refuse(key) => {
+                self.counted_as = Some(key);
+                self.over_limit.get_or_insert(OverLimit::Address);
+            }
+            Admit::Drop => {
+                self.over_limit.get_or_insert(OverLimit::Address);
+            }
+        }
     }
 
     fn http_step(&mut self, id: ConnId, data: &[u8], ctx: &mut Ctx<'_>) -> Option<usize> {
@@ -444,11 +479,21 @@ impl Conn {
             self.client = proxy::forwarded_client(req.forwarded_for.values(), &cfg.trusted_proxy)
                 .unwrap_or(self.peer);
         }
-        if self.over_limit {
-            let r = Response::error(503, "Server is at its connection limit; try again later")
-                .closing();
-            ctx.metrics.refused_full += 1;
-            self.respond(id, &r, req.keep_alive, head, ctx);
+        if let Some(over) = self.over_limit {
+            let r = match over {
+                OverLimit::Server => {
+                    ctx.metrics.refused_full += 1;
+                    Response::error(503, "Server is at its connection limit; try again later")
+                }
+                OverLimit::Address => {
+                    ctx.metrics.refused_per_ip += 1;
+                    Response::error(
+                        503,
+                        "Too many connections from your address; close some and try again",
+                    )
+                }
+            };
+            self.respond(id, &r.closing(), req.keep_alive, head, ctx);
             return Some(data.len());
         }
         let mut actx = ApiCtx {

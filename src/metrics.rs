@@ -14,6 +14,7 @@ const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1
 pub struct Metrics {
     pub accepted: u64,
     pub refused_full: u64,
+    pub refused_per_ip: u64,
     pub accept_errors: u64,
     pub http_requests: u64,
     pub http_errors: u64,
@@ -119,6 +120,12 @@ impl Metrics {
             "counter",
             "Connections refused with 503 because the server was full.",
             self.refused_full,
+        );
+        one(
+            "connections_refused_per_ip_total",
+            "counter",
+            "Connections refused (503, or closed at once far over the limit) because their address had --max-connections-per-ip open.",
+            self.refused_per_ip,
         );
         one(
             "accept_errors_total",

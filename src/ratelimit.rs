@@ -33,6 +33,75 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
     }
 }
 
+/// Connections from one address beyond `--max-connections-per-ip` that are kept only to be
+/// answered 503; more are closed at once, so one address never holds more than its limit plus
+/// these.
+pub const CONN_OVERFLOW: u32 = 4;
+
+/// Open connections per client address, for `--max-connections-per-ip`.
+///
+/// An address has an entry only while it has connections: every connection counted by
+/// [`ConnCounter::admit`] is released by [`ConnCounter::release`] when it is dropped.
+#[derive(Debug, Default)]
+pub struct ConnCounter {
+    limit: u32,
+    open: HashMap<IpKey, u32>,
+}
+
+/// What to do with a new connection from an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Serve it; counted under this key (`None`: the limit is off, nothing counted).
+    Serve(Option<IpKey>),
+    /// Over the limit: counted under this key, kept only to answer 503 and close.
+    Refuse(IpKey),
+    /// Far over the limit: close it at once (not counted).
+    Drop,
+}
+
+impl ConnCounter {
+    /// `limit` connections per address; 0 turns the limit off.
+    pub fn new(limit: usize) -> ConnCounter {
+        ConnCounter {
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            open: HashMap::new(),
+        }
+    }
+
+    /// Counts a new connection from `ip` (unless it is to be dropped) and says what to do.
+    pub fn admit(&mut self, ip: IpAddr) -> Admit {
+        if self.limit == 0 {
+            return Admit::Serve(None);
+        }
+        let key = ip_key(ip);
+        let n = self.open.get(&key).copied().unwrap_or(0);
+        if n >= self.limit.saturating_add(CONN_OVERFLOW) {
+            return Admit::Drop;
+        }
+        self.open.insert(key, n + 1);
+        if n >= self.limit {
+            Admit::Refuse(key)
+        } else {
+            Admit::Serve(Some(key))
+        }
+    }
+
+    /// A connection counted under `key` is gone.
+    pub fn release(&mut self, key: IpKey) {
+        if let Some(n) = self.open.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.open.remove(&key);
+            }
+        }
+    }
+
+    /// Addresses with open connections (for tests).
+    pub fn addresses(&self) -> usize {
+        self.open.len()
+    }
+}
+
 /// Token buckets keyed by client address, pruned as they refill.
 ///
 /// Only addresses that have spent something are tracked, and a bucket that has refilled is
@@ -245,6 +314,47 @@ mod tests {
         assert_eq!(l.take(fresh.into(), Micros::ZERO), Err(1));
         assert!(l.take(other, Micros::ZERO).is_ok());
         assert_eq!(l.tracked(), 2);
+    }
+
+    #[test]
+    fn connections_are_counted_per_address_while_open() {
+        let mut c = ConnCounter::new(2);
+        let a = ip(1);
+        assert_eq!(c.admit(a), Admit::Serve(Some(ip_key(a))));
+        assert_eq!(c.admit(a), Admit::Serve(Some(ip_key(a))));
+        for _ in 0..CONN_OVERFLOW {
+            assert_eq!(c.admit(a), Admit::Refuse(ip_key(a)));
+        }
+        assert_eq!(c.admit(a), Admit::Drop, "limit + overflow: not even kept");
+        assert_eq!(c.admit(a), Admit::Drop);
+        // Another address, and another address of the same /64, as IPv6.
+        assert_eq!(c.admit(ip(2)), Admit::Serve(Some(ip_key(ip(2)))));
+        let v6a = v6("2001:db8::1");
+        let v6b = v6("2001:db8::2");
+        assert!(matches!(c.admit(v6a), Admit::Serve(Some(_))));
+        assert!(matches!(c.admit(v6b), Admit::Serve(Some(_))));
+        assert!(matches!(c.admit(v6("2001:db8::3")), Admit::Refuse(_)));
+        assert_eq!(c.addresses(), 3);
+        // Closing one makes room for one; closing all forgets the address.
+        for _ in 0..CONN_OVERFLOW {
+            c.release(ip_key(a));
+        }
+        c.release(ip_key(a));
+        assert_eq!(c.admit(a), Admit::Serve(Some(ip_key(a))));
+        c.release(ip_key(a));
+        c.release(ip_key(a));
+        c.release(ip_key(a)); // one too many: harmless
+        c.release(ip_key(ip(2)));
+        for _ in 0..3 {
+            c.release(ip_key(v6a));
+        }
+        assert_eq!(c.addresses(), 0, "no entry without connections");
+        // Off: nothing counted.
+        let mut off = ConnCounter::new(0);
+        for _ in 0..10_000 {
+            assert_eq!(off.admit(a), Admit::Serve(None));
+        }
+        assert_eq!(off.addresses(), 0);
     }
 
     #[test]

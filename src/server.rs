@@ -18,12 +18,12 @@ use slab::Slab;
 
 use crate::cluster::{Answer, Cluster, ClusterConfig, Event as ClusterEvent, Facts, Query};
 use crate::config::Config;
-use crate::conn::{ClusterCtx, Conn, Ctx, LINGER, Next, State};
+use crate::conn::{ClusterCtx, Conn, Ctx, LINGER, Next, OverLimit, State};
 use crate::hub::{Action, ConnId, Hub, HubConfig};
 use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox};
 use crate::protocol::FrameBuf;
-use crate::ratelimit::CreateLimiter;
+use crate::ratelimit::{Admit, ConnCounter, CreateLimiter};
 use crate::throttle::{Event, LogThrottle};
 use crate::time::{Micros, Now, UnixMicros};
 use crate::timer::Wheel;
@@ -73,6 +73,8 @@ pub struct Server {
     doomed: Vec<(usize, Doom)>,
     frame: FrameBuf,
     limiter: CreateLimiter,
+    /// Open connections per client address, for `--max-connections-per-ip`.
+    per_ip: ConnCounter,
     throttle: LogThrottle,
     metrics: Metrics,
     websockets: usize,
@@ -166,6 +168,7 @@ impl Server {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let mut hub = Hub::new(HubConfig::from(&cfg));
         let limiter = CreateLimiter::new(cfg.create_rate, cfg.create_burst);
+        let per_ip = ConnCounter::new(cfg.max_connections_per_ip);
         let cluster = cfg.redis.as_ref().map(|url| {
             hub.enable_cluster();
             let node = crate::ids::SecureRandom::default().u64() as u32;
@@ -200,6 +203,7 @@ impl Server {
             doomed: Vec::new(),
             frame: FrameBuf::default(),
             limiter,
+            per_ip,
             throttle: LogThrottle::default(),
             metrics: Metrics::default(),
             websockets: 0,
@@ -346,6 +350,21 @@ impl Server {
                         self.metrics.refused_full += 1;
                         continue; // dropped: closes at once
                     }
+                    // A trusted proxy carries many clients: its connections count under the
+                    // client a PROXY header names (Conn::proxy_header), if any.
+                    let trusted = self.cfg.trusted_proxy.contains(peer.ip());
+                    let admit = match trusted {
+                        true => Admit::Serve(None),
+                        false => self.per_ip.admit(peer.ip()),
+                    };
+                    let (counted, over_ip) = match admit {
+                        Admit::Serve(key) => (key, false),
+                        Admit::Refuse(key) => (Some(key), true),
+                        Admit::Drop => {
+                            self.metrics.refused_per_ip += 1;
+                            continue; // dropped: closes at once
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
                     let id = entry.key();
@@ -355,11 +374,13 @@ impl Server {
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
                         log::warn!("cannot register a new connection: {e}");
+                        if let Some(key) = counted {
+                            self.per_ip.release(key);
+                        }
                         continue;
                     }
                     self.serial = self.serial.wrapping_add(1);
-                    let over = open >= self.cfg.max_connections;
-                    if over {
+                    let over = if open >= self.cfg.max_connections {
                         crate::limit_log!(
                             self.throttle,
                             Event::ConnectionLimit,
@@ -368,9 +389,24 @@ impl Server {
                             "connection limit ({}) reached: refusing {peer} with 503",
                             self.cfg.max_connections
                         );
-                    }
-                    let trusted = self.cfg.trusted_proxy.contains(peer.ip());
-                    let conn = Conn::new(stream, self.serial, peer.ip(), trusted, now.mono, over);
+                        Some(OverLimit::Server)
+                    } else if over_ip {
+                        crate::limit_log!(
+                            self.throttle,
+                            Event::ConnectionLimit,
+                            now.mono,
+                            info,
+                            "per-address connection limit ({}) reached: refusing {} with 503",
+                            self.cfg.max_connections_per_ip,
+                            peer.ip()
+                        );
+                        Some(OverLimit::Address)
+                    } else {
+                        None
+                    };
+                    let mut conn =
+                        Conn::new(stream, self.serial, peer.ip(), trusted, now.mono, over);
+                    conn.counted_as = counted;
                     entry.insert(conn);
                     self.arm(id);
                 }
@@ -584,6 +620,9 @@ impl Server {
             let conn = self.conns.remove(id); // closes the socket
             if let Some(t) = conn.timer {
                 self.wheel.cancel(t);
+            }
+            if let Some(key) = conn.counted_as {
+                self.per_ip.release(key);
             }
         }
     }
@@ -1118,6 +1157,7 @@ impl Server {
             frame,
             date,
             limiter,
+            per_ip,
             throttle,
             cluster,
             facts,
@@ -1142,6 +1182,7 @@ impl Server {
             websockets,
             frame,
             limiter,
+            per_ip,
             throttle,
             cluster,
         };
