@@ -18,7 +18,10 @@
 # BENCH_IDLE_CONNS (hard fd limit minus 1000), BENCH_REST_CLIENTS (16), BENCH_JOINS (2000),
 # BENCH_REPEAT (1: run the whole list that many times; numbers on a shared VM vary run to run),
 # BENCH_OUT (target/bench), BENCH_SERVER_ARGS (extra chatloop flags), BENCH_SERVER_BIN (another
-# server binary speaking the same contract), BENCH_NO_BUILD=1 (skip both cargo builds).
+# server binary speaking the same contract), BENCH_NO_BUILD=1 (skip both cargo builds),
+# BENCH_LIMIT_ARGS (default: "--create-rate 0 --max-connections-per-ip 0 --max-rooms-per-session 0",
+# turning off chatloop's per-address and per-session budgets, which a load generator on one
+# address would hit at once; set it empty for a server binary without those flags).
 #
 # Each server scenario gets a fresh chatloop (127.0.0.1, --port 0), pinned to CPU 0 (loadgen on
 # CPU 1) when there are two cores, so one scenario's leftovers (sessions, freed memory, closing
@@ -35,6 +38,8 @@ JOINS=${BENCH_JOINS:-2000}
 JOIN_CONCURRENCY=${BENCH_JOIN_CONCURRENCY:-4}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 CLUSTER_RATE=${BENCH_CLUSTER_RATE:-100}
+# shellcheck disable=SC2206 # word splitting intended: a list of flags
+LIMIT_ARGS=(${BENCH_LIMIT_ARGS---create-rate 0 --max-connections-per-ip 0 --max-rooms-per-session 0})
 ALL=(fanout1k fanout10x50 floor1k floor10x50 relay1k relay10x50 rest restfloor join idle cluster0 cluster1 cluster2)
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
@@ -90,7 +95,7 @@ trap 'exit 130' INT TERM
 start_server() {
     local log=$OUT/$1.server.log
     # shellcheck disable=SC2086
-    start_chatloop "$log" ${BENCH_SERVER_ARGS:-} || exit 1
+    start_chatloop "$log" ${LIMIT_ARGS[@]+"${LIMIT_ARGS[@]}"} ${BENCH_SERVER_ARGS:-} || exit 1
     ADDR=127.0.0.1:$PORT
     echo "== chatloop pid $SERVER_PID listening on $ADDR (log: $log)" >&2
 }
@@ -260,11 +265,11 @@ cluster() {
         redis_args=(--redis "redis://127.0.0.1:$REDIS_PORT/0")
         extra=$REDIS_PID
     fi
-    start_chatloop "$OUT/$name.server.log" "${redis_args[@]}" --chat-rate 1000 --chat-burst 1000 || {
+    start_chatloop "$OUT/$name.server.log" "${redis_args[@]}" ${LIMIT_ARGS[@]+"${LIMIT_ARGS[@]}"} --chat-rate 1000 --chat-burst 1000 || {
         say "$name: FAILED (server start)"; SERVER_PREFIX=("${saved_prefix[@]}"); stop_cluster; return 0; }
     pid1=$SERVER_PID port1=$PORT
     if [ "$nodes" -gt 1 ]; then
-        start_chatloop "$OUT/$name.node2.log" "${redis_args[@]}" --chat-rate 1000 --chat-burst 1000 || {
+        start_chatloop "$OUT/$name.node2.log" "${redis_args[@]}" ${LIMIT_ARGS[@]+"${LIMIT_ARGS[@]}"} --chat-rate 1000 --chat-burst 1000 || {
             say "$name: FAILED (node 2 start)"; SERVER_PREFIX=("${saved_prefix[@]}"); stop_cluster; return 0; }
         NODE2_PID=$SERVER_PID
         node_args=(--nodes "127.0.0.1:$PORT")

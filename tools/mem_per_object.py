@@ -13,7 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SESSIONS = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
 ROOMS = int(sys.argv[2]) if len(sys.argv) > 2 else 20_000
 
-server = subprocess.Popen([os.path.join(ROOT, "target/release/chatloop"), "--port", "0"],
+# One client creating everything: the per-address and per-session budgets are off.
+server = subprocess.Popen([os.path.join(ROOT, "target/release/chatloop"), "--port", "0",
+                           "--create-rate", "0", "--max-rooms-per-session", "0"],
                           stderr=subprocess.PIPE, text=True)
 try:
     port = None
