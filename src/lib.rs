@@ -9,6 +9,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod ids;
