@@ -35,7 +35,7 @@ fn http_parse_and_route(c: &mut Criterion) {
                 .unwrap();
             let mut ctx = ApiCtx {
                 now,
-                no_room_list: false,
+                room_list: true,
                 echo_path: None,
                 peer: IpAddr::from([127, 0, 0, 1]),
                 limiter: &mut limiter,

@@ -21,6 +21,9 @@ fn big_hub() -> Hub {
     Hub::new(HubConfig {
         max_rooms: 10_000_000,
         max_sessions: 10_000_000,
+        // The per-session cap (--max-rooms-per-session) would stop the attack measured here.
+        max_rooms_per_session: 0,
+        upgrade_rate: 0,
         ..HubConfig::default()
     })
 }

@@ -56,7 +56,8 @@ pub struct ClusterReq<'a> {
 #[derive(Debug)]
 pub struct ApiCtx<'a> {
     pub now: Now,
-    pub no_room_list: bool,
+    /// `GET /rooms/all` answers (`--room-list`); 404 otherwise.
+    pub room_list: bool,
     pub echo_path: Option<&'a str>,
     pub peer: IpAddr,
     pub limiter: &'a mut CreateLimiter,
@@ -198,10 +199,10 @@ fn route(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) ->
         }
         ((Some("rooms"), None, ..), Method::Post) => return create_room(req, hub, ctx),
         ((Some("rooms"), None, ..), Method::Get) => return my_rooms(req, hub, ctx),
-        ((Some("rooms"), Some("all"), None, _), Method::Get) if !ctx.no_room_list => {
+        ((Some("rooms"), Some("all"), None, _), Method::Get) if ctx.room_list => {
             return all_rooms(hub, ctx);
         }
-        ((Some("rooms"), Some("all"), None, _), _) if !ctx.no_room_list => {
+        ((Some("rooms"), Some("all"), None, _), _) if ctx.room_list => {
             method_not_allowed(ALLOW_GET)
         }
         ((Some("rooms"), Some(id), rest, None), m) => match (RoomId::parse(id), rest, m) {
@@ -499,36 +500,90 @@ fn messages(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>
             }
         },
     };
+    let before = match http::query_param(req.query, "before") {
+        None | Some("") => None,
+        Some(v) => match MsgId::parse(v) {
+            Some(id) => Some(id),
+            None => {
+                return Response::json(
+                    422,
+                    b"{\"detail\":\"before must be a message id\",\"errors\":[{\"loc\":[\"query\",\"before\"],\"msg\":\"Input should be a message id (a UUID)\",\"type\":\"uuid_parsing\"}]}".to_vec(),
+                )
+                .into();
+            }
+        },
+    };
     let mut b = Vec::with_capacity(256);
     b.extend_from_slice(b"{\"messages\":[");
-    match ctx.cluster.as_mut() {
+    let truncated = match ctx.cluster.as_mut() {
         Some(c) if !hub.room_live(room) => {
-            // Not subscribed here: Redis has the history.
+            // Not subscribed here: Redis has the history (all of it when paging back).
             let exists = match ask(c, Query::RoomExists(room)) {
                 Err(r) => return r.into(),
                 Ok(a) => a,
             };
-            let history = match ask(c, Query::History(room, limit)) {
+            let n = if before.is_some() { HISTORY_ALL } else { limit };
+            let history = match ask(c, Query::History(room, n)) {
                 Err(r) => return r.into(),
                 Ok(a) => a,
             };
             match (exists, history) {
                 (Some(Answer::Exists(false)), _) => return room_not_found().into(),
                 (Some(_), Some(Answer::Messages(m))) => {
-                    protocol::write_joined(&mut b, m.iter().map(Vec::as_slice))
+                    let (page, truncated) = page_back(m, before, limit, hub.max_welcome_bytes());
+                    protocol::write_joined(&mut b, page.iter().map(Vec::as_slice));
+                    truncated
                 }
-                (Some(_), Some(_)) => {}
+                (Some(_), Some(_)) => false,
                 _ => return Reply::Fetch,
             }
         }
-        _ => {
-            if !hub.write_history(room, limit, &mut b) {
-                return room_not_found().into();
-            }
-        }
+        _ => match hub.write_history(room, limit, before, &mut b) {
+            Some(truncated) => truncated,
+            None => return room_not_found().into(),
+        },
+    };
+    b.push(b']');
+    if truncated {
+        b.extend_from_slice(b",\"truncated\":true");
     }
-    b.extend_from_slice(b"]}");
+    b.push(b'}');
     Response::json(200, b).into()
+}
+
+/// `Query::History` for a whole room's history (paging back needs all of it).
+const HISTORY_ALL: usize = 1_000_000;
+
+/// Cluster mode's history from Redis, cut as [`Hub::write_history`] cuts a node's own copy:
+/// the last `limit` messages older than `before` (none when `before` is not among them),
+/// the newest first within `bytes`. Also says whether anything was left out.
+fn page_back(
+    messages: &[Vec<u8>],
+    before: Option<MsgId>,
+    limit: usize,
+    bytes: usize,
+) -> (&[Vec<u8>], bool) {
+    let end = match before {
+        None => messages.len(),
+        Some(id) => match messages
+            .iter()
+            .rposition(|m| protocol::event_id(m) == Some(id))
+        {
+            Some(i) => i,
+            None => return (&[], true),
+        },
+    };
+    let mut start = end;
+    let mut used = 0;
+    while start > 0 && end - start < limit {
+        let size = messages[start - 1].len() + 1;
+        if start < end && used + size > bytes {
+            return (&messages[start..end], true);
+        }
+        used += size;
+        start -= 1;
+    }
+    (&messages[start..end], false)
 }
 
 fn upgrade(req: &Request<'_>, hub: &mut Hub, room: &str, ctx: &mut ApiCtx<'_>) -> Reply {
@@ -558,11 +613,14 @@ fn upgrade(req: &Request<'_>, hub: &mut Hub, room: &str, ctx: &mut ApiCtx<'_>) -
         }
     }
     match hub.check_connect(session, room, now) {
-        Ok(()) => Reply::Upgrade {
-            room,
-            session,
-            since,
-            elsewhere,
+        Ok(()) => match hub.take_upgrade(session, now) {
+            Ok(()) => Reply::Upgrade {
+                room,
+                session,
+                since,
+                elsewhere,
+            },
+            Err(wait) => Reply::Response(too_many_upgrades(wait)),
         },
         Err(HubError::InvalidSession) => {
             Reply::Response(Response::error(403, "Invalid or expired session"))
@@ -708,6 +766,15 @@ fn too_many_rooms(max: usize) -> Response {
 fn too_many(wait: u32) -> Response {
     let detail =
         format!("Too many sessions, rooms or unknown rooms from your address; retry in {wait} s");
+    Response {
+        retry_after: Some(wait),
+        ..Response::error(429, &detail)
+    }
+}
+
+fn too_many_upgrades(wait: u32) -> Response {
+    let detail =
+        format!("Too many WebSocket connections opened by this session; retry in {wait} s");
     Response {
         retry_after: Some(wait),
         ..Response::error(429, &detail)

@@ -7,7 +7,8 @@
 //! | `s:{session}` | hash `u`, `i` | username, user id | `--session-ttl`, slid on every use |
 //! | `sr:{session}` | set | the session's rooms | as the session |
 //! | `rooms` | sorted set | room id → expiry (Unix ms) | score pushed forward while a node has members |
-//! | `h:{room}` | list | the last `--history` messages (`id` + JSON) | room TTL after the last refresh |
+//! | `h:{room}` | list | the last `--history` chat messages and the presence notices among them (`id` + JSON) | room TTL after the last refresh |
+//! | `hn:{room}` | list | the notices in `h:{room}`, oldest first, at most `--history-notices` | as `h:{room}` |
 //! | `p:{room}` | sorted set | `node:conn:user_id:user` → expiry (Unix ms) | heartbeated every `--presence-ttl`/3 |
 //! | channel `m:{room}` | pub/sub | `H{id}{json}` history events, `T{node}{conn}{json}` typing | subscribed while the node has members there |
 //! | channel `ctl` | pub/sub | `E{session}`: a session ended | always subscribed |
@@ -104,7 +105,10 @@ impl std::fmt::Display for RedisUrl {
 pub struct ClusterConfig {
     pub room_ttl: Micros,
     pub session_ttl: Micros,
+    /// Chat messages kept per room.
     pub history: usize,
+    /// Presence notices kept per room besides them (`--history-notices`).
+    pub history_notices: usize,
     pub presence_ttl: Micros,
     pub db: u32,
     pub user: Option<String>,
@@ -336,9 +340,27 @@ const MAX_FRAME: usize = 512 * 1024 * 1024;
 /// Stores a history event and publishes it, atomically, so that history order is delivery
 /// order. A script rather than `MULTI`: Redis 7.0 writes a subscriber's own pushes into the
 /// middle of an `EXEC` reply, but before a script's reply.
-const PUBLISH: &str = "redis.call('RPUSH', KEYS[1], ARGV[1]) \
-redis.call('LTRIM', KEYS[1], ARGV[2], -1) \
-redis.call('EXPIRE', KEYS[1], ARGV[3]) \
+///
+/// Presence notices are bounded on their own (as in `history.rs`), so that churn never
+/// pushes chat out: `KEYS[3]` lists the notices in `KEYS[1]`, oldest first; past
+/// `ARGV[4]` the oldest notice leaves both (`LREM` from the newest end: under churn it is
+/// among the newest entries). Past `ARGV[2]` chat messages the oldest entries leave until
+/// a chat message has (notices older than it go with it). `ARGV[5]` is 1 for a notice.
+const PUBLISH: &str = "local h, n = KEYS[1], KEYS[3] \
+redis.call('RPUSH', h, ARGV[1]) \
+if ARGV[5] == '1' then \
+redis.call('RPUSH', n, ARGV[1]) \
+if redis.call('LLEN', n) > tonumber(ARGV[4]) then redis.call('LREM', h, -1, redis.call('LPOP', n)) end \
+else \
+local chats = redis.call('LLEN', h) - redis.call('LLEN', n) \
+while chats > tonumber(ARGV[2]) do \
+local first = redis.call('LPOP', h) \
+if not first then break end \
+if first == redis.call('LINDEX', n, 0) then redis.call('LPOP', n) else chats = chats - 1 end \
+end \
+end \
+redis.call('EXPIRE', h, ARGV[3]) \
+redis.call('EXPIRE', n, ARGV[3]) \
 return redis.call('PUBLISH', KEYS[2], 'H' .. ARGV[1])";
 
 /// Removes a room's expired presence entries and returns them: the one node whose script
@@ -694,18 +716,27 @@ impl Cluster {
                 let mut entry = Vec::with_capacity(36 + json.len());
                 let _ = std::io::Write::write_fmt(&mut entry, format_args!("{id}"));
                 entry.extend_from_slice(&json);
-                let (h, m) = (key("h:", room), key("m:", room));
-                let keep = format!("-{}", self.cfg.history);
+                let (h, m, n) = (key("h:", room), key("m:", room), key("hn:", room));
+                let keep = self.cfg.history.to_string();
+                let keep_notices = self.cfg.history_notices.to_string();
+                let notice: &[u8] = if crate::protocol::is_presence(&json) {
+                    b"1"
+                } else {
+                    b"0"
+                };
                 let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
-                let args: [&[u8]; 8] = [
+                let args: [&[u8]; 11] = [
                     b"EVAL",
                     PUBLISH.as_bytes(),
-                    b"2",
+                    b"3",
                     h.as_bytes(),
                     m.as_bytes(),
+                    n.as_bytes(),
                     &entry,
                     keep.as_bytes(),
                     ttl.as_bytes(),
+                    keep_notices.as_bytes(),
+                    notice,
                 ];
                 self.command(&args, Pending::Ignore);
             }
@@ -849,8 +880,10 @@ impl Cluster {
         self.command(&args, Pending::Ignore);
         let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
         self.command(&[b"EXPIRE", p.as_bytes(), ttl.as_bytes()], Pending::Ignore);
-        let h = key("h:", room);
-        self.command(&[b"EXPIRE", h.as_bytes(), ttl.as_bytes()], Pending::Ignore);
+        for list in ["h:", "hn:"] {
+            let k = key(list, room);
+            self.command(&[b"EXPIRE", k.as_bytes(), ttl.as_bytes()], Pending::Ignore);
+        }
         let exp = (now_ms + ms(self.cfg.room_ttl)).to_string();
         let hex = room.hex();
         let args: [&[u8]; 5] = [b"ZADD", b"chatloop:rooms", b"GT", exp.as_bytes(), &hex];

@@ -20,15 +20,20 @@ pub struct Config {
     pub room_ttl: Micros,
     pub session_ttl: Micros,
     pub history: usize,
+    pub history_notices: usize,
     pub max_request_head: usize,
     pub max_request_body: usize,
     pub max_ws_message: usize,
     pub max_chat_chars: usize,
+    pub max_chat_bytes: usize,
+    pub max_welcome_bytes: usize,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub max_room_members: usize,
     pub chat_rate: u32,
     pub chat_burst: u32,
+    pub upgrade_rate: u32,
+    pub upgrade_burst: u32,
     pub max_output_queue: usize,
     pub request_timeout: Micros,
     pub idle_timeout: Micros,
@@ -42,7 +47,7 @@ pub struct Config {
     pub max_rooms_per_session: usize,
     pub create_rate: u32,
     pub create_burst: u32,
-    pub no_room_list: bool,
+    pub room_list: bool,
     pub echo_path: Option<String>,
     pub redis: Option<crate::cluster::RedisUrl>,
     pub presence_ttl: Micros,
@@ -156,9 +161,19 @@ pub const OPTIONS: &[Opt] = &[
         "history",
         ["CHATLOOP_HISTORY"],
         "1000",
-        "messages kept per room",
+        "chat messages kept per room",
         |c, v| {
             c.history = count(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "history-notices",
+        ["CHATLOOP_HISTORY_NOTICES"],
+        "100",
+        "user_joined/user_left kept per room besides the chat messages (churn never pushes chat out)",
+        |c, v| {
+            c.history_notices = count(v)?;
             Ok(())
         }
     ),
@@ -199,6 +214,26 @@ pub const OPTIONS: &[Opt] = &[
         "longest chat message in characters (error message_too_long)",
         |c, v| {
             c.max_chat_chars = count(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-chat-bytes",
+        ["CHATLOOP_MAX_CHAT_BYTES"],
+        "16KiB",
+        "largest chat message as stored: JSON-encoded, escapes included (a control character costs 6 bytes) (error message_too_long)",
+        |c, v| {
+            c.max_chat_bytes = size(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-welcome-bytes",
+        ["CHATLOOP_MAX_WELCOME_BYTES"],
+        "256KiB",
+        "messages in one welcome frame or GET /rooms/{id}/messages answer, in bytes; the oldest are left out (truncated: true) beyond, but the newest always comes",
+        |c, v| {
+            c.max_welcome_bytes = size(v)?;
             Ok(())
         }
     ),
@@ -249,6 +284,26 @@ pub const OPTIONS: &[Opt] = &[
         "chat messages a session may send at once (token bucket size)",
         |c, v| {
             c.chat_burst = count(v)? as u32;
+            Ok(())
+        }
+    ),
+    opt!(
+        "upgrade-rate",
+        ["CHATLOOP_UPGRADE_RATE"],
+        "2",
+        "WebSocket upgrades per second per session (token bucket rate; 429 with Retry-After beyond; 0 = off)",
+        |c, v| {
+            c.upgrade_rate = count(v)? as u32;
+            Ok(())
+        }
+    ),
+    opt!(
+        "upgrade-burst",
+        ["CHATLOOP_UPGRADE_BURST"],
+        "20",
+        "WebSocket upgrades a session may make at once (token bucket size)",
+        |c, v| {
+            c.upgrade_burst = count(v)? as u32;
             Ok(())
         }
     ),
@@ -383,13 +438,26 @@ pub const OPTIONS: &[Opt] = &[
         }
     ),
     Opt {
+        flag: "room-list",
+        env: &["CHATLOOP_ROOM_LIST"],
+        default: "false",
+        switch: true,
+        help: "turn on GET /rooms/all, which lists every live room to anyone (off: 404; a room id is the capability to read and join it)",
+        set: |c, v| {
+            c.room_list = boolean(v)?;
+            Ok(())
+        },
+    },
+    Opt {
         flag: "no-room-list",
         env: &["CHATLOOP_NO_ROOM_LIST"],
         default: "false",
         switch: true,
-        help: "turn off GET /rooms/all (it then answers 404)",
+        help: "keep GET /rooms/all off: the default now; accepted so that older command lines still start",
         set: |c, v| {
-            c.no_room_list = boolean(v)?;
+            if boolean(v)? {
+                c.room_list = false;
+            }
             Ok(())
         },
     },
@@ -492,15 +560,20 @@ impl Default for Config {
             room_ttl: Micros::ZERO,
             session_ttl: Micros::ZERO,
             history: 0,
+            history_notices: 0,
             max_request_head: 0,
             max_request_body: 0,
             max_ws_message: 0,
             max_chat_chars: 0,
+            max_chat_bytes: 0,
+            max_welcome_bytes: 0,
             max_connections: 0,
             max_connections_per_ip: 0,
             max_room_members: 0,
             chat_rate: 0,
             chat_burst: 0,
+            upgrade_rate: 0,
+            upgrade_burst: 0,
             max_output_queue: 0,
             request_timeout: Micros::ZERO,
             idle_timeout: Micros::ZERO,
@@ -514,7 +587,7 @@ impl Default for Config {
             max_rooms_per_session: 0,
             create_rate: 0,
             create_burst: 0,
-            no_room_list: false,
+            room_list: false,
             echo_path: None,
             redis: None,
             presence_ttl: Micros::ZERO,
@@ -595,6 +668,9 @@ impl Config {
             return fail(
                 "--create-burst must be at least 1 (or turn the budget off with --create-rate 0)",
             );
+        }
+        if self.upgrade_rate > 0 && self.upgrade_burst == 0 {
+            return fail("--upgrade-burst must be at least 1 (or --upgrade-rate 0 for no limit)");
         }
         if self.max_ws_message < 125 {
             return fail("--max-ws-message must be at least 125 bytes");
@@ -747,7 +823,10 @@ mod tests {
             (c.ping_interval, c.pong_timeout),
             (Micros::from_secs(30), Micros::from_secs(60))
         );
-        assert!(!c.no_room_list);
+        assert!(!c.room_list, "GET /rooms/all is off unless asked for");
+        assert_eq!(c.max_welcome_bytes, 256 * 1024);
+        assert!(c.max_welcome_bytes < c.max_output_queue);
+        assert_eq!((c.upgrade_rate, c.upgrade_burst), (2, 20));
         assert_eq!(c.echo_path, None);
         // Per-address budgets are on by default; benchmarks turn them off explicitly.
         assert_eq!((c.create_rate, c.create_burst), (2, 60));
@@ -772,9 +851,17 @@ mod tests {
         .unwrap();
         assert_eq!(c.room_ttl, Micros::from_secs(1));
         assert_eq!(c.port, 9000);
-        let c = run(&["--port=0", "--no-room-list"], &[("PORT", "9000")]).unwrap();
+        let c = run(&["--port=0", "--room-list"], &[("PORT", "9000")]).unwrap();
         assert_eq!(c.port, 0);
-        assert!(c.no_room_list);
+        assert!(c.room_list);
+        // The old switch still starts, and keeps the list off.
+        assert!(!run(&["--no-room-list"], &[]).unwrap().room_list);
+        assert!(
+            !run(&["--room-list", "--no-room-list"], &[])
+                .unwrap()
+                .room_list
+        );
+        assert!(run(&[], &[("CHATLOOP_ROOM_LIST", "1")]).unwrap().room_list);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::api::{self, ApiCtx, ClusterReq, Reply};
 use crate::cluster::{Facts, Query};
 use crate::config::Config;
 use crate::http::{self, Response};
-use crate::hub::{ConnId, Hub};
+use crate::hub::{Bucket, ConnId, Hub};
 use crate::ids::{RoomId, SessionId};
 use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox, Queue};
@@ -35,6 +35,23 @@ pub const HTTP_PAUSE_BYTES: usize = 256 * 1024;
 /// so that answering stops well before the output cap. Answering resumes below half of it.
 pub fn pause_bytes(cfg: &Config) -> usize {
     HTTP_PAUSE_BYTES.min(cfg.max_output_queue / 2)
+}
+
+/// Frames per second a chat socket may send besides chat (typing, of which the hub passes
+/// on at most 50 a second, pings, and some slack).
+const OTHER_FRAMES_PER_SEC: u32 = 60;
+
+/// The frame budget of a chat socket (token bucket rate and size): every frame counts,
+/// whatever its kind. Above chat's own limit (which refuses, then closes after twice its
+/// burst), so that only a flood of something else (typing, invalid JSON, unknown types,
+/// binary, pings, fragments) runs it out; then the socket is closed with 1008.
+pub fn frame_budget(cfg: &Config) -> (u32, u32) {
+    (
+        cfg.chat_rate.saturating_add(OTHER_FRAMES_PER_SEC),
+        cfg.chat_burst
+            .saturating_mul(2)
+            .saturating_add(OTHER_FRAMES_PER_SEC),
+    )
 }
 
 pub struct Conn {
@@ -80,6 +97,15 @@ pub struct Conn {
     /// Cluster mode: its request waits for Redis (facts to fetch, or writes to be
     /// acknowledged before the response may go out). Neither read nor flushed meanwhile.
     pub waiting: bool,
+    /// Bytes at the front of `out` that are not counted against `--max-output-queue`: the
+    /// `101` and the `welcome` of a new chat socket (bounded by `--max-welcome-bytes`), so
+    /// that a room's history can never make a newcomer a slow consumer.
+    pub exempt: usize,
+    /// Bytes at the front of `out` up to the end of the `101`: never dropped, even for a
+    /// slow consumer (the client gets its handshake, then the close frame).
+    pub unsent_101: usize,
+    /// The next frame from the hub is this socket's `welcome`.
+    pub welcome_due: bool,
 }
 
 /// Which limit a connection was accepted over.
@@ -120,6 +146,8 @@ pub struct Member {
     pub ws: WsState,
     pub last_rx: Micros,
     pub pinged: bool,
+    /// Every frame it sends spends one ([`frame_budget`]).
+    pub frames: Bucket,
 }
 
 /// Everything outside the connection that handling its input may touch.
@@ -190,7 +218,21 @@ impl Conn {
             unanswered: false,
             last_response: 0,
             waiting: false,
+            exempt: 0,
+            unsent_101: 0,
+            welcome_due: false,
         }
+    }
+
+    /// Unsent bytes that count against `--max-output-queue` (all but the exempt front).
+    pub fn backlog(&self) -> usize {
+        self.out.bytes().saturating_sub(self.exempt)
+    }
+
+    /// `n` bytes of the queue went out (its front first).
+    pub fn wrote(&mut self, n: usize) {
+        self.exempt = self.exempt.saturating_sub(n);
+        self.unsent_101 = self.unsent_101.saturating_sub(n);
     }
 
     /// Queues bytes for this connection.
@@ -216,7 +258,8 @@ impl Conn {
     /// large, is allowed; answering stops at the pause mark, far below the cap).
     pub fn over_output_cap(&self, cap: usize) -> bool {
         match self.state {
-            State::Ws(_) | State::Echo { .. } => self.out.bytes() > cap,
+            // The 101 and the welcome at the front do not count (see `exempt`).
+            State::Ws(_) | State::Echo { .. } => self.backlog() > cap,
             State::Http { .. } => self.out.bytes().saturating_sub(self.last_response) > cap,
             State::Closing { .. } | State::Lingering { .. } => false,
         }
@@ -498,7 +541,7 @@ impl Conn {
         }
         let mut actx = ApiCtx {
             now: ctx.now,
-            no_room_list: cfg.no_room_list,
+            room_list: cfg.room_list,
             echo_path: cfg.echo_path.as_deref(),
             peer: self.client,
             limiter: ctx.limiter,
@@ -552,8 +595,10 @@ impl Conn {
                             ws,
                             last_rx: ctx.now.mono,
                             pinged: false,
+                            frames: Bucket::full(frame_budget(cfg).1, ctx.now.mono),
                         };
                         self.state = State::Ws(Box::new(m));
+                        self.welcome_due = true;
                     }
                     Err(e) => {
                         // check_connect passed a moment ago; refuse cleanly all the same.
@@ -608,6 +653,9 @@ impl Conn {
         out.extend_from_slice(ctx.date);
         out.extend_from_slice(b"\r\n\r\n");
         self.send(id, Chunk::Owned(out), ctx.outbox, ctx.dirty);
+        // Everything queued so far (earlier pipelined responses, then the 101) goes first.
+        self.unsent_101 = self.out.bytes();
+        self.exempt = self.out.bytes();
     }
 
     fn respond(
@@ -681,10 +729,16 @@ impl Conn {
             Ok(Step::Need) => None,
             Ok(Step::Consumed(n)) => {
                 ctx.metrics.frames_in += 1;
+                if !self.frame_allowed(id, ctx) {
+                    return Some(data.len());
+                }
                 Some(n)
             }
             Ok(Step::Event(ev, n)) => {
                 ctx.metrics.frames_in += 1;
+                if !self.frame_allowed(id, ctx) {
+                    return Some(data.len());
+                }
                 self.ws_event(id, ev, ctx);
                 Some(n)
             }
@@ -705,6 +759,27 @@ impl Conn {
                 Some(data.len())
             }
         }
+    }
+
+    /// Spends a chat socket's frame budget; a flood of frames of any kind ends in 1008.
+    fn frame_allowed(&mut self, id: ConnId, ctx: &mut Ctx<'_>) -> bool {
+        let State::Ws(m) = &mut self.state else {
+            return true;
+        };
+        let (rate, burst) = frame_budget(ctx.cfg);
+        if m.frames.take(ctx.now.mono, rate, burst) {
+            return true;
+        }
+        crate::limit_log!(
+            ctx.throttle,
+            Event::WsLimit,
+            ctx.now.mono,
+            info,
+            "limit hit: {} sent frames faster than {rate}/s (bursts of {burst}): closed with 1008",
+            self.client
+        );
+        self.close_ws(id, 1008, "too many frames", ctx);
+        false
     }
 
     fn ws_event(&mut self, id: ConnId, ev: WsEvent<'_>, ctx: &mut Ctx<'_>) {

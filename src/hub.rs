@@ -5,11 +5,12 @@
 //! [`Hub::poll_timeout`] / [`Hub::handle_timeout`] are how time moves the hub forward.
 //! Each broadcast is encoded once into a shared [`Frame`] and handed to every member.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::cluster::Op;
 use crate::config::Config;
+use crate::history::{self, Budget, History};
 use crate::ids::{MsgId, MsgIdGen, RoomId, SecureRandom, SessionId, UserId};
 use crate::protocol::{self, ClientMsg, Frame, FrameBuf, Who};
 use crate::time::{Micros, Now};
@@ -45,12 +46,22 @@ pub enum HubError {
 pub struct HubConfig {
     pub room_ttl: Micros,
     pub session_ttl: Micros,
+    /// Chat messages kept per room.
     pub history: usize,
+    /// Presence notices kept per room, besides the chat messages.
+    pub history_notices: usize,
     pub welcome_messages: usize,
+    /// Messages in one `welcome` or history answer, in bytes of JSON (the newest always).
+    pub max_welcome_bytes: usize,
     pub max_chat_chars: usize,
+    /// A chat message's size once JSON-encoded (escapes included).
+    pub max_chat_bytes: usize,
     pub max_room_members: usize,
     pub chat_rate: u32,
     pub chat_burst: u32,
+    /// WebSocket upgrades per session: token bucket rate (0 = no limit) and size.
+    pub upgrade_rate: u32,
+    pub upgrade_burst: u32,
     pub typing_debounce: Micros,
     pub typing_quiet: Micros,
     pub typing_max_per_sec: u32,
@@ -69,11 +80,16 @@ impl From<&Config> for HubConfig {
             room_ttl: c.room_ttl,
             session_ttl: c.session_ttl,
             history: c.history,
+            history_notices: c.history_notices,
             welcome_messages: 50,
+            max_welcome_bytes: c.max_welcome_bytes,
             max_chat_chars: c.max_chat_chars,
+            max_chat_bytes: c.max_chat_bytes,
             max_room_members: c.max_room_members,
             chat_rate: c.chat_rate,
             chat_burst: c.chat_burst,
+            upgrade_rate: c.upgrade_rate,
+            upgrade_burst: c.upgrade_burst,
             typing_debounce: c.typing_debounce,
             typing_quiet: c.typing_quiet,
             typing_max_per_sec: 50,
@@ -116,6 +132,11 @@ pub struct Hub {
     cfg: HubConfig,
     sessions: HashMap<SessionId, Session>,
     rooms: HashMap<RoomId, Room>,
+    /// Where each connected socket is in its room's `members` (so that a frame, a close or
+    /// a typing timer finds its member in O(1) however big the room).
+    member_at: HashMap<ConnId, usize>,
+    /// Orders each session's rooms (`GET /rooms` lists them in the order they were added).
+    room_stamp: u64,
     wheel: Wheel<Timer>,
     actions: Vec<Action>,
     fired: Vec<Timer>,
@@ -144,7 +165,11 @@ struct ClusterLink {
 struct Session {
     username: Rc<str>,
     user_id: UserId,
-    rooms: Vec<RoomId>,
+    /// The session's rooms (some may have expired since), each with when it was added.
+    rooms: HashMap<RoomId, u64>,
+    /// Expired rooms are dropped from `rooms` when it grows to this size, which then
+    /// doubles: amortised O(1) per room added, however many a session adds.
+    rooms_prune_at: usize,
     /// Open WebSockets of this session, with their room.
     conns: Vec<(ConnId, RoomId)>,
     last_used: Micros,
@@ -157,11 +182,13 @@ struct Session {
     bucket: Bucket,
     /// Chat messages refused in a row for the rate limit.
     strikes: u32,
+    /// WebSocket upgrades (`--upgrade-rate`).
+    upgrades: Bucket,
 }
 
 struct Room {
     members: Vec<Member>,
-    history: VecDeque<Stored>,
+    history: History,
     empty_since: Micros,
     /// The expiry timer, armed while the room has no member (cancelled when one connects).
     expiry: Option<TimerId>,
@@ -176,11 +203,6 @@ struct Room {
 }
 
 impl Room {
-    /// How many of the oldest history entries the members have been sent: all but the held.
-    fn sent(&self) -> usize {
-        self.history.len().saturating_sub(self.held.len())
-    }
-
     /// [`Hub::release`] for this room; `batch` is where several notices are put together.
     fn release(&mut self, batch: &mut Vec<u8>, actions: &mut Vec<Action>) {
         let frame = match self.held.as_slice() {
@@ -219,11 +241,6 @@ struct Member {
     typing_count: u32,
 }
 
-struct Stored {
-    id: MsgId,
-    frame: Frame,
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Timer {
     Room(RoomId),
@@ -233,12 +250,14 @@ enum Timer {
 
 /// A token bucket in micro-tokens: `rate` tokens per second, at most `burst`.
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
+pub struct Bucket {
     micro_tokens: u64,
     at: Micros,
 }
 
 const TOKEN: u64 = 1_000_000;
+/// A session's list of rooms is first pruned of expired rooms at this size.
+const ROOMS_PRUNE_MIN: usize = 32;
 
 impl Hub {
     pub fn new(cfg: HubConfig) -> Hub {
@@ -248,6 +267,8 @@ impl Hub {
             cfg,
             sessions: HashMap::new(),
             rooms: HashMap::new(),
+            member_at: HashMap::new(),
+            room_stamp: 0,
             wheel: Wheel::new(),
             actions: Vec::new(),
             fired: Vec::new(),
@@ -341,16 +362,16 @@ impl Hub {
     /// The room's history as Redis has it: this node now mirrors it.
     pub fn load_history(&mut self, id: RoomId, messages: Vec<(MsgId, Vec<u8>)>) {
         self.release(id);
-        let keep = self.cfg.history;
+        let caps = self.history_caps();
         let Some(room) = self.rooms.get_mut(&id) else {
             return;
         };
         room.history.clear();
-        let skip = messages.len().saturating_sub(keep);
-        for (mid, json) in messages.into_iter().skip(skip) {
+        for (mid, json) in messages {
             self.frame.start().extend_from_slice(&json);
             let frame = self.frame.finish_text();
-            room.history.push_back(Stored { id: mid, frame });
+            room.history
+                .push(mid, frame, protocol::is_presence(&json), caps);
         }
         self.frame.trim();
         room.live = true;
@@ -362,7 +383,7 @@ impl Hub {
     /// Redis, so they leave this copy too: every node then answers `since` the same way.
     pub fn catch_up(&mut self, id: RoomId, messages: Vec<(MsgId, Vec<u8>)>) {
         self.release(id);
-        let keep = self.cfg.history;
+        let caps = self.history_caps();
         let Some(room) = self.rooms.get_mut(&id) else {
             return;
         };
@@ -372,13 +393,9 @@ impl Hub {
             .iter()
             .rposition(|(m, _)| known.contains(m))
             .map_or(0, |i| i + 1);
-        let skip = messages.len().saturating_sub(keep);
-        let mut history = VecDeque::with_capacity(messages.len() - skip);
+        let mut history = History::default();
         for (i, (mid, json)) in messages.into_iter().enumerate() {
             let missed = i >= start && !known.contains(&mid);
-            if i < skip && !missed {
-                continue;
-            }
             self.frame.start().extend_from_slice(&json);
             let frame = self.frame.finish_text();
             if missed {
@@ -386,9 +403,7 @@ impl Hub {
                     self.actions.push(Action::Send(m.conn, frame.clone()));
                 }
             }
-            if i >= skip {
-                history.push_back(Stored { id: mid, frame });
-            }
+            history.push(mid, frame, protocol::is_presence(&json), caps);
         }
         self.frame.trim();
         room.history = history;
@@ -569,7 +584,7 @@ impl Hub {
     /// `DELETE /rooms/{id}/leave`: forgets the room in the session's list.
     pub fn leave_room(&mut self, session: SessionId, room: RoomId) {
         if let Some(s) = self.sessions.get_mut(&session) {
-            s.rooms.retain(|r| *r != room);
+            s.rooms.remove(&room);
         }
         self.op(Op::Forget { session, room });
     }
@@ -592,21 +607,45 @@ impl Hub {
         self.rooms.keys().copied()
     }
 
-    /// Writes the last `limit` messages of a room as JSON values separated by commas,
-    /// oldest first: what its members have been sent (not held notices, as in `welcome`).
-    /// `false` when the room does not exist.
-    pub fn write_history(&self, room: RoomId, limit: usize, out: &mut Vec<u8>) -> bool {
-        let Some(r) = self.rooms.get(&room) else {
-            return false;
+    /// Writes the last `limit` messages of a room (those older than `before`, if given) as
+    /// JSON values separated by commas, oldest first: what its members have been sent (not
+    /// held notices, as in `welcome`), within `--max-welcome-bytes`. `None` when the room
+    /// does not exist; else whether older messages were left out for the byte budget.
+    pub fn write_history(
+        &self,
+        room: RoomId,
+        limit: usize,
+        before: Option<MsgId>,
+        out: &mut Vec<u8>,
+    ) -> Option<bool> {
+        let r = self.rooms.get(&room)?;
+        let budget = Budget {
+            count: limit,
+            bytes: self.cfg.max_welcome_bytes,
         };
-        let sent = r.sent();
-        protocol::write_joined(
-            out,
-            r.history
-                .range(sent.saturating_sub(limit)..sent)
-                .map(|m| protocol::frame_payload(&m.frame)),
-        );
-        true
+        let window = r
+            .history
+            .before(before, self.ids_ordered(), r.held.len(), budget);
+        let truncated = window.truncated;
+        protocol::write_joined(out, window.map(|m| protocol::frame_payload(&m.frame)));
+        Some(truncated)
+    }
+
+    /// `--max-welcome-bytes`: what one history answer may carry.
+    pub fn max_welcome_bytes(&self) -> usize {
+        self.cfg.max_welcome_bytes
+    }
+
+    /// Ids grow with storage order: one node made them all (not so in cluster mode).
+    fn ids_ordered(&self) -> bool {
+        self.cluster.is_none()
+    }
+
+    fn history_caps(&self) -> history::Caps {
+        history::Caps {
+            chats: self.cfg.history,
+            notices: self.cfg.history_notices,
+        }
     }
 
     // ---- WebSocket members ----------------------------------------------------------
@@ -629,6 +668,23 @@ impl Hub {
         Ok(())
     }
 
+    /// Spends one of the session's WebSocket upgrades (`--upgrade-rate`), checked after
+    /// everything else about the upgrade. `Err(seconds)` (for `Retry-After`) when none is
+    /// left; an unknown session is left for `connect` to refuse.
+    pub fn take_upgrade(&mut self, session: SessionId, now: Now) -> Result<(), u32> {
+        let (rate, burst) = (self.cfg.upgrade_rate, self.cfg.upgrade_burst);
+        match self.sessions.get_mut(&session) {
+            Some(s) if rate > 0 => {
+                if s.upgrades.take(now.mono, rate, burst) {
+                    Ok(())
+                } else {
+                    Err(s.upgrades.wait_secs(rate))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A socket opened: sends it `welcome`, then `user_joined` to everyone.
     pub fn connect(
         &mut self,
@@ -643,13 +699,10 @@ impl Hub {
         // The welcome leaves out held notices (the new member gets them with everyone else),
         // unless the client already saw some of them on another node: then they go out now.
         if let Some(id) = since
-            && self.rooms.get(&room_id).is_some_and(|r| {
-                r.history
-                    .iter()
-                    .rev()
-                    .take(r.held.len())
-                    .any(|m| m.id == id)
-            })
+            && self
+                .rooms
+                .get(&room_id)
+                .is_some_and(|r| r.history.is_held(id, r.held.len()))
         {
             self.release(room_id);
         }
@@ -665,6 +718,7 @@ impl Hub {
         if let Some(t) = room.expiry.take() {
             self.wheel.cancel(t); // occupied rooms do not expire
         }
+        self.member_at.insert(conn, room.members.len());
         room.members.push(Member {
             conn,
             session,
@@ -682,16 +736,21 @@ impl Hub {
             user: &user,
             user_id,
         };
-        let sent = room.sent();
-        let (start, truncated) = match since {
-            None => (sent.saturating_sub(self.cfg.welcome_messages), false),
-            // From the end: a reconnecting client usually missed little. (Not a binary search:
-            // in cluster mode ids from different nodes need not be in delivery order.)
-            Some(id) => match room.history.range(..sent).rposition(|m| m.id == id) {
-                Some(i) => (i + 1, false),
-                None => (0, true),
-            },
+        // Within `--max-welcome-bytes` (the newest messages first), so that no history can
+        // make a welcome too big to send; `truncated` tells the client to page the rest
+        // (`GET /rooms/{id}/messages?before=`).
+        let (held, bytes) = (room.held.len(), self.cfg.max_welcome_bytes);
+        let window = match since {
+            None => room.history.last(
+                held,
+                Budget {
+                    count: self.cfg.welcome_messages,
+                    bytes,
+                },
+            ),
+            Some(id) => room.history.after(id, self.cluster.is_none(), held, bytes),
         };
+        let truncated = window.truncated;
         let out = self.frame.start();
         // One entry per user, even with several sockets (O(n) with a set; rooms can be big).
         let mut seen =
@@ -710,9 +769,7 @@ impl Hub {
             room_id,
             me,
             users,
-            room.history
-                .range(start..sent)
-                .map(|m| protocol::frame_payload(&m.frame)),
+            window.map(|m| protocol::frame_payload(&m.frame)),
             truncated,
         );
         let welcome = self.frame.finish_text();
@@ -732,20 +789,24 @@ impl Hub {
     /// A socket closed or was closed: it leaves its room (`typing_stopped` if it was typing,
     /// then `user_left`). Does nothing for a connection the hub no longer knows.
     pub fn disconnect(&mut self, conn: ConnId, room_id: RoomId, now: Now) {
+        let Some(i) = self.member_index(conn, room_id) else {
+            return;
+        };
         let Some(room) = self.rooms.get_mut(&room_id) else {
             return;
         };
-        let Some(i) = room.members.iter().position(|m| m.conn == conn) else {
-            return;
-        };
         let m = room.members.swap_remove(i);
+        self.member_at.remove(&conn);
+        if let Some(moved) = room.members.get(i) {
+            self.member_at.insert(moved.conn, i);
+        }
         self.members -= 1;
         let cluster = self.cluster.is_some();
         if room.members.is_empty() {
             if cluster {
                 // Unsubscribed from now on: the copy here stops being current.
                 room.live = false;
-                room.history = VecDeque::new();
+                room.history.clear();
             }
             room.empty_since = now.mono;
             let due = now.mono + self.cfg.room_ttl;
@@ -781,10 +842,7 @@ impl Hub {
 
     /// A text message from a member's socket.
     pub fn on_text(&mut self, conn: ConnId, room_id: RoomId, text: &str, now: Now) {
-        let Some(room) = self.rooms.get_mut(&room_id) else {
-            return;
-        };
-        let Some(i) = room.members.iter().position(|m| m.conn == conn) else {
+        let Some(i) = self.member_index(conn, room_id) else {
             return;
         };
         match protocol::parse_client(text) {
@@ -830,6 +888,16 @@ impl Hub {
         let max = self.cfg.max_chat_chars;
         if msg.len() > max && msg.chars().count() > max {
             let detail = format!("Message is longer than {max} characters");
+            self.send_error(conn, "message_too_long", &detail);
+            return;
+        }
+        // What it costs stored and sent (its JSON string, quotes aside): 4096 control
+        // characters are 24 KiB once escaped, 4096 emoji 16 KiB.
+        let max = self.cfg.max_chat_bytes;
+        if protocol::json_str_len(msg) - 2 > max {
+            let detail = format!(
+                "Message is too large: at most {max} bytes once encoded as JSON (control characters take 6)"
+            );
             self.send_error(conn, "message_too_long", &detail);
             return;
         }
@@ -927,10 +995,13 @@ impl Hub {
     }
 
     fn typing_timeout(&mut self, room_id: RoomId, conn: ConnId, now: Now) {
+        let Some(i) = self.member_index(conn, room_id) else {
+            return;
+        };
         let Some(m) = self
             .rooms
             .get_mut(&room_id)
-            .and_then(|r| r.members.iter_mut().find(|m| m.conn == conn))
+            .and_then(|r| r.members.get_mut(i))
         else {
             return;
         };
@@ -1019,6 +1090,7 @@ impl Hub {
     /// presence notice, held back to share a write with the notices that follow.
     fn store_and_send(&mut self, room_id: RoomId, id: MsgId, frame: Frame, notice: bool, now: Now) {
         let hold = notice && self.cfg.notice_delay > Micros::ZERO;
+        let caps = self.history_caps();
         let Some(room) = self.rooms.get_mut(&room_id) else {
             return;
         };
@@ -1036,10 +1108,7 @@ impl Hub {
                 self.actions.push(Action::Send(m.conn, frame.clone()));
             }
         }
-        if room.history.len() >= self.cfg.history {
-            room.history.pop_front();
-        }
-        room.history.push_back(Stored { id, frame });
+        room.history.push(id, frame, notice, caps);
     }
 
     /// Sends the room's held presence notices to its members, all of them in one frame
@@ -1114,7 +1183,7 @@ impl Hub {
             id,
             Room {
                 members: Vec::new(),
-                history: VecDeque::new(),
+                history: History::default(),
                 empty_since: now.mono,
                 expiry: Some(expiry),
                 owner: None,
@@ -1129,10 +1198,8 @@ impl Hub {
     }
 
     fn insert_session(&mut self, id: SessionId, username: &str, user_id: UserId, now: Now) {
-        let bucket = Bucket {
-            micro_tokens: u64::from(self.cfg.chat_burst) * TOKEN,
-            at: now.mono,
-        };
+        let bucket = Bucket::full(self.cfg.chat_burst, now.mono);
+        let upgrades = Bucket::full(self.cfg.upgrade_burst, now.mono);
         let expiry = self
             .wheel
             .arm(now.mono + self.cfg.session_ttl, Timer::Session(id));
@@ -1141,13 +1208,15 @@ impl Hub {
             Session {
                 username: Rc::from(username),
                 user_id,
-                rooms: Vec::new(),
+                rooms: HashMap::new(),
+                rooms_prune_at: ROOMS_PRUNE_MIN,
                 conns: Vec::new(),
                 last_used: now.mono,
                 expiry,
                 rooms_created: 0,
                 bucket,
                 strikes: 0,
+                upgrades,
             },
         );
         if let Some(old) = old {
@@ -1158,27 +1227,58 @@ impl Hub {
     fn remember_room(&mut self, session: SessionId, room: RoomId) {
         self.op(Op::Remember { session, room });
         let rooms = &self.rooms;
-        if let Some(s) = self.sessions.get_mut(&session)
-            && !s.rooms.contains(&room)
-        {
-            if s.rooms.len() >= 32 {
-                s.rooms.retain(|r| rooms.contains_key(r));
-            }
-            s.rooms.push(room);
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if s.rooms.contains_key(&room) {
+            return;
         }
+        if s.rooms.len() >= s.rooms_prune_at {
+            s.rooms.retain(|r, _| rooms.contains_key(r));
+            s.rooms_prune_at = (2 * s.rooms.len()).max(ROOMS_PRUNE_MIN);
+        }
+        self.room_stamp += 1;
+        s.rooms.insert(room, self.room_stamp);
     }
 
+    /// The session's rooms that still exist, in the order they were added.
     fn live_rooms_of(&self, s: &Session) -> Vec<RoomId> {
-        s.rooms
+        let mut live: Vec<(u64, RoomId)> = s
+            .rooms
             .iter()
-            .copied()
-            .filter(|r| self.rooms.contains_key(r))
-            .collect()
+            .filter(|(r, _)| self.rooms.contains_key(r))
+            .map(|(r, stamp)| (*stamp, *r))
+            .collect();
+        live.sort_unstable();
+        live.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Where `conn` is in the room's members, if it is one (O(1)).
+    fn member_index(&self, conn: ConnId, room_id: RoomId) -> Option<usize> {
+        let i = *self.member_at.get(&conn)?;
+        let room = self.rooms.get(&room_id)?;
+        room.members.get(i).filter(|m| m.conn == conn).map(|_| i)
     }
 }
 
 impl Bucket {
-    fn take(&mut self, now: Micros, rate: u32, burst: u32) -> bool {
+    /// A full bucket of `burst` tokens.
+    pub fn full(burst: u32, now: Micros) -> Bucket {
+        Bucket {
+            micro_tokens: u64::from(burst) * TOKEN,
+            at: now,
+        }
+    }
+
+    /// Whole seconds until the next token (at least 1), after a `take` that failed.
+    pub fn wait_secs(&self, rate: u32) -> u32 {
+        let missing = TOKEN.saturating_sub(self.micro_tokens);
+        let us = missing.div_ceil(u64::from(rate.max(1)));
+        us.div_ceil(1_000_000).max(1) as u32
+    }
+
+    /// Takes a token if there is one: `rate` tokens come back per second, up to `burst`.
+    pub fn take(&mut self, now: Micros, rate: u32, burst: u32) -> bool {
         let elapsed = now.since(self.at).0;
         self.at = now;
         let cap = u64::from(burst) * TOKEN;
@@ -1192,7 +1292,9 @@ impl Bucket {
     }
 }
 
-/// Trims and checks a username: 2 to 50 characters, no control characters.
+/// Trims and checks a username: 2 to 50 characters, no control characters, no invisible
+/// formatting characters (bidi overrides, zero-width characters, ...), which would let one
+/// name pass for another or reorder the text shown around it.
 pub fn validate_username(raw: &str) -> Result<&str, &'static str> {
     let name = raw.trim();
     let n = name.chars().count();
@@ -1205,7 +1307,44 @@ pub fn validate_username(raw: &str) -> Result<&str, &'static str> {
     if name.chars().any(char::is_control) {
         return Err("Username must not contain control characters");
     }
+    if name.chars().any(is_format_char) {
+        return Err(
+            "Username must not contain invisible formatting characters (bidi controls such as U+202E, zero-width characters such as U+200B, or line separators)",
+        );
+    }
     Ok(name)
+}
+
+/// Unicode General Category Cf (format) as of Unicode 15.1, plus the line and paragraph
+/// separators (Zl, Zp): invisible characters that change how the text around them shows.
+fn is_format_char(c: char) -> bool {
+    const RANGES: &[(u32, u32)] = &[
+        (0x00AD, 0x00AD),
+        (0x0600, 0x0605),
+        (0x061C, 0x061C),
+        (0x06DD, 0x06DD),
+        (0x070F, 0x070F),
+        (0x0890, 0x0891),
+        (0x08E2, 0x08E2),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x2028, 0x202E),
+        (0x2060, 0x2064),
+        (0x2066, 0x206F),
+        (0xFEFF, 0xFEFF),
+        (0xFFF9, 0xFFFB),
+        (0x110BD, 0x110BD),
+        (0x110CD, 0x110CD),
+        (0x13430, 0x1343F),
+        (0x1BCA0, 0x1BCA3),
+        (0x1D173, 0x1D17A),
+        (0xE0001, 0xE0001),
+        (0xE0020, 0xE007F),
+    ];
+    let c = u32::from(c);
+    // Sorted and disjoint: the last range starting at or before `c` is the only candidate.
+    let i = RANGES.partition_point(|&(lo, _)| lo <= c);
+    i > 0 && c <= RANGES[i - 1].1
 }
 
 #[cfg(test)]

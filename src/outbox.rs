@@ -178,6 +178,37 @@ impl Queue {
         self.bytes = 0;
     }
 
+    /// Keeps only the first `keep` unsent bytes (what must still go out, such as a handshake
+    /// response) and drops the rest: a slow consumer being cut off before its `101` left.
+    pub fn truncate(&mut self, ob: &mut Outbox, keep: usize) {
+        if keep == 0 {
+            self.clear();
+            return;
+        }
+        if keep >= self.bytes {
+            return;
+        }
+        self.park(ob);
+        // The first chunk's first `head_off` bytes were written already.
+        let mut left = keep + self.head_off;
+        let mut kept = VecDeque::new();
+        for chunk in self.backlog.drain(..) {
+            let len = chunk.bytes().len();
+            if len <= left {
+                left -= len;
+                kept.push_back(chunk);
+            } else {
+                kept.push_back(Chunk::Owned(chunk.bytes()[..left].to_vec()));
+                left = 0;
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        self.backlog = kept;
+        self.bytes = keep;
+    }
+
     /// One vectored write of up to `N` chunks; also says whether all `N` slots were used.
     fn write_gathered<const N: usize>(
         &self,
@@ -420,6 +451,46 @@ mod tests {
         assert!(q.flush(&mut ob, &mut s).unwrap().done);
         assert_eq!(s.data, (0..200u8).collect::<Vec<_>>());
         assert_eq!(s.calls, 4);
+    }
+
+    #[test]
+    fn truncate_keeps_the_unsent_front_only() {
+        let mut ob = Outbox::default();
+        let mut q = Queue::default();
+        q.push(&mut ob, Chunk::Owned(b"HTTP/1.1 101 ok\r\n\r\n".to_vec()));
+        q.push(&mut ob, Chunk::Shared(Rc::from(&b"welcome"[..])));
+        q.push(&mut ob, Chunk::Shared(Rc::from(&b"chat"[..])));
+        // Part of the 101 went out; 4 bytes of it are left, and everything after it.
+        let mut s = Sink {
+            data: vec![],
+            room: 15,
+            calls: 0,
+        };
+        q.flush(&mut ob, &mut s).unwrap();
+        ob.end_round();
+        assert_eq!(q.bytes(), 4 + 7 + 4);
+        q.truncate(&mut ob, 4);
+        assert_eq!(q.bytes(), 4);
+        q.push(&mut ob, Chunk::Static(b"<close>"));
+        s.room = 100;
+        assert!(q.flush(&mut ob, &mut s).unwrap().done);
+        assert_eq!(s.data, b"HTTP/1.1 101 ok\r\n\r\n<close>");
+
+        // Cut inside a shared chunk of this round (nothing written yet).
+        let mut q = Queue::default();
+        q.push(&mut ob, Chunk::Shared(Rc::from(&b"abcdef"[..])));
+        q.push(&mut ob, Chunk::Shared(Rc::from(&b"ghi"[..])));
+        q.truncate(&mut ob, 4);
+        let mut s = Sink {
+            data: vec![],
+            room: 100,
+            calls: 0,
+        };
+        q.flush(&mut ob, &mut s).unwrap();
+        ob.end_round();
+        assert_eq!(s.data, b"abcd");
+        q.truncate(&mut ob, 0);
+        assert!(q.is_empty());
     }
 
     #[test]

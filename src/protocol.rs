@@ -160,6 +160,20 @@ pub fn json_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
+/// How many bytes [`json_str`] writes for `s` (quotes and escapes included), without
+/// writing them: what a message costs stored and sent.
+pub fn json_str_len(s: &str) -> usize {
+    let escaped: usize = s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum();
+    escaped + 2
+}
+
 /// Who a message is about.
 #[derive(Debug, Clone, Copy)]
 pub struct Who<'a> {
@@ -193,6 +207,14 @@ pub fn is_presence(json: &[u8]) -> bool {
     const AT: usize = "{\"id\":\"".len() + 36 + "\",\"type\":\"".len();
     json.get(AT..)
         .is_some_and(|t| t.starts_with(b"user_joined\"") || t.starts_with(b"user_left\""))
+}
+
+/// The id of an event written by [`write_event`] (it comes first, fixed width); for events
+/// that come back through Redis.
+pub fn event_id(json: &[u8]) -> Option<MsgId> {
+    const AT: usize = "{\"id\":\"".len();
+    let id = json.get(AT..AT + 36)?;
+    MsgId::parse(std::str::from_utf8(id).ok()?)
 }
 
 /// `typing` or `typing_stopped`.
@@ -303,6 +325,24 @@ mod tests {
     }
 
     #[test]
+    fn json_str_len_is_what_json_str_writes() {
+        let mut every_ascii: String = (0u8..128).map(char::from).collect();
+        every_ascii.push_str("é\u{1F600}\u{202E}");
+        for s in [
+            "",
+            "hello",
+            "a\"b\\c",
+            "\u{1}\u{1f}\n\r\t\u{8}\u{c}\u{7f}",
+            &every_ascii,
+        ] {
+            let mut out = Vec::new();
+            json_str(&mut out, s);
+            assert_eq!(json_str_len(s), out.len(), "{s:?}");
+        }
+        assert_eq!(json_str_len(&"\u{1}".repeat(4096)), 4096 * 6 + 2);
+    }
+
+    #[test]
     fn frames_have_correct_headers_for_every_length_class() {
         let mut fb = FrameBuf::default();
         for len in [0usize, 1, 125, 126, 65_535, 65_536, 200_000] {
@@ -343,6 +383,12 @@ mod tests {
             assert_eq!(is_presence(&out), presence, "{kind}");
         }
         assert!(!is_presence(b""));
+        let mut out = Vec::new();
+        let id = MsgId(0x0199_0000_0000_7000_8000_0000_0000_0001);
+        write_event(&mut out, "chat", id, who, "x", UnixMicros(0), RoomId(1));
+        assert_eq!(event_id(&out), Some(id));
+        assert_eq!(event_id(b"{\"id\":\"nope\"}"), None);
+        assert_eq!(event_id(b""), None);
         assert!(!is_presence(br#"{"type":"user_joined"}"#));
     }
 

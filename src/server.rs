@@ -178,6 +178,7 @@ impl Server {
                     room_ttl: cfg.room_ttl,
                     session_ttl: cfg.session_ttl,
                     history: cfg.history,
+                    history_notices: cfg.history_notices,
                     presence_ttl: cfg.presence_ttl,
                     db: url.db,
                     user: url.user.clone(),
@@ -550,7 +551,13 @@ impl Server {
                                 &mut self.outbox,
                                 &mut self.dirty,
                             );
-                            if conn.out.bytes() > self.cfg.max_output_queue {
+                            if conn.welcome_due {
+                                // Its welcome: not counted as backlog (bounded by
+                                // --max-welcome-bytes), however big a room's history.
+                                conn.welcome_due = false;
+                                conn.exempt = conn.out.bytes();
+                            }
+                            if conn.over_output_cap(self.cfg.max_output_queue) {
                                 self.doomed.push((id, Doom::SlowConsumer));
                             }
                         }
@@ -588,6 +595,9 @@ impl Server {
                 continue;
             };
             if why == Doom::SlowConsumer {
+                if conn.backlog() <= self.cfg.max_output_queue {
+                    continue; // already dealt with (doomed once per frame over the limit)
+                }
                 self.metrics.slow_consumers += 1;
                 let ws = conn.is_websocket();
                 crate::limit_log!(
@@ -600,6 +610,18 @@ impl Server {
                     if ws { " with 1013" } else { "" },
                     conn.out.bytes()
                 );
+                if conn.unsent_101 > 0 {
+                    // Its handshake has not gone out yet (the socket is new, not full): keep
+                    // the 101, drop the rest, send the close frame after it and linger.
+                    let keep = conn.unsent_101;
+                    conn.out.truncate(&mut self.outbox, keep);
+                    conn.exempt = keep;
+                    self.with_conn(id, now, |conn, ctx| {
+                        conn.close_ws(ConnId(id), 1013, "slow consumer", ctx)
+                    });
+                    self.arm(id);
+                    continue;
+                }
                 conn.out.clear();
                 conn.inbuf = Vec::new();
                 if ws {
@@ -724,6 +746,7 @@ impl Server {
         match result {
             Ok(f) => {
                 self.metrics.bytes_out += f.written as u64;
+                conn.wrote(f.written);
                 if f.done && conn.close_after_flush {
                     conn.close_after_flush = false;
                     let _ = conn.stream.shutdown(Shutdown::Write);

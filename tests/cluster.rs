@@ -506,7 +506,7 @@ fn chat_across_three_nodes_arrives_once_and_in_one_order_for_everybody() {
 
 #[test]
 fn sessions_rooms_and_history_work_on_every_node() {
-    let c = Cluster::start(3, &[]);
+    let c = Cluster::start(3, &["--room-list"]);
     let (a, b, cc) = (c.node(0), c.node(1), c.node(2));
 
     // A session made on A works on every node.

@@ -40,7 +40,7 @@ type Case<'a> = (
 
 #[test]
 fn every_answer_carries_allow_origin_errors_included() {
-    let s = Server::start(&["--max-request-body", "64"]);
+    let s = Server::start(&["--max-request-body", "64", "--room-list"]);
     let (sid, _) = s.session("alice");
     let room = s.room(&sid);
     let auth = bearer(&sid);
@@ -218,7 +218,7 @@ fn a_preflight_204_has_no_body_and_keeps_the_connection_usable() {
 
 #[test]
 fn browser_style_requests_with_json_content_type_on_get_work() {
-    let s = Server::start(&[]);
+    let s = Server::start(&["--room-list"]);
     let (sid, _) = s.session("alice");
     let room = s.room(&sid);
     let auth = bearer(&sid);

@@ -22,8 +22,16 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn a_thousand_idle_websockets_cause_no_wakeups() {
-    // All from 127.0.0.1: this test is about the loop, not about per-address limits.
-    let s = Server::start(&["--create-rate", "0", "--max-connections-per-ip", "0"]);
+    // All from 127.0.0.1, many sockets per session opened at once: this test is about the
+    // loop, not about per-address limits or the per-session upgrade budget.
+    let s = Server::start(&[
+        "--create-rate",
+        "0",
+        "--max-connections-per-ip",
+        "0",
+        "--upgrade-rate",
+        "0",
+    ]);
     let sessions: Vec<String> = (0..SESSIONS)
         .map(|i| s.session(&format!("user{i}")).0)
         .collect();

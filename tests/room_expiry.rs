@@ -11,7 +11,7 @@ use common::{Server, wait_for};
 const TTL: Duration = Duration::from_secs(1);
 
 fn server() -> Server {
-    Server::start(&["--room-ttl", "1s"])
+    Server::start(&["--room-ttl", "1s", "--room-list"])
 }
 
 /// Waits for `GET /rooms/{room}` to answer 404 and returns how long that took from `since`.

@@ -1,7 +1,7 @@
-//! Rooms: every room call in both slash forms (`POST /rooms`, `GET /rooms`, `GET /rooms/all`,
-//! `GET /rooms/{id}`, join, leave, messages), 404 for unknown and malformed room ids, the
-//! `limit` rules of the history endpoint, `user_count` following open sockets, and
-//! `--no-room-list`.
+//! Rooms: every room call in both slash forms (`POST /rooms`, `GET /rooms`, `GET /rooms/all`
+//! with `--room-list`, `GET /rooms/{id}`, join, leave, messages), 404 for unknown and
+//! malformed room ids, the `limit` rules of the history endpoint, `user_count` following open
+//! sockets, and the old `--no-room-list` (the default now: see tests/room_list.rs).
 mod common;
 
 use common::*;
@@ -82,7 +82,7 @@ fn get_rooms_lists_this_sessions_rooms_only() {
 
 #[test]
 fn all_rooms_needs_no_auth_and_ignores_any_authorization() {
-    let s = Server::start(&[]);
+    let s = Server::start(&["--room-list"]);
     let (a, _) = s.session("alice");
     let (b, _) = s.session("bob");
     let want = sorted(vec![s.room(&a), s.room(&b)]);

@@ -19,9 +19,10 @@
 # BENCH_REPEAT (1: run the whole list that many times; numbers on a shared VM vary run to run),
 # BENCH_OUT (target/bench), BENCH_SERVER_ARGS (extra chatloop flags), BENCH_SERVER_BIN (another
 # server binary speaking the same contract), BENCH_NO_BUILD=1 (skip both cargo builds),
-# BENCH_LIMIT_ARGS (default: "--create-rate 0 --max-connections-per-ip 0 --max-rooms-per-session 0",
-# turning off chatloop's per-address and per-session budgets, which a load generator on one
-# address would hit at once; set it empty for a server binary without those flags).
+# BENCH_LIMIT_ARGS (default: "--create-rate 0 --max-connections-per-ip 0 --max-rooms-per-session 0
+# --upgrade-rate 0", turning off chatloop's per-address and per-session budgets, which a load
+# generator on one address would hit at once; set it empty for a server binary without those
+# flags).
 #
 # Each server scenario gets a fresh chatloop (127.0.0.1, --port 0), pinned to CPU 0 (loadgen on
 # CPU 1) when there are two cores, so one scenario's leftovers (sessions, freed memory, closing
@@ -39,7 +40,7 @@ JOIN_CONCURRENCY=${BENCH_JOIN_CONCURRENCY:-4}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 CLUSTER_RATE=${BENCH_CLUSTER_RATE:-100}
 # shellcheck disable=SC2206 # word splitting intended: a list of flags
-LIMIT_ARGS=(${BENCH_LIMIT_ARGS---create-rate 0 --max-connections-per-ip 0 --max-rooms-per-session 0})
+LIMIT_ARGS=(${BENCH_LIMIT_ARGS---create-rate 0 --max-connections-per-ip 0 --max-rooms-per-session 0 --upgrade-rate 0})
 ALL=(fanout1k fanout10x50 floor1k floor10x50 relay1k relay10x50 rest restfloor join idle cluster0 cluster1 cluster2)
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")

@@ -12,7 +12,7 @@ fn call(hub: &mut Hub, raw: &str) -> Reply {
     let mut limiter = CreateLimiter::new(0, 1);
     let mut ctx = ApiCtx {
         now: Now::fake(0),
-        no_room_list: false,
+        room_list: true,
         echo_path: None,
         peer: std::net::IpAddr::from([127, 0, 0, 1]),
         limiter: &mut limiter,
@@ -215,7 +215,7 @@ fn create_rate_limits_creation_and_room_guessing_per_address() {
         let body = &raw.as_bytes()[n..n + req.content_length];
         let mut ctx = ApiCtx {
             now: Now::fake(0),
-            no_room_list: false,
+            room_list: true,
             echo_path: None,
             peer: std::net::IpAddr::from([10, 0, 0, 1]),
             limiter: &mut limiter,

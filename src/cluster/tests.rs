@@ -15,6 +15,7 @@ fn cfg() -> ClusterConfig {
         room_ttl: Micros::from_secs(120),
         session_ttl: Micros::from_secs(3600),
         history: 1000,
+        history_notices: 100,
         presence_ttl: Micros::from_secs(15),
         db: 2,
         user: None,
@@ -262,19 +263,20 @@ fn a_chat_is_stored_and_published_by_one_script() {
         now(10),
     );
     let out = String::from_utf8_lossy(&c.out).to_string();
-    assert!(out.starts_with("*8\r\n$4\r\nEVAL\r\n"), "{out}");
+    assert!(out.starts_with("*11\r\n$4\r\nEVAL\r\n"), "{out}");
     for part in [
         "RPUSH",
-        "LTRIM",
+        "LREM",
         "PUBLISH",
         "chatloop:h:0123456789",
         "chatloop:m:0123456789",
+        "chatloop:hn:0123456789",
     ] {
         assert!(out.contains(part), "{part} missing in {out}");
     }
     assert!(
-        out.contains("$5\r\n-1000\r\n"),
-        "capped at --history: {out}"
+        out.contains("$4\r\n1000\r\n") && out.contains("$3\r\n100\r\n$1\r\n0\r\n"),
+        "capped at --history and --history-notices, and not a notice: {out}"
     );
     assert!(out.contains(&format!("{id}{{}}")), "{out}");
     // The script's reply comes after the push of its own message (a subscriber's own push).

@@ -18,11 +18,16 @@ fn cfg() -> HubConfig {
         room_ttl: Micros::from_secs(120),
         session_ttl: Micros::from_secs(86_400),
         history: 1000,
+        history_notices: 100,
         welcome_messages: 50,
+        max_welcome_bytes: 256 * 1024,
         max_chat_chars: 4096,
+        max_chat_bytes: 16 * 1024,
         max_room_members: 10_000,
         chat_rate: 20,
         chat_burst: 40,
+        upgrade_rate: 2,
+        upgrade_burst: 20,
         typing_debounce: Micros::from_secs(1),
         typing_quiet: Micros::from_secs(3),
         typing_max_per_sec: 50,
@@ -250,7 +255,10 @@ fn run_until(hub: &mut Hub, until_us: u64) -> Vec<Action> {
 #[track_caller]
 fn history(hub: &Hub, r: RoomId, limit: usize) -> Vec<Value> {
     let mut out = b"[".to_vec();
-    assert!(hub.write_history(r, limit, &mut out), "room exists");
+    assert!(
+        hub.write_history(r, limit, None, &mut out).is_some(),
+        "room exists"
+    );
     out.push(b']');
     serde_json::from_slice::<Vec<Value>>(&out).expect("history is a JSON array")
 }
@@ -685,7 +693,7 @@ fn deleting_a_room_drops_its_history() {
     assert_eq!(history(&hub, r, 50).len(), 3);
     run_until(&mut hub, 200 * SEC);
     let mut out = Vec::new();
-    assert!(!hub.write_history(r, 50, &mut out));
+    assert!(hub.write_history(r, 50, None, &mut out).is_none());
     assert!(out.is_empty());
     assert_eq!(
         hub.connect(c(1), s, r, None, &[], at(200 * SEC)),
@@ -918,10 +926,11 @@ fn reconnect_since_the_last_seen_message_gets_exactly_the_later_ones() {
     assert_eq!(w["messages"], json!([]));
     assert!(w.get("truncated").is_none());
 
-    // An id the room never had: everything kept, flagged.
+    // An id from before anything in the room: everything kept (ids are in time order, so
+    // its place is known), not flagged, as no chat after it has left the ring.
     let acts = join_since(&mut hub, c(5), s[1], r, MsgId(12345), at(5 * SEC));
     let w = &frames_for(&acts, c(5))[0];
-    assert_eq!(w["truncated"], true);
+    assert!(w.get("truncated").is_none(), "{w}");
     assert_eq!(
         w["messages"].as_array().unwrap().len(),
         history(&hub, r, 1000).len() - 1
@@ -972,9 +981,23 @@ fn history_is_a_ring_and_an_evicted_since_gives_all_kept_messages_truncated() {
     let acts = join_since(&mut hub, c(3), s[0], r, ids[6], at(3 * SEC));
     let w = &frames_for(&acts, c(3))[0];
     assert!(w.get("truncated").is_none());
-    // c(2)'s user_joined pushed m5 out: the ring is m6..m9 + that.
     assert_eq!(messages_of(w), ["m7", "m8", "m9", "alice has joined"]);
-    assert_eq!(history(&hub, r, 1000).len(), 5);
+    // Notices have a ring of their own: c(2)'s and c(3)'s joins pushed no chat out.
+    assert_eq!(
+        history(&hub, r, 1000)
+            .iter()
+            .map(|m| m["message"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        [
+            "m5",
+            "m6",
+            "m7",
+            "m8",
+            "m9",
+            "alice has joined",
+            "alice has joined"
+        ]
+    );
 }
 
 // ---- chat -----------------------------------------------------------------------------
@@ -1669,6 +1692,78 @@ fn validate_username_rules() {
     assert!(err.contains('2'), "{err}");
 }
 
+#[test]
+fn usernames_with_invisible_formatting_characters_are_refused() {
+    // Bidi overrides and isolates, zero-width characters, the BOM, and the rest of Cf.
+    for bad in [
+        "alice\u{202E}gnp.exe",
+        "\u{202A}bob",
+        "bo\u{202B}b",
+        "bo\u{202C}b",
+        "bo\u{202D}b",
+        "\u{2066}eve\u{2069}",
+        "e\u{2067}ve",
+        "e\u{2068}ve",
+        "ad\u{200B}min",
+        "ad\u{200C}min",
+        "ad\u{200D}min",
+        "ad\u{200E}min",
+        "ad\u{200F}min",
+        "ad\u{2060}min",
+        "ad\u{2064}min",
+        "\u{FEFF}root",
+        "ro\u{061C}ot",
+        "ro\u{180E}ot",
+        "soft\u{AD}hyphen",
+        "tag\u{E0041}s",
+        "line\u{2028}break",
+        "x\u{2029}y",
+        "\u{1D173}mu",
+        "\u{13439}eg",
+    ] {
+        let err = validate_username(bad).expect_err(bad);
+        assert!(err.contains("formatting"), "{bad:?}: {err}");
+    }
+    // Ordinary letters of every script, symbols and emoji stay welcome.
+    for good in [
+        "José",
+        "李雷",
+        "علي",
+        "שרה",
+        "Ωmega",
+        "🙂 bob",
+        "d'Artagnan",
+        "ÅsaÖ",
+        "नमस्ते",
+        "\u{2010}dash\u{2011}",
+        "z\u{2030}",
+    ] {
+        assert_eq!(validate_username(good), Ok(good), "{good:?}");
+    }
+    // Every Cf code point (Unicode 15.1) and only those near the ranges' edges.
+    for (lo, hi) in [
+        (0x200B, 0x200F),
+        (0x2028, 0x202E),
+        (0x2060, 0x2064),
+        (0xE0020, 0xE007F),
+    ] {
+        for cp in lo..=hi {
+            assert!(is_format_char(char::from_u32(cp).unwrap()), "{cp:X}");
+        }
+        assert!(
+            !is_format_char(char::from_u32(lo - 1).unwrap()),
+            "{:X}",
+            lo - 1
+        );
+        assert!(
+            !is_format_char(char::from_u32(hi + 1).unwrap()),
+            "{:X}",
+            hi + 1
+        );
+    }
+    assert!(!is_format_char('\u{0}') && !is_format_char('\u{10FFFF}'));
+}
+
 // ---- stats ------------------------------------------------------------------------------
 
 #[test]
@@ -1726,7 +1821,7 @@ fn in_cluster_mode_chat_goes_to_redis_and_is_delivered_when_it_comes_back() {
     let sent = drain(&mut hub);
     assert_eq!(sent.len(), 1);
     let mut out = Vec::new();
-    assert!(hub.write_history(r, 50, &mut out));
+    assert!(hub.write_history(r, 50, None, &mut out).is_some());
     assert!(String::from_utf8_lossy(&out).contains("\"hi\""));
 }
 
@@ -1778,7 +1873,7 @@ fn catching_up_sends_only_what_the_members_missed_and_adopts_redis_history() {
         .collect();
     assert_eq!(texts, ["m1", "m2"]);
     let mut out = Vec::new();
-    hub.write_history(r, 50, &mut out);
+    hub.write_history(r, 50, None, &mut out);
     let hist: Value = serde_json::from_slice(&[b"[", out.as_slice(), b"]"].concat()).unwrap();
     let hist: Vec<&str> = hist
         .as_array()
@@ -1958,7 +2053,7 @@ fn a_reconnect_since_a_held_notice_gets_each_event_once() {
         1,
         "REST history leaves out held notices"
     );
-    let seen = hub.rooms[&r].history.back().unwrap().id;
+    let seen = hub.rooms[&r].history.iter().last().unwrap().id;
     let acts = join_since(&mut hub, c(3), s[0], r, seen, at(SEC + MS));
     assert_eq!(
         events(&batches_for(&acts, c(1)).concat()),
@@ -2008,4 +2103,274 @@ fn in_cluster_mode_delivered_presence_is_held_and_chat_is_not() {
         events(&batches_for(&acts, c(1)).concat()),
         [ev("user_joined", "alice"), ev("chat", "")]
     );
+}
+
+// ---- issue 12: rooms, history and frames --------------------------------------------------
+
+/// A chat message of `n` times U+0001: 6 bytes each once stored (`\u0001`).
+fn controls(n: usize) -> String {
+    "\u{1}".repeat(n)
+}
+
+#[test]
+fn a_message_is_limited_by_its_encoded_size_too() {
+    let (mut hub, r, _) = room_with(fast(), &["alice", "bob"], at(0));
+    // 4096 characters are allowed, but 4096 control characters are 24 KiB stored.
+    let acts = say(&mut hub, c(1), r, &controls(4096), at(SEC));
+    let f = frames_for(&acts, c(1));
+    assert_eq!(f.len(), 1, "only an error, to the sender: {f:?}");
+    assert_eq!(
+        (&f[0]["type"], &f[0]["code"]),
+        (&json!("error"), &json!("message_too_long"))
+    );
+    assert!(
+        f[0]["detail"].as_str().unwrap().contains("16384 bytes"),
+        "{}",
+        f[0]
+    );
+    assert!(frames_for(&acts, c(2)).is_empty());
+    // Just under the limit once escaped: 2 730 x 6 = 16 380 bytes.
+    let acts = say(&mut hub, c(1), r, &controls(2730), at(SEC + 1));
+    assert_eq!(frames_for(&acts, c(2))[0]["type"], "chat");
+    let acts = say(&mut hub, c(1), r, &controls(2731), at(SEC + 2));
+    assert_eq!(frames_for(&acts, c(1))[0]["code"], "message_too_long");
+    // Plain text of 4096 four-byte characters (16 KiB) still fits.
+    let acts = say(&mut hub, c(1), r, &"\u{1F600}".repeat(4096), at(SEC + 3));
+    assert_eq!(frames_for(&acts, c(2))[0]["type"], "chat");
+}
+
+#[test]
+fn welcome_and_history_are_bounded_in_bytes_and_page_back_with_before() {
+    let budget = 64 * 1024;
+    let (mut hub, r, s) = room_with(
+        HubConfig {
+            max_welcome_bytes: budget,
+            ..fast()
+        },
+        &["alice", "bob"],
+        at(0),
+    );
+    let mut sent = Vec::new();
+    for i in 0..50 {
+        let text = format!("{i:02}{}", controls(2700));
+        let acts = say(&mut hub, c(1), r, &text, at(SEC + i));
+        sent.push(msg_id(&frames_for(&acts, c(1))[0]));
+    }
+    // A newcomer's welcome: the newest messages that fit, flagged.
+    let acts = join(&mut hub, c(3), s[1], r, at(2 * SEC));
+    let raw = raw_for(&acts, c(3));
+    let w = decode(&raw[0]);
+    assert_eq!(w["type"], "welcome");
+    assert_eq!(w["truncated"], true, "older messages were left out");
+    let got: Vec<MsgId> = w["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(msg_id)
+        .collect();
+    assert!(got.len() >= 3 && got.len() < 50, "{}", got.len());
+    assert_eq!(got[..], sent[50 - got.len()..], "the newest, oldest first");
+    assert!(
+        raw[0].len() < budget + 1024,
+        "welcome of {} bytes",
+        raw[0].len()
+    );
+
+    // With since: the same bound; the newest messages after it.
+    let acts = join_since(&mut hub, c(4), s[1], r, sent[0], at(3 * SEC));
+    let w = &frames_for(&acts, c(4))[0];
+    assert_eq!(w["truncated"], true);
+    let got_since: Vec<MsgId> = w["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(msg_id)
+        .collect();
+    assert!(got_since.len() < 49);
+    // The newcomers' joins came after the chat (and are kept); the last chat is in.
+    assert!(got_since.contains(&sent[49]));
+
+    // REST pages back with `before` from the oldest the welcome had, down to the first.
+    let mut all: Vec<MsgId> = got.clone();
+    let mut before = got[0];
+    let mut pages = 0;
+    loop {
+        let mut out = b"[".to_vec();
+        let truncated = hub
+            .write_history(r, 1000, Some(before), &mut out)
+            .expect("room exists");
+        out.push(b']');
+        assert!(out.len() < budget + 1024, "page of {} bytes", out.len());
+        let page: Vec<Value> = serde_json::from_slice(&out).unwrap();
+        pages += 1;
+        if page.is_empty() {
+            assert!(!truncated);
+            break;
+        }
+        let ids: Vec<MsgId> = page.iter().map(msg_id).collect();
+        before = ids[0];
+        all.splice(0..0, ids);
+        assert!(pages < 50, "paging makes progress");
+    }
+    let chats: Vec<MsgId> = all.iter().copied().filter(|id| sent.contains(id)).collect();
+    assert_eq!(chats, sent, "every message, in order, exactly once");
+    // Without `before`, REST has the same byte bound.
+    let mut out = Vec::new();
+    assert_eq!(hub.write_history(r, 1000, None, &mut out), Some(true));
+    assert!(out.len() < budget + 1024);
+}
+
+#[test]
+fn presence_churn_never_pushes_chat_out_of_history() {
+    let (mut hub, r, s) = room_with(
+        HubConfig {
+            history: 100,
+            history_notices: 10,
+            ..fast()
+        },
+        &["alice"],
+        at(0),
+    );
+    let mut chats = Vec::new();
+    for i in 0..100 {
+        let acts = say(&mut hub, c(1), r, &format!("m{i}"), at(SEC + i));
+        chats.push(msg_id(&frames_for(&acts, c(1))[0]));
+    }
+    // A client connects and closes in a loop: 1 040 notices.
+    let mut last_notice = None;
+    for i in 0..520 {
+        let acts = join(&mut hub, c(2), s[0], r, at(2 * SEC + i * 10));
+        last_notice.get_or_insert(msg_id(&frames_for(&acts, c(1))[0]));
+        leave(&mut hub, c(2), r, at(2 * SEC + i * 10 + 5));
+    }
+    let h = history(&hub, r, 1000);
+    assert_eq!(h.len(), 110, "100 chats and 10 notices");
+    let kept: Vec<MsgId> = h
+        .iter()
+        .filter(|m| m["type"] == "chat")
+        .map(msg_id)
+        .collect();
+    assert_eq!(kept, chats, "every chat survived the churn");
+    // `since` an early chat: every later chat, nothing flagged missing.
+    let acts = join_since(&mut hub, c(3), s[0], r, chats[10], at(10 * SEC));
+    let w = &frames_for(&acts, c(3))[0];
+    let got: Vec<MsgId> = w["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["type"] == "chat")
+        .map(msg_id)
+        .collect();
+    assert_eq!(got, chats[11..]);
+    assert!(w.get("truncated").is_none(), "{}", w["truncated"]);
+    // `since` a notice long gone from its ring: its place is still known by id.
+    let acts = join_since(&mut hub, c(4), s[0], r, last_notice.unwrap(), at(11 * SEC));
+    let w = &frames_for(&acts, c(4))[0];
+    assert!(w.get("truncated").is_none());
+    assert!(
+        w["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["type"] != "chat")
+    );
+}
+
+#[test]
+fn members_are_found_in_constant_time_through_joins_and_leaves() {
+    let (mut hub, r, s) = room_with(cfg(), &["a", "b", "c", "d", "e"], at(0));
+    // Leave from the middle and the front: the moved members are still found.
+    leave(&mut hub, c(2), r, at(1));
+    leave(&mut hub, c(1), r, at(2));
+    join(&mut hub, c(6), s[0], r, at(3));
+    for conn in [3, 4, 5, 6] {
+        let acts = say(
+            &mut hub,
+            c(conn),
+            r,
+            &format!("from {conn}"),
+            at(SEC * conn as u64),
+        );
+        assert_eq!(
+            frames_for(&acts, c(conn))[0]["message"],
+            format!("from {conn}")
+        );
+        let acts = type_key(&mut hub, c(conn), r, at(SEC * conn as u64 + 1));
+        assert_eq!(recipients(&acts).len(), 3, "typing to the three others");
+    }
+    // Gone members are not found: their frames do nothing.
+    assert!(say(&mut hub, c(2), r, "ghost", at(10 * SEC)).is_empty());
+    assert_eq!(hub.member_at.len(), 4);
+    for (i, m) in hub.rooms[&r].members.iter().enumerate() {
+        assert_eq!(hub.member_at[&m.conn], i);
+    }
+    // Their typing timers still find them after the moves.
+    let acts = run_until(&mut hub, 20 * SEC);
+    assert_eq!(
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Send(_, f) => Some(decode(f)),
+                _ => None,
+            })
+            .filter(|f| f["type"] == "typing_stopped")
+            .count(),
+        4 * 3,
+        "one typing_stopped per typist to each of the three others"
+    );
+    // A frame claiming another room finds nothing.
+    let other = room(&mut hub, s[0], at(21 * SEC));
+    assert!(say(&mut hub, c(3), other, "wrong room", at(21 * SEC)).is_empty());
+}
+
+#[test]
+fn a_sessions_rooms_are_a_set_pruned_as_they_grow() {
+    let mut hub = Hub::new(HubConfig {
+        max_rooms: 100_000,
+        room_ttl: Micros::from_secs(10),
+        ..cfg()
+    });
+    let s = session(&mut hub, "alice", at(0));
+    let first: Vec<RoomId> = (0..100).map(|_| room(&mut hub, s, at(0))).collect();
+    assert_eq!(hub.session_rooms(s), first, "in the order they were added");
+    // Joining one again does not add it twice; leaving removes it.
+    hub.join_room(s, first[5]).unwrap();
+    hub.leave_room(s, first[7]);
+    let mut want = first.clone();
+    want.remove(7);
+    assert_eq!(hub.session_rooms(s), want);
+    // They expire; the session's set is pruned as new ones come, not kept forever.
+    run_until(&mut hub, 20 * SEC);
+    assert!(hub.session_rooms(s).is_empty());
+    let later: Vec<RoomId> = (0..300).map(|_| room(&mut hub, s, at(20 * SEC))).collect();
+    assert_eq!(hub.session_rooms(s), later);
+    let kept = hub.sessions[&s].rooms.len();
+    assert!(kept < 300 + 64, "{kept} rooms remembered for 300 live ones");
+}
+
+#[test]
+fn websocket_upgrades_have_a_budget_per_session() {
+    let mut hub = Hub::new(HubConfig {
+        upgrade_rate: 2,
+        upgrade_burst: 3,
+        ..cfg()
+    });
+    let a = session(&mut hub, "alice", at(0));
+    let b = session(&mut hub, "bob", at(0));
+    for _ in 0..3 {
+        assert_eq!(hub.take_upgrade(a, at(0)), Ok(()));
+    }
+    assert_eq!(hub.take_upgrade(a, at(0)), Err(1), "retry in a second");
+    assert_eq!(hub.take_upgrade(b, at(0)), Ok(()), "bob has his own");
+    assert_eq!(hub.take_upgrade(a, at(500 * MS)), Ok(()), "2 per second");
+    assert!(hub.take_upgrade(a, at(500 * MS)).is_err());
+    // Unknown sessions are for connect to refuse; off means off.
+    assert_eq!(hub.take_upgrade(SessionId(7), at(0)), Ok(()));
+    let mut off = Hub::new(HubConfig {
+        upgrade_rate: 0,
+        ..cfg()
+    });
+    let a = session(&mut off, "alice", at(0));
+    for _ in 0..1000 {
+        assert_eq!(off.take_upgrade(a, at(0)), Ok(()));
+    }
 }
