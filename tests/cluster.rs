@@ -1330,3 +1330,64 @@ fn typing_stopped_crosses_nodes_before_the_chat_that_ends_the_typing() {
     let v = m[0].ws.recv();
     assert_eq!(v["message"], "done typing", "alice: {v}");
 }
+
+// ---- issue 12: presence churn in cluster mode -------------------------------------------
+
+/// Churn (a client connecting and closing in a loop, on one node) leaves the chat in Redis's
+/// history: the script bounds notices on their own, so a `since` catch-up on another node
+/// (which loads the history from Redis) still returns every chat.
+#[test]
+fn presence_churn_leaves_chat_in_the_shared_history() {
+    let c = Cluster::start(2, &["--history", "50"]);
+    let (a, b) = (c.node(0), c.node(1));
+    let (alice, _) = a.session("alice");
+    // Ten sessions, so that the churn is not just refused for the upgrade budget.
+    let mallory: Vec<String> = (0..10).map(|i| a.session(&format!("m{i}")).0).collect();
+    let room = a.room(&alice);
+    let (mut wa, _) = a.join(&room, &alice);
+    let texts: Vec<String> = (0..50).map(|i| format!("chat {i}")).collect();
+    for t in &texts {
+        wa.chat(t);
+    }
+    let first = wa.recv_chat(&texts[0]);
+    wa.recv_chat(&texts[49]);
+    drop(wa);
+
+    for i in 0..200 {
+        let (ws, _) = a.join(&room, &mallory[i % 10]);
+        drop(ws);
+    }
+    wait_for(TIMEOUT, || user_count(a, &room) == 0).expect("the churn sockets closed");
+
+    // Redis keeps the 50 chats and at most --history-notices (100) notices.
+    let len: usize = c
+        .redis
+        .command(0, &["LLEN", &format!("chatloop:h:{room}")])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (50..=150).contains(&len),
+        "chatloop:h:{room} has {len} entries"
+    );
+
+    // alice catches up on node B (not subscribed there: it loads the history from Redis).
+    let since = first["id"].as_str().unwrap();
+    let (mut wb, welcome) = b.join_query(&room, &format!("session_id={alice}&since={since}"));
+    let got: Vec<&str> = welcome["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["type"] == "chat")
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, texts[1..], "{welcome}");
+    let all = history(b, &room, &alice);
+    assert_eq!(
+        all.iter().filter(|m| m["type"] == "chat").count(),
+        50,
+        "REST on node B"
+    );
+    wb.chat_roundtrip("alice is fine");
+}
