@@ -4,13 +4,10 @@
 //! `since` catch-up still returns them; and WebSocket upgrades have a budget per session
 //! (`--upgrade-rate` / `--upgrade-burst`, 429 with `Retry-After`), while a bystander session
 //! from another address connects as usual.
-#[path = "common/bystander.rs"]
-mod bystander;
 mod common;
 
 use std::time::{Duration, Instant};
 
-use bystander::*;
 use common::*;
 use serde_json::Value;
 
@@ -28,13 +25,15 @@ fn presence_churn_leaves_chat_history_and_since_recovery_intact() {
     let mut args = vec!["--history", "100"];
     args.extend_from_slice(&FAST);
     let s = Server::start(&args);
-    let alice = session_from(&s, BYSTANDER, "alice");
+    let alice = s.session_from(BYSTANDER, "alice").0;
     // 26 sessions, so that the churn is not just refused for the upgrade budget (20 each).
     let mallory: Vec<String> = (0..26).map(|i| s.session(&format!("m{i}")).0).collect();
     let room = s.room(&mallory[0]);
 
     // alice talks, then drops, having seen her first message.
-    let mut wa = ws_from(&s, BYSTANDER, &format!("/ws/{room}?session_id={alice}")).unwrap();
+    let mut wa = s
+        .ws_from(BYSTANDER, &format!("/ws/{room}?session_id={alice}"))
+        .unwrap();
     assert_eq!(wa.recv()["type"], "welcome");
     let texts: Vec<String> = (0..100).map(|i| format!("chat {i}")).collect();
     for t in &texts {
@@ -58,12 +57,12 @@ fn presence_churn_leaves_chat_history_and_since_recovery_intact() {
 
     // alice comes back with since: every chat after the one she saw.
     let since = first["id"].as_str().unwrap();
-    let mut wa = ws_from(
-        &s,
-        BYSTANDER,
-        &format!("/ws/{room}?session_id={alice}&since={since}"),
-    )
-    .unwrap();
+    let mut wa = s
+        .ws_from(
+            BYSTANDER,
+            &format!("/ws/{room}?session_id={alice}&since={since}"),
+        )
+        .unwrap();
     let welcome = wa.recv();
     let got = chats(welcome["messages"].as_array().unwrap());
     assert_eq!(
@@ -77,8 +76,9 @@ fn presence_churn_leaves_chat_history_and_since_recovery_intact() {
         welcome["truncated"]
     );
     // REST has all 100, and at most --history-notices (100) notices besides.
-    let r =
-        http_from(&s, BYSTANDER).get(&format!("/rooms/{room}/messages?limit=1000"), Some(&alice));
+    let r = s
+        .http_from(BYSTANDER)
+        .get(&format!("/rooms/{room}/messages?limit=1000"), Some(&alice));
     let all = r.json()["messages"].as_array().unwrap().clone();
     assert_eq!(chats(&all), texts);
     assert!(all.len() <= 200, "{} entries", all.len());
@@ -90,7 +90,7 @@ fn an_upgrade_flood_gets_429_while_a_bystander_session_connects() {
     let s = Server::start(&[]);
     let (mallory, _) = s.session("mallory");
     let room = s.room(&mallory);
-    let alice = session_from(&s, BYSTANDER, "alice");
+    let alice = s.session_from(BYSTANDER, "alice").0;
 
     let mut refused = None;
     let mut accepted = 0;
@@ -130,7 +130,8 @@ fn an_upgrade_flood_gets_429_while_a_bystander_session_connects() {
     assert!(r.json()["detail"].as_str().unwrap().contains("WebSocket"));
 
     // The bystander's session connects and chats at once.
-    let mut wa = ws_from(&s, BYSTANDER, &format!("/ws/{room}?session_id={alice}"))
+    let mut wa = s
+        .ws_from(BYSTANDER, &format!("/ws/{room}?session_id={alice}"))
         .expect("the bystander's upgrade is accepted");
     assert_eq!(wa.recv()["type"], "welcome");
     wa.chat_roundtrip("alice is fine");

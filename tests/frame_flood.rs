@@ -3,22 +3,21 @@
 //! second (bursts of 2 x `--chat-burst` + 60), above what chat, typing (at most 50 a second
 //! reach the room) and pings need. A bystander in the same room (another address) keeps
 //! chatting; a fast but honest typist is not closed.
-#[path = "common/bystander.rs"]
-mod bystander;
 mod common;
 
 use std::time::{Duration, Instant};
 
-use bystander::*;
 use common::*;
 
 /// A room with the bystander alice (from 127.0.0.2) in it; returns (server, room, alice's socket).
 fn room_with_bystander() -> (Server, String, Ws) {
     let s = Server::start(&[]);
-    let alice = session_from(&s, BYSTANDER, "alice");
+    let alice = s.session_from(BYSTANDER, "alice").0;
     let (owner, _) = s.session("owner");
     let room = s.room(&owner);
-    let mut wa = ws_from(&s, BYSTANDER, &format!("/ws/{room}?session_id={alice}")).unwrap();
+    let mut wa = s
+        .ws_from(BYSTANDER, &format!("/ws/{room}?session_id={alice}"))
+        .unwrap();
     assert_eq!(wa.recv()["type"], "welcome");
     (s, room, wa)
 }

@@ -85,7 +85,8 @@ fn a_thousand_idle_websockets_cause_no_wakeups() {
 /// about once per socket (1 ms poll timeouts) for timers that no longer mattered.
 #[test]
 fn a_thousand_websockets_sleep_through_their_old_request_timeouts() {
-    let s = Server::start(&["--create-rate", "0"]);
+    // 100 sockets per session, opened at once: past the per-session upgrade budget.
+    let s = Server::start(&["--create-rate", "0", "--upgrade-rate", "0"]);
     let sessions: Vec<String> = (0..SESSIONS)
         .map(|i| s.session(&format!("user{i}")).0)
         .collect();

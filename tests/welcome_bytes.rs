@@ -3,15 +3,12 @@
 //! carry at most `--max-welcome-bytes` of messages (the newest; `truncated: true` and
 //! `GET /rooms/{id}/messages?before=` for the rest), the welcome never counts against
 //! `--max-output-queue`, and a socket cut off as a slow consumer still gets its `101`.
-#[path = "common/bystander.rs"]
-mod bystander;
 mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use bystander::*;
 use common::*;
 use serde_json::Value;
 
@@ -78,8 +75,9 @@ fn a_room_flooded_with_escaped_messages_stays_joinable_and_pages_back() {
     let answers = send_paced(&mut wm, &escaped);
 
     // A newcomer (another client address, its own session) still gets its 101 and welcome.
-    let bob = session_from(&s, BYSTANDER, "bob");
-    let mut wb = ws_from(&s, BYSTANDER, &format!("/ws/{room}?session_id={bob}"))
+    let bob = s.session_from(BYSTANDER, "bob").0;
+    let mut wb = s
+        .ws_from(BYSTANDER, &format!("/ws/{room}?session_id={bob}"))
         .expect("the newcomer's upgrade is accepted");
     let welcome = wb.recv();
     assert_eq!(welcome["type"], "welcome", "{welcome}");
@@ -99,8 +97,9 @@ fn a_room_flooded_with_escaped_messages_stays_joinable_and_pages_back() {
     let sent = send_paced(&mut wm, &big);
     assert!(sent.iter().all(|m| m["type"] == "chat"), "stored and sent");
 
-    let carol = session_from(&s, BYSTANDER, "carol");
-    let mut wc = ws_from(&s, BYSTANDER, &format!("/ws/{room}?session_id={carol}"))
+    let carol = s.session_from(BYSTANDER, "carol").0;
+    let mut wc = s
+        .ws_from(BYSTANDER, &format!("/ws/{room}?session_id={carol}"))
         .expect("the next newcomer's upgrade is accepted too");
     let welcome = wc.recv();
     assert_eq!(welcome["type"], "welcome");
@@ -119,7 +118,7 @@ fn a_room_flooded_with_escaped_messages_stays_joinable_and_pages_back() {
     );
 
     // The client pages the rest with `before`, each page within the same budget.
-    let mut h = http_from(&s, BYSTANDER);
+    let mut h = s.http_from(BYSTANDER);
     let mut all = got.clone();
     for _ in 0..20 {
         let oldest = all[0]["id"].as_str().unwrap().to_string();
@@ -143,12 +142,12 @@ fn a_room_flooded_with_escaped_messages_stays_joinable_and_pages_back() {
 
     // A reconnect since the first of them: the newest after it, flagged, within the budget.
     let first = sent[0]["id"].as_str().unwrap();
-    let mut wd = ws_from(
-        &s,
-        BYSTANDER,
-        &format!("/ws/{room}?session_id={carol}&since={first}"),
-    )
-    .expect("reconnect accepted");
+    let mut wd = s
+        .ws_from(
+            BYSTANDER,
+            &format!("/ws/{room}?session_id={carol}&since={first}"),
+        )
+        .expect("reconnect accepted");
     let w = wd.recv();
     assert_eq!(
         (&w["type"], &w["truncated"]),
@@ -212,8 +211,10 @@ fn a_socket_cut_off_before_its_101_went_out_still_gets_the_101_then_1013() {
     assert_eq!(&frames[2..4], &1013u16.to_be_bytes(), "1013: {frames:?}");
 
     // The server is fine and the slot is free: a bystander from elsewhere chats.
-    let bob = session_from(&s, BYSTANDER, "bob");
-    let mut wb = ws_from(&s, BYSTANDER, &format!("/ws/{room}?session_id={bob}")).unwrap();
+    let bob = s.session_from(BYSTANDER, "bob").0;
+    let mut wb = s
+        .ws_from(BYSTANDER, &format!("/ws/{room}?session_id={bob}"))
+        .unwrap();
     assert_eq!(wb.recv()["type"], "welcome");
     wb.chat_roundtrip("bob is fine");
     assert!(s.metric("chatloop_slow_consumers_total") >= 1.0);

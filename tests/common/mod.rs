@@ -876,6 +876,20 @@ impl Server {
         (ws, welcome)
     }
 
+    /// Opens a WebSocket at `path` (any query) from `from`; `Err(status)` when the upgrade
+    /// is refused with an HTTP status.
+    pub fn ws_from(&self, from: IpAddr, path: &str) -> Result<Ws, u16> {
+        let stream = connect_from(self.addr, &from.to_string());
+        let url = format!("ws://{}{path}", self.addr);
+        match tungstenite::client::client(url.as_str(), MaybeTlsStream::Plain(stream)) {
+            Ok((socket, _)) => Ok(Ws { socket }),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+                Err(resp.status().as_u16())
+            }
+            Err(e) => panic!("WebSocket handshake from {from} failed: {e}"),
+        }
+    }
+
     /// Resident memory of the server process (VmRSS), in KiB.
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
