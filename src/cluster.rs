@@ -37,21 +37,46 @@ use crate::hub::ConnId;
 use crate::ids::{MsgId, RoomId, SessionId, UserId};
 use crate::time::{Micros, Now};
 
-/// Where Redis is: `redis://[[user]:password@]host[:port][/db]`.
+/// A password: its `Debug` never shows it, and nothing else formats it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The password itself, for the one place that sends it (`HELLO ... AUTH`).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where Redis is: `redis://[[user]:password@]host[:port][/db]`. Neither `Debug` nor
+/// `Display` shows the password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisUrl {
     pub host: String,
     pub port: u16,
     pub db: u32,
     pub user: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
 }
 
 impl RedisUrl {
+    /// Parses the URL. The error never quotes the text: a mistyped URL may hold the password
+    /// anywhere (`redis://:secret` reads as host "" and port "secret").
     pub fn parse(s: &str) -> Result<RedisUrl, String> {
+        const SHAPE: &str = "expected redis://[[user]:password@]host[:port][/db]";
         let rest = s
             .strip_prefix("redis://")
-            .ok_or("expected redis://host:port/db")?;
+            .ok_or_else(|| format!("{SHAPE} (the scheme must be redis://)"))?;
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((a, r)) => (Some(a), r),
             None => (None, rest),
@@ -61,25 +86,27 @@ impl RedisUrl {
             Some((h, d)) => (
                 h,
                 d.parse()
-                    .map_err(|_| format!("bad database number {d:?}"))?,
+                    .map_err(|_| format!("{SHAPE} (the database is not a number)"))?,
             ),
             None => (rest, 0),
         };
         let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                (h, p.parse().map_err(|_| format!("bad port {p:?}"))?)
-            }
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h,
+                p.parse()
+                    .map_err(|_| format!("{SHAPE} (the port is not a number 0..65535)"))?,
+            ),
             _ => (hostport, 6379),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
-            return Err("expected a host in the Redis URL".into());
+            return Err(format!("{SHAPE} (no host)"));
         }
         let (user, password) = match auth {
             None => (None, None),
             Some(a) => match a.split_once(':') {
-                Some((u, p)) => ((!u.is_empty()).then(|| u.to_string()), Some(p.to_string())),
-                None => (None, Some(a.to_string())),
+                Some((u, p)) => ((!u.is_empty()).then(|| u.to_string()), Some(Secret::new(p))),
+                None => (None, Some(Secret::new(a))),
             },
         };
         Ok(RedisUrl {
@@ -112,7 +139,7 @@ pub struct ClusterConfig {
     pub presence_ttl: Micros,
     pub db: u32,
     pub user: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
 }
 
 /// A fact a request needs from Redis before it can be answered.
@@ -513,7 +540,7 @@ impl Cluster {
         if let Some(p) = &self.cfg.password {
             hello.push(b"AUTH");
             hello.push(self.cfg.user.as_deref().unwrap_or("default").as_bytes());
-            hello.push(p.as_bytes());
+            hello.push(p.expose().as_bytes());
         }
         let hello: Vec<Vec<u8>> = hello.into_iter().map(<[u8]>::to_vec).collect();
         self.command_owned(&hello, Pending::Hello);
@@ -566,7 +593,8 @@ impl Cluster {
                 }
                 Ok(None) => break self.inbuf.len() - pos <= MAX_FRAME,
                 Err(e) => {
-                    log::warn!("unreadable reply from Redis: {e:?}");
+                    // The error's text quotes the bytes: only its kind is logged.
+                    log::warn!("unreadable reply from Redis ({:?}): reconnecting", e.kind());
                     break false;
                 }
             }
@@ -968,15 +996,16 @@ impl Cluster {
         self.answered += 1;
         match p {
             Pending::Ignore => {
-                if let OwnedFrame::SimpleError { data, .. } = &frame {
-                    log::warn!("Redis refused a write: {data}");
-                } else if let OwnedFrame::BlobError { data, .. } = &frame {
-                    log::warn!("Redis refused a write: {}", String::from_utf8_lossy(data));
+                if let Some(e) = error_text(&frame) {
+                    log::warn!("Redis refused a write: {}", redis_error(&e));
                 }
             }
             Pending::Hello => {
                 if let Some(e) = error_text(&frame) {
-                    log::error!("Redis refused the connection handshake: {e}");
+                    log::error!(
+                        "Redis refused the connection handshake: {}",
+                        redis_error(&e)
+                    );
                     return false;
                 }
                 if self.pending.iter().all(|p| !matches!(p, Pending::Hello)) {
@@ -996,7 +1025,7 @@ impl Cluster {
                     answer,
                 }),
                 Err(e) => {
-                    log::warn!("Redis answered {query:?} with {e}");
+                    log::warn!("Redis answered {query:?} with {}", redis_error(&e));
                     self.events.push(Event::Failed { token, serial });
                 }
             },
@@ -1206,6 +1235,18 @@ fn into_blob(f: OwnedFrame) -> Option<Vec<u8>> {
         OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => Some(data),
         _ => None,
     }
+}
+
+/// A Redis error for the log: its text up to the first quote. Redis quotes arguments in some
+/// errors (`ERR unknown command 'EVAL', with args beginning with: ...`), and arguments hold
+/// chat, names and session ids; what comes before the quote says what went wrong.
+fn redis_error(e: &str) -> &str {
+    let end = e
+        .char_indices()
+        .find(|&(i, c)| c == '\'' || c == '"' || c == '`' || i >= 120)
+        .map_or(e.len(), |(i, _)| i);
+    let cut = e[..end].trim_end();
+    if cut.is_empty() { "an error" } else { cut }
 }
 
 fn error_text(f: &OwnedFrame) -> Option<String> {

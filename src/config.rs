@@ -617,7 +617,7 @@ impl Config {
         for o in OPTIONS {
             if let Some((name, v)) = o.env.iter().find_map(|e| env(e).map(|v| (*e, v))) {
                 (o.set)(&mut cfg, v.trim())
-                    .map_err(|e| ConfigError(format!("{name}={v:?}: {e}")))?;
+                    .map_err(|e| ConfigError(format!("{name}={}: {e}", shown(o, &v))))?;
             }
         }
         let mut args = args.into_iter().map(Into::into);
@@ -649,7 +649,7 @@ impl Config {
                 })?,
             };
             (o.set)(&mut cfg, &value)
-                .map_err(|e| ConfigError(format!("--{name} {value:?}: {e}")))?;
+                .map_err(|e| ConfigError(format!("--{name} {}: {e}", shown(o, &value))))?;
         }
         cfg.validate()?;
         Ok(Command::Run(Box::new(cfg)))
@@ -697,6 +697,19 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// Settings whose values may hold a secret (the Redis URL's password): an error about them
+/// never repeats the value.
+const SECRET_VALUES: &[&str] = &["redis"];
+
+/// A value as an error message shows it: quoted, or hidden for [`SECRET_VALUES`].
+fn shown(o: &Opt, value: &str) -> String {
+    if SECRET_VALUES.contains(&o.flag) {
+        "(value not shown: it may hold a password)".to_string()
+    } else {
+        format!("{value:?}")
     }
 }
 
@@ -901,6 +914,42 @@ mod tests {
         let e = run(&[], &[("CHATLOOP_ROOM_TTL", "forever")]).unwrap_err();
         assert!(e.0.contains("CHATLOOP_ROOM_TTL"), "{e}");
         assert!(run(&["--history", "0"], &[]).is_err());
+    }
+
+    #[test]
+    fn the_redis_password_is_in_no_error_and_not_in_the_settings_debug_line() {
+        const PW: &str = "pw-5ecret";
+        let c = run(
+            &["--redis", &format!("redis://app:{PW}@10.0.0.1:6380/2")],
+            &[],
+        )
+        .unwrap();
+        let url = c.redis.as_ref().unwrap();
+        assert_eq!(url.password.as_ref().map(|p| p.expose()), Some(PW));
+        assert_eq!(url.user.as_deref(), Some("app"));
+        for text in [format!("{c:?}"), format!("{url:?}"), url.to_string()] {
+            assert!(!text.contains(PW), "{text}");
+        }
+        // Mistyped URLs, where the password lands in the port, the database or the host.
+        for bad in [
+            format!("redis://:{PW}@10.0.0.1:notaport/0"),
+            format!("redis://:{PW}"),
+            format!("redis://10.0.0.1/{PW}"),
+            format!("redis://{PW}@"),
+            format!("rediss://:{PW}@10.0.0.1"),
+        ] {
+            let e = run(&["--redis", &bad], &[]).unwrap_err();
+            assert!(e.0.starts_with("--redis"), "{e}");
+            assert!(!e.0.contains(PW), "{e}");
+            let e = run(&[&format!("--redis={bad}")], &[]).unwrap_err();
+            assert!(!e.0.contains(PW), "{e}");
+            let e = run(&[], &[("CHATLOOP_REDIS", &bad)]).unwrap_err();
+            assert!(e.0.contains("CHATLOOP_REDIS"), "{e}");
+            assert!(!e.0.contains(PW), "{e}");
+        }
+        // Other flags still quote what was wrong.
+        let e = run(&["--port", "x"], &[]).unwrap_err();
+        assert!(e.0.contains("\"x\""), "{e}");
     }
 
     #[test]

@@ -9,8 +9,9 @@ use std::fmt;
 
 use crate::time::UnixMicros;
 
-/// The secret bearer token of a session (a random UUID v4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The secret bearer token of a session (a random UUID v4). Its `Debug` form shows a tag, not
+/// the token (see the `Debug` impl); only `Display` writes the token itself.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u128);
 
 /// The public, 8-hex-character twin of a session.
@@ -37,6 +38,26 @@ impl SessionId {
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         uuid::Uuid::from_u128(self.0).hyphenated().fmt(f)
+    }
+}
+
+/// `SessionId(#1a2b3c4d)`: 32 bits of a keyed hash of the token, with a random key per
+/// process. The same session shows the same tag throughout one process's log (so a log can
+/// be followed), and the tag tells nothing about the token: a bearer token must never reach a
+/// log line, and `{:?}` of anything holding a session is how it would get there.
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId(#{:08x})", self.tag())
+    }
+}
+
+impl SessionId {
+    /// The tag shown by `Debug`.
+    pub fn tag(self) -> u32 {
+        use std::hash::BuildHasher;
+        static KEY: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+        KEY.get_or_init(std::hash::RandomState::new)
+            .hash_one(self.0) as u32
     }
 }
 
@@ -222,6 +243,31 @@ mod tests {
         assert_eq!(r.user_id().to_string().len(), 8);
         assert!(r.room_id().0 <= RoomId::MASK);
         assert_ne!(r.session_id(), r.session_id());
+    }
+
+    #[test]
+    fn a_session_id_debug_form_shows_a_stable_tag_and_not_the_token() {
+        let mut r = SecureRandom::default();
+        let s = r.session_id();
+        let text = format!("{s:?}");
+        assert_eq!(text, format!("{:?}", s), "stable within the process");
+        assert!(
+            text.starts_with("SessionId(#") && text.len() == 20,
+            "{text}"
+        );
+        let hex = format!("{:032x}", s.0);
+        for form in [s.to_string(), hex.clone(), s.0.to_string()] {
+            assert!(!text.contains(&form), "{text} shows {form}");
+        }
+        // Nor any 8 hex digits of the token (the tag is not a prefix or piece of it).
+        for i in 0..=hex.len() - 8 {
+            assert!(!text.contains(&hex[i..i + 8]), "{text}");
+        }
+        let other = r.session_id();
+        assert_ne!(format!("{other:?}"), text);
+        // Anything that derives Debug around a session is covered too.
+        let wrapped = format!("{:?}", Some((s, 1)));
+        assert!(!wrapped.contains(&s.to_string()) && !wrapped.contains(&s.0.to_string()));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! the nodes stay up, say so on `/health`, refuse what needs Redis with 503 and keep local chat
 //! going, and they recover on their own when Redis is back (with its data, or empty); one
 //! node cut off from Redis (closed or silent link, through a test proxy) recovers and, once
-//! back, holds the same history as the others.
+//! back, holds the same history as the others. No log line holds a bearer token, the Redis
+//! password, chat or a username.
 //!
 //! Each test starts its own `redis-server` (tests/common/redis.rs) on a free loopback port, so
 //! the tests run in parallel. Every wait is bounded.
@@ -900,7 +901,10 @@ fn without_redis_nodes_stay_up_refuse_with_503_chat_locally_then_recover() {
     let mut c = Cluster::start_with(
         2,
         &["--presence-ttl", "2s"],
-        RedisOptions { appendonly: true },
+        RedisOptions {
+            appendonly: true,
+            ..Default::default()
+        },
         0,
     );
     let (sa, alice_uid) = c.node(0).session("alice");
@@ -1390,4 +1394,148 @@ fn presence_churn_leaves_chat_in_the_shared_history() {
         "REST on node B"
     );
     wb.chat_roundtrip("alice is fine");
+}
+
+// ---- (8) secrets and what users write stay out of the logs ----------------------------------
+
+const REDIS_PW: &str = "redis-pw-7f3a9c51";
+
+/// Every form a session id could take in a log line: the token, its 32 hex digits, the
+/// number `Debug` used to print.
+fn token_forms(sid: &str) -> Vec<String> {
+    let hex = sid.replace('-', "");
+    let n = u128::from_str_radix(&hex, 16).expect("a UUID");
+    vec![sid.to_string(), hex, n.to_string()]
+}
+
+/// Runs the binary with `args` and `env`; it must refuse to start (exit 2, within a bound:
+/// one that starts after all is killed by its pid). Returns stderr and stdout.
+fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chatloop"))
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .args(args)
+        .env_remove("CHATLOOP_REDIS")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run chatloop");
+    let exited = wait_for(Duration::from_secs(10), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("collect output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {text}");
+    assert!(text.contains("redis"), "{text}");
+    text
+}
+
+#[test]
+fn no_log_line_holds_a_token_the_redis_password_chat_or_a_username() {
+    const NAME: &str = "Zelda-name-31c7";
+    const VICTIM: &str = "Victim-name-8d02";
+    const CHAT: &str = "chat-text-e4b9a6";
+    const WRONG_PW: &str = "wrong-pw-0a9e7d";
+    let redis = RedisServer::start_with(RedisOptions {
+        password: Some(REDIS_PW),
+        ..Default::default()
+    });
+    let url = format!("redis://:{REDIS_PW}@127.0.0.1:{}/0", redis.port);
+    let c = Cluster::start_nodes(redis, &[url.clone(), url], &["--log-level", "debug"]);
+    let (sa, _) = c.node(0).session(NAME);
+    let room = c.node(0).room(&sa);
+    let (mut ws, _) = c.node(0).join(&room, &sa);
+    ws.chat(CHAT);
+    ws.recv_chat(CHAT);
+    let (sb, _) = c.node(1).session("other");
+    let (wb, welcome) = c.node(1).join(&room, &sb);
+    assert!(welcome.to_string().contains(CHAT), "{welcome}");
+    // A session lookup that fails in Redis: node B has not seen the session, and its key
+    // holds a string, so HGETALL answers WRONGTYPE (logged, with the query).
+    let (sx, _) = c.node(0).session(VICTIM);
+    c.redis
+        .command(0, &["SET", &format!("chatloop:s:{sx}"), "x"])
+        .expect("overwrite the session key");
+    let r = c.node(1).http().get("/sessions/me", Some(&sx));
+    assert_eq!(r.status, 503, "{}", r.text());
+    let (status, body) = ws_refusal(c.node(1), &format!("/ws/{room}?session_id={sx}"));
+    assert_503_redis("WebSocket with a session Redis cannot read", status, &body);
+    assert!(
+        wait_for(TIMEOUT, || c.node(1).log().contains("WRONGTYPE")).is_some(),
+        "node B logs the failed lookup:\n{}",
+        c.node(1).log()
+    );
+    // A node with the wrong password: its handshake is refused, and logged.
+    let port = c.redis.port;
+    let wrong = Server::start(&[
+        "--redis",
+        &format!("redis://:{WRONG_PW}@127.0.0.1:{port}/0"),
+        "--log-level",
+        "debug",
+    ]);
+    assert!(
+        wait_for(TIMEOUT, || wrong
+            .log()
+            .contains("refused the connection handshake"))
+        .is_some(),
+        "{}",
+        wrong.log()
+    );
+    // URLs that do not parse: the settings are refused, and the error does not repeat them.
+    let mut refusals = Vec::new();
+    for bad in [
+        format!("redis://:{REDIS_PW}@127.0.0.1:notaport/0"),
+        format!("redis://:{REDIS_PW}"),
+        format!("redis://127.0.0.1/{REDIS_PW}"),
+    ] {
+        refusals.push(refused_start(&["--redis", &bad], &[]));
+        refusals.push(refused_start(&[&format!("--redis={bad}")], &[]));
+        refusals.push(refused_start(&[], &[("CHATLOOP_REDIS", &bad)]));
+    }
+    drop(ws);
+    drop(wb);
+    std::thread::sleep(Duration::from_millis(300)); // the leaves are logged too, if at all
+
+    let mut needles: Vec<(String, &str)> = vec![
+        (REDIS_PW.to_string(), "the Redis password"),
+        (WRONG_PW.to_string(), "a wrong Redis password"),
+        (NAME.to_string(), "a username"),
+        (VICTIM.to_string(), "a username"),
+        (CHAT.to_string(), "chat text"),
+    ];
+    for sid in [&sa, &sb, &sx] {
+        for f in token_forms(sid) {
+            needles.push((f, "a bearer token"));
+        }
+    }
+    let mut logs: Vec<(String, String)> = vec![
+        ("node A".into(), c.node(0).log()),
+        ("node B".into(), c.node(1).log()),
+        ("the wrong-password node".into(), wrong.log()),
+    ];
+    for (i, r) in refusals.into_iter().enumerate() {
+        logs.push((format!("refused start {i}"), r));
+    }
+    assert!(
+        logs[0].1.contains("DEBUG"),
+        "debug lines are in: {}",
+        logs[0].1
+    );
+    assert!(logs[0].1.contains("settings:"), "{}", logs[0].1);
+    for (whose, log) in &logs {
+        for (needle, what) in &needles {
+            assert!(
+                !log.contains(needle.as_str()),
+                "{whose}'s log holds {what} ({needle}):\n{log}"
+            );
+        }
+    }
 }

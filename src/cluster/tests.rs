@@ -81,7 +81,8 @@ fn urls_parse_with_defaults_and_auth() {
     assert_eq!((u.host.as_str(), u.port, u.db), ("localhost", 6379, 0));
     let u = RedisUrl::parse("redis://:s3cret@[::1]:7000/").unwrap();
     assert_eq!((u.host.as_str(), u.port), ("::1", 7000));
-    assert_eq!(u.password.as_deref(), Some("s3cret"));
+    assert_eq!(u.password.as_ref().map(Secret::expose), Some("s3cret"));
+    assert!(!format!("{u:?}").contains("s3cret"));
     assert!(!u.to_string().contains("s3cret"));
     assert!(RedisUrl::parse("http://x").is_err());
     assert!(RedisUrl::parse("redis://h:notaport").is_err());
@@ -505,4 +506,18 @@ fn a_room_loaded_for_a_join_that_never_happened_is_reloaded_after_a_reconnect_to
         out.contains("SUBSCRIBE\r\n$21\r\nchatloop:m:0123456789") && out.contains("LRANGE"),
         "{out}"
     );
+}
+
+#[test]
+fn redis_errors_are_logged_without_the_arguments_they_quote() {
+    assert_eq!(
+        redis_error("ERR unknown command 'EVAL', with args beginning with: 'secret'"),
+        "ERR unknown command"
+    );
+    assert_eq!(
+        redis_error("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        "WRONGTYPE Operation against a key holding the wrong kind of value"
+    );
+    assert_eq!(redis_error("'x'"), "an error");
+    assert!(redis_error(&"é".repeat(500)).len() <= 240);
 }

@@ -25,6 +25,8 @@ const STOP_LIMIT: Duration = Duration::from_secs(10);
 pub struct RedisOptions {
     /// `--appendonly yes`: the data survives `stop()` + `restart()`.
     pub appendonly: bool,
+    /// `--requirepass`: clients must authenticate (the helpers here do).
+    pub password: Option<&'static str>,
 }
 
 /// A running (or stopped) `redis-server` on 127.0.0.1.
@@ -158,6 +160,11 @@ impl RedisServer {
             .map_err(|e| e.to_string())?;
         let mut w = stream.try_clone().map_err(|e| e.to_string())?;
         let mut r = BufReader::new(stream);
+        if let Some(pw) = self.opts.password {
+            w.write_all(&encode(&["AUTH", pw]))
+                .map_err(|e| e.to_string())?;
+            read_reply(&mut r)?;
+        }
         if db != 0 {
             w.write_all(&encode(&["SELECT", &db.to_string()]))
                 .map_err(|e| e.to_string())?;
@@ -180,9 +187,14 @@ impl RedisServer {
         let port = self.port.to_string();
         let dir = self.dir.to_str().expect("UTF-8 temp path").to_string();
         let appendonly = if self.opts.appendonly { "yes" } else { "no" };
+        let auth: Vec<&str> = match self.opts.password {
+            Some(pw) => vec!["--requirepass", pw],
+            None => Vec::new(),
+        };
         let child = Command::new("redis-server")
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", appendonly, "--dir", &dir])
+            .args(&auth)
             .args(["--daemonize", "no", "--logfile", ""])
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
