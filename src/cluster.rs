@@ -20,13 +20,16 @@
 //! delivery order on every node, and each node frames a delivered message once for all its
 //! members.
 //!
+//! Every byte from Redis is hostile: replies pass [`resp::Scanner`] (depth, size, element and
+//! type limits) before the decoder sees them.
+//!
 //! The event loop feeds this module bytes from Redis ([`Cluster::on_bytes`]), connection
 //! changes and time; the hub's [`Op`]s become commands in [`Cluster::out`]; what the loop must
 //! do comes back as [`Event`]s. A request that needs facts from Redis (a session this node has
 //! not seen, a room's presence, ...) asks with [`Cluster::fetch`] and is answered by
 //! [`Event::Answer`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 
 use redis_protocol::resp3::decode::complete::decode;
@@ -36,6 +39,8 @@ use redis_protocol::resp3::types::{BorrowedFrame, OwnedFrame};
 use crate::hub::ConnId;
 use crate::ids::{MsgId, RoomId, SessionId, UserId};
 use crate::time::{Micros, Now};
+
+pub mod resp;
 
 /// A password: its `Debug` never shows it, and nothing else formats it.
 #[derive(Clone, PartialEq, Eq)]
@@ -140,6 +145,28 @@ pub struct ClusterConfig {
     pub db: u32,
     pub user: Option<String>,
     pub password: Option<Secret>,
+    /// What one reply from Redis may be (see [`resp`]).
+    pub reply_limits: resp::Limits,
+}
+
+impl ClusterConfig {
+    /// The reply limits for these settings: the largest legitimate reply is a room's whole
+    /// history (`LRANGE`), at most `history` entries of at most 6 bytes per character of
+    /// text (JSON escapes) plus the envelope; lists of rooms or members are far smaller.
+    pub fn reply_limits(history: usize, max_chat_chars: usize, max_items: usize) -> resp::Limits {
+        let entry = 1024usize.saturating_add(max_chat_chars.saturating_mul(6));
+        resp::Limits {
+            depth: 16,
+            bytes: history
+                .saturating_mul(entry)
+                .saturating_add(1 << 20)
+                .min(isize::MAX as usize),
+            elements: history
+                .max(max_items)
+                .saturating_mul(4)
+                .saturating_add(1024),
+        }
+    }
 }
 
 /// A fact a request needs from Redis before it can be answered.
@@ -337,8 +364,9 @@ enum Pending {
 
 #[derive(Debug)]
 enum Sub {
-    /// `SUBSCRIBE` sent, `LRANGE` not answered yet: history events are kept here.
-    Loading(Vec<(MsgId, Vec<u8>)>),
+    /// `SUBSCRIBE` sent, `LRANGE` not answered yet: history events are kept here (the
+    /// newest `--history` of them: older ones would leave the history anyway).
+    Loading(VecDeque<(MsgId, Vec<u8>)>),
     Live,
 }
 
@@ -361,8 +389,6 @@ const CONNECT_TIMEOUT: Micros = Micros(3_000_000);
 const REPLY_TIMEOUT: Micros = Micros(5_000_000);
 const BACKOFF_MIN: Micros = Micros(100_000);
 const BACKOFF_MAX: Micros = Micros(5_000_000);
-/// Incoming bytes above this without a complete frame mean a broken peer.
-const MAX_FRAME: usize = 512 * 1024 * 1024;
 
 /// Stores a history event and publishes it, atomically, so that history order is delivery
 /// order. A script rather than `MULTI`: Redis 7.0 writes a subscriber's own pushes into the
@@ -412,6 +438,8 @@ pub struct Cluster {
     /// Encoded commands not yet written to the socket.
     pub out: Vec<u8>,
     inbuf: Vec<u8>,
+    /// Where the scan of the reply at the front of `inbuf` stands.
+    scanner: resp::Scanner,
     pending: VecDeque<Pending>,
     sent: u64,
     answered: u64,
@@ -439,6 +467,7 @@ impl Cluster {
             backoff: BACKOFF_MIN,
             out: Vec::new(),
             inbuf: Vec::new(),
+            scanner: resp::Scanner::default(),
             pending: VecDeque::new(),
             sent: 0,
             answered: 0,
@@ -536,6 +565,7 @@ impl Cluster {
     pub fn on_connected(&mut self) {
         self.out.clear();
         self.inbuf.clear();
+        self.scanner.reset();
         let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
         if let Some(p) = &self.cfg.password {
             hello.push(b"AUTH");
@@ -551,8 +581,9 @@ impl Cluster {
     /// The connection failed or closed: fail what waits, go degraded, retry with backoff.
     pub fn on_disconnected(&mut self, now: Now) {
         let was_up = self.link == Link::Up;
-        self.out.clear();
-        self.inbuf.clear();
+        self.out = Vec::new();
+        self.inbuf = Vec::new();
+        self.scanner.reset();
         for p in self.pending.drain(..) {
             match p {
                 Pending::Fetch { token, serial, .. }
@@ -578,20 +609,37 @@ impl Cluster {
 
     /// Bytes from Redis; replies are matched to commands in order, pushes are routed.
     /// Returns `false` if the stream is broken (the loop should close and reconnect).
+    /// Every reply is first scanned ([`resp::Scanner`]: depth, size and type limits) and only
+    /// then decoded, one complete frame at a time; a reply outside the limits breaks the link.
+    /// Log lines name what was wrong, never the bytes (they may hold chat or session ids).
     pub fn on_bytes(&mut self, data: &[u8], now: Now) -> bool {
         self.clock = now.mono;
         self.inbuf.extend_from_slice(data);
         self.last_progress = now.mono;
         let mut pos = 0;
         let ok = loop {
-            match decode(&self.inbuf[pos..]) {
-                Ok(Some((frame, used))) => {
-                    pos += used;
+            let len = match self
+                .scanner
+                .scan(&self.inbuf[pos..], &self.cfg.reply_limits)
+            {
+                resp::Scan::Incomplete => break true,
+                resp::Scan::Invalid(why) => {
+                    log::warn!("Redis sent a reply chatloop does not accept ({why}): reconnecting");
+                    break false;
+                }
+                resp::Scan::Complete(len) => len,
+            };
+            match decode(&self.inbuf[pos..pos + len]) {
+                Ok(Some((frame, used))) if used == len => {
+                    pos += len;
                     if !self.on_frame(frame, now) {
                         break false;
                     }
                 }
-                Ok(None) => break self.inbuf.len() - pos <= MAX_FRAME,
+                Ok(_) => {
+                    log::warn!("Redis sent a reply the decoder reads differently: reconnecting");
+                    break false;
+                }
                 Err(e) => {
                     // The error's text quotes the bytes: only its kind is logged.
                     log::warn!("unreadable reply from Redis ({:?}): reconnecting", e.kind());
@@ -599,6 +647,11 @@ impl Cluster {
                 }
             }
         };
+        if !ok {
+            self.scanner.reset();
+            self.inbuf = Vec::new();
+            return false;
+        }
         self.inbuf.drain(..pos);
         if self.inbuf.is_empty() && self.inbuf.capacity() > 1024 * 1024 {
             self.inbuf = Vec::new();
@@ -681,7 +734,7 @@ impl Cluster {
                     return;
                 }
                 if let std::collections::hash_map::Entry::Vacant(e) = self.subs.entry(r) {
-                    e.insert(Sub::Loading(Vec::new()));
+                    e.insert(Sub::Loading(VecDeque::new()));
                     let channel = key("m:", r);
                     self.command_push(&[b"SUBSCRIBE", channel.as_bytes()]);
                 }
@@ -1043,17 +1096,28 @@ impl Cluster {
                 }
             }
             Pending::Load { for_request, room } => {
+                if let Some(e) = error_text(&frame) {
+                    // Not a history (LOADING after a restart, WRONGTYPE, ...): taking it for
+                    // an empty one would wipe this node's copy. Try again on a new link.
+                    log::warn!(
+                        "Redis answered a history load with {}: reconnecting",
+                        redis_error(&e)
+                    );
+                    return false;
+                }
                 if let Some(Sub::Loading(buffered)) = self.subs.get_mut(&room) {
                     let buffered = std::mem::take(buffered);
                     let mut messages: Vec<(MsgId, Vec<u8>)> = list_items(frame)
                         .into_iter()
                         .filter_map(|e| split_entry(&e))
                         .collect();
+                    let loaded: HashSet<MsgId> = messages.iter().map(|(m, _)| *m).collect();
                     for (id, json) in buffered {
-                        if !messages.iter().rev().any(|(m, _)| *m == id) {
+                        if !loaded.contains(&id) {
                             messages.push((id, json));
                         }
                     }
+
                     self.subs.insert(room, Sub::Live);
                     self.events.push(Event::Loaded {
                         room,
@@ -1092,7 +1156,7 @@ impl Cluster {
         for room in rooms {
             // Members here missed what other nodes stored meanwhile: load the room again
             // (pushes that arrive in between are merged by id, as on a first join).
-            self.subs.insert(room, Sub::Loading(Vec::new()));
+            self.subs.insert(room, Sub::Loading(VecDeque::new()));
             let channel = key("m:", room);
             self.command_push(&[b"SUBSCRIBE", channel.as_bytes()]);
             let key = key("h:", room);
@@ -1140,7 +1204,12 @@ impl Cluster {
                     return;
                 };
                 match self.subs.get_mut(&room) {
-                    Some(Sub::Loading(buf)) => buf.push((id, json)),
+                    Some(Sub::Loading(buf)) => {
+                        if buf.len() >= self.cfg.history {
+                            buf.pop_front();
+                        }
+                        buf.push_back((id, json));
+                    }
                     Some(Sub::Live) => self.events.push(Event::Deliver { room, id, json }),
                     None => {}
                 }

@@ -183,6 +183,11 @@ impl Server {
                     db: url.db,
                     user: url.user.clone(),
                     password: url.password.clone(),
+                    reply_limits: ClusterConfig::reply_limits(
+                        cfg.history,
+                        cfg.max_chat_chars,
+                        cfg.max_rooms.max(cfg.max_room_members),
+                    ),
                 },
                 node,
             )

@@ -7,7 +7,8 @@
 //! the nodes stay up, say so on `/health`, refuse what needs Redis with 503 and keep local chat
 //! going, and they recover on their own when Redis is back (with its data, or empty); one
 //! node cut off from Redis (closed or silent link, through a test proxy) recovers and, once
-//! back, holds the same history as the others. No log line holds a bearer token, the Redis
+//! back, holds the same history as the others. A hostile Redis (deep nesting, huge lengths,
+//! junk) costs a reconnect, never the node; and no log line holds a bearer token, the Redis
 //! password, chat or a username.
 //!
 //! Each test starts its own `redis-server` (tests/common/redis.rs) on a free loopback port, so
@@ -1394,6 +1395,115 @@ fn presence_churn_leaves_chat_in_the_shared_history() {
         "REST on node B"
     );
     wb.chat_roundtrip("alice is fine");
+}
+
+// ---- (7) a hostile Redis costs a reconnect, never the node ----------------------------------
+
+/// The resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Injects `bytes` into node A's link as if Redis had sent them, then checks that A logged
+/// `logged`, stayed alive, reconnected (a new connection through the proxy), and that alice
+/// (on A) and carol (on B) still chat across, and an HTTP bystander on A is served.
+#[track_caller]
+fn survives_injection(p: &mut Pair, what: &str, bytes: &[u8], logged: &str) {
+    let links = p.proxy.accepted();
+    p.proxy.inject(bytes);
+    survived(p, what, links, logged);
+}
+
+/// The checks of [`survives_injection`] once the bytes are in; `links` is the proxy's count
+/// of connections before.
+#[track_caller]
+fn survived(p: &mut Pair, what: &str, links: u32, logged: &str) {
+    let reconnected = wait_for(Duration::from_secs(15), || p.proxy.accepted() > links);
+    assert!(
+        health(p.c.node(0)).is_some(),
+        "{what}: node A died; its log:\n{}",
+        p.c.node(0).log()
+    );
+    assert!(reconnected.is_some(), "{what}: node A never reconnected");
+    assert!(
+        p.c.node(0).log().contains(logged),
+        "{what}: the log says {logged:?}:\n{}",
+        p.c.node(0).log()
+    );
+    p.c.wait_health(0, "up", RECOVERY_LIMIT);
+    probe_until_crossed(
+        &mut p.alice,
+        &mut p.carol,
+        &format!("probe-to-B after {what}"),
+    );
+    probe_until_crossed(
+        &mut p.carol,
+        &mut p.alice,
+        &format!("probe-to-A after {what}"),
+    );
+    let (sid, _) = p.c.node(0).session("bystander");
+    assert_eq!(sid.len(), 36, "{what}: REST on node A works");
+}
+
+#[test]
+fn a_deeply_nested_redis_reply_costs_a_reconnect_not_the_node() {
+    let mut p = proxied_pair(&[]);
+    let mut nested = b"*1\r\n".repeat(5000); // 20 KB: overflowed the decoder's stack
+    nested.extend_from_slice(b":1\r\n");
+    survives_injection(
+        &mut p,
+        "5 000 nested arrays",
+        &nested,
+        "nested deeper than 16",
+    );
+    let mut push = b">1\r\n%1\r\n+k\r\n".repeat(2000);
+    push.extend_from_slice(b"_\r\n");
+    survives_injection(
+        &mut p,
+        "a push of nested maps",
+        &push,
+        "nested deeper than 16",
+    );
+}
+
+#[test]
+fn huge_lengths_and_junk_from_redis_are_refused_without_buffering() {
+    let mut p = proxied_pair(&[]);
+    let pid = p.c.node(0).pid();
+    // A 2 GB bulk string announced, then 32 MiB of it: refused from the header; the node
+    // must not hold the payload.
+    let before = rss_kib(pid);
+    let mut huge = b"*1\r\n$2000000000\r\n".to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 32 << 20));
+    let links = p.proxy.accepted();
+    // (The write ends early once the node drops the link.)
+    p.proxy.inject(&huge);
+    wait_for(Duration::from_secs(3), || p.proxy.accepted() > links);
+    let grown = rss_kib(pid).saturating_sub(before);
+    eprintln!("node A RSS: {before} KiB before, +{grown} KiB after 32 MiB of a 2 GB bulk");
+    assert!(grown < 16 * 1024, "node A grew by {grown} KiB");
+    survived(&mut p, "a 2 GB bulk length", links, "bytes or more");
+    let mut many = b"*2000000000\r\n".to_vec();
+    many.extend(b":1\r\n".repeat(1 << 16));
+    survives_injection(&mut p, "a 2-billion-element array", &many, "elements");
+    survives_injection(
+        &mut p,
+        "an attribute",
+        b"|1\r\n+a\r\n+b\r\n",
+        "type byte 0x7c",
+    );
+    survives_injection(&mut p, "inline text", b"hello there\r\n", "type byte 0x68");
+    survives_injection(
+        &mut p,
+        "a reply nobody asked for",
+        b"+OK\r\n",
+        "nobody asked for",
+    );
 }
 
 // ---- (8) secrets and what users write stay out of the logs ----------------------------------

@@ -20,6 +20,7 @@ fn cfg() -> ClusterConfig {
         db: 2,
         user: None,
         password: None,
+        reply_limits: ClusterConfig::reply_limits(1000, 4096, 100_000),
     }
 }
 
@@ -506,6 +507,216 @@ fn a_room_loaded_for_a_join_that_never_happened_is_reloaded_after_a_reconnect_to
         out.contains("SUBSCRIBE\r\n$21\r\nchatloop:m:0123456789") && out.contains("LRANGE"),
         "{out}"
     );
+}
+
+// ---- hostile replies: the pre-scan ---------------------------------------------------------
+
+const LIM: resp::Limits = resp::Limits {
+    depth: 16,
+    bytes: 1 << 20,
+    elements: 10_000,
+};
+
+/// Scans `bytes` fed in pieces of `step` bytes, as reads would deliver them.
+fn scan_in_steps(bytes: &[u8], step: usize, lim: &resp::Limits) -> resp::Scan {
+    let mut s = resp::Scanner::default();
+    let mut have = 0;
+    loop {
+        have = (have + step).min(bytes.len());
+        match s.scan(&bytes[..have], lim) {
+            resp::Scan::Incomplete if have < bytes.len() => continue,
+            r => return r,
+        }
+    }
+}
+
+fn nested(depth: usize) -> Vec<u8> {
+    let mut b = b"*1\r\n".repeat(depth);
+    b.extend_from_slice(b":1\r\n");
+    b
+}
+
+#[test]
+fn the_prescan_finds_where_each_reply_ends_whatever_the_reads() {
+    let hello = b"%2\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nmodules\r\n*1\r\n%1\r\n$4\r\nname\r\n$2\r\nfs\r\n"
+        .to_vec();
+    let mut replies: Vec<Vec<u8>> = vec![
+        b"+OK\r\n".to_vec(),
+        b"-ERR no\r\n".to_vec(),
+        b":42\r\n".to_vec(),
+        b"_\r\n".to_vec(),
+        b",1.5\r\n".to_vec(),
+        b"#t\r\n".to_vec(),
+        b"(12345678901234567890\r\n".to_vec(),
+        b"$0\r\n\r\n".to_vec(),
+        b"$5\r\na\r\nbc\r\n".to_vec(), // CRLF inside a bulk string is data
+        b"!3\r\nerr\r\n".to_vec(),
+        b"=7\r\ntxt:abc\r\n".to_vec(),
+        b"*0\r\n".to_vec(),
+        b"~2\r\n:1\r\n:2\r\n".to_vec(),
+        hello,
+        push("chatloop:m:0123456789", b"Hxyz"),
+        bulk_array(&[b"a".to_vec(), Vec::new(), b"ccc".to_vec()]),
+        nested(16),
+    ];
+    replies.push(replies.concat()); // a frame is only the first one of a buffer
+    for r in &replies {
+        let first = replies.iter().find(|x| r.starts_with(x)).unwrap().len();
+        for step in [1, 2, 3, 7, r.len()] {
+            assert_eq!(
+                scan_in_steps(r, step, &LIM),
+                resp::Scan::Complete(first),
+                "{:?} in steps of {step}",
+                String::from_utf8_lossy(r)
+            );
+        }
+        // The decoder agrees on where the frame ends.
+        let (_, used) = decode(r).unwrap().unwrap();
+        assert_eq!(used, first);
+    }
+}
+
+#[test]
+fn the_prescan_refuses_deep_huge_and_unknown_replies_before_decoding() {
+    use resp::{Bad, Scan};
+    let invalid = |b: &[u8]| match scan_in_steps(b, b.len(), &LIM) {
+        Scan::Invalid(why) => why,
+        other => panic!(
+            "{:?}: {other:?}",
+            String::from_utf8_lossy(&b[..b.len().min(40)])
+        ),
+    };
+    // 17 levels is one too many; the 5 000 levels that overflowed the decoder's stack are
+    // refused at level 17, in steps as well.
+    assert_eq!(invalid(&nested(17)), Bad::TooDeep(16));
+    assert_eq!(invalid(&nested(5000)), Bad::TooDeep(16));
+    for step in [1, 5, 4096] {
+        assert_eq!(
+            scan_in_steps(&nested(5000), step, &LIM),
+            Scan::Invalid(Bad::TooDeep(16))
+        );
+    }
+    let mut deep_map = b"%1\r\n+k\r\n".repeat(20);
+    deep_map.extend_from_slice(b":1\r\n");
+    assert_eq!(invalid(&deep_map), Bad::TooDeep(16));
+    // A bulk length over the limit is refused from its header, before any payload.
+    for h in [
+        &b"$2000000000\r\n"[..],
+        b"!2000000000\r\n",
+        b"=99999999999999999\r\n",
+        b"*1\r\n$1048577\r\n",
+    ] {
+        assert!(matches!(invalid(h), Bad::TooLong { .. }), "{h:?}");
+    }
+    // Counts over the element limit, from the header too.
+    assert!(matches!(
+        invalid(b"*2000000000\r\n"),
+        Bad::TooManyElements { .. }
+    ));
+    assert!(matches!(invalid(b"%6000\r\n"), Bad::TooManyElements { .. }));
+    let many = bulk_array(&vec![Vec::new(); 10_001]);
+    assert!(matches!(invalid(&many), Bad::TooManyElements { .. }));
+    // Lengths that are not plain numbers: negative, streamed, empty, junk.
+    for h in [
+        &b"$-1\r\n"[..],
+        b"*-1\r\n",
+        b"*?\r\n",
+        b"$?\r\n",
+        b"$\r\n",
+        b"*1x\r\n",
+    ] {
+        assert_eq!(invalid(h), Bad::BadLength, "{h:?}");
+    }
+    // Types Redis does not send chatloop: attributes, stream ends, inline text, HELLO.
+    for h in [
+        &b"|1\r\n+a\r\n+b\r\n:1\r\n"[..],
+        b".\r\n",
+        b"HELLO 3\r\n",
+        b"x\r\n",
+    ] {
+        assert!(matches!(invalid(h), Bad::Type(_)), "{h:?}");
+    }
+    assert_eq!(invalid(b"$3\r\nabcde\r\n"), Bad::NoCrlf);
+    let mut long = b"+".to_vec();
+    long.extend(std::iter::repeat_n(b'a', resp::LINE_MAX + 2));
+    assert_eq!(invalid(&long), Bad::LongLine);
+    // Incomplete is not invalid: a header or payload still on its way.
+    for partial in [
+        &b"$5\r\nab"[..],
+        b"*3\r\n:1\r\n",
+        b"+O",
+        b"",
+        b"*1\r\n*1\r\n",
+    ] {
+        assert_eq!(
+            resp::Scanner::default().scan(partial, &LIM),
+            Scan::Incomplete,
+            "{partial:?}"
+        );
+    }
+}
+
+#[test]
+fn a_hostile_reply_breaks_the_link_without_buffering_or_crashing() {
+    // The 20 KB of nesting that aborted the node, as a reply and as a push.
+    for bytes in [nested(5000), [b">1\r\n".as_slice(), &nested(5000)].concat()] {
+        let mut c = up();
+        c.fetch(1, 1, Query::AllRooms, now(10));
+        assert!(!c.on_bytes(&bytes, now(11)));
+        assert!(c.inbuf.is_empty(), "nothing kept");
+    }
+    // A huge bulk header: refused at once, even before its payload starts.
+    let mut c = up();
+    c.fetch(1, 1, Query::AllRooms, now(10));
+    assert!(!c.on_bytes(b"*1\r\n$2000000000\r\n", now(11)));
+    // Limits follow the settings: a room's whole history of the longest messages fits.
+    let lim = ClusterConfig::reply_limits(1000, 4096, 100_000);
+    let longest = vec![b'x'; 36 + 200 + 6 * 4096];
+    let history = bulk_array(&vec![longest; 1000]);
+    assert_eq!(
+        resp::Scanner::default().scan(&history, &lim),
+        resp::Scan::Complete(history.len())
+    );
+    assert!(lim.bytes < 32 << 20, "{lim:?}");
+}
+
+#[test]
+fn errors_and_odd_types_where_data_is_expected_fail_the_request_or_the_link() {
+    let mut c = up();
+    // An error for a fetch: that request fails (503), the link stays.
+    c.fetch(1, 1, Query::Presence(ROOM), now(10));
+    assert!(c.on_bytes(b"-WRONGTYPE Operation against a key\r\n", now(11)));
+    assert_eq!(
+        c.drain_events().collect::<Vec<_>>(),
+        vec![Event::Failed {
+            token: 1,
+            serial: 1
+        }]
+    );
+    // Another type where an array is expected: an empty answer, never a panic.
+    c.fetch(2, 1, Query::Presence(ROOM), now(12));
+    c.fetch(3, 1, Query::UserCount(ROOM), now(12));
+    c.fetch(4, 1, Query::Session(SessionId(9)), now(12));
+    assert!(c.on_bytes(b"%1\r\n:1\r\n:2\r\n$3\r\nabc\r\n*1\r\n:5\r\n", now(13)));
+    let answers: Vec<Answer> = c
+        .drain_events()
+        .filter_map(|e| match e {
+            Event::Answer { answer, .. } => Some(answer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        vec![
+            Answer::Users(vec![]),
+            Answer::Count(0),
+            Answer::Session(None)
+        ]
+    );
+    // An error for a history load (LOADING after a restart): not an empty history, which
+    // would wipe this node's copy; the link is tried again.
+    c.fetch(5, 1, Query::Subscribe(ROOM), now(14));
+    assert!(!c.on_bytes(b"-LOADING Redis is loading the dataset\r\n", now(15)));
 }
 
 #[test]

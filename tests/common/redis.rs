@@ -1,7 +1,8 @@
 //! A throw-away `redis-server` for the cluster tests: one per test, on a free loopback port,
 //! no persistence unless asked, its own directory under `CARGO_TARGET_TMPDIR`, killed (by its
 //! own pid) when dropped. `stop()` / `restart()` keep the port, for the Redis-outage tests;
-//! [`Proxy`] cuts or stalls one node's link to Redis while the others keep theirs.
+//! [`Proxy`] cuts or stalls one node's link to Redis while the others keep theirs, and can
+//! inject bytes of its own toward the node (a hostile Redis).
 #![allow(dead_code)]
 
 use std::fs::File;
@@ -292,7 +293,8 @@ fn read_reply(r: &mut BufReader<TcpStream>) -> Result<String, String> {
 /// A TCP proxy in front of Redis, for one node's link to it: `cut()` closes its connections
 /// and refuses new ones (as when Redis or the route dies), `stall()` keeps them open but
 /// forwards nothing (a silent network partition), `restore()` heals either (connections
-/// open during a stall are closed, never replayed late). Threads end when the proxy drops.
+/// open during a stall are closed, never replayed late). `inject()` writes bytes of its own to
+/// the node, as a hostile or broken Redis would. Threads end when the proxy drops.
 pub struct Proxy {
     pub port: u16,
     shared: Arc<ProxyShared>,
@@ -303,6 +305,11 @@ struct ProxyShared {
     mode: AtomicU8,
     stop: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
+    /// The node's side of each connection, and a lock so that injected bytes never land in
+    /// the middle of a chunk being forwarded.
+    clients: Mutex<Vec<TcpStream>>,
+    /// Connections accepted so far.
+    accepted: AtomicU32,
 }
 
 const PASS: u8 = 0;
@@ -318,6 +325,8 @@ impl Proxy {
             mode: AtomicU8::new(PASS),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
+            clients: Mutex::new(Vec::new()),
+            accepted: AtomicU32::new(0),
         });
         let sh = shared.clone();
         std::thread::spawn(move || {
@@ -339,13 +348,19 @@ impl Proxy {
                     let mut conns = sh.conns.lock().unwrap();
                     conns.push(client.try_clone().unwrap());
                     conns.push(server.try_clone().unwrap());
+                    sh.clients.lock().unwrap().push(client.try_clone().unwrap());
+                    sh.accepted.fetch_add(1, Ordering::SeqCst);
                 }
-                for (from, to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
+                for (from, to, toward_node) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        false,
+                    ),
+                    (server, client, true),
                 ] {
                     let sh = sh.clone();
-                    std::thread::spawn(move || pump(from, to, &sh));
+                    std::thread::spawn(move || pump(from, to, toward_node, &sh));
                 }
             }
         });
@@ -377,10 +392,24 @@ impl Proxy {
         self.shared.mode.store(PASS, Ordering::SeqCst);
     }
 
+    /// Writes `bytes` to the node on every open connection, between forwarded chunks.
+    pub fn inject(&self, bytes: &[u8]) {
+        let mut clients = self.shared.clients.lock().unwrap();
+        for c in clients.iter_mut() {
+            let _ = c.write_all(bytes);
+        }
+    }
+
+    /// How many connections the proxy has accepted so far (a node's reconnects).
+    pub fn accepted(&self) -> u32 {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
     fn close_all(&self) {
         for c in self.shared.conns.lock().unwrap().drain(..) {
             let _ = c.shutdown(Shutdown::Both);
         }
+        self.shared.clients.lock().unwrap().clear();
     }
 }
 
@@ -393,7 +422,7 @@ impl Drop for Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, sh: &ProxyShared) {
+fn pump(mut from: TcpStream, mut to: TcpStream, toward_node: bool, sh: &ProxyShared) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let mut buf = [0u8; 16384];
     while !sh.stop.load(Ordering::SeqCst) {
@@ -404,6 +433,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, sh: &ProxyShared) {
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                let _guard = toward_node.then(|| sh.clients.lock().unwrap());
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
