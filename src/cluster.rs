@@ -20,8 +20,12 @@
 //! delivery order on every node, and each node frames a delivered message once for all its
 //! members.
 //!
+//! Nothing is lost unseen: a history event whose script Redis does not confirm (the link goes
+//! down first, or Redis refuses it) and whose push never came back returns as
+//! [`Event::Unconfirmed`] (the hub tells a chat's sender, and delivers a notice locally).
 //! Every byte from Redis is hostile: replies pass [`resp::Scanner`] (depth, size, element and
-//! type limits) before the decoder sees them.
+//! type limits) before the decoder sees them, and what is queued toward Redis is bounded
+//! (`--max-redis-queue`, see [`Cluster::check_queue`]).
 //!
 //! The event loop feeds this module bytes from Redis ([`Cluster::on_bytes`]), connection
 //! changes and time; the hub's [`Op`]s become commands in [`Cluster::out`]; what the loop must
@@ -147,6 +151,9 @@ pub struct ClusterConfig {
     pub password: Option<Secret>,
     /// What one reply from Redis may be (see [`resp`]).
     pub reply_limits: resp::Limits,
+    /// Bytes queued toward Redis ([`Cluster::queued`]) beyond which Redis counts as down
+    /// (`--max-redis-queue`).
+    pub max_queue: usize,
 }
 
 impl ClusterConfig {
@@ -326,6 +333,14 @@ pub enum Event {
     },
     /// A session ended on some node: close its sockets here with 1000.
     SessionEnded(SessionId),
+    /// A history event this node wrote that Redis did not confirm (the link went down
+    /// first, Redis refused it, or it was written while Redis was unusable), and whose echo
+    /// never came back: nobody here has seen it, and other nodes may or may not have.
+    Unconfirmed {
+        room: RoomId,
+        id: MsgId,
+        json: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,6 +361,13 @@ enum Link {
 enum Pending {
     Ignore,
     Hello,
+    /// The script that stores and publishes a history event: its reply (or its echo on the
+    /// room's channel, whichever comes first) confirms the event.
+    Publish {
+        room: RoomId,
+        id: MsgId,
+        json: Vec<u8>,
+    },
     Fetch {
         token: usize,
         serial: u32,
@@ -389,6 +411,8 @@ const CONNECT_TIMEOUT: Micros = Micros(3_000_000);
 const REPLY_TIMEOUT: Micros = Micros(5_000_000);
 const BACKOFF_MIN: Micros = Micros(100_000);
 const BACKOFF_MAX: Micros = Micros(5_000_000);
+/// What a queued command costs besides its bytes (its [`Pending`] entry).
+const PENDING_COST: usize = std::mem::size_of::<(Pending, usize)>();
 
 /// Stores a history event and publishes it, atomically, so that history order is delivery
 /// order. A script rather than `MULTI`: Redis 7.0 writes a subscriber's own pushes into the
@@ -440,7 +464,15 @@ pub struct Cluster {
     inbuf: Vec<u8>,
     /// Where the scan of the reply at the front of `inbuf` stands.
     scanner: resp::Scanner,
-    pending: VecDeque<Pending>,
+    /// Each command's reply meaning and what it costs until answered (see `queued`).
+    pending: VecDeque<(Pending, usize)>,
+    /// Bytes of the commands in `pending` (their encoding, and a history event's copy).
+    queued: usize,
+    /// Ids of `Pending::Publish` events neither answered nor echoed yet.
+    awaiting: HashSet<MsgId>,
+    /// A write was not queued because the queue was full: the link must be dropped even if
+    /// replies shrink the queue meanwhile (a response held for that write must not go out).
+    overflowed: bool,
     sent: u64,
     answered: u64,
     subs: HashMap<RoomId, Sub>,
@@ -469,6 +501,9 @@ impl Cluster {
             inbuf: Vec::new(),
             scanner: resp::Scanner::default(),
             pending: VecDeque::new(),
+            queued: 0,
+            awaiting: HashSet::new(),
+            overflowed: false,
             sent: 0,
             answered: 0,
             subs: HashMap::new(),
@@ -493,6 +528,44 @@ impl Cluster {
 
     pub fn is_up(&self) -> bool {
         self.link == Link::Up
+    }
+
+    /// Bytes queued toward Redis: those of the commands not yet answered, from when they are
+    /// queued (their encoding and bookkeeping), or the bytes not yet written if that is more
+    /// (subscriptions are written but never answered).
+    pub fn queued(&self) -> usize {
+        self.queued.max(self.out.len())
+    }
+
+    /// Up, with room in the queue for more. When not, because the queue is full, the link
+    /// is marked for [`Cluster::check_queue`] to drop.
+    fn usable(&mut self) -> bool {
+        if !self.is_up() {
+            return false;
+        }
+        if self.queued() > self.cfg.max_queue {
+            self.overflowed = true;
+        }
+        !self.overflowed
+    }
+
+    /// When the queue toward Redis is over `--max-redis-queue`: Redis is not keeping up (or
+    /// not answering while a trickle of bytes keeps the reply timeout away), so it is treated
+    /// as down: the link is dropped and the node goes degraded until it reconnects. Returns
+    /// whether that happened (the loop must then close the socket).
+    pub fn check_queue(&mut self, now: Now) -> bool {
+        if !self.is_up() || (!self.overflowed && self.queued() <= self.cfg.max_queue) {
+            return false;
+        }
+        log::warn!(
+            "Redis is not keeping up: {} commands ({} bytes) queued, over --max-redis-queue \
+             ({} bytes): reconnecting",
+            self.pending.len(),
+            self.queued(),
+            self.cfg.max_queue
+        );
+        self.on_disconnected(now);
+        true
     }
 
     /// Commands written so far (a held response waits until [`Cluster::answered`] reaches it).
@@ -584,16 +657,24 @@ impl Cluster {
         self.out = Vec::new();
         self.inbuf = Vec::new();
         self.scanner.reset();
-        for p in self.pending.drain(..) {
+        self.queued = 0;
+        self.overflowed = false;
+        for (p, _) in std::mem::take(&mut self.pending) {
             match p {
                 Pending::Fetch { token, serial, .. }
                 | Pending::Load {
                     for_request: Some((token, serial)),
                     ..
                 } => self.events.push(Event::Failed { token, serial }),
+                Pending::Publish { room, id, json } => {
+                    if self.awaiting.remove(&id) {
+                        self.events.push(Event::Unconfirmed { room, id, json });
+                    }
+                }
                 Pending::Load { .. } | Pending::Ignore | Pending::Hello | Pending::Expired(_) => {}
             }
         }
+        self.awaiting.clear();
         self.answered = self.sent;
         // Rooms still loading have no members yet; rooms with members resubscribe on Up.
         self.subs.retain(|_, s| matches!(s, Sub::Live));
@@ -662,7 +743,7 @@ impl Cluster {
     /// Asks Redis for a fact on behalf of the request parked on `token`.
     pub fn fetch(&mut self, token: usize, serial: u32, query: Query, now: Now) {
         self.clock = now.mono;
-        if !self.is_up() {
+        if !self.usable() {
             self.events.push(Event::Failed { token, serial });
             return;
         }
@@ -748,12 +829,16 @@ impl Cluster {
         }
     }
 
-    /// Writes one change of shared state. While Redis is down only local bookkeeping is
-    /// kept (what a heartbeat re-asserts once it is back).
+    /// Writes one change of shared state. While Redis is down (or its queue is full) only
+    /// local bookkeeping is kept (what a heartbeat re-asserts once it is back), and a history
+    /// event comes back as [`Event::Unconfirmed`]: it is never dropped unseen.
     pub fn apply(&mut self, op: Op, now: Now) {
         self.clock = now.mono;
         let left = self.track(&op);
-        if !self.is_up() {
+        if !self.usable() {
+            if let Op::Publish { room, id, json } = op {
+                self.events.push(Event::Unconfirmed { room, id, json });
+            }
             return;
         }
         let now_ms = now.wall.0 / 1000;
@@ -819,7 +904,8 @@ impl Cluster {
                     keep_notices.as_bytes(),
                     notice,
                 ];
-                self.command(&args, Pending::Ignore);
+                self.awaiting.insert(id);
+                self.command(&args, Pending::Publish { room, id, json });
             }
             Op::Typing { room, except, json } => {
                 let mut msg = Vec::with_capacity(17 + json.len());
@@ -1042,15 +1128,25 @@ impl Cluster {
             self.on_push(data);
             return true;
         }
-        let Some(p) = self.pending.pop_front() else {
-            log::warn!("Redis sent a reply nobody asked for");
+        let Some((p, cost)) = self.pending.pop_front() else {
+            log::warn!("Redis sent a reply nobody asked for: reconnecting");
             return false;
         };
+        self.queued -= cost;
         self.answered += 1;
         match p {
             Pending::Ignore => {
                 if let Some(e) = error_text(&frame) {
                     log::warn!("Redis refused a write: {}", redis_error(&e));
+                }
+            }
+            Pending::Publish { room, id, json } => {
+                let echoed = !self.awaiting.remove(&id);
+                if let Some(e) = error_text(&frame) {
+                    log::warn!("Redis refused a message: {}", redis_error(&e));
+                    if !echoed {
+                        self.events.push(Event::Unconfirmed { room, id, json });
+                    }
                 }
             }
             Pending::Hello => {
@@ -1061,7 +1157,11 @@ impl Cluster {
                     );
                     return false;
                 }
-                if self.pending.iter().all(|p| !matches!(p, Pending::Hello)) {
+                if self
+                    .pending
+                    .iter()
+                    .all(|(p, _)| !matches!(p, Pending::Hello))
+                {
                     self.became_up(now);
                 }
             }
@@ -1117,7 +1217,6 @@ impl Cluster {
                             messages.push((id, json));
                         }
                     }
-
                     self.subs.insert(room, Sub::Live);
                     self.events.push(Event::Loaded {
                         room,
@@ -1203,6 +1302,8 @@ impl Cluster {
                 let Some((id, json)) = split_entry(&payload[1..]) else {
                     return;
                 };
+                // Its echo confirms an event this node published.
+                self.awaiting.remove(&id);
                 match self.subs.get_mut(&room) {
                     Some(Sub::Loading(buf)) => {
                         if buf.len() >= self.cfg.history {
@@ -1239,8 +1340,15 @@ impl Cluster {
         if self.pending.is_empty() {
             self.last_progress = self.clock;
         }
+        let before = self.out.len();
         self.encode(args);
-        self.pending.push_back(pending);
+        let copy = match &pending {
+            Pending::Publish { json, .. } => json.len(),
+            _ => 0,
+        };
+        let cost = self.out.len() - before + copy + PENDING_COST;
+        self.queued += cost;
+        self.pending.push_back((pending, cost));
         self.sent += 1;
     }
 

@@ -51,6 +51,7 @@ pub struct Config {
     pub echo_path: Option<String>,
     pub redis: Option<crate::cluster::RedisUrl>,
     pub presence_ttl: Micros,
+    pub max_redis_queue: usize,
     pub log_level: LevelFilter,
     pub log_format: LogFormat,
     pub lock_memory: bool,
@@ -524,6 +525,16 @@ pub const OPTIONS: &[Opt] = &[
         },
     },
     opt!(
+        "max-redis-queue",
+        ["CHATLOOP_MAX_REDIS_QUEUE"],
+        "256MiB",
+        "cluster mode: bytes of commands queued toward Redis and not yet answered; beyond this Redis counts as down (503s, local chat) and the node reconnects. A heartbeat needs about 0.5 KiB per open WebSocket (1 KiB right after a reconnect)",
+        |c, v| {
+            c.max_redis_queue = size(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
         "log-level",
         ["CHATLOOP_LOG_LEVEL"],
         "info",
@@ -591,6 +602,7 @@ impl Default for Config {
             echo_path: None,
             redis: None,
             presence_ttl: Micros::ZERO,
+            max_redis_queue: 0,
             log_level: LevelFilter::Info,
             log_format: LogFormat::Text,
             lock_memory: false,
@@ -680,6 +692,9 @@ impl Config {
         }
         if self.max_output_queue < 4096 {
             return fail("--max-output-queue must be at least 4KiB");
+        }
+        if self.max_redis_queue < 64 * 1024 {
+            return fail("--max-redis-queue must be at least 64KiB");
         }
         for (name, d) in [
             ("--room-ttl", self.room_ttl),

@@ -388,11 +388,14 @@ impl Hub {
             return;
         };
         let known: std::collections::HashSet<MsgId> = room.history.iter().map(|m| m.id).collect();
-        // Only what follows the last message the members here saw is news to them.
+        // What precedes the oldest message the members here saw is older than their copy;
+        // everything after it that they did not see is news to them. (From the oldest, not
+        // the newest: a notice delivered here unconfirmed may sit in Redis after messages
+        // that never reached this node.)
         let start = messages
             .iter()
-            .rposition(|(m, _)| known.contains(m))
-            .map_or(0, |i| i + 1);
+            .position(|(m, _)| known.contains(m))
+            .unwrap_or(0);
         let mut history = History::default();
         for (i, (mid, json)) in messages.into_iter().enumerate() {
             let missed = i >= start && !known.contains(&mid);
@@ -428,6 +431,27 @@ impl Hub {
         let frame = self.frame.finish_text();
         self.frame.trim();
         self.store_and_send(id, mid, frame, protocol::is_presence(json), now);
+    }
+
+    /// A history event this node published that Redis did not confirm (the link went down
+    /// or Redis refused it before its echo came back). A chat reached nobody here, and maybe
+    /// nobody anywhere: its sender's sockets in the room get an `unconfirmed` error frame with
+    /// its id and text, never silence. A presence notice is delivered here as in degraded mode,
+    /// so that the members here still see who joined or left.
+    pub fn unconfirmed(&mut self, id: RoomId, mid: MsgId, json: &[u8], now: Now) {
+        if let Some((user_id, text)) = protocol::chat_sender(json) {
+            let Some(room) = self.rooms.get(&id) else {
+                return;
+            };
+            protocol::write_unconfirmed(self.frame.start(), mid, &text);
+            let frame = self.frame.finish_text();
+            for m in room.members.iter().filter(|m| m.user_id == user_id) {
+                self.actions.push(Action::Send(m.conn, frame.clone()));
+            }
+            self.frame.trim();
+        } else if protocol::is_presence(json) {
+            self.deliver_event(id, mid, json, now);
+        }
     }
 
     /// A typing event that came through Redis, for every member here but `except`.

@@ -235,6 +235,41 @@ pub fn write_error(out: &mut Vec<u8>, code: &str, detail: &str) {
     out.push(b'}');
 }
 
+/// The sender's user id and the text of a `chat` event written by [`write_event`]; `None`
+/// for any other event. (For the rare event Redis did not confirm: a full parse is fine.)
+pub fn chat_sender(json: &[u8]) -> Option<(UserId, String)> {
+    #[derive(Deserialize)]
+    struct Event {
+        #[serde(rename = "type")]
+        kind: String,
+        user_id: String,
+        message: String,
+    }
+    let e: Event = serde_json::from_slice(json).ok()?;
+    if e.kind != "chat" || e.user_id.len() != 8 {
+        return None;
+    }
+    let uid = u32::from_str_radix(&e.user_id, 16).ok()?;
+    Some((UserId(uid), e.message))
+}
+
+/// The `unconfirmed` error frame: the shared store (Redis) did not confirm the chat message
+/// `id`, so the members of this node never got it (those of other nodes may have). Its id and
+/// text come back so that a client can tell which message it was and offer to send it again.
+pub fn write_unconfirmed(out: &mut Vec<u8>, id: MsgId, message: &str) {
+    write_error(
+        out,
+        "unconfirmed",
+        "Your message was not delivered here: the shared store (Redis) did not confirm it in \
+         time. It may have reached members on other servers; send it again if it does not \
+         appear.",
+    );
+    out.pop();
+    let _ = write!(out, ",\"id\":\"{id}\",\"message\":");
+    json_str(out, message);
+    out.push(b'}');
+}
+
 /// The `welcome` frame: who is here and the recent messages (already-encoded JSON).
 pub fn write_welcome<'a>(
     out: &mut Vec<u8>,

@@ -188,6 +188,7 @@ impl Server {
                         cfg.max_chat_chars,
                         cfg.max_rooms.max(cfg.max_room_members),
                     ),
+                    max_queue: cfg.max_redis_queue,
                 },
                 node,
             )
@@ -299,6 +300,12 @@ impl Server {
         self.cluster_timers(now);
         self.flush_all(now);
         self.redis_write(now);
+        if !self.dirty.is_empty() {
+            // Writing to Redis dropped the link (its queue was full): what that sent to
+            // members (error frames, notices) goes out now, not at the next wakeup.
+            self.flush_all(now);
+            self.redis_write(now);
+        }
     }
 
     /// How long poll may sleep: until the earliest timer, or not at all if work is waiting.
@@ -929,6 +936,9 @@ impl Server {
                 user_id,
             } => self.hub.departed_elsewhere(room, &user, user_id, now),
             ClusterEvent::SessionEnded(id) => self.hub.session_ended_elsewhere(id, now),
+            ClusterEvent::Unconfirmed { room, id, json } => {
+                self.hub.unconfirmed(room, id, &json, now)
+            }
         }
     }
 
@@ -1077,8 +1087,16 @@ impl Server {
         self.redis_write(now);
     }
 
-    /// Writes the Redis side's pending commands (pipelined: all of them at once).
+    /// Writes the Redis side's pending commands (pipelined: all of them at once). A queue
+    /// over `--max-redis-queue` drops the link instead (Redis counts as down).
     fn redis_write(&mut self, now: Now) {
+        if self.cluster.as_mut().is_some_and(|c| c.check_queue(now)) {
+            if let Some(mut sock) = self.redis.take() {
+                let _ = self.poll.registry().deregister(&mut sock.stream);
+            }
+            self.pump_cluster(now);
+            return;
+        }
         let (Some(sock), Some(cluster)) = (&mut self.redis, &mut self.cluster) else {
             return;
         };

@@ -7,9 +7,11 @@
 //! the nodes stay up, say so on `/health`, refuse what needs Redis with 503 and keep local chat
 //! going, and they recover on their own when Redis is back (with its data, or empty); one
 //! node cut off from Redis (closed or silent link, through a test proxy) recovers and, once
-//! back, holds the same history as the others. A hostile Redis (deep nesting, huge lengths,
-//! junk) costs a reconnect, never the node; and no log line holds a bearer token, the Redis
-//! password, chat or a username.
+//! back, holds the same history as the others. While Redis hangs (frozen, silent or too slow)
+//! no chat is lost silently: the sender of each message Redis did not confirm gets an
+//! `unconfirmed` error frame, and afterwards every member saw what the history holds, in its
+//! order. A hostile Redis (deep nesting, huge lengths, junk) costs a reconnect, never the
+//! node; and no log line holds a bearer token, the Redis password, chat or a username.
 //!
 //! Each test starts its own `redis-server` (tests/common/redis.rs) on a free loopback port, so
 //! the tests run in parallel. Every wait is bounded.
@@ -1397,6 +1399,387 @@ fn presence_churn_leaves_chat_in_the_shared_history() {
     wb.chat_roundtrip("alice is fine");
 }
 
+// ---- (6) Redis hangs: no chat is lost silently ---------------------------------------------
+
+/// What a member read: every frame, in order.
+struct Seen {
+    name: String,
+    frames: Vec<Value>,
+}
+
+impl Seen {
+    /// The ids of the chats among `texts` it got as chat frames, in the order they came.
+    fn chats(&self, texts: &[String]) -> Vec<String> {
+        self.frames
+            .iter()
+            .filter(|v| v["type"] == "chat" && texts.iter().any(|t| v["message"] == *t))
+            .map(|v| id_of(v).unwrap().to_string())
+            .collect()
+    }
+
+    /// The texts of the `unconfirmed` error frames it got, in order.
+    fn unconfirmed(&self) -> Vec<String> {
+        self.frames
+            .iter()
+            .filter(|v| v["type"] == "error" && v["code"] == "unconfirmed")
+            .map(|v| v["message"].as_str().unwrap_or("?").to_string())
+            .collect()
+    }
+}
+
+/// Reads `ws` until `done(frames so far)` holds or `limit` passes; returns what it read.
+fn read_until(ws: &mut Ws, limit: Duration, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + limit;
+    while !done(&got) && Instant::now() < deadline {
+        if let Some(v) = ws.recv_within(Duration::from_millis(200)) {
+            got.push(v);
+        }
+    }
+    got
+}
+
+/// `texts` were sent by `sender` (on `sender_node`) while Redis hung. `seen_before`: what
+/// each member read until the node recovered; `seen_after`: what it read after. `history`:
+/// the room's history on each node at the end. Checks that nothing was lost silently:
+///
+/// - before recovery, the sender got each text exactly once, as its chat or as an
+///   `unconfirmed` error, and the members of its node got exactly the ones it got as chat;
+/// - every node holds the same history;
+/// - a text in the history reached every member exactly once as a chat, and each member's
+///   chats appear in history order;
+/// - a text not in the history reached no member of another node, and the sender either
+///   heard it was unconfirmed or (sent while the node was degraded) saw it delivered locally,
+///   as docs/cluster.md says.
+#[track_caller]
+fn assert_nothing_lost_silently(
+    texts: &[String],
+    sender: &str,
+    local: &[&str],
+    seen: &[(Seen, Seen)],
+    history: &[Vec<Value>],
+) {
+    for (n, h) in history.iter().enumerate() {
+        assert_eq!(
+            ids(h),
+            ids(&history[0]),
+            "node {n}'s history differs from node 0's:\n{:?}\n{:?}",
+            brief(h),
+            brief(&history[0])
+        );
+    }
+    let hist: Vec<&Value> = history[0]
+        .iter()
+        .filter(|v| v["type"] == "chat" && texts.iter().any(|t| v["message"] == *t))
+        .collect();
+    let hist_ids: Vec<String> = hist.iter().map(|v| id_of(v).unwrap().to_string()).collect();
+    let (sb, _) = seen
+        .iter()
+        .find(|(b, _)| b.name == sender)
+        .expect("the sender's frames");
+    let sender_chats: Vec<String> = sb
+        .frames
+        .iter()
+        .filter(|v| v["type"] == "chat" && texts.iter().any(|t| v["message"] == *t))
+        .map(|v| v["message"].as_str().unwrap().to_string())
+        .collect();
+    let sender_errors = sb.unconfirmed();
+    for t in texts {
+        let as_chat = sender_chats.iter().filter(|c| *c == t).count();
+        let as_error = sender_errors.iter().filter(|c| *c == t).count();
+        assert_eq!(
+            as_chat + as_error,
+            1,
+            "{sender} got {t:?} {as_chat} times as chat and {as_error} times as unconfirmed \
+             (once in all expected) before recovery; got {:?}",
+            brief(&sb.frames)
+        );
+    }
+    for (before, after) in seen {
+        let chats_before = before.chats(texts);
+        if local.contains(&before.name.as_str()) && before.name != sender {
+            assert_eq!(
+                chats_before,
+                sb.chats(texts),
+                "{} (on the sender's node) got exactly the chats {sender} got, in order",
+                before.name
+            );
+            assert!(
+                before.unconfirmed().is_empty(),
+                "{}: not its errors",
+                before.name
+            );
+        }
+        let mut all = chats_before.clone();
+        all.extend(after.chats(texts));
+        for (t, id) in hist
+            .iter()
+            .map(|v| (v["message"].as_str().unwrap(), id_of(v).unwrap()))
+        {
+            assert_eq!(
+                all.iter().filter(|x| *x == id).count(),
+                1,
+                "{} got {t:?} (in the history) exactly once: {:?} then {:?}",
+                before.name,
+                brief(&before.frames),
+                brief(&after.frames)
+            );
+        }
+        let stored: Vec<&String> = all.iter().filter(|id| hist_ids.contains(id)).collect();
+        let want: Vec<&String> = hist_ids.iter().collect();
+        assert_eq!(
+            stored, want,
+            "{}: the chats it got, in history order",
+            before.name
+        );
+        if !local.contains(&before.name.as_str()) {
+            assert!(
+                all.iter().all(|id| hist_ids.contains(id)),
+                "{} (another node) got a chat that is in no history",
+                before.name
+            );
+        }
+    }
+}
+
+/// Every frame read until (and with) the chat `text`.
+#[track_caller]
+fn frames_until_chat(ws: &mut Ws, text: &str) -> Vec<Value> {
+    let got = read_until(ws, TIMEOUT, |got| {
+        got.last()
+            .is_some_and(|v| v["type"] == "chat" && v["message"] == text)
+    });
+    assert!(
+        got.last().is_some_and(|v| v["message"] == text),
+        "chat {text:?} never came: {:?}",
+        brief(&got)
+    );
+    got
+}
+
+/// The frames each member reads until its client has been quiet for a moment.
+fn drain_all(members: &mut [Member]) -> Vec<Seen> {
+    members
+        .iter_mut()
+        .map(|m| Seen {
+            name: m.name.clone(),
+            frames: m.ws.drain(Duration::from_millis(500)),
+        })
+        .collect()
+}
+
+/// alice and bob on node 0, carol on node 1, all joined and synced, and a chat "before" that
+/// every one of them got.
+#[track_caller]
+fn trio(c: &Cluster) -> (String, Vec<Member>, Value) {
+    let (sa, alice_uid) = c.node(0).session("alice");
+    let (sb, bob_uid) = c.node(0).session("bob");
+    let (sc, carol_uid) = c.node(1).session("carol");
+    let room = c.node(1).room(&sc);
+    let mut m: Vec<Member> = Vec::new();
+    for (node, name, sid, uid) in [
+        (0, "alice", &sa, &alice_uid),
+        (0, "bob", &sb, &bob_uid),
+        (1, "carol", &sc, &carol_uid),
+    ] {
+        let (member, _) = join_synced(c.node(node), &room, name, sid, uid, &mut m);
+        m.push(member);
+    }
+    m[0].ws.chat("before");
+    let before = m[0].ws.recv_chat("before");
+    for mj in m[1..].iter_mut() {
+        assert_eq!(mj.ws.recv_chat("before")["id"], before["id"]);
+    }
+    (sa, m, before)
+}
+
+/// After a recovery: until a probe from alice reaches carol and one from carol reaches alice,
+/// reads every member; returns what each read.
+#[track_caller]
+fn after_recovery(m: &mut [Member]) -> Vec<Seen> {
+    let mut seen: Vec<Vec<Value>> = vec![Vec::new(); m.len()];
+    for (from, to, probe) in [(0, 2, "probe-to-B"), (2, 0, "probe-to-A")] {
+        let crossed = wait_for(Duration::from_secs(15), || {
+            m[from].ws.chat(probe);
+            let t = Instant::now();
+            let mut hit = false;
+            while t.elapsed() < Duration::from_millis(300) {
+                for (j, mj) in m.iter_mut().enumerate() {
+                    while let Some(v) = mj.ws.recv_within(Duration::from_millis(20)) {
+                        hit |= j == to && v["message"] == probe;
+                        seen[j].push(v);
+                    }
+                }
+            }
+            hit
+        });
+        assert!(
+            crossed.is_some(),
+            "{probe}: chat never crossed after recovery"
+        );
+    }
+    for (j, s) in drain_all(m).into_iter().enumerate() {
+        seen[j].extend(s.frames);
+    }
+    m.iter()
+        .zip(seen)
+        .map(|(mj, frames)| Seen {
+            name: mj.name.clone(),
+            frames,
+        })
+        .collect()
+}
+
+#[test]
+fn chat_sent_while_redis_is_frozen_is_never_lost_silently_and_every_member_ends_with_the_history() {
+    let c = Cluster::start(2, &["--presence-ttl", "3s"]);
+    let (sa, mut m, _) = trio(&c);
+    c.redis.pause(); // SIGSTOP: every socket stays open, nothing is answered
+    let texts: Vec<String> = (1..=3).map(|k| format!("frozen-{k}")).collect();
+    for t in &texts {
+        m[0].ws.chat(t);
+    }
+    // Nobody on alice's node got them, and she hears about each one (after the 5 s reply
+    // timeout at most), never silence.
+    let alice = read_until(&mut m[0].ws, Duration::from_secs(20), |got| {
+        got.iter().filter(|v| v["code"] == "unconfirmed").count() >= texts.len()
+    });
+    let errors: Vec<&Value> = alice
+        .iter()
+        .filter(|v| v["code"] == "unconfirmed")
+        .collect();
+    assert_eq!(
+        errors
+            .iter()
+            .map(|v| v["message"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        texts,
+        "alice gets an unconfirmed error for each chat, in order: {:?}",
+        brief(&alice)
+    );
+    for e in &errors {
+        assert_eq!(e["type"], "error");
+        assert!(uuid_version(e["id"].as_str().unwrap()) == Some(7), "{e}");
+        assert!(e["detail"].as_str().unwrap().contains("Redis"), "{e}");
+    }
+    c.wait_health(0, "down", REDIS_DOWN_LIMIT);
+    // Degraded: chat on node A is local, and at once.
+    m[0].ws.chat("local-while-frozen");
+    let mut alice = alice;
+    alice.extend(frames_until_chat(&mut m[0].ws, "local-while-frozen"));
+    let bob = frames_until_chat(&mut m[1].ws, "local-while-frozen");
+    let mut before = drain_all(&mut m);
+    before[0].frames.splice(0..0, alice);
+    before[1].frames.splice(0..0, bob);
+    c.redis.resume();
+    for i in 0..2 {
+        c.wait_health(i, "up", RECOVERY_LIMIT);
+    }
+    let after = after_recovery(&mut m);
+    let room = list(c.node(0), "/rooms", Some(&sa), "rooms")[0].clone();
+    let history: Vec<Vec<Value>> = (0..2).map(|i| history(c.node(i), &room, &sa)).collect();
+    let mut all_texts = texts.clone();
+    all_texts.push("local-while-frozen".into());
+    assert!(
+        !history[0]
+            .iter()
+            .any(|v| v["message"] == "local-while-frozen"),
+        "degraded-mode chat stays local, as documented"
+    );
+    eprintln!("history after the freeze: {:?}", brief(&history[0]));
+    for (b, a) in before.iter().zip(&after) {
+        eprintln!(
+            "{} read {:?} then {:?}",
+            b.name,
+            brief(&b.frames),
+            brief(&a.frames)
+        );
+    }
+    let seen: Vec<(Seen, Seen)> = before.into_iter().zip(after).collect();
+    assert_nothing_lost_silently(&all_texts, "alice", &["alice", "bob"], &seen, &history);
+}
+
+#[test]
+fn chat_sent_into_a_stalled_link_is_never_lost_silently_and_histories_agree() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr());
+    let urls = [proxy.url(0), redis.url(0)];
+    let c = Cluster::start_nodes(redis, &urls, &["--presence-ttl", "3s"]);
+    let (sa, mut m, _) = trio(&c);
+    proxy.stall(); // node A's link only: B and Redis carry on
+    let texts: Vec<String> = (1..=3).map(|k| format!("stalled-{k}")).collect();
+    for t in &texts {
+        m[0].ws.chat(t);
+    }
+    let alice = read_until(&mut m[0].ws, Duration::from_secs(20), |got| {
+        got.iter().filter(|v| v["code"] == "unconfirmed").count() >= texts.len()
+    });
+    c.wait_health(0, "down", REDIS_DOWN_LIMIT);
+    let mut before = drain_all(&mut m);
+    before[0].frames.splice(0..0, alice);
+    assert_eq!(
+        before[0].unconfirmed(),
+        texts,
+        "{:?}",
+        brief(&before[0].frames)
+    );
+    proxy.restore();
+    c.wait_health(0, "up", RECOVERY_LIMIT);
+    let after = after_recovery(&mut m);
+    let room = list(c.node(0), "/rooms", Some(&sa), "rooms")[0].clone();
+    let history: Vec<Vec<Value>> = (0..2).map(|i| history(c.node(i), &room, &sa)).collect();
+    // The stalled commands never reached Redis: in no history, and nobody but alice (told)
+    // ever heard of them.
+    for t in &texts {
+        assert!(!history[0].iter().any(|v| v["message"] == *t), "{t} stored");
+    }
+    let seen: Vec<(Seen, Seen)> = before.into_iter().zip(after).collect();
+    assert_nothing_lost_silently(&texts, "alice", &["alice", "bob"], &seen, &history);
+}
+
+#[test]
+fn a_redis_too_slow_to_answer_fills_the_bounded_queue_and_counts_as_down() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr());
+    let urls = [proxy.url(0), redis.url(0)];
+    let c = Cluster::start_nodes(redis, &urls, &["--max-redis-queue", "64KiB"]);
+    let (sa, mut m, _) = trio(&c);
+    // Commands reach Redis at full speed, its answers come back a few bytes at a time: the
+    // link never goes silent, so only the queue bound can tell.
+    proxy.trickle();
+    let body = "x".repeat(1500);
+    let texts: Vec<String> = (0..100).map(|k| format!("flood-{k:03}-{body}")).collect();
+    for t in &texts {
+        m[0].ws.chat(t);
+    }
+    c.wait_health(0, "down", REDIS_DOWN_LIMIT);
+    assert!(
+        c.node(0).log().contains("--max-redis-queue"),
+        "the log says why: {}",
+        c.node(0).log()
+    );
+    let alice = read_until(&mut m[0].ws, Duration::from_secs(20), |got| {
+        let n = got
+            .iter()
+            .filter(|v| texts.iter().any(|t| v["message"] == *t))
+            .count();
+        n >= texts.len()
+    });
+    let mut before = drain_all(&mut m);
+    before[0].frames.splice(0..0, alice);
+    assert!(
+        !before[0].unconfirmed().is_empty(),
+        "some chats were unconfirmed when the queue filled"
+    );
+    proxy.restore();
+    c.wait_health(0, "up", RECOVERY_LIMIT);
+    let after = after_recovery(&mut m);
+    let room = list(c.node(0), "/rooms", Some(&sa), "rooms")[0].clone();
+    let history: Vec<Vec<Value>> = (0..2).map(|i| history(c.node(i), &room, &sa)).collect();
+    let seen: Vec<(Seen, Seen)> = before.into_iter().zip(after).collect();
+    assert_nothing_lost_silently(&texts, "alice", &["alice", "bob"], &seen, &history);
+}
+
 // ---- (7) a hostile Redis costs a reconnect, never the node ----------------------------------
 
 /// The resident memory of a process, in KiB.
@@ -1648,4 +2031,64 @@ fn no_log_line_holds_a_token_the_redis_password_chat_or_a_username() {
             );
         }
     }
+}
+
+/// Node A through a proxy (with `args`), node B direct; alice and bob on A, carol on B.
+#[track_caller]
+fn proxied_trio(args: &[&str]) -> (Cluster, Proxy, String, Vec<Member>) {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr());
+    let urls = [proxy.url(0), redis.url(0)];
+    let c = Cluster::start_nodes(redis, &urls, args);
+    let (sa, m, _) = trio(&c);
+    (c, proxy, sa, m)
+}
+
+#[test]
+fn a_chat_flood_into_a_stalled_link_holds_no_more_than_the_queue_bound() {
+    const CHATS: usize = 8000;
+    let (c, proxy, _sa, m) = proxied_trio(&["--max-redis-queue", "2MiB"]);
+    let pid = c.node(0).pid();
+    let mut m = m.into_iter();
+    let (mut alice, mut bob) = (m.next().unwrap(), m.next().unwrap());
+    proxy.stall();
+    let before = rss_kib(pid);
+    // bob reads whatever comes (local delivery once A is degraded) so as not to be cut as a
+    // slow consumer; alice sends 8 000 chats of 4 000 characters (32 MB) and reads between
+    // batches.
+    let reader = std::thread::spawn(move || {
+        let mut n = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            match bob.ws.recv_within(Duration::from_secs(3)) {
+                Some(_) => n += 1,
+                None => break,
+            }
+        }
+        (bob, n)
+    });
+    let body = "y".repeat(4000);
+    let mut alice_got = 0usize;
+    for k in 0..CHATS {
+        alice.ws.chat(&format!("{k:05}{body}"));
+        if k % 50 == 49 {
+            while alice.ws.recv_within(Duration::from_millis(1)).is_some() {
+                alice_got += 1;
+            }
+        }
+    }
+    alice_got += alice.ws.drain(Duration::from_secs(2)).len();
+    let (_bob, bob_got) = reader.join().expect("bob's reader");
+    let grown = rss_kib(pid).saturating_sub(before);
+    eprintln!(
+        "node A RSS {before} KiB, +{grown} KiB after {CHATS} chats of 4000 characters into a \
+         stalled link; alice read {alice_got} frames, bob {bob_got}"
+    );
+    c.wait_health(0, "down", REDIS_DOWN_LIMIT);
+    // The queue toward Redis held at most 2 MiB (counted twice while unwritten); the room's
+    // local history (1000 messages of 4 KB) and frames in flight make up the rest.
+    assert!(grown < 16 * 1024, "node A grew by {grown} KiB");
+    assert!(alice_got >= CHATS, "alice heard of every chat: {alice_got}");
+    proxy.restore();
+    c.wait_health(0, "up", RECOVERY_LIMIT);
 }

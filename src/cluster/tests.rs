@@ -21,6 +21,7 @@ fn cfg() -> ClusterConfig {
         user: None,
         password: None,
         reply_limits: ClusterConfig::reply_limits(1000, 4096, 100_000),
+        max_queue: 64 << 20,
     }
 }
 
@@ -437,7 +438,7 @@ fn after_a_reconnect_rooms_with_members_load_again_to_catch_up() {
     let before = c
         .pending
         .iter()
-        .position(|p| matches!(p, Pending::Load { .. }))
+        .position(|(p, _)| matches!(p, Pending::Load { .. }))
         .unwrap();
     let mut bytes = "+OK\r\n".repeat(before).into_bytes();
     bytes.extend_from_slice(&bulk_array(&[entry(id, "missed")]));
@@ -731,4 +732,150 @@ fn redis_errors_are_logged_without_the_arguments_they_quote() {
     );
     assert_eq!(redis_error("'x'"), "an error");
     assert!(redis_error(&"é".repeat(500)).len() <= 240);
+}
+
+// ---- history events Redis did not confirm ---------------------------------------------------
+
+fn publish(c: &mut Cluster, id: MsgId, at: u64) {
+    c.apply(
+        Op::Publish {
+            room: ROOM,
+            id,
+            json: format!("{{\"n\":{}}}", id.0 >> 80).into_bytes(),
+        },
+        now(at),
+    );
+}
+
+fn unconfirmed(events: &[Event]) -> Vec<MsgId> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Unconfirmed { room, id, json } => {
+                assert_eq!(*room, ROOM);
+                assert_eq!(json, &format!("{{\"n\":{}}}", id.0 >> 80).into_bytes());
+                Some(*id)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn events_unconfirmed_when_the_link_drops_come_back_in_order_unless_echoed() {
+    let mut c = up();
+    c.fetch(1, 1, Query::Subscribe(ROOM), now(1));
+    assert!(c.on_bytes(&bulk_array(&[]), now(2)));
+    c.drain_events().for_each(drop);
+    let ids: Vec<MsgId> = (1..=4).map(|i| MsgId(i << 80)).collect();
+    for &id in &ids {
+        publish(&mut c, id, 10);
+    }
+    // 1 is answered, 2 only echoed (the reply got stuck), 3 and 4 nothing at all.
+    let mut bytes = push(
+        "chatloop:m:0123456789",
+        format!("H{}{{}}", ids[0]).as_bytes(),
+    );
+    bytes.extend_from_slice(b":1\r\n");
+    bytes.extend_from_slice(&push(
+        "chatloop:m:0123456789",
+        format!("H{}{{}}", ids[1]).as_bytes(),
+    ));
+    assert!(c.on_bytes(&bytes, now(11)));
+    assert_eq!(c.drain_events().count(), 2, "two deliveries");
+    c.on_timer(now(11 + 5_000)); // silent for 5 s: gone
+    let events: Vec<Event> = c.drain_events().collect();
+    assert_eq!(unconfirmed(&events), vec![ids[2], ids[3]]);
+    assert_eq!(events.last(), Some(&Event::Down), "before Down: {events:?}");
+    assert!(c.awaiting.is_empty() && c.queued() == 0);
+    // While down, an event is handed back at once.
+    publish(&mut c, MsgId(9 << 80), 6000);
+    assert_eq!(
+        unconfirmed(&c.drain_events().collect::<Vec<_>>()),
+        vec![MsgId(9 << 80)]
+    );
+}
+
+#[test]
+fn an_event_redis_refuses_comes_back_unconfirmed() {
+    let mut c = up();
+    publish(&mut c, MsgId(1 << 80), 10);
+    publish(&mut c, MsgId(2 << 80), 10);
+    assert!(c.on_bytes(
+        b"-OOM command not allowed when used memory > 'maxmemory'.\r\n:0\r\n",
+        now(11)
+    ));
+    assert!(c.is_up());
+    assert_eq!(
+        unconfirmed(&c.drain_events().collect::<Vec<_>>()),
+        vec![MsgId(1 << 80)]
+    );
+}
+
+#[test]
+fn a_full_queue_toward_redis_counts_as_down_and_hands_events_back() {
+    let mut cfg = cfg();
+    cfg.max_queue = 64 * 1024;
+    let mut c = Cluster::new(cfg, 7);
+    c.should_connect(now(0));
+    c.on_connected();
+    assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(1)));
+    ack_all(&mut c);
+    c.drain_events().for_each(drop);
+    assert!(!c.check_queue(now(2)));
+    let json = vec![b'x'; 1000];
+    let mut n = 0u128;
+    while c.queued() <= 64 * 1024 {
+        n += 1;
+        c.apply(
+            Op::Publish {
+                room: ROOM,
+                id: MsgId(n << 80),
+                json: json.clone(),
+            },
+            now(3),
+        );
+        // A trickle of unrelated replies keeps the 5 s reply timeout away.
+        assert!(c.on_bytes(b"", now(3)));
+    }
+    let queued = c.queued();
+    assert!(
+        queued < 64 * 1024 + 4000,
+        "overshoots by one command at most: {queued}"
+    );
+    assert!(c.drain_events().next().is_none());
+    // Over the limit: further events are not queued but handed back at once...
+    c.apply(
+        Op::Publish {
+            room: ROOM,
+            id: MsgId(1000 << 80),
+            json: json.clone(),
+        },
+        now(4),
+    );
+    assert_eq!(c.queued(), queued);
+    let back: Vec<Event> = c.drain_events().collect();
+    assert!(
+        matches!(&back[..], [Event::Unconfirmed { id, .. }] if *id == MsgId(1000 << 80)),
+        "{back:?}"
+    );
+    c.fetch(1, 1, Query::AllRooms, now(4));
+    assert_eq!(
+        c.drain_events().collect::<Vec<_>>(),
+        vec![Event::Failed {
+            token: 1,
+            serial: 1
+        }]
+    );
+    // ...and the loop's check drops the link, even if a reply shrank the queue meanwhile
+    // (the writes refused above must not pass for acknowledged): every queued event comes
+    // back, then Down.
+    assert!(c.on_bytes(b"+OK\r\n", now(5)));
+    assert!(c.queued() <= 64 * 1024);
+    assert!(c.check_queue(now(5)));
+    assert!(!c.is_up());
+    let events: Vec<Event> = c.drain_events().collect();
+    assert_eq!(events.len(), n as usize);
+    assert_eq!(events.last(), Some(&Event::Down));
+    assert_eq!(c.queued(), 0);
 }

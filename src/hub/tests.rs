@@ -1899,6 +1899,95 @@ fn the_last_member_leaving_a_cluster_room_drops_its_copy_of_the_history() {
     assert!(ops.iter().any(|o| matches!(o, Op::Left { .. })), "{ops:?}");
 }
 
+/// The one `Publish` among `ops`: (id, json).
+#[track_caller]
+fn published(ops: &[Op]) -> (MsgId, Vec<u8>) {
+    let p: Vec<(MsgId, Vec<u8>)> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::Publish { id, json, .. } => Some((*id, json.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(p.len(), 1, "{ops:?}");
+    p[0].clone()
+}
+
+#[test]
+fn a_chat_redis_did_not_confirm_comes_back_to_its_sender_as_an_error_frame() {
+    let (mut hub, r) = cluster_room();
+    let bob = session(&mut hub, "bob", at(0));
+    join(&mut hub, c(2), bob, r, at(0));
+    let alice2 = hub.sessions.keys().copied().find(|s| *s != bob).unwrap();
+    join(&mut hub, c(3), alice2, r, at(0)); // alice's second tab
+    hub.drain_ops();
+    drain(&mut hub);
+    hub.on_text(
+        c(1),
+        r,
+        r#"{"type":"chat","message":"lost \"one\""}"#,
+        at(SEC),
+    );
+    let (id, json) = published(&hub.drain_ops());
+    assert!(drain(&mut hub).is_empty());
+    hub.unconfirmed(r, id, &json, at(6 * SEC));
+    let sent = drain(&mut hub);
+    for conn in [c(1), c(3)] {
+        let got = frames_for(&sent, conn);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["type"], "error");
+        assert_eq!(got[0]["code"], "unconfirmed");
+        assert_eq!(got[0]["id"], id.to_string());
+        assert_eq!(got[0]["message"], "lost \"one\"");
+        assert!(got[0]["detail"].as_str().unwrap().contains("Redis"));
+    }
+    assert!(frames_for(&sent, c(2)).is_empty(), "bob never hears of it");
+    let mut out = Vec::new();
+    hub.write_history(r, 50, None, &mut out);
+    assert!(
+        !String::from_utf8_lossy(&out).contains("lost"),
+        "not stored"
+    );
+}
+
+#[test]
+fn an_unconfirmed_notice_is_delivered_here_and_catching_up_still_sends_what_preceded_it() {
+    let (mut hub, r) = cluster_room();
+    let bob = session(&mut hub, "bob", at(0));
+    join(&mut hub, c(2), bob, r, at(0));
+    hub.drain_ops();
+    drain(&mut hub);
+    let a = MsgId(1 << 80);
+    hub.deliver_event(r, a, &event_json(a, "a"), at(SEC));
+    drain(&mut hub);
+    // bob leaves just as the link stalls: his user_left is never confirmed...
+    hub.disconnect(c(2), r, at(2 * SEC));
+    let (left, json) = published(&hub.drain_ops());
+    assert!(drain(&mut hub).is_empty());
+    hub.unconfirmed(r, left, &json, at(7 * SEC));
+    let sent = drain(&mut hub);
+    let got = frames_for(&sent, c(1));
+    assert_eq!(
+        kinds(&got),
+        ["user_left"],
+        "alice still learns that bob left"
+    );
+    // ...but it did reach Redis, after a message b this node never got. Catching up sends b
+    // and not the notice again.
+    let b = MsgId(2 << 80);
+    hub.catch_up(
+        r,
+        vec![
+            (a, event_json(a, "a")),
+            (b, event_json(b, "b")),
+            (left, json.clone()),
+        ],
+    );
+    let got = frames_for(&drain(&mut hub), c(1));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["message"], "b");
+}
+
 // ---- held presence notices --------------------------------------------------------------
 
 #[test]

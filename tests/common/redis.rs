@@ -1,7 +1,8 @@
 //! A throw-away `redis-server` for the cluster tests: one per test, on a free loopback port,
 //! no persistence unless asked, its own directory under `CARGO_TARGET_TMPDIR`, killed (by its
 //! own pid) when dropped. `stop()` / `restart()` keep the port, for the Redis-outage tests;
-//! [`Proxy`] cuts or stalls one node's link to Redis while the others keep theirs, and can
+//! `pause()` / `resume()` freeze it (SIGSTOP / SIGCONT) with its sockets open; [`Proxy`]
+//! cuts, stalls or slows one node's link to Redis while the others keep theirs, and can
 //! inject bytes of its own toward the node (a hostile Redis).
 #![allow(dead_code)]
 
@@ -87,6 +88,25 @@ impl RedisServer {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Freezes Redis (SIGSTOP to its own pid): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused Redis run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("a running Redis");
+        let status = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {}", child.id());
     }
 
     /// Stops Redis gracefully (SIGTERM, which also flushes the append-only file), SIGKILL if
@@ -233,6 +253,12 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A paused Redis would not die of SIGKILL before SIGCONT on every kernel.
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+        }
         self.kill();
         // (A failing cluster test has printed the log tail already.)
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -292,9 +318,10 @@ fn read_reply(r: &mut BufReader<TcpStream>) -> Result<String, String> {
 
 /// A TCP proxy in front of Redis, for one node's link to it: `cut()` closes its connections
 /// and refuses new ones (as when Redis or the route dies), `stall()` keeps them open but
-/// forwards nothing (a silent network partition), `restore()` heals either (connections
-/// open during a stall are closed, never replayed late). `inject()` writes bytes of its own to
-/// the node, as a hostile or broken Redis would. Threads end when the proxy drops.
+/// forwards nothing (a silent network partition), `trickle()` forwards a few bytes at a time
+/// (a Redis that answers, but far too slowly), `restore()` heals any of them (connections open
+/// during a stall or trickle are closed, never replayed late). `inject()` writes bytes of its
+/// own to the node, as a hostile or broken Redis would. Threads end when the proxy drops.
 pub struct Proxy {
     pub port: u16,
     shared: Arc<ProxyShared>,
@@ -315,6 +342,12 @@ struct ProxyShared {
 const PASS: u8 = 0;
 const CUT: u8 = 1;
 const STALL: u8 = 2;
+const TRICKLE: u8 = 3;
+/// In trickle mode: at most this many bytes per direction and connection per tick.
+const TRICKLE_BYTES: usize = 8;
+const TRICKLE_TICK: Duration = Duration::from_millis(50);
+/// Longer than one read of a forwarding thread (50 ms), so that a new mode is in force.
+const MODE_SETTLE: Duration = Duration::from_millis(150);
 
 impl Proxy {
     pub fn start(target: SocketAddr) -> Proxy {
@@ -379,14 +412,23 @@ impl Proxy {
     }
 
     /// Forwards nothing more (connections stay open, new ones are accepted and left
-    /// hanging) until [`Proxy::restore`].
+    /// hanging) until [`Proxy::restore`]. Returns once no forwarding thread can still be in
+    /// the middle of a read that began before (they wait at most 50 ms per read).
     pub fn stall(&self) {
         self.shared.mode.store(STALL, Ordering::SeqCst);
+        std::thread::sleep(MODE_SETTLE);
     }
 
-    /// Back to forwarding; connections left over from a stall are closed first.
+    /// Forwards at most a few bytes per direction every 50 ms until [`Proxy::restore`]:
+    /// replies keep coming, so a node never sees a silent link, but far slower than asked.
+    pub fn trickle(&self) {
+        self.shared.mode.store(TRICKLE, Ordering::SeqCst);
+        std::thread::sleep(MODE_SETTLE);
+    }
+
+    /// Back to forwarding; connections left over from a stall or trickle are closed first.
     pub fn restore(&self) {
-        if self.shared.mode.load(Ordering::SeqCst) == STALL {
+        if matches!(self.shared.mode.load(Ordering::SeqCst), STALL | TRICKLE) {
             self.close_all();
         }
         self.shared.mode.store(PASS, Ordering::SeqCst);
@@ -426,11 +468,18 @@ fn pump(mut from: TcpStream, mut to: TcpStream, toward_node: bool, sh: &ProxySha
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let mut buf = [0u8; 16384];
     while !sh.stop.load(Ordering::SeqCst) {
-        if sh.mode.load(Ordering::SeqCst) == STALL {
+        let mode = sh.mode.load(Ordering::SeqCst);
+        if mode == STALL {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
-        match from.read(&mut buf) {
+        let want = if mode == TRICKLE && toward_node {
+            std::thread::sleep(TRICKLE_TICK);
+            TRICKLE_BYTES
+        } else {
+            buf.len()
+        };
+        match from.read(&mut buf[..want]) {
             Ok(0) => break,
             Ok(n) => {
                 let _guard = toward_node.then(|| sh.clients.lock().unwrap());
