@@ -157,18 +157,20 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
-    /// The reply limits for these settings: the largest legitimate reply is a room's whole
-    /// history (`LRANGE`), at most `history` entries of at most 6 bytes per character of
-    /// text (JSON escapes) plus the envelope; lists of rooms or members are far smaller.
-    pub fn reply_limits(history: usize, max_chat_chars: usize, max_items: usize) -> resp::Limits {
-        let entry = 1024usize.saturating_add(max_chat_chars.saturating_mul(6));
+    /// The reply limits for these settings. The largest legitimate reply is a room's whole
+    /// history (`LRANGE`): at most `entries` (`--history` + `--history-notices`) messages,
+    /// each at most `max_text` bytes of JSON-encoded text (`--max-chat-bytes`, or 6 bytes per
+    /// character of `--max-chat-chars` if that is less) plus the envelope (id, name, time:
+    /// well under 1 KiB); lists of rooms or members (`max_items`) are far smaller.
+    pub fn reply_limits(entries: usize, max_text: usize, max_items: usize) -> resp::Limits {
+        let entry = 1024usize.saturating_add(max_text);
         resp::Limits {
             depth: 16,
-            bytes: history
+            bytes: entries
                 .saturating_mul(entry)
                 .saturating_add(1 << 20)
                 .min(isize::MAX as usize),
-            elements: history
+            elements: entries
                 .max(max_items)
                 .saturating_mul(4)
                 .saturating_add(1024),

@@ -184,8 +184,8 @@ impl Server {
                     user: url.user.clone(),
                     password: url.password.clone(),
                     reply_limits: ClusterConfig::reply_limits(
-                        cfg.history,
-                        cfg.max_chat_chars,
+                        cfg.history.saturating_add(cfg.history_notices),
+                        cfg.max_chat_bytes.min(cfg.max_chat_chars.saturating_mul(6)),
                         cfg.max_rooms.max(cfg.max_room_members),
                     ),
                     max_queue: cfg.max_redis_queue,

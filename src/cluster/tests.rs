@@ -20,7 +20,7 @@ fn cfg() -> ClusterConfig {
         db: 2,
         user: None,
         password: None,
-        reply_limits: ClusterConfig::reply_limits(1000, 4096, 100_000),
+        reply_limits: ClusterConfig::reply_limits(1100, 16 * 1024, 100_000),
         max_queue: 64 << 20,
     }
 }
@@ -670,10 +670,11 @@ fn a_hostile_reply_breaks_the_link_without_buffering_or_crashing() {
     let mut c = up();
     c.fetch(1, 1, Query::AllRooms, now(10));
     assert!(!c.on_bytes(b"*1\r\n$2000000000\r\n", now(11)));
-    // Limits follow the settings: a room's whole history of the longest messages fits.
-    let lim = ClusterConfig::reply_limits(1000, 4096, 100_000);
-    let longest = vec![b'x'; 36 + 200 + 6 * 4096];
-    let history = bulk_array(&vec![longest; 1000]);
+    // Limits follow the settings: a room's whole history of the longest messages fits
+    // (1000 chats and 100 notices, 16 KiB of text each, names of 50 escaped characters).
+    let lim = ClusterConfig::reply_limits(1100, 16 * 1024, 100_000);
+    let longest = vec![b'x'; 36 + 200 + 50 * 6 + 16 * 1024];
+    let history = bulk_array(&vec![longest; 1100]);
     assert_eq!(
         resp::Scanner::default().scan(&history, &lim),
         resp::Scan::Complete(history.len())
