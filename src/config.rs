@@ -56,6 +56,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub lock_memory: bool,
     pub reuse_port: bool,
+    /// TLS on the listener: PEM certificate chain and private key (both or neither).
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }
 
 /// How log lines are written.
@@ -135,6 +138,26 @@ pub const OPTIONS: &[Opt] = &[
         "comma-separated CIDRs of reverse proxies (10.0.0.0/8,2001:db8::/32): their PROXY protocol header (v1/v2) or X-Forwarded-For names the client address used for per-IP limits and logs; off when empty",
         |c, v| {
             c.trusted_proxy = crate::proxy::Trusted::parse(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "tls-cert",
+        ["CHATLOOP_TLS_CERT"],
+        "",
+        "serve https/wss: PEM certificate chain (with --tls-key; SIGHUP reloads both); off when empty",
+        |c, v| {
+            c.tls_cert = (!v.is_empty()).then(|| v.to_string());
+            Ok(())
+        }
+    ),
+    opt!(
+        "tls-key",
+        ["CHATLOOP_TLS_KEY"],
+        "",
+        "PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1)",
+        |c, v| {
+            c.tls_key = (!v.is_empty()).then(|| v.to_string());
             Ok(())
         }
     ),
@@ -322,7 +345,7 @@ pub const OPTIONS: &[Opt] = &[
         "request-timeout",
         ["CHATLOOP_REQUEST_TIMEOUT"],
         "10s",
-        "time allowed to send a request head and body, or a WebSocket handshake",
+        "time allowed to send a request head and body, or a WebSocket handshake (a new connection's TLS handshake included)",
         |c, v| {
             c.request_timeout = duration(v)?;
             Ok(())
@@ -607,6 +630,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             lock_memory: false,
             reuse_port: false,
+            tls_cert: None,
+            tls_key: None,
         };
         for o in OPTIONS {
             (o.set)(&mut c, o.default).expect("built-in defaults parse");
@@ -689,6 +714,12 @@ impl Config {
         }
         if self.max_request_head < 256 {
             return fail("--max-request-head must be at least 256 bytes");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return fail("--tls-cert and --tls-key go together");
+        }
+        if self.tls_cert.is_some() && !cfg!(feature = "tls") {
+            return fail("--tls-cert: this chatloop was built without TLS (cargo feature `tls`)");
         }
         if self.max_output_queue < 4096 {
             return fail("--max-output-queue must be at least 4KiB");
@@ -929,6 +960,8 @@ mod tests {
         let e = run(&[], &[("CHATLOOP_ROOM_TTL", "forever")]).unwrap_err();
         assert!(e.0.contains("CHATLOOP_ROOM_TTL"), "{e}");
         assert!(run(&["--history", "0"], &[]).is_err());
+        let e = run(&["--tls-cert", "c.pem"], &[]).unwrap_err();
+        assert!(e.0.contains("--tls-key"), "{e}");
     }
 
     #[test]

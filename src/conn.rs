@@ -106,6 +106,8 @@ pub struct Conn {
     pub unsent_101: usize,
     /// The next frame from the hub is this socket's `welcome`.
     pub welcome_due: bool,
+    /// TLS connections only: the session that encrypts and decrypts (see `tls.rs`).
+    pub tls: Option<Box<crate::tls::Session>>,
 }
 
 /// Which limit a connection was accepted over.
@@ -218,21 +220,28 @@ impl Conn {
             unanswered: false,
             last_response: 0,
             waiting: false,
+            tls: None,
             exempt: 0,
             unsent_101: 0,
             welcome_due: false,
         }
     }
 
-    /// Unsent bytes that count against `--max-output-queue` (all but the exempt front).
+    /// Unsent bytes that count against `--max-output-queue` (all but the exempt front;
+    /// over TLS, ciphertext the socket has not taken counts too).
     pub fn backlog(&self) -> usize {
-        self.out.bytes().saturating_sub(self.exempt)
+        self.out.bytes().saturating_sub(self.exempt) + self.tls.as_ref().map_or(0, |t| t.queued())
     }
 
     /// `n` bytes of the queue went out (its front first).
     pub fn wrote(&mut self, n: usize) {
         self.exempt = self.exempt.saturating_sub(n);
         self.unsent_101 = self.unsent_101.saturating_sub(n);
+    }
+
+    /// Unsent output: queued bytes plus, over TLS, ciphertext the socket has not taken yet.
+    pub fn queued(&self) -> usize {
+        self.out.bytes() + self.tls.as_ref().map_or(0, |t| t.queued())
     }
 
     /// Queues bytes for this connection.
@@ -260,7 +269,7 @@ impl Conn {
         match self.state {
             // The 101 and the welcome at the front do not count (see `exempt`).
             State::Ws(_) | State::Echo { .. } => self.backlog() > cap,
-            State::Http { .. } => self.out.bytes().saturating_sub(self.last_response) > cap,
+            State::Http { .. } => self.queued().saturating_sub(self.last_response) > cap,
             State::Closing { .. } | State::Lingering { .. } => false,
         }
     }

@@ -23,6 +23,7 @@ pub mod server;
 pub mod throttle;
 pub mod time;
 pub mod timer;
+pub mod tls;
 pub mod web;
 pub mod ws;
 

@@ -42,8 +42,9 @@ fn main() -> ExitCode {
         }
     };
     log::info!(
-        "chatloop {} listening on http://{}",
+        "chatloop {} listening on {}://{}",
         chatloop::VERSION,
+        server.scheme(),
         server.local_addr()
     );
     log::info!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
@@ -27,6 +27,7 @@ use crate::ratelimit::{Admit, ConnCounter, CreateLimiter};
 use crate::throttle::{Event, LogThrottle};
 use crate::time::{Micros, Now, UnixMicros};
 use crate::timer::Wheel;
+use crate::tls;
 use crate::ws;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -93,6 +94,9 @@ pub struct Server {
     facts: Facts,
     /// Queries the request just run asked for.
     wants: Vec<Query>,
+    /// TLS on the listener (`--tls-cert`): the certificate in use, and loop-wide buffers.
+    tls: Option<tls::Acceptor>,
+    tls_scratch: tls::Scratch,
 }
 
 struct RedisSocket {
@@ -163,7 +167,19 @@ impl Server {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                tls::Acceptor::load(cert, key)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            ),
+            _ => None,
+        };
+        // SIGHUP reloads the certificate; without TLS it keeps its default meaning.
+        let mut signals = if tls.is_some() {
+            Signals::new([SIGTERM, SIGINT, SIGHUP])?
+        } else {
+            Signals::new([SIGTERM, SIGINT])?
+        };
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let mut hub = Hub::new(HubConfig::from(&cfg));
@@ -226,11 +242,18 @@ impl Server {
             held: Vec::new(),
             facts: Facts::default(),
             wants: Vec::new(),
+            tls,
+            tls_scratch: tls::Scratch::default(),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// `https` with `--tls-cert`, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// Runs until SIGTERM/SIGINT, then closes every WebSocket with 1001 and returns.
@@ -252,8 +275,13 @@ impl Server {
                     LISTENER => self.accept(now),
                     REDIS => self.redis_ready(now),
                     SIGNALS => {
-                        if self.signals.pending().next().is_some() {
-                            self.begin_shutdown(now);
+                        let signals: Vec<i32> = self.signals.pending().collect();
+                        for sig in signals {
+                            if sig == SIGHUP {
+                                self.reload_tls();
+                            } else {
+                                self.begin_shutdown(now);
+                            }
                         }
                     }
                     Token(id) => {
@@ -363,6 +391,14 @@ impl Server {
                         self.metrics.refused_full += 1;
                         continue; // dropped: closes at once
                     }
+                    let session = match self.tls.as_ref().map(tls::Acceptor::session) {
+                        None => None,
+                        Some(Ok(s)) => Some(s),
+                        Some(Err(e)) => {
+                            log::warn!("{e}");
+                            continue;
+                        }
+                    };
                     // A trusted proxy carries many clients: its connections count under the
                     // client a PROXY header names (Conn::proxy_header), if any.
                     let trusted = self.cfg.trusted_proxy.contains(peer.ip());
@@ -420,6 +456,7 @@ impl Server {
                     let mut conn =
                         Conn::new(stream, self.serial, peer.ip(), trusted, now.mono, over);
                     conn.counted_as = counted;
+                    conn.tls = session;
                     entry.insert(conn);
                     self.arm(id);
                 }
@@ -513,26 +550,81 @@ impl Server {
         }
     }
 
-    /// Feeds `rbuf[..n]` (after any bytes kept from before) to the connection.
+    /// Feeds `rbuf[..n]` (after any bytes kept from before) to the connection; over TLS,
+    /// decrypts it first into the loop-wide plaintext buffer.
     fn input(&mut self, id: usize, n: usize, now: Now) {
         let mut rbuf = std::mem::take(&mut self.rbuf); // an empty Box: no allocation
-        self.with_conn(id, now, |conn, ctx| {
+        let mut plain = std::mem::take(&mut self.tls_scratch.plain);
+        let failed = self.with_conn(id, now, |conn, ctx| {
+            let data = match conn.tls.as_deref_mut() {
+                None => &mut rbuf[..n],
+                Some(tls) => {
+                    plain.clear();
+                    if let Err(f) = tls.read(&mut rbuf[..n], &mut plain) {
+                        return Some(f);
+                    }
+                    if tls.wants_write() && !conn.dirty {
+                        conn.dirty = true; // handshake output
+                        ctx.dirty.push(id);
+                    }
+                    &mut plain[..]
+                }
+            };
             if conn.inbuf.is_empty() {
-                let used = conn.on_bytes(ConnId(id), &mut rbuf[..n], ctx);
-                if used < n {
-                    conn.inbuf.extend_from_slice(&rbuf[used..n]);
+                let used = conn.on_bytes(ConnId(id), data, ctx);
+                if used < data.len() {
+                    conn.inbuf.extend_from_slice(&data[used..]);
                 }
             } else {
                 let mut buf = std::mem::take(&mut conn.inbuf);
-                buf.extend_from_slice(&rbuf[..n]);
+                buf.extend_from_slice(data);
                 let used = conn.on_bytes(ConnId(id), &mut buf, ctx);
                 buf.drain(..used);
                 if !buf.is_empty() {
                     conn.inbuf = buf; // else dropped: an idle connection holds no buffer
                 }
             }
+            None
         });
         self.rbuf = rbuf;
+        self.tls_scratch.plain = plain;
+        if let Some(Some(f)) = failed {
+            self.tls_failed(id, f, now);
+        }
+    }
+
+    /// A TLS connection failed (bad handshake, garbage, plaintext HTTP): send its last
+    /// words (an alert, or a plain 400) best effort and close it.
+    fn tls_failed(&mut self, id: usize, f: tls::Failed, now: Now) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        crate::limit_log!(
+            self.throttle,
+            Event::Tls,
+            now.mono,
+            info,
+            "TLS failed for {}: {}",
+            conn.peer,
+            f.reason
+        );
+        if !f.last_words.is_empty() {
+            let _ = io::Write::write(&mut conn.stream, &f.last_words);
+        }
+        self.doom(id, Doom::Gone);
+    }
+
+    /// SIGHUP: reads the certificate and key again; a bad pair is refused and the old kept.
+    fn reload_tls(&mut self) {
+        let Some(acceptor) = &mut self.tls else {
+            return;
+        };
+        match acceptor.reload() {
+            Ok(()) => log::info!("SIGHUP: TLS certificate and key reloaded"),
+            Err(e) => {
+                log::warn!("SIGHUP: TLS reload refused ({e}); keeping the current certificate")
+            }
+        }
     }
 
     fn eof(&mut self, id: usize, now: Now) {
@@ -620,7 +712,7 @@ impl Server {
                     "closing slow consumer {} (conn {id}){}: {} bytes unsent",
                     conn.client,
                     if ws { " with 1013" } else { "" },
-                    conn.out.bytes()
+                    conn.queued()
                 );
                 if conn.unsent_101 > 0 {
                     // Its handshake has not gone out yet (the socket is new, not full): keep
@@ -637,9 +729,12 @@ impl Server {
                 conn.out.clear();
                 conn.inbuf = Vec::new();
                 if ws {
-                    // Best effort: the socket is likely full, so this close frame may be lost.
-                    let frame = ws::close_frame(1013, "slow consumer");
-                    let _ = io::Write::write(&mut conn.stream, &frame);
+                    // Best effort: the socket is likely full, so this close frame may be lost
+                    // (over TLS it would have to follow unsent ciphertext: not sent at all).
+                    if conn.tls.is_none() {
+                        let frame = ws::close_frame(1013, "slow consumer");
+                        let _ = io::Write::write(&mut conn.stream, &frame);
+                    }
                     self.with_conn(id, now, |conn, ctx| conn.leave(ConnId(id), ctx, 1013));
                 }
             }
@@ -750,10 +845,21 @@ impl Server {
             conn.out.keep(&mut self.outbox);
             return;
         }
-        if conn.out.is_empty() && !conn.close_after_flush {
+        let tls_idle = conn.tls.as_ref().is_none_or(|t| !t.wants_write());
+        if conn.out.is_empty() && !conn.close_after_flush && tls_idle {
             return;
         }
-        let result = conn.out.flush(&mut self.outbox, &mut conn.stream);
+        let result = match conn.tls.as_deref_mut() {
+            None => conn.out.flush(&mut self.outbox, &mut conn.stream),
+            Some(t) => tls::flush(
+                t,
+                &mut conn.out,
+                &mut self.outbox,
+                &mut conn.stream,
+                &mut self.tls_scratch,
+                conn.close_after_flush,
+            ),
+        };
         self.metrics.writes += 1;
         match result {
             Ok(f) => {

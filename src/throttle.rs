@@ -14,9 +14,10 @@ pub enum Event {
     WsLimit,
     Timeout,
     Redis,
+    Tls,
 }
 
-const KINDS: usize = 7;
+const KINDS: usize = 8;
 const INTERVAL: Micros = Micros(10_000_000);
 
 #[derive(Debug, Default)]

@@ -64,8 +64,11 @@ impl Server {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on http://").nth(1)
-                    && let Some(tx) = tx.take()
+                // `listening on http://addr` (or `https://addr` with --tls-cert)
+                if let Some(rest) = line.split("listening on ").nth(1).and_then(|r| {
+                    r.strip_prefix("http://")
+                        .or_else(|| r.strip_prefix("https://"))
+                }) && let Some(tx) = tx.take()
                 {
                     let _ = tx.send(rest.trim().to_string());
                 }

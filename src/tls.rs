@@ -1,0 +1,568 @@
+//! TLS on the listener (`--tls-cert`, `--tls-key`): a sans-IO layer over rustls's
+//! unbuffered server connection, driven by the loop in `server.rs` (still the only code that
+//! touches sockets).
+//!
+//! The loop owns the buffers. Ciphertext is read into its one read buffer and decrypted into
+//! one loop-wide plaintext buffer ([`Scratch`]), which is then handed to the connection's
+//! state machine exactly like plaintext input. Output stays plaintext in the connection's
+//! [`Queue`] (broadcast frames encoded once, shared by reference) until flush time, when
+//! [`flush`] encrypts it batch by batch into one loop-wide ciphertext buffer and writes it:
+//! encryption is per recipient by nature, serialisation and framing are not. A connection
+//! keeps bytes of its own only for an incomplete TLS record (`inbuf`) and for ciphertext the
+//! kernel did not take (`pending`); both are freed when empty, so an idle TLS connection holds
+//! rustls's connection state (keys, sequence numbers) and nothing else.
+//!
+//! A later transform of the plaintext (permessage-deflate) slots in before `flush`: the queue
+//! carries whatever bytes the connection should see, this layer only encrypts them.
+
+#[cfg(feature = "tls")]
+pub use imp::*;
+#[cfg(not(feature = "tls"))]
+pub use stub::*;
+
+/// The plain HTTP answer to a plaintext request on the TLS port (written before closing).
+pub const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+Content-Length: 71\r\nConnection: close\r\n\r\n{\"detail\":\"This port speaks TLS: use https:// and wss:// to reach it\"}\n";
+
+#[cfg(feature = "tls")]
+mod imp {
+    use std::io::{self, IoSlice, Write};
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use rustls::ServerConfig;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+    use rustls::unbuffered::{
+        ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
+        WriteTraffic,
+    };
+
+    use crate::outbox::{Flushed, Outbox, Queue};
+
+    /// Plaintext encrypted per batch at flush time (four full records).
+    const BATCH: usize = 4 * 16 * 1024;
+    /// Most ciphertext kept for an incomplete record or handshake message (rustls accepts
+    /// handshake messages up to 64 KiB; records are at most 16 KiB + 256 + 5).
+    const MAX_INBUF: usize = 96 * 1024;
+
+    /// The listener's TLS settings: the current certificate and key, reloadable.
+    pub struct Acceptor {
+        config: Arc<ServerConfig>,
+        cert: PathBuf,
+        key: PathBuf,
+    }
+
+    impl Acceptor {
+        /// Reads the PEM certificate chain and private key; fails with a sentence.
+        pub fn load(cert: &str, key: &str) -> Result<Acceptor, String> {
+            let (cert, key) = (PathBuf::from(cert), PathBuf::from(key));
+            Ok(Acceptor {
+                config: server_config(&cert, &key)?,
+                cert,
+                key,
+            })
+        }
+
+        /// Reads the files again; on any error the current pair stays in use. Connections
+        /// already open keep the keys they negotiated; new handshakes use the new pair.
+        pub fn reload(&mut self) -> Result<(), String> {
+            self.config = server_config(&self.cert, &self.key)?;
+            Ok(())
+        }
+
+        /// A new server-side TLS connection.
+        pub fn session(&self) -> Result<Box<Session>, String> {
+            let conn = UnbufferedServerConnection::new(self.config.clone())
+                .map_err(|e| format!("cannot start a TLS connection: {e}"))?;
+            Ok(Box::new(Session {
+                conn,
+                inbuf: Vec::new(),
+                pending: Vec::new(),
+                started: false,
+                ready: false,
+                close_sent: false,
+            }))
+        }
+    }
+
+    fn server_config(cert: &PathBuf, key: &PathBuf) -> Result<Arc<ServerConfig>, String> {
+        let certs = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| format!("cannot read the certificate {}: {e}", cert.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("bad certificate file {}: {e}", cert.display()))?;
+        if certs.is_empty() {
+            return Err(format!("no certificate in {}", cert.display()));
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+        // ring: see the commit that chose it (build time, binary size, speed on this machine).
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS settings: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("certificate and key do not make a pair: {e}"))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// Loop-wide buffers: decrypted input of the current read, ciphertext of the current write.
+    pub struct Scratch {
+        pub plain: Vec<u8>,
+        cipher: Vec<u8>,
+    }
+
+    impl Default for Scratch {
+        fn default() -> Self {
+            Scratch {
+                plain: Vec::new(),
+                cipher: vec![0; BATCH + 1024],
+            }
+        }
+    }
+
+    /// Why a TLS connection ended, and what to send it (best effort) before closing.
+    #[derive(Debug)]
+    pub struct Failed {
+        pub reason: String,
+        pub last_words: Vec<u8>,
+    }
+
+    /// One connection's TLS state.
+    pub struct Session {
+        conn: UnbufferedServerConnection,
+        /// Ciphertext of an incomplete record; empty (unallocated) otherwise.
+        inbuf: Vec<u8>,
+        /// Ciphertext not yet taken by the socket; empty (unallocated) otherwise.
+        pending: Vec<u8>,
+        /// Some bytes have arrived.
+        started: bool,
+        /// The handshake is complete: application data flows.
+        ready: bool,
+        close_sent: bool,
+    }
+
+    impl Session {
+        /// Handles ciphertext from the socket: decrypted application data is appended to
+        /// `plain`, handshake output queued for the next flush.
+        pub fn read(&mut self, data: &mut [u8], plain: &mut Vec<u8>) -> Result<(), Failed> {
+            if !self.started && !data.is_empty() {
+                self.started = true;
+                // A TLS connection starts with a handshake record (22); a letter is a plain
+                // HTTP request line sent to the wrong scheme: tell it so, in plain HTTP.
+                if data[0].is_ascii_uppercase() {
+                    return Err(Failed {
+                        reason: "plaintext HTTP on the TLS port".into(),
+                        last_words: super::PLAIN_HTTP_ON_TLS.to_vec(),
+                    });
+                }
+            }
+            if self.inbuf.is_empty() {
+                let used = self.process(data, plain)?;
+                if used < data.len() {
+                    self.keep(&data[used..])?;
+                }
+            } else {
+                if self.inbuf.len() + data.len() > MAX_INBUF {
+                    return Err(too_large());
+                }
+                let mut buf = std::mem::take(&mut self.inbuf);
+                buf.extend_from_slice(data);
+                let used = self.process(&mut buf, plain)?;
+                buf.drain(..used);
+                if !buf.is_empty() {
+                    self.inbuf = buf; // else dropped: an idle connection holds no buffer
+                }
+            }
+            Ok(())
+        }
+
+        fn keep(&mut self, rest: &[u8]) -> Result<(), Failed> {
+            if rest.len() > MAX_INBUF {
+                return Err(too_large());
+            }
+            self.inbuf.extend_from_slice(rest);
+            Ok(())
+        }
+
+        /// Runs rustls over `buf` until it needs more input; returns the bytes it used.
+        fn process(&mut self, buf: &mut [u8], plain: &mut Vec<u8>) -> Result<usize, Failed> {
+            let mut pos = 0;
+            loop {
+                let status = self.conn.process_tls_records(&mut buf[pos..]);
+                let mut discard = status.discard;
+                let mut stop = false;
+                let mut error = None;
+                match status.state {
+                    Err(e) => error = Some(e.to_string()),
+                    Ok(ConnectionState::ReadTraffic(mut r)) => {
+                        while let Some(rec) = r.next_record() {
+                            match rec {
+                                Ok(rec) => {
+                                    discard += rec.discard;
+                                    plain.extend_from_slice(rec.payload);
+                                }
+                                Err(e) => {
+                                    error = Some(e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                        if let Err(e) = encode(&mut e, &mut self.pending) {
+                            error = Some(e);
+                        }
+                    }
+                    Ok(ConnectionState::TransmitTlsData(t)) => t.done(), // sent at flush, in order
+                    Ok(ConnectionState::WriteTraffic(_)) => {
+                        self.ready = true;
+                        stop = true;
+                    }
+                    Ok(ConnectionState::BlockedHandshake) | Ok(ConnectionState::Closed) => {
+                        stop = true
+                    }
+                    Ok(ConnectionState::PeerClosed) => {} // its FIN follows: read as EOF
+                    Ok(_) => error = Some("unexpected TLS state (early data)".into()),
+                }
+                pos += discard;
+                if let Some(e) = error {
+                    let at = pos.min(buf.len());
+                    return Err(self.fail(&e, &mut buf[at..]));
+                }
+                if stop {
+                    return Ok(pos);
+                }
+            }
+        }
+
+        /// The connection is unusable: collect the alert rustls queued for the peer, if any.
+        /// `rest` is the input after what rustls said to discard: rustls keeps positions into
+        /// it (a shorter buffer would make it index out of bounds).
+        fn fail(&mut self, reason: &str, rest: &mut [u8]) -> Failed {
+            let mut last_words = std::mem::take(&mut self.pending);
+            for _ in 0..4 {
+                match self.conn.process_tls_records(rest).state {
+                    Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                        if encode(&mut e, &mut last_words).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(ConnectionState::TransmitTlsData(t)) => {
+                        t.done();
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            self.inbuf = Vec::new();
+            Failed {
+                reason: reason.to_string(),
+                last_words,
+            }
+        }
+
+        /// Ciphertext is waiting for the socket.
+        pub fn wants_write(&self) -> bool {
+            !self.pending.is_empty()
+        }
+
+        /// Ciphertext bytes waiting for the socket (counted against `--max-output-queue`).
+        pub fn queued(&self) -> usize {
+            self.pending.len()
+        }
+
+        pub fn handshaking(&self) -> bool {
+            !self.ready
+        }
+
+        /// Writes pending ciphertext; `true` when none is left.
+        fn write_pending(&mut self, w: &mut impl Write) -> io::Result<bool> {
+            let mut done = 0;
+            let result = loop {
+                if done == self.pending.len() {
+                    break Ok(true);
+                }
+                match w.write(&self.pending[done..]) {
+                    Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            if done == self.pending.len() {
+                self.pending = Vec::new();
+            } else {
+                self.pending.drain(..done);
+            }
+            result
+        }
+
+        /// Runs rustls until it can encrypt, then calls `f` with the encrypting state and the
+        /// pending buffer; `None` while the handshake is not complete (or after close).
+        fn write_traffic<R>(
+            &mut self,
+            f: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> R,
+        ) -> io::Result<Option<R>> {
+            let mut buf = std::mem::take(&mut self.inbuf);
+            let mut f = Some(f);
+            let mut pos = 0;
+            let result = loop {
+                let status = self.conn.process_tls_records(&mut buf[pos..]);
+                let discard = status.discard;
+                let out = match status.state {
+                    Err(e) => Some(Err(io::Error::other(e))),
+                    Ok(ConnectionState::WriteTraffic(mut w)) => {
+                        Some(Ok(f.take().map(|f| f(&mut w, &mut self.pending))))
+                    }
+                    Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, &mut self.pending)
+                        .err()
+                        .map(|e| Err(io::Error::other(e))),
+                    Ok(ConnectionState::TransmitTlsData(t)) => {
+                        t.done();
+                        None
+                    }
+                    Ok(ConnectionState::PeerClosed) => None,
+                    Ok(ConnectionState::BlockedHandshake) | Ok(ConnectionState::Closed) => {
+                        Some(Ok(None))
+                    }
+                    // Input is always processed when it is read, so no record waits here.
+                    Ok(_) => Some(Err(io::Error::other("unexpected TLS state at write"))),
+                };
+                pos += discard;
+                if let Some(r) = out {
+                    break r;
+                }
+            };
+            buf.drain(..pos.min(buf.len()));
+            if !buf.is_empty() {
+                self.inbuf = buf;
+            }
+            result
+        }
+
+        /// Encrypts `plain` into `cipher` (grown if needed); returns the ciphertext length.
+        fn encrypt(&mut self, plain: &[u8], cipher: &mut Vec<u8>) -> io::Result<usize> {
+            let r = self.write_traffic(|w, _| match w.encrypt(plain, cipher) {
+                Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                    cipher.resize(required_size, 0);
+                    w.encrypt(plain, cipher)
+                }
+                other => other,
+            })?;
+            match r {
+                Some(Ok(n)) => Ok(n),
+                Some(Err(e)) => Err(io::Error::other(e)),
+                None => Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "TLS handshake not complete",
+                )),
+            }
+        }
+
+        /// Queues a close_notify alert (once, after the handshake).
+        fn close_notify(&mut self) -> io::Result<()> {
+            if !self.ready || self.close_sent {
+                return Ok(());
+            }
+            self.close_sent = true;
+            let r = self.write_traffic(|w, pending| {
+                let start = pending.len();
+                let need = match w.queue_close_notify(&mut []) {
+                    Ok(_) => return Ok(()),
+                    Err(EncryptError::InsufficientSize(s)) => s.required_size,
+                    Err(e) => return Err(e),
+                };
+                pending.resize(start + need, 0);
+                w.queue_close_notify(&mut pending[start..]).map(|_| ())
+            })?;
+            match r {
+                Some(Err(e)) => Err(io::Error::other(e)),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    fn too_large() -> Failed {
+        Failed {
+            reason: "a TLS record or handshake message is too large".into(),
+            last_words: Vec::new(),
+        }
+    }
+
+    fn encode(
+        e: &mut EncodeTlsData<'_, ServerConnectionData>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let start = out.len();
+        match e.encode(&mut []) {
+            Ok(_) | Err(EncodeError::AlreadyEncoded) => Ok(()),
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                out.resize(start + required_size, 0);
+                e.encode(&mut out[start..])
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Writes a TLS connection's output: ciphertext still pending first, then its queue,
+    /// encrypted batch by batch into the loop-wide buffer; a closing connection gets a
+    /// close_notify after its last byte. `done` only when nothing at all is left.
+    pub fn flush(
+        s: &mut Session,
+        q: &mut Queue,
+        ob: &mut Outbox,
+        stream: &mut impl Write,
+        scratch: &mut Scratch,
+        closing: bool,
+    ) -> io::Result<Flushed> {
+        if !s.write_pending(stream)? {
+            q.keep(ob);
+            return Ok(Flushed {
+                written: 0,
+                done: false,
+            });
+        }
+        let mut f = q.flush(
+            ob,
+            &mut Writer {
+                s: &mut *s,
+                stream: &mut *stream,
+                scratch,
+            },
+        )?;
+        if f.done && closing && s.pending.is_empty() {
+            s.close_notify()?;
+            s.write_pending(stream)?;
+        }
+        f.done &= s.pending.is_empty();
+        Ok(f)
+    }
+
+    /// A `Write` for [`Queue::flush`]: takes plaintext, writes ciphertext. It accepts all it
+    /// is given unless the socket fills up (what the socket did not take of an encrypted batch
+    /// waits in `pending`), so the queue's "short write means full socket" rule holds.
+    struct Writer<'a, W: Write> {
+        s: &'a mut Session,
+        stream: &'a mut W,
+        scratch: &'a mut Scratch,
+    }
+
+    impl<W: Write> Write for Writer<'_, W> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if !self.s.write_pending(self.stream)? {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let Scratch { plain, cipher } = &mut *self.scratch;
+            let (mut i, mut off, mut consumed) = (0, 0, 0);
+            loop {
+                plain.clear();
+                while i < bufs.len() && plain.len() < BATCH {
+                    let b = &bufs[i][off..];
+                    let take = b.len().min(BATCH - plain.len());
+                    plain.extend_from_slice(&b[..take]);
+                    if take == b.len() {
+                        i += 1;
+                        off = 0;
+                    } else {
+                        off += take;
+                    }
+                }
+                if plain.is_empty() {
+                    return Ok(consumed);
+                }
+                let n = self.s.encrypt(plain, cipher)?;
+                consumed += plain.len();
+                let mut done = 0;
+                while done < n {
+                    match self.stream.write(&cipher[done..n]) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(k) => done += k,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if done < n {
+                    // Encrypted is sent: the rest waits for the socket, ahead of anything else.
+                    self.s.pending.extend_from_slice(&cipher[done..n]);
+                    return Ok(consumed);
+                }
+            }
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+}
+
+/// The plaintext build: no TLS type can exist, so every TLS branch of the loop is dead code.
+#[cfg(not(feature = "tls"))]
+mod stub {
+    use std::io::{self, Write};
+
+    use crate::outbox::{Flushed, Outbox, Queue};
+
+    pub enum Acceptor {}
+
+    impl Acceptor {
+        pub fn load(_cert: &str, _key: &str) -> Result<Acceptor, String> {
+            Err("this chatloop was built without TLS (cargo feature `tls`)".into())
+        }
+        pub fn reload(&mut self) -> Result<(), String> {
+            match *self {}
+        }
+        pub fn session(&self) -> Result<Box<Session>, String> {
+            match *self {}
+        }
+    }
+
+    #[derive(Default)]
+    pub struct Scratch {
+        pub plain: Vec<u8>,
+    }
+
+    #[derive(Debug)]
+    pub struct Failed {
+        pub reason: String,
+        pub last_words: Vec<u8>,
+    }
+
+    pub enum Session {}
+
+    impl Session {
+        pub fn read(&mut self, _data: &mut [u8], _plain: &mut Vec<u8>) -> Result<(), Failed> {
+            match *self {}
+        }
+        pub fn wants_write(&self) -> bool {
+            match *self {}
+        }
+        pub fn queued(&self) -> usize {
+            match *self {}
+        }
+        pub fn handshaking(&self) -> bool {
+            match *self {}
+        }
+    }
+
+    pub fn flush(
+        s: &mut Session,
+        _q: &mut Queue,
+        _ob: &mut Outbox,
+        _stream: &mut impl Write,
+        _scratch: &mut Scratch,
+        _closing: bool,
+    ) -> io::Result<Flushed> {
+        match *s {}
+    }
+}

@@ -1,0 +1,671 @@
+//! TLS on the listener (`--tls-cert`, `--tls-key`): REST over https and chat over wss with
+//! real rustls clients, certificate reload on SIGHUP, hostile TLS clients next to a
+//! bystander, and a wss client that never reads. Certificates are made by the test with the
+//! system's `openssl`: a test CA and leaves for 127.0.0.1 and localhost.
+#![cfg(feature = "tls")]
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use serde_json::{Value, json};
+use tungstenite::{Message, WebSocket};
+
+use common::{Resp, Server, TIMEOUT, wait_for};
+
+// ---- certificates -----------------------------------------------------------------------
+
+/// A test CA in a directory of its own, removed when dropped.
+struct Pki {
+    dir: PathBuf,
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("chatloop-tls-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let p = Pki { dir };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            p.path("ca.key").to_str().unwrap(),
+            "-out",
+            p.path("ca.pem").to_str().unwrap(),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=chatloop test CA",
+        ]);
+        p
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// A leaf for 127.0.0.1 and localhost signed by the CA: (certificate, key) paths.
+    fn leaf(&self, name: &str) -> (PathBuf, PathBuf) {
+        let (key, csr, cert, ext) = (
+            self.path(&format!("{name}.key")),
+            self.path(&format!("{name}.csr")),
+            self.path(&format!("{name}.pem")),
+            self.path(&format!("{name}.ext")),
+        );
+        fs::write(
+            &ext,
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            csr.to_str().unwrap(),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().unwrap(),
+            "-CA",
+            self.path("ca.pem").to_str().unwrap(),
+            "-CAkey",
+            self.path("ca.key").to_str().unwrap(),
+            "-set_serial",
+            &format!(
+                "{}",
+                1000 + name.len() as u64 * 7 + name.as_bytes()[0] as u64
+            ),
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ]);
+        (cert, key)
+    }
+
+    fn client_config(&self) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(self.path("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let mut c =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(c)
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn der(cert: &Path) -> Vec<u8> {
+    CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+fn start_tls(cert: &Path, key: &Path, args: &[&str]) -> Server {
+    let mut all = vec![
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let s = Server::start(&all);
+    assert!(
+        wait_for(TIMEOUT, || s.log().contains("listening on https://")).is_some(),
+        "no https in the start line:\n{}",
+        s.log()
+    );
+    s
+}
+
+// ---- clients ----------------------------------------------------------------------------
+
+type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+/// A TLS connection to the server with its handshake done.
+fn connect(addr: SocketAddr, cfg: &Arc<ClientConfig>) -> Tls {
+    let tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let conn =
+        ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut s = StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn
+            .complete_io(&mut s.sock)
+            .expect("TLS handshake with the server");
+    }
+    s
+}
+
+/// One HTTP/1.1 request on a (keep-alive) TLS stream, and its response.
+fn request(s: &mut Tls, method: &str, path: &str, sid: Option<&str>, body: Option<&str>) -> Resp {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+    if let Some(sid) = sid {
+        req.push_str(&format!("Authorization: Bearer {sid}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ));
+    } else {
+        req.push_str("\r\n");
+    }
+    s.write_all(req.as_bytes()).expect("send request");
+    s.flush().unwrap();
+    read_response(s).expect("a complete response")
+}
+
+fn read_response(s: &mut Tls) -> Option<Resp> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(n)) = resp.parse(&buf) {
+            let status = resp.code?;
+            let headers: Vec<(String, String)> = resp
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_string(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            let len = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map_or(0, |(_, v)| v.parse().unwrap_or(0));
+            while buf.len() < n + len {
+                let k = s.read(&mut chunk).ok()?;
+                if k == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..k]);
+            }
+            return Some(Resp {
+                status,
+                headers,
+                body: buf[n..n + len].to_vec(),
+            });
+        }
+        let k = s.read(&mut chunk).ok()?;
+        if k == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..k]);
+    }
+}
+
+fn https(s: &Server, cfg: &Arc<ClientConfig>, method: &str, path: &str, sid: Option<&str>) -> Resp {
+    request(&mut connect(s.addr, cfg), method, path, sid, None)
+}
+
+fn metric(s: &Server, cfg: &Arc<ClientConfig>, name: &str) -> f64 {
+    let text = https(s, cfg, "GET", "/metrics", None).text();
+    common::metric_in(&text, name)
+}
+
+/// `POST /sessions` then `POST /rooms` over https: (session id, room id).
+fn session(s: &Server, cfg: &Arc<ClientConfig>, name: &str) -> String {
+    let body = json!({ "username": name }).to_string();
+    let r = request(
+        &mut connect(s.addr, cfg),
+        "POST",
+        "/sessions",
+        None,
+        Some(&body),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["session_id"].as_str().unwrap().to_string()
+}
+
+fn room(s: &Server, cfg: &Arc<ClientConfig>, sid: &str) -> String {
+    let r = https(s, cfg, "POST", "/rooms", Some(sid));
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["room_id"].as_str().unwrap().to_string()
+}
+
+struct Wss {
+    ws: WebSocket<Tls>,
+}
+
+impl Wss {
+    fn join(s: &Server, cfg: &Arc<ClientConfig>, room: &str, sid: &str) -> (Wss, Value) {
+        let stream = connect(s.addr, cfg);
+        let url = format!(
+            "wss://localhost:{}/ws/{room}?session_id={sid}",
+            s.addr.port()
+        );
+        let (ws, resp) = tungstenite::client::client(url.as_str(), stream).expect("wss upgrade");
+        assert_eq!(resp.status().as_u16(), 101);
+        let mut w = Wss { ws };
+        let welcome = w.recv();
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (w, welcome)
+    }
+
+    fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read().expect("a message over wss") {
+                Message::Text(t) => return serde_json::from_str(&t).expect("JSON"),
+                Message::Close(c) => panic!("closed: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    fn chat(&mut self, text: &str) {
+        self.ws
+            .send(Message::text(
+                json!({"type": "chat", "message": text}).to_string(),
+            ))
+            .expect("send over wss");
+    }
+
+    fn recv_chat(&mut self, text: &str) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            let v = self.recv();
+            if v["type"] == "chat" && v["message"] == text {
+                return v;
+            }
+        }
+        panic!("chat did not come back in time");
+    }
+
+    fn roundtrip(&mut self, text: &str) {
+        self.chat(text);
+        self.recv_chat(text);
+    }
+}
+
+/// Reads and discards until the server ends the TCP connection; how long that took, if it
+/// did within `limit`.
+fn ends_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = limit.saturating_sub(t.elapsed());
+        if left.is_zero() {
+            return None;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut chunk) {
+            Ok(0) => return Some(t.elapsed()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(t.elapsed()),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The bytes a real client sends first (its ClientHello record).
+fn client_hello(cfg: &Arc<ClientConfig>) -> Vec<u8> {
+    let mut c =
+        ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut out = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+// ---- tests ------------------------------------------------------------------------------
+
+#[test]
+fn rest_over_https_and_chat_over_wss() {
+    let pki = Pki::new("basic");
+    let (cert, key) = pki.leaf("server");
+    let s = start_tls(&cert, &key, &[]);
+    let cfg = pki.client_config();
+
+    // Keep-alive: several requests on one TLS connection; ALPN says http/1.1.
+    let mut c = connect(s.addr, &cfg);
+    assert_eq!(c.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    for _ in 0..3 {
+        let r = request(&mut c, "GET", "/health", None, None);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let a = session(&s, &cfg, "alice");
+    let b = session(&s, &cfg, "bob");
+    let room = room(&s, &cfg, &a);
+    let r = https(&s, &cfg, "GET", &format!("/rooms/{room}"), Some(&b));
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let (mut wa, _) = Wss::join(&s, &cfg, &room, &a);
+    let (mut wb, _) = Wss::join(&s, &cfg, &room, &b);
+    wa.roundtrip("hello over wss");
+    assert_eq!(wb.recv_chat("hello over wss")["user"], "alice");
+    // Messages large enough to need several TLS records each, and a welcome with all of
+    // them in its history (over 100 KiB: several encrypted batches in one flush).
+    let long: Vec<String> = (0..30)
+        .map(|i| format!("{i:04}{}", "x".repeat(3990)))
+        .collect();
+    for m in &long {
+        wb.chat(m);
+        wb.recv_chat(m);
+        wa.recv_chat(m);
+    }
+    let (_wc, welcome) = Wss::join(&s, &cfg, &room, &a);
+    let history: Vec<&str> = welcome["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["message"].as_str())
+        .collect();
+    for m in &long {
+        assert!(history.contains(&m.as_str()), "history lost a long message");
+    }
+    assert_eq!(metric(&s, &cfg, "chatloop_websockets"), 3.0);
+}
+
+#[test]
+fn sighup_reloads_the_certificate_without_dropping_connections() {
+    let pki = Pki::new("reload");
+    let (first, first_key) = pki.leaf("first");
+    let (second, second_key) = pki.leaf("second");
+    let live_cert = pki.path("live.pem");
+    let live_key = pki.path("live.key");
+    fs::copy(&first, &live_cert).unwrap();
+    fs::copy(&first_key, &live_key).unwrap();
+    let mut s = start_tls(&live_cert, &live_key, &[]);
+    let cfg = pki.client_config();
+    let seen = |s: &Server| connect(s.addr, &cfg).conn.peer_certificates().unwrap()[0].to_vec();
+    assert_eq!(seen(&s), der(&first));
+
+    let a = session(&s, &cfg, "alice");
+    let room = room(&s, &cfg, &a);
+    let (mut old, _) = Wss::join(&s, &cfg, &room, &a);
+    let mut old_http = connect(s.addr, &cfg);
+    assert_eq!(
+        request(&mut old_http, "GET", "/health", None, None).status,
+        200
+    );
+
+    // Renewed: the files change, SIGHUP, new handshakes see the new certificate.
+    fs::copy(&second, &live_cert).unwrap();
+    fs::copy(&second_key, &live_key).unwrap();
+    Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        wait_for(TIMEOUT, || s
+            .log()
+            .contains("TLS certificate and key reloaded"))
+        .is_some(),
+        "no reload line:\n{}",
+        s.log()
+    );
+    assert_eq!(
+        seen(&s),
+        der(&second),
+        "a new handshake still gets the old certificate"
+    );
+    // The connections opened before the reload keep working.
+    old.roundtrip("still here after the reload");
+    assert_eq!(
+        request(&mut old_http, "GET", "/health", None, None).status,
+        200
+    );
+
+    // A bad pair (the first certificate with the second key) is refused; the second is kept.
+    fs::copy(&first, &live_cert).unwrap();
+    Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        wait_for(TIMEOUT, || s.log().contains("TLS reload refused")).is_some(),
+        "no refusal line:\n{}",
+        s.log()
+    );
+    assert_eq!(seen(&s), der(&second), "a bad pair replaced the good one");
+    // A file that is no PEM at all: refused too.
+    fs::write(&live_key, "not a key").unwrap();
+    Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        wait_for(TIMEOUT, || s.log().matches("TLS reload refused").count()
+            == 2)
+        .is_some(),
+        "no second refusal line:\n{}",
+        s.log()
+    );
+    assert_eq!(seen(&s), der(&second));
+    old.roundtrip("still here after the refusals");
+    assert!(
+        s.signal_and_wait("TERM", Duration::from_secs(5)).is_some(),
+        "the server did not stop on SIGTERM after the reloads"
+    );
+}
+
+#[test]
+fn bad_certificate_files_stop_the_start_with_a_sentence() {
+    let pki = Pki::new("badstart");
+    let (cert, _) = pki.leaf("one");
+    let (_, other_key) = pki.leaf("two");
+    let out = Command::new(env!("CARGO_BIN_EXE_chatloop"))
+        .args(["--port", "0", "--tls-cert", cert.to_str().unwrap()])
+        .args(["--tls-key", other_key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("do not make a pair"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_chatloop"))
+        .args(["--port", "0", "--tls-cert", cert.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key"));
+}
+
+#[test]
+fn hostile_tls_clients_are_closed_and_a_bystander_is_not_slowed() {
+    let pki = Pki::new("hostile");
+    let (cert, key) = pki.leaf("server");
+    let s = start_tls(&cert, &key, &["--request-timeout", "2s"]);
+    let cfg = pki.client_config();
+    let a = session(&s, &cfg, "bystander");
+    let room = room(&s, &cfg, &a);
+    let (mut by, _) = Wss::join(&s, &cfg, &room, &a);
+    let hello = client_hello(&cfg);
+    let base = metric(&s, &cfg, "chatloop_connections");
+
+    // Slow handshakes: half a ClientHello each, then nothing. Held open meanwhile.
+    let mut slow: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut t = TcpStream::connect(s.addr).unwrap();
+            t.write_all(&hello[..hello.len() / 2]).unwrap();
+            t
+        })
+        .collect();
+    // Silent connections: TCP only, no byte at all.
+    let mut silent: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(s.addr).unwrap())
+        .collect();
+    by.roundtrip("fine while handshakes hang");
+
+    // Garbage: a handshake record that decodes to nothing, and bytes that are no TLS at all.
+    let mut bad_record = TcpStream::connect(s.addr).unwrap();
+    bad_record.write_all(b"\x16\x03\x01\x00\x05hello").unwrap();
+    let mut noise = TcpStream::connect(s.addr).unwrap();
+    noise
+        .write_all(&[0x00, 0xff, 0x13, 0x37, 0x42, 0x99, 0x01, 0x02])
+        .unwrap();
+    let mut oversized = TcpStream::connect(s.addr).unwrap();
+    oversized.write_all(b"\x16\x03\x01\xff\xff").unwrap();
+    for (name, t) in [
+        ("bad handshake record", &mut bad_record),
+        ("noise", &mut noise),
+        ("oversized record", &mut oversized),
+    ] {
+        let took = ends_within(t, Duration::from_secs(5));
+        assert!(
+            took.is_some_and(|d| d < Duration::from_millis(1500)),
+            "{name}: not closed promptly ({took:?})"
+        );
+    }
+    // Plaintext HTTP on the TLS port: a plain 400 saying so, then close.
+    let mut plain = TcpStream::connect(s.addr).unwrap();
+    plain.set_read_timeout(Some(TIMEOUT)).unwrap();
+    plain
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("https://"), "{answer}");
+
+    // Reset mid-handshake: the ClientHello is sent, the server's answer arrives unread,
+    // and the socket is closed (unread data: the kernel sends a RST).
+    for _ in 0..10 {
+        let mut t = TcpStream::connect(s.addr).unwrap();
+        t.write_all(&hello).unwrap();
+        thread::sleep(Duration::from_millis(20));
+        drop(t);
+    }
+    by.roundtrip("fine after garbage and resets");
+    let r = https(&s, &cfg, "GET", "/health", None);
+    assert_eq!(r.status, 200);
+
+    // The request timeout covers the handshake: hanging handshakes and silent sockets are
+    // closed after --request-timeout (2 s), not before.
+    let t = Instant::now();
+    for h in slow.iter_mut().chain(silent.iter_mut()) {
+        let left = Duration::from_secs(6).saturating_sub(t.elapsed());
+        assert!(
+            ends_within(h, left).is_some(),
+            "a hanging handshake was not closed"
+        );
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "handshakes were cut before --request-timeout ({:?})",
+        t.elapsed()
+    );
+    by.roundtrip("fine after the timeouts");
+    // Everything the attackers opened is gone: only the bystander (and this request).
+    assert!(
+        wait_for(TIMEOUT, || metric(&s, &cfg, "chatloop_connections") <= base).is_some(),
+        "hostile connections still open: {} (base {base})",
+        metric(&s, &cfg, "chatloop_connections")
+    );
+}
+
+#[test]
+fn a_wss_member_that_never_reads_is_closed_as_a_slow_consumer() {
+    let pki = Pki::new("slow");
+    let (cert, key) = pki.leaf("server");
+    let s = start_tls(
+        &cert,
+        &key,
+        &[
+            "--max-output-queue",
+            "64KiB",
+            "--chat-rate",
+            "100000",
+            "--chat-burst",
+            "100000",
+            "--max-chat-chars",
+            "20000",
+        ],
+    );
+    let cfg = pki.client_config();
+    let a = session(&s, &cfg, "sender");
+    let r = session(&s, &cfg, "sleeper");
+    let room = room(&s, &cfg, &a);
+    let (mut wa, _) = Wss::join(&s, &cfg, &room, &a);
+    // The sleeper: TLS and WebSocket handshakes done, then it never reads again.
+    let (sleeper, _) = Wss::join(&s, &cfg, &room, &r);
+
+    let body = "x".repeat(16 * 1024 - 8);
+    let start = Instant::now();
+    let mut sent = 0;
+    loop {
+        let text = format!("{sent:08}{body}");
+        wa.chat(&text);
+        wa.recv_chat(&text);
+        sent += 1;
+        if sent % 25 == 0 && metric(&s, &cfg, "chatloop_slow_consumers_total") >= 1.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30) && sent < 4000,
+            "the sleeper was not closed after {sent} messages of 16 KiB"
+        );
+    }
+    eprintln!("wss sleeper closed after about {sent} messages of 16 KiB");
+    let mut tcp = sleeper.ws.into_inner().sock;
+    assert!(
+        ends_within(&mut tcp, Duration::from_secs(10)).is_some(),
+        "the slow consumer's TCP connection is still open"
+    );
+    wa.roundtrip("the sender is fine");
+    assert_eq!(
+        metric(&s, &cfg, "chatloop_ws_closes_total{code=\"1013\"}"),
+        1.0
+    );
+}
