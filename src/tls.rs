@@ -106,6 +106,7 @@ mod imp {
             .with_single_cert(certs, key)
             .map_err(|e| format!("certificate and key do not make a pair: {e}"))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
     }
 
@@ -133,11 +134,11 @@ mod imp {
 
     /// One connection's TLS state.
     pub struct Session {
-        conn: UnbufferedServerConnection,
+        pub(super) conn: UnbufferedServerConnection,
         /// Ciphertext of an incomplete record; empty (unallocated) otherwise.
-        inbuf: Vec<u8>,
+        pub(super) inbuf: Vec<u8>,
         /// Ciphertext not yet taken by the socket; empty (unallocated) otherwise.
-        pending: Vec<u8>,
+        pub(super) pending: Vec<u8>,
         /// Some bytes have arrived.
         started: bool,
         /// The handshake is complete: application data flows.
@@ -564,5 +565,291 @@ mod stub {
         _closing: bool,
     ) -> io::Result<Flushed> {
         match *s {}
+    }
+}
+#[cfg(all(test, feature = "tls"))]
+mod tests {
+    use std::io::{self, IoSlice, Read, Write};
+    use std::process::Command;
+    use std::rc::Rc;
+    use std::sync::Arc;
+
+    use rustls::pki_types::ServerName;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+    use super::*;
+    use crate::outbox::{Chunk, Outbox, Queue};
+
+    /// A self-signed pair made with the system's openssl, and a client that trusts it.
+    fn setup(name: &str) -> (Acceptor, Arc<ClientConfig>) {
+        let dir =
+            std::env::temp_dir().join(format!("chatloop-tls-unit-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let acceptor = Acceptor::load(cert.to_str().unwrap(), key.to_str().unwrap()).unwrap();
+        let mut roots = RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&cert).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let client =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        (acceptor, Arc::new(client))
+    }
+
+    /// Takes at most `room` bytes in all (then `WouldBlock`).
+    struct Sink {
+        data: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.room - n);
+                self.data.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Pair {
+        server: Box<Session>,
+        client: ClientConnection,
+        queue: Queue,
+        outbox: Outbox,
+        scratch: Scratch,
+    }
+
+    impl Pair {
+        fn new(name: &str) -> Pair {
+            let (acceptor, client) = setup(name);
+            Pair {
+                server: acceptor.session().unwrap(),
+                client: ClientConnection::new(client, ServerName::try_from("localhost").unwrap())
+                    .unwrap(),
+                queue: Queue::default(),
+                outbox: Outbox::default(),
+                scratch: Scratch::default(),
+            }
+        }
+
+        /// Client to server, `chunk` bytes per read; returns the plaintext the server got.
+        fn client_sends(&mut self, chunk: usize) -> Vec<u8> {
+            let mut wire = Vec::new();
+            while self.client.wants_write() {
+                self.client.write_tls(&mut wire).unwrap();
+            }
+            let mut plain = Vec::new();
+            for piece in wire.chunks_mut(chunk) {
+                self.server.read(piece, &mut plain).unwrap();
+            }
+            plain
+        }
+
+        /// Server to client through a socket that takes `room` bytes; `done` of the flush.
+        fn server_sends(&mut self, room: usize, closing: bool) -> (bool, Vec<u8>) {
+            let mut sink = Sink {
+                data: Vec::new(),
+                room,
+            };
+            let f = flush(
+                &mut self.server,
+                &mut self.queue,
+                &mut self.outbox,
+                &mut sink,
+                &mut self.scratch,
+                closing,
+            )
+            .unwrap();
+            self.outbox.end_round();
+            let mut rd = &sink.data[..];
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !rd.is_empty() {
+                self.client.read_tls(&mut rd).unwrap();
+                self.client.process_new_packets().unwrap();
+                while let Ok(n) = self.client.reader().read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+            (f.done, got)
+        }
+
+        fn handshake(&mut self, chunk: usize) {
+            for _ in 0..10 {
+                assert!(self.client_sends(chunk).is_empty());
+                self.server_sends(usize::MAX, false);
+                if !self.client.is_handshaking() && !self.server.handshaking() {
+                    return;
+                }
+            }
+            panic!("no handshake");
+        }
+    }
+
+    #[test]
+    fn records_split_anywhere_decrypt_and_an_idle_session_holds_no_buffer() {
+        let mut p = Pair::new("split");
+        p.handshake(1); // the handshake fed one byte at a time
+        assert_eq!(p.server.conn.alpn_protocol(), None); // the client offered none
+        p.client
+            .writer()
+            .write_all(b"GET /health HTTP/1.1")
+            .unwrap();
+        p.client.writer().write_all(b"\r\n\r\n").unwrap();
+        assert_eq!(p.client_sends(3), b"GET /health HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            p.server.inbuf.capacity(),
+            0,
+            "a complete record leaves no buffer"
+        );
+        assert_eq!(
+            p.server.pending.capacity(),
+            0,
+            "written ciphertext leaves no buffer"
+        );
+        assert_eq!(p.server.queued(), 0);
+    }
+
+    #[test]
+    fn shared_frames_are_encrypted_at_flush_and_unsent_ciphertext_is_counted() {
+        let mut p = Pair::new("flush");
+        p.handshake(4096);
+        let frame: crate::protocol::Frame = Rc::from(&b"shared frame"[..]);
+        let big = vec![b'x'; 100_000]; // more than one batch: several records
+        p.queue.push(&mut p.outbox, Chunk::Shared(frame.clone()));
+        p.queue.push(&mut p.outbox, Chunk::Owned(big.clone()));
+        // The socket takes 1000 bytes: what was encrypted and not taken waits, counted.
+        let (done, got) = p.server_sends(1000, false);
+        assert!(!done);
+        assert!(p.server.queued() > 0);
+        assert_eq!(
+            Rc::strong_count(&frame),
+            1,
+            "the frame was encrypted, not copied"
+        );
+        let mut all = got;
+        for _ in 0..100 {
+            let (done, got) = p.server_sends(50_000, false);
+            all.extend_from_slice(&got);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(all.len(), 12 + big.len());
+        assert_eq!(&all[..12], b"shared frame");
+        assert!(all[12..] == big[..]);
+        assert_eq!(p.server.queued(), 0);
+        assert_eq!(p.server.pending.capacity(), 0);
+        // Closing: a close_notify follows the last byte.
+        p.queue.push(&mut p.outbox, Chunk::Static(b"bye"));
+        let (done, got) = p.server_sends(usize::MAX, true);
+        assert!(done);
+        assert_eq!(got, b"bye");
+        assert!(
+            matches!(p.client.reader().read(&mut [0u8; 8]), Ok(0)),
+            "no close_notify"
+        );
+    }
+
+    #[test]
+    fn output_before_the_handshake_is_refused_not_sent_in_clear() {
+        let mut p = Pair::new("early");
+        p.client_sends(4096);
+        p.queue.push(
+            &mut p.outbox,
+            Chunk::Static(b"HTTP/1.1 408 Request Timeout\r\n\r\n"),
+        );
+        let mut sink = Sink {
+            data: Vec::new(),
+            room: usize::MAX,
+        };
+        let r = flush(
+            &mut p.server,
+            &mut p.queue,
+            &mut p.outbox,
+            &mut sink,
+            &mut p.scratch,
+            true,
+        );
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::NotConnected);
+        assert!(!sink.data.windows(8).any(|w| w == b"HTTP/1.1"));
+    }
+
+    #[test]
+    fn plaintext_http_and_garbage_fail_with_last_words() {
+        let (acceptor, _) = setup("garbage");
+        let mut plain = Vec::new();
+        let f = acceptor
+            .session()
+            .unwrap()
+            .read(&mut b"GET / HTTP/1.1\r\n\r\n".to_vec(), &mut plain)
+            .unwrap_err();
+        assert_eq!(f.last_words, PLAIN_HTTP_ON_TLS);
+        let text = std::str::from_utf8(PLAIN_HTTP_ON_TLS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{text}"
+        );
+        // A record too large to be TLS: an alert record (type 21) goes back.
+        let f = acceptor
+            .session()
+            .unwrap()
+            .read(&mut b"\x16\x03\x01\xff\xff".to_vec(), &mut plain)
+            .unwrap_err();
+        assert_eq!(f.last_words.first(), Some(&21), "{f:?}");
+        // A handshake record that decodes to nothing.
+        assert!(
+            acceptor
+                .session()
+                .unwrap()
+                .read(&mut b"\x16\x03\x01\x00\x05hello".to_vec(), &mut plain)
+                .is_err()
+        );
+        assert!(plain.is_empty());
     }
 }

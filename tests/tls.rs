@@ -126,16 +126,19 @@ impl Pki {
     }
 
     fn client_config(&self) -> Arc<ClientConfig> {
+        self.client_config_with(rustls::crypto::ring::default_provider())
+    }
+
+    fn client_config_with(&self, provider: rustls::crypto::CryptoProvider) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(self.path("ca.pem")).unwrap() {
             roots.add(c.unwrap()).unwrap();
         }
-        let mut c =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+        let mut c = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         c.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(c)
     }
@@ -668,4 +671,239 @@ fn a_wss_member_that_never_reads_is_closed_as_a_slow_consumer() {
         metric(&s, &cfg, "chatloop_ws_closes_total{code=\"1013\"}"),
         1.0
     );
+}
+
+// ---- figures for the report (not a check) -----------------------------------------------
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The server's RSS in bytes and its CPU time (user + system) in microseconds.
+fn sample(pid: u32) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<u64> = stat
+        .rsplit(") ")
+        .next()
+        .unwrap()
+        .split(' ')
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // Fields 14 and 15 (utime, stime) in clock ticks; the slice starts at field 3.
+    let ticks = f[11] + f[12];
+    (rss, ticks * 1_000_000 / 100)
+}
+
+fn new_session(s: &Server, cfg: Option<&Arc<ClientConfig>>, name: &str) -> String {
+    match cfg {
+        Some(cfg) => session(s, cfg, name),
+        None => s.session(name).0,
+    }
+}
+
+fn new_room(s: &Server, cfg: Option<&Arc<ClientConfig>>, sid: &str) -> String {
+    match cfg {
+        Some(cfg) => room(s, cfg, sid),
+        None => s.room(sid),
+    }
+}
+
+/// A member socket of either kind, for the same measurement over ws and wss.
+enum Member {
+    Plain(Box<WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>>),
+    Tls(Box<WebSocket<Tls>>),
+}
+
+impl Member {
+    fn join(s: &Server, cfg: Option<&Arc<ClientConfig>>, room: &str, sid: &str) -> Member {
+        match cfg {
+            Some(cfg) => Member::Tls(Box::new(Wss::join(s, cfg, room, sid).0.ws)),
+            None => Member::Plain(Box::new(s.join(room, sid).0.socket)),
+        }
+    }
+
+    fn read(&mut self) -> Message {
+        match self {
+            Member::Plain(w) => w.read().expect("read ws"),
+            Member::Tls(w) => w.read().expect("read wss"),
+        }
+    }
+
+    fn send(&mut self, m: Message) {
+        match self {
+            Member::Plain(w) => w.send(m).expect("send ws"),
+            Member::Tls(w) => w.send(m).expect("send wss"),
+        }
+    }
+}
+
+/// Figures for the report, not a check: RSS per idle wss (and ws) connection, server CPU
+/// per TLS handshake, server CPU per delivery over wss and ws in one run.
+/// `cargo test --profile fast --test tls -- --ignored --nocapture figures`
+/// (IDLE=5000 HANDSHAKES=2000 ROOMS=10 MEMBERS=50 MESSAGES=400 to change the sizes).
+#[test]
+#[ignore]
+fn figures() {
+    let pki = Pki::new("figures");
+    let (cert, key) = pki.leaf("server");
+    // SUITE=aes128|aes256|chacha: the one cipher suite the client offers (default: all, in
+    // rustls's order, as browsers offer several).
+    let mut provider = rustls::crypto::ring::default_provider();
+    let pick = std::env::var("SUITE").unwrap_or_default();
+    provider.cipher_suites.retain(|s| {
+        let name = format!("{:?}", s.suite());
+        match pick.as_str() {
+            "aes128" => name.contains("AES_128_GCM"),
+            "aes256" => name.contains("AES_256_GCM"),
+            "chacha" => name.contains("CHACHA20"),
+            _ => true,
+        }
+    });
+    let cfg = pki.client_config_with(provider);
+    let fast = [
+        "--chat-rate",
+        "1000000",
+        "--chat-burst",
+        "1000000",
+        "--notice-delay",
+        "10ms",
+    ];
+    let start = |tls: bool| {
+        if tls {
+            start_tls(&cert, &key, &fast)
+        } else {
+            Server::start(&fast)
+        }
+    };
+
+    // Idle memory: rooms of 100 members, 50 sockets per session.
+    let idle = env_or("IDLE", 5000);
+    for tls in [false, true] {
+        let s = start(tls);
+        let c = tls.then_some(&cfg);
+        let sids: Vec<String> = (0..idle.div_ceil(50))
+            .map(|i| new_session(&s, c, &format!("idle{i}")))
+            .collect();
+        let rooms: Vec<String> = (0..idle.div_ceil(100))
+            .map(|i| new_room(&s, c, &sids[i % sids.len()]))
+            .collect();
+        thread::sleep(Duration::from_millis(300));
+        let (before, _) = sample(s.pid());
+        let held: Vec<Member> = (0..idle)
+            .map(|i| Member::join(&s, c, &rooms[i % rooms.len()], &sids[i % sids.len()]))
+            .collect();
+        thread::sleep(Duration::from_millis(1000));
+        let (after, _) = sample(s.pid());
+        println!(
+            "idle {}: {idle} sockets, RSS {} KiB -> {} KiB: {} bytes per connection",
+            if tls { "wss" } else { "ws" },
+            before / 1024,
+            after / 1024,
+            (after.saturating_sub(before)) / idle as u64
+        );
+        drop(held);
+    }
+
+    // Handshakes: sequential TLS handshakes from two threads; server CPU per handshake.
+    let n = env_or("HANDSHAKES", 2000);
+    let s = start(true);
+    let (_, cpu0) = sample(s.pid());
+    let t = Instant::now();
+    thread::scope(|sc| {
+        for _ in 0..2 {
+            sc.spawn(|| {
+                for _ in 0..n / 2 {
+                    drop(connect(s.addr, &cfg));
+                }
+            });
+        }
+    });
+    let wall = t.elapsed();
+    let (_, cpu1) = sample(s.pid());
+    println!(
+        "handshakes: {n} in {:.2} s ({:.0}/s with the clients on the same 2 cores), server CPU {:.0} us per handshake",
+        wall.as_secs_f64(),
+        n as f64 / wall.as_secs_f64(),
+        (cpu1 - cpu0) as f64 / n as f64
+    );
+    drop(s);
+
+    // Fan-out: ROOMS rooms of MEMBERS, each room's first member sends MESSAGES chats
+    // (lockstep on its own echo); every member reads on its own thread.
+    let (rooms_n, members, messages) = (
+        env_or("ROOMS", 10),
+        env_or("MEMBERS", 50),
+        env_or("MESSAGES", 400),
+    );
+    for tls in [false, true] {
+        let s = start(tls);
+        let c = tls.then_some(&cfg);
+        let mut senders = Vec::new();
+        let mut readers = Vec::new();
+        for r in 0..rooms_n {
+            let sid = new_session(&s, c, &format!("room{r}"));
+            let room = new_room(&s, c, &sid);
+            for m in 0..members {
+                let w = Member::join(&s, c, &room, &sid);
+                if m == 0 {
+                    senders.push(w);
+                } else {
+                    readers.push(w);
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(500));
+        let (_, cpu0) = sample(s.pid());
+        let t = Instant::now();
+        thread::scope(|sc| {
+            for mut w in readers.drain(..) {
+                sc.spawn(move || {
+                    let mut got = 0;
+                    while got < messages {
+                        if let Message::Text(t) = w.read()
+                            && t.contains("\"type\":\"chat\"")
+                        {
+                            got += 1;
+                        }
+                    }
+                });
+            }
+            for mut w in senders.drain(..) {
+                sc.spawn(move || {
+                    for i in 0..messages {
+                        let text = format!("message {i:06} {}", "x".repeat(100));
+                        w.send(Message::text(
+                            json!({"type": "chat", "message": text}).to_string(),
+                        ));
+                        loop {
+                            if let Message::Text(t) = w.read()
+                                && t.contains(&text)
+                            {
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let wall = t.elapsed();
+        let (_, cpu1) = sample(s.pid());
+        let deliveries = (rooms_n * members * messages) as f64;
+        println!(
+            "fan-out {}: {rooms_n}x{members}, {messages} messages per room, {deliveries} deliveries in {:.2} s: server CPU {:.3} us per delivery",
+            if tls { "wss" } else { "ws" },
+            wall.as_secs_f64(),
+            (cpu1 - cpu0) as f64 / deliveries
+        );
+    }
 }

@@ -14,11 +14,19 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+# TLS (rustls) is the cargo feature `tls`, on by default: the plaintext binary without it must
+# keep building and linting clean.
+step "cargo clippy --no-default-features -- -D warnings; cargo build --profile fast --no-default-features"
+cargo clippy --no-default-features -- -D warnings
+cargo build --profile fast --no-default-features
+
 # Debian packages the cargo tests need: redis-server (tests/cluster.rs starts its own
-# instances) and strace (tests/memory_only.rs traces a whole scenario for file writes).
+# instances), strace (tests/memory_only.rs traces a whole scenario for file writes) and
+# openssl (tests/tls.rs makes its test CA and certificates with it).
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]} (Debian packages) for the cargo tests"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
