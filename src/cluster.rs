@@ -67,8 +67,8 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Where Redis is: `redis://[[user]:password@]host[:port][/db]`. Neither `Debug` nor
-/// `Display` shows the password.
+/// Where Redis is: `redis://[[user]:password@]host[:port][/db]`; `rediss://` for TLS.
+/// Neither `Debug` nor `Display` shows the password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisUrl {
     pub host: String,
@@ -76,6 +76,8 @@ pub struct RedisUrl {
     pub db: u32,
     pub user: Option<String>,
     pub password: Option<Secret>,
+    /// `rediss://`: the connection to Redis is TLS.
+    pub tls: bool,
 }
 
 impl RedisUrl {
@@ -83,9 +85,15 @@ impl RedisUrl {
     /// anywhere (`redis://:secret` reads as host "" and port "secret").
     pub fn parse(s: &str) -> Result<RedisUrl, String> {
         const SHAPE: &str = "expected redis://[[user]:password@]host[:port][/db]";
-        let rest = s
-            .strip_prefix("redis://")
-            .ok_or_else(|| format!("{SHAPE} (the scheme must be redis://)"))?;
+        let (tls, rest) = match s.strip_prefix("rediss://") {
+            Some(rest) => (true, rest),
+            None => (
+                false,
+                s.strip_prefix("redis://").ok_or_else(|| {
+                    format!("{SHAPE} (the scheme must be redis://, or rediss:// for TLS)")
+                })?,
+            ),
+        };
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((a, r)) => (Some(a), r),
             None => (None, rest),
@@ -124,6 +132,7 @@ impl RedisUrl {
             db,
             user,
             password,
+            tls,
         })
     }
 }
@@ -132,7 +141,12 @@ impl std::fmt::Display for RedisUrl {
     /// The URL without its password (for logs).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let auth = if self.password.is_some() { "***@" } else { "" };
-        write!(f, "redis://{auth}{}:{}/{}", self.host, self.port, self.db)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        write!(
+            f,
+            "{scheme}://{auth}{}:{}/{}",
+            self.host, self.port, self.db
+        )
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Config {
     /// TLS on the listener: PEM certificate chain and private key (both or neither).
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
+    /// `rediss://`: PEM CA certificates to verify Redis with (else the system's bundle).
+    pub redis_ca: Option<String>,
 }
 
 /// How log lines are written.
@@ -516,13 +518,23 @@ pub const OPTIONS: &[Opt] = &[
         "redis",
         ["CHATLOOP_REDIS"],
         "",
-        "cluster mode: keep sessions, rooms and history in this Redis (redis://[:password@]host:port/db) and share rooms with every node using it; off when empty",
+        "cluster mode: keep sessions, rooms and history in this Redis (redis://[:password@]host:port/db, rediss:// for TLS) and share rooms with every node using it; off when empty",
         |c, v| {
             c.redis = if v.is_empty() {
                 None
             } else {
                 Some(crate::cluster::RedisUrl::parse(v)?)
             };
+            Ok(())
+        }
+    ),
+    opt!(
+        "redis-ca",
+        ["CHATLOOP_REDIS_CA"],
+        "",
+        "cluster mode with rediss:// (TLS): PEM CA certificates Redis's certificate must chain to; the system's bundle when empty",
+        |c, v| {
+            c.redis_ca = (!v.is_empty()).then(|| v.to_string());
             Ok(())
         }
     ),
@@ -632,6 +644,7 @@ impl Default for Config {
             reuse_port: false,
             tls_cert: None,
             tls_key: None,
+            redis_ca: None,
         };
         for o in OPTIONS {
             (o.set)(&mut c, o.default).expect("built-in defaults parse");
@@ -720,6 +733,9 @@ impl Config {
         }
         if self.tls_cert.is_some() && !cfg!(feature = "tls") {
             return fail("--tls-cert: this chatloop was built without TLS (cargo feature `tls`)");
+        }
+        if self.redis.as_ref().is_some_and(|r| r.tls) && !cfg!(feature = "tls") {
+            return fail("rediss://: this chatloop was built without TLS (cargo feature `tls`)");
         }
         if self.max_output_queue < 4096 {
             return fail("--max-output-queue must be at least 4KiB");

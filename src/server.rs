@@ -97,11 +97,15 @@ pub struct Server {
     /// TLS on the listener (`--tls-cert`): the certificate in use, and loop-wide buffers.
     tls: Option<tls::Acceptor>,
     tls_scratch: tls::Scratch,
+    /// `rediss://`: the CAs Redis is verified with.
+    redis_tls: Option<tls::RedisTlsConfig>,
 }
 
 struct RedisSocket {
     stream: TcpStream,
     connected: bool,
+    /// `rediss://` only.
+    tls: Option<tls::RedisTls>,
 }
 
 /// A request waiting for facts from Redis.
@@ -170,6 +174,13 @@ impl Server {
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(cert), Some(key)) => Some(
                 tls::Acceptor::load(cert, key)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            ),
+            _ => None,
+        };
+        let redis_tls = match &cfg.redis {
+            Some(url) if url.tls => Some(
+                tls::RedisTlsConfig::load(cfg.redis_ca.as_deref())
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             ),
             _ => None,
@@ -244,6 +255,7 @@ impl Server {
             wants: Vec::new(),
             tls,
             tls_scratch: tls::Scratch::default(),
+            redis_tls,
         })
     }
 
@@ -1105,6 +1117,13 @@ impl Server {
                 format!("cannot resolve {}", url.host),
             )),
         };
+        let tls = match self.redis_tls.as_ref().map(|t| t.connect(&url.host)) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                return self.redis_connect_failed(&io::Error::other(e), now);
+            }
+        };
         match result.and_then(|mut stream| {
             self.poll.registry().register(
                 &mut stream,
@@ -1117,6 +1136,7 @@ impl Server {
                 self.redis = Some(RedisSocket {
                     stream,
                     connected: false,
+                    tls,
                 })
             }
             Err(e) => self.redis_connect_failed(&e, now),
@@ -1171,10 +1191,20 @@ impl Server {
                     return;
                 }
                 Ok(n) => {
-                    let ok = self
-                        .cluster
-                        .as_mut()
-                        .is_some_and(|c| c.on_bytes(&self.rbuf[..n], now));
+                    let plain = &mut self.tls_scratch.plain;
+                    let data = match &mut sock.tls {
+                        None => &self.rbuf[..n],
+                        Some(t) => {
+                            plain.clear();
+                            if let Err(e) = t.read(&self.rbuf[..n], plain) {
+                                log::warn!("TLS with Redis failed: {e}");
+                                self.redis_lost(now);
+                                return;
+                            }
+                            &plain[..]
+                        }
+                    };
+                    let ok = self.cluster.as_mut().is_some_and(|c| c.on_bytes(data, now));
                     if !ok {
                         self.redis_lost(now);
                         return;
@@ -1206,7 +1236,17 @@ impl Server {
         let (Some(sock), Some(cluster)) = (&mut self.redis, &mut self.cluster) else {
             return;
         };
-        if !sock.connected || cluster.out.is_empty() {
+        if !sock.connected {
+            return;
+        }
+        if cluster.out.is_empty() {
+            // rediss://: handshake output, or records the socket did not take before.
+            if let Some(t) = &mut sock.tls
+                && let Err(e) = t.flush(&mut sock.stream)
+            {
+                log::warn!("writing to Redis failed: {e}");
+                self.redis_lost(now);
+            }
             return;
         }
         let mut done = 0;
@@ -1214,7 +1254,11 @@ impl Server {
             if done == cluster.out.len() {
                 break false;
             }
-            match sock.stream.write(&cluster.out[done..]) {
+            let written = match &mut sock.tls {
+                None => sock.stream.write(&cluster.out[done..]),
+                Some(t) => t.send(&cluster.out[done..], &mut sock.stream),
+            };
+            match written {
                 Ok(0) => break true,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,

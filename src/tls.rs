@@ -388,6 +388,109 @@ mod imp {
         }
     }
 
+    /// Cluster mode's `rediss://` client settings: the CAs Redis's certificate must chain to.
+    pub struct RedisTlsConfig(Arc<rustls::ClientConfig>);
+
+    /// Where Debian, Fedora and Alpine (and most others) keep the system's CA bundle.
+    const CA_BUNDLES: &[&str] = &[
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ];
+
+    impl RedisTlsConfig {
+        /// `ca`: a PEM file of CA certificates (`--redis-ca`); else `SSL_CERT_FILE` or the
+        /// system's bundle.
+        pub fn load(ca: Option<&str>) -> Result<RedisTlsConfig, String> {
+            let path = match ca {
+                Some(p) => PathBuf::from(p),
+                None => std::env::var_os("SSL_CERT_FILE")
+                    .map(PathBuf::from)
+                    .or_else(|| CA_BUNDLES.iter().map(PathBuf::from).find(|p| p.exists()))
+                    .ok_or("rediss://: no system CA bundle found; name one with --redis-ca")?,
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(&path)
+                .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("bad CA file {}: {e}", path.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!("no usable CA certificate in {}", path.display()));
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS settings: {e}"))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(RedisTlsConfig(Arc::new(config)))
+        }
+
+        /// A client connection to `host` (its certificate must name it).
+        pub fn connect(&self, host: &str) -> Result<RedisTls, String> {
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| format!("rediss://: {host:?} is no valid server name: {e}"))?;
+            let conn = rustls::ClientConnection::new(self.0.clone(), name)
+                .map_err(|e| format!("rediss://: {e}"))?;
+            Ok(RedisTls { conn })
+        }
+    }
+
+    /// The one TLS connection to Redis: rustls's buffered client (one per process, so its
+    /// buffers cost nothing worth the unbuffered API's bookkeeping).
+    pub struct RedisTls {
+        conn: rustls::ClientConnection,
+    }
+
+    impl RedisTls {
+        /// Ciphertext from the socket; Redis's bytes are appended to `plain`.
+        pub fn read(&mut self, mut cipher: &[u8], plain: &mut Vec<u8>) -> Result<(), String> {
+            use std::io::Read;
+            while !cipher.is_empty() {
+                self.conn.read_tls(&mut cipher).map_err(|e| e.to_string())?;
+                let state = self.conn.process_new_packets().map_err(|e| e.to_string())?;
+                let n = state.plaintext_bytes_to_read();
+                let start = plain.len();
+                plain.resize(start + n, 0);
+                self.conn
+                    .reader()
+                    .read_exact(&mut plain[start..])
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+
+        /// Takes what rustls will buffer of `data` and writes what ciphertext the socket
+        /// takes; `WouldBlock` when it took nothing.
+        pub fn send(&mut self, data: &[u8], sock: &mut impl Write) -> io::Result<usize> {
+            let n = if data.is_empty() {
+                0
+            } else {
+                self.conn.writer().write(data)?
+            };
+            self.flush(sock)?;
+            if n == 0 && !data.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        }
+
+        /// Writes pending ciphertext (handshake, records) until done or the socket is full.
+        pub fn flush(&mut self, sock: &mut impl Write) -> io::Result<()> {
+            while self.conn.wants_write() {
+                match self.conn.write_tls(sock) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }
+    }
+
     fn too_large() -> Failed {
         Failed {
             reason: "a TLS record or handshake message is too large".into(),
@@ -552,6 +655,31 @@ mod stub {
             match *self {}
         }
         pub fn handshaking(&self) -> bool {
+            match *self {}
+        }
+    }
+
+    pub enum RedisTlsConfig {}
+
+    impl RedisTlsConfig {
+        pub fn load(_ca: Option<&str>) -> Result<RedisTlsConfig, String> {
+            Err("rediss://: this chatloop was built without TLS (cargo feature `tls`)".into())
+        }
+        pub fn connect(&self, _host: &str) -> Result<RedisTls, String> {
+            match *self {}
+        }
+    }
+
+    pub enum RedisTls {}
+
+    impl RedisTls {
+        pub fn read(&mut self, _cipher: &[u8], _plain: &mut Vec<u8>) -> Result<(), String> {
+            match *self {}
+        }
+        pub fn send(&mut self, _data: &[u8], _sock: &mut impl Write) -> io::Result<usize> {
+            match *self {}
+        }
+        pub fn flush(&mut self, _sock: &mut impl Write) -> io::Result<()> {
             match *self {}
         }
     }

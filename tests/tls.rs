@@ -907,3 +907,125 @@ fn figures() {
         );
     }
 }
+
+// ---- rediss:// ----------------------------------------------------------------------------
+
+/// A `redis-server` with TLS only (`--port 0 --tls-port P`), certificate from `pki`; killed
+/// (by its own pid) when dropped.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TlsRedis {
+    fn start(pki: &Pki) -> TlsRedis {
+        let (cert, key) = pki.leaf("redis");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--tls-cert-file", cert.to_str().unwrap()])
+            .args(["--tls-key-file", key.to_str().unwrap()])
+            .args(["--tls-ca-cert-file", pki.path("ca.pem").to_str().unwrap()])
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--dir",
+                pki.dir.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's is built with TLS)");
+        let mut r = TlsRedis { child, port };
+        let up = wait_for(Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if up.is_none() {
+            let _ = r.child.kill();
+            panic!("redis-server did not listen on its TLS port {port}");
+        }
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redis_up(s: &Server) -> bool {
+    s.http().get("/health", None).json()["redis"] == "up"
+}
+
+#[test]
+fn cluster_nodes_share_rooms_through_redis_over_tls() {
+    let pki = Pki::new("rediss");
+    let redis = TlsRedis::start(&pki);
+    let ca = pki.path("ca.pem");
+    let node = || Server::start(&["--redis", &redis.url(), "--redis-ca", ca.to_str().unwrap()]);
+    let (a, b) = (node(), node());
+    for s in [&a, &b] {
+        assert!(
+            wait_for(TIMEOUT, || redis_up(s)).is_some(),
+            "a node did not reach Redis over TLS:\n{}",
+            s.log()
+        );
+    }
+    // A session and a room made on one node are known on the other: they live in Redis.
+    let (alice, _) = a.session("alice");
+    let (bob, _) = b.session("bob");
+    let room = a.room(&alice);
+    let (mut wa, _) = a.join(&room, &alice);
+    let (mut wb, _) = b.join(&room, &bob);
+    wa.chat("across nodes, through rediss");
+    assert_eq!(
+        wb.recv_chat("across nodes, through rediss")["user"],
+        "alice"
+    );
+    wb.chat("and back");
+    wa.recv_chat("and back");
+
+    // A node that does not trust Redis's certificate never gets to use it.
+    let other = Pki::new("rediss-other");
+    let wrong = Server::start(&[
+        "--redis",
+        &redis.url(),
+        "--redis-ca",
+        other.path("ca.pem").to_str().unwrap(),
+    ]);
+    assert!(
+        wait_for(TIMEOUT, || wrong.log().contains("TLS with Redis failed")).is_some(),
+        "no TLS failure logged:\n{}",
+        wrong.log()
+    );
+    assert!(!redis_up(&wrong));
+    assert_eq!(
+        wrong
+            .http()
+            .post_json("/sessions", r#"{"username":"carol"}"#, None)
+            .status,
+        503
+    );
+    // A rediss:// URL without a usable CA file stops the start with a sentence.
+    let out = Command::new(env!("CARGO_BIN_EXE_chatloop"))
+        .args(["--port", "0", "--redis", &redis.url(), "--redis-ca"])
+        .arg(pki.path("missing.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing.pem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

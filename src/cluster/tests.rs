@@ -86,6 +86,11 @@ fn urls_parse_with_defaults_and_auth() {
     assert_eq!(u.password.as_ref().map(Secret::expose), Some("s3cret"));
     assert!(!format!("{u:?}").contains("s3cret"));
     assert!(!u.to_string().contains("s3cret"));
+    assert!(!u.tls);
+    let u = RedisUrl::parse("rediss://:pw@cache.example:6380/2").unwrap();
+    assert!(u.tls);
+    assert_eq!((u.host.as_str(), u.port, u.db), ("cache.example", 6380, 2));
+    assert_eq!(u.to_string(), "rediss://***@cache.example:6380/2");
     assert!(RedisUrl::parse("http://x").is_err());
     assert!(RedisUrl::parse("redis://h:notaport").is_err());
     assert!(RedisUrl::parse("redis://h/x").is_err());
