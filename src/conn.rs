@@ -449,7 +449,9 @@ impl Conn {
     /// A PROXY protocol header at the start of the connection: from a trusted proxy it names
     /// the client; from anyone else, or malformed, it is a bad request. Returns the bytes it
     /// used, `None` while it is incomplete.
-    fn proxy_header(&mut self, id: ConnId, data: &[u8], ctx: &mut Ctx<'_>) -> Option<usize> {
+    /// (Over TLS the loop calls it on the bytes before the handshake: a TCP proxy sends the
+    /// header in clear.)
+    pub fn proxy_header(&mut self, id: ConnId, data: &[u8], ctx: &mut Ctx<'_>) -> Option<usize> {
         let why = match proxy::parse_header(data) {
             Ok(proxy::Header::Partial) => return None,
             Ok(proxy::Header::Absent) => {

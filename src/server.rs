@@ -568,11 +568,28 @@ impl Server {
         let mut rbuf = std::mem::take(&mut self.rbuf); // an empty Box: no allocation
         let mut plain = std::mem::take(&mut self.tls_scratch.plain);
         let failed = self.with_conn(id, now, |conn, ctx| {
+            let mut held: Vec<u8>;
+            let mut raw: &mut [u8] = &mut rbuf[..n];
+            if conn.tls.is_some() && conn.proxy_expected {
+                // A trusted TCP proxy's PROXY header comes in clear, before the TLS bytes.
+                if !conn.inbuf.is_empty() {
+                    held = std::mem::take(&mut conn.inbuf);
+                    held.extend_from_slice(raw);
+                    raw = &mut held[..];
+                }
+                match conn.proxy_header(ConnId(id), raw, ctx) {
+                    None => {
+                        conn.inbuf = raw.to_vec(); // incomplete (at most a few KiB)
+                        return None;
+                    }
+                    Some(k) => raw = &mut std::mem::take(&mut raw)[k..],
+                }
+            }
             let data = match conn.tls.as_deref_mut() {
-                None => &mut rbuf[..n],
+                None => raw,
                 Some(tls) => {
                     plain.clear();
-                    if let Err(f) = tls.read(&mut rbuf[..n], &mut plain) {
+                    if let Err(f) = tls.read(raw, &mut plain) {
                         return Some(f);
                     }
                     if tls.wants_write() && !conn.dirty {

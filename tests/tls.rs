@@ -1029,3 +1029,70 @@ fn cluster_nodes_share_rooms_through_redis_over_tls() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---- PROXY protocol before TLS ------------------------------------------------------------
+
+/// TLS over a TCP stream that already carried `before` in clear (a PROXY header).
+fn connect_after(addr: SocketAddr, cfg: &Arc<ClientConfig>, before: &[&[u8]]) -> Tls {
+    let mut tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    for part in before {
+        tcp.write_all(part).unwrap();
+        thread::sleep(Duration::from_millis(50)); // arrives in separate reads
+    }
+    let conn =
+        ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut s = StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn
+            .complete_io(&mut s.sock)
+            .expect("TLS handshake after the PROXY header");
+    }
+    s
+}
+
+#[test]
+fn a_trusted_tcp_proxy_names_the_client_in_clear_before_the_tls_handshake() {
+    let pki = Pki::new("proxy");
+    let (cert, key) = pki.leaf("server");
+    let s = start_tls(
+        &cert,
+        &key,
+        &["--trusted-proxy", "127.0.0.1/32", "--create-rate", "1"],
+    );
+    let cfg = pki.client_config();
+    let body = json!({ "username": "proxied" }).to_string();
+    // 203.0.113.1: the header in one piece; one create, then its budget is spent.
+    let mut a = connect_after(
+        s.addr,
+        &cfg,
+        &[b"PROXY TCP4 203.0.113.1 127.0.0.1 40000 443\r\n"],
+    );
+    assert_eq!(
+        request(&mut a, "POST", "/sessions", None, Some(&body)).status,
+        201
+    );
+    assert_eq!(
+        request(&mut a, "POST", "/sessions", None, Some(&body)).status,
+        429
+    );
+    assert!(
+        wait_for(TIMEOUT, || s.log().contains("for 203.0.113.1")).is_some(),
+        "the 429 was not logged for the proxied client:\n{}",
+        s.log()
+    );
+    // 203.0.113.2: the header split over two reads; a budget of its own.
+    let mut b = connect_after(
+        s.addr,
+        &cfg,
+        &[b"PROXY TCP4 203.0.", b"113.2 127.0.0.1 40001 443\r\n"],
+    );
+    assert_eq!(
+        request(&mut b, "POST", "/sessions", None, Some(&body)).status,
+        201
+    );
+    // A malformed header: closed before any TLS.
+    let mut bad = TcpStream::connect(s.addr).unwrap();
+    bad.write_all(b"PROXY TCP4 not-an-address\r\n").unwrap();
+    assert!(ends_within(&mut bad, Duration::from_secs(3)).is_some());
+}
