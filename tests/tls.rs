@@ -770,7 +770,14 @@ fn figures() {
         }
     });
     let cfg = pki.client_config_with(provider);
+    // Many sockets and sessions from one address: the per-address limits are off here.
     let fast = [
+        "--max-connections-per-ip",
+        "0",
+        "--create-rate",
+        "0",
+        "--max-rooms-per-session",
+        "0",
         "--chat-rate",
         "1000000",
         "--chat-burst",
@@ -1058,7 +1065,14 @@ fn a_trusted_tcp_proxy_names_the_client_in_clear_before_the_tls_handshake() {
     let s = start_tls(
         &cert,
         &key,
-        &["--trusted-proxy", "127.0.0.1/32", "--create-rate", "1"],
+        &[
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            "--create-rate",
+            "1",
+            "--create-burst",
+            "1",
+        ],
     );
     let cfg = pki.client_config();
     let body = json!({ "username": "proxied" }).to_string();
