@@ -1000,7 +1000,7 @@ mod tests {
             format!("redis://:{PW}"),
             format!("redis://10.0.0.1/{PW}"),
             format!("redis://{PW}@"),
-            format!("rediss://:{PW}@10.0.0.1"),
+            format!("redis+tls://:{PW}@10.0.0.1"), // (rediss:// is TLS, a valid scheme)
         ] {
             let e = run(&["--redis", &bad], &[]).unwrap_err();
             assert!(e.0.starts_with("--redis"), "{e}");
