@@ -778,6 +778,8 @@ fn figures() {
         "0",
         "--max-rooms-per-session",
         "0",
+        "--upgrade-rate",
+        "0",
         "--chat-rate",
         "1000000",
         "--chat-burst",
