@@ -4,6 +4,7 @@
 //! Handlers ask the [`Hub`] and build the exact JSON of the contract (`docs/API.md`).
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
 
@@ -11,11 +12,11 @@ use serde::Deserialize;
 
 use crate::cluster::{Answer, Facts, Query};
 use crate::http::{self, Method, Request, Response};
-use crate::hub::{Hub, HubError, validate_username};
+use crate::hub::{Hub, HubError, RoomOptions, validate_username};
 use crate::ids::{MsgId, RoomId, SessionId, UserId};
 use crate::protocol::{self, json_str};
 use crate::ratelimit::CreateLimiter;
-use crate::time::Now;
+use crate::time::{Micros, Now};
 
 /// What the event loop must do with a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -197,7 +198,7 @@ fn route(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) ->
         ((Some("sessions"), Some("me"), None, _), Method::Delete) => {
             return end_session(req, hub, ctx);
         }
-        ((Some("rooms"), None, ..), Method::Post) => return create_room(req, hub, ctx),
+        ((Some("rooms"), None, ..), Method::Post) => return create_room(req, body, hub, ctx),
         ((Some("rooms"), None, ..), Method::Get) => return my_rooms(req, hub, ctx),
         ((Some("rooms"), Some("all"), None, _), Method::Get) if ctx.room_list => {
             return all_rooms(hub, ctx);
@@ -207,12 +208,15 @@ fn route(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) ->
         }
         ((Some("rooms"), Some(id), rest, None), m) => match (RoomId::parse(id), rest, m) {
             (None, ..) => not_found(),
-            (Some(room), None, Method::Get) => return room_info(hub, room, ctx),
-            (Some(room), Some("join"), Method::Post) => return join(req, hub, room, ctx),
+            (Some(room), None, Method::Get) => return room_info(req, hub, room, ctx),
+            (Some(room), Some("join"), Method::Post) => return join(req, body, hub, room, ctx),
+            (Some(room), Some("invite"), Method::Post) => {
+                return rotate_invite(req, hub, room, ctx);
+            }
             (Some(room), Some("leave"), Method::Delete) => return leave(req, hub, room, ctx),
             (Some(room), Some("messages"), Method::Get) => return messages(req, hub, room, ctx),
             (Some(_), None, _) | (Some(_), Some("messages"), _) => method_not_allowed(ALLOW_GET),
-            (Some(_), Some("join"), _) => method_not_allowed(ALLOW_POST),
+            (Some(_), Some("join" | "invite"), _) => method_not_allowed(ALLOW_POST),
             (Some(_), Some("leave"), _) => method_not_allowed(ALLOW_DELETE),
             _ => not_found(),
         },
@@ -351,23 +355,96 @@ fn end_session(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply 
     Response::static_body(200, http::JSON, b"{\"message\":\"Session ended\"}").into()
 }
 
-fn create_room(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct NewRoomBody {
+    private: bool,
+    message_ttl: Option<u64>,
+}
+
+/// Reads `POST /rooms`'s optional body: nothing (the original client), or a JSON object
+/// with `private` and `message_ttl` (seconds, within the configured bounds).
+fn room_options(body: &[u8], hub: &Hub) -> Result<RoomOptions, Response> {
+    let (min, max) = hub.message_ttl_bounds();
+    let bad = || {
+        let detail = format!(
+            "The body may have private (true or false) and message_ttl (whole seconds from {} to {})",
+            min.0.div_ceil(1_000_000),
+            max.0 / 1_000_000
+        );
+        Response::error(422, &detail)
+    };
+    if body.trim_ascii().is_empty() {
+        return Ok(RoomOptions::default());
+    }
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => Err(bad()),
+            Err(_) => Err(Response::error(400, "Request body is not valid JSON")),
+        };
+    }
+    let b = match serde_json::from_slice::<NewRoomBody>(body) {
+        Ok(b) => b,
+        Err(e) if e.is_data() => return Err(bad()),
+        Err(_) => return Err(Response::error(400, "Request body is not valid JSON")),
+    };
+    let message_ttl = match b.message_ttl {
+        None => None,
+        Some(secs) => {
+            let ttl = Micros(secs.saturating_mul(1_000_000));
+            if ttl < min || ttl > max {
+                let detail = format!(
+                    "message_ttl must be from {} to {} seconds (--min-message-ttl, --max-message-ttl)",
+                    min.0.div_ceil(1_000_000),
+                    max.0 / 1_000_000
+                );
+                return Err(Response::error(422, &detail));
+            }
+            Some(ttl)
+        }
+    };
+    Ok(RoomOptions {
+        private: b.private,
+        message_ttl,
+    })
+}
+
+fn create_room(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
     let now = ctx.now;
     let id = match auth(req, hub, ctx) {
         Ok(id) => id,
         Err(r) => return r,
     };
+    let opts = match room_options(body, hub) {
+        Ok(o) => o,
+        Err(r) => return r.into(),
+    };
+    if ctx.cluster.is_some() && opts != RoomOptions::default() {
+        return Response::error(
+            501,
+            "Private rooms and message_ttl are not available in cluster mode yet",
+        )
+        .into();
+    }
     if let Err(r) = need_redis(ctx) {
         return r;
     }
     if let Err(wait) = ctx.limiter.check(ctx.peer, ctx.now.mono) {
         return too_many(wait).into();
     }
-    match hub.create_room(id, now) {
+    match hub.create_room_with(id, opts, now) {
         Ok(room) => {
             // Only a room actually created spends the budget (check said there is a token).
             let _ = ctx.limiter.take(ctx.peer, now.mono);
-            Response::json(201, format!("{{\"room_id\":\"{room}\"}}").into_bytes())
+            let mut b = format!("{{\"room_id\":\"{}\"", room.id);
+            if let Some(invite) = room.invite {
+                let _ = write!(b, ",\"invite\":\"{invite}\"");
+            }
+            if let Some(ttl) = opts.message_ttl {
+                let _ = write!(b, ",\"message_ttl\":{}", ttl.0 / 1_000_000);
+            }
+            b.push('}');
+            Response::json(201, b.into_bytes())
         }
         Err(HubError::TooManyRoomsForSession) => too_many_rooms(hub.max_rooms_per_session()),
         Err(e) => hub_error(e),
@@ -419,9 +496,40 @@ fn write_room_list(b: &mut Vec<u8>, rooms: impl Iterator<Item = RoomId>) {
     b.push(b']');
 }
 
-fn room_info(hub: &Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
+/// The bearer token, if the request has a well-formed one for a session this node knows
+/// (no refusal when it has not: `GET /rooms/{id}` needs no session for public rooms).
+fn optional_session(req: &Request<'_>, hub: &Hub, now: Now) -> Option<SessionId> {
+    req.authorization
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .and_then(|(_, t)| SessionId::parse(t.trim()))
+        .filter(|id| hub.has_session(*id, now))
+}
+
+fn room_info(req: &Request<'_>, hub: &Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
     let count = match ctx.cluster.as_mut() {
-        None => hub.user_count(room),
+        None => {
+            let session = optional_session(req, hub, ctx.now);
+            return match hub.room_view(room, session) {
+                None => room_not_found(),
+                Some(v) => {
+                    let mut b = format!(
+                        "{{\"room_id\":\"{room}\",\"exists\":true,\"user_count\":{}",
+                        v.user_count
+                    );
+                    if v.private {
+                        b.push_str(",\"private\":true");
+                    }
+                    if let Some(ttl) = v.message_ttl {
+                        let _ = write!(b, ",\"message_ttl\":{}", ttl.0 / 1_000_000);
+                    }
+                    b.push('}');
+                    Response::json(200, b.into_bytes())
+                }
+            }
+            .into();
+        }
         Some(c) => {
             let exists = match ask(c, Query::RoomExists(room)) {
                 Err(r) => return r.into(),
@@ -449,7 +557,20 @@ fn room_info(hub: &Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
     .into()
 }
 
-fn join(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct JoinBody<'a> {
+    #[serde(borrow)]
+    invite: Option<Cow<'a, str>>,
+}
+
+fn join(
+    req: &Request<'_>,
+    body: &[u8],
+    hub: &mut Hub,
+    room: RoomId,
+    ctx: &mut ApiCtx<'_>,
+) -> Reply {
     let id = match auth(req, hub, ctx) {
         Ok(id) => id,
         Err(r) => return r,
@@ -457,11 +578,34 @@ fn join(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>) ->
     if let Err(r) = need_redis(ctx).and_then(|()| ensure_room(hub, room, ctx)) {
         return r;
     }
-    match hub.join_room(id, room) {
+    // No body (the original client) or one without an invite: fine for public rooms. A body
+    // that is not a JSON object with a string invite counts as no invite, so that a private
+    // room cannot be told from a missing one by how its join answers a malformed body.
+    let parsed = if body.trim_ascii_start().starts_with(b"{") {
+        serde_json::from_slice::<JoinBody<'_>>(body).unwrap_or_default()
+    } else {
+        JoinBody::default()
+    };
+    match hub.join_with_invite(id, room, parsed.invite.as_deref()) {
         Ok(()) => Response::json(
             200,
             format!("{{\"message\":\"Joined room {room}\"}}").into_bytes(),
         ),
+        Err(e) => hub_error(e),
+    }
+    .into()
+}
+
+fn rotate_invite(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
+    let id = match auth(req, hub, ctx) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    if let Err(r) = need_redis(ctx) {
+        return r;
+    }
+    match hub.rotate_invite(id, room) {
+        Ok(invite) => Response::json(200, format!("{{\"invite\":\"{invite}\"}}").into_bytes()),
         Err(e) => hub_error(e),
     }
     .into()
@@ -484,8 +628,12 @@ fn leave(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -
 }
 
 fn messages(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
-    if let Err(r) = auth(req, hub, ctx) {
-        return r;
+    let session = match auth(req, hub, ctx) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    if ctx.cluster.is_none() && !hub.room_visible(room, Some(session)) {
+        return room_not_found().into();
     }
     let limit = match http::query_param(req.query, "limit") {
         None => 50,

@@ -19,6 +19,9 @@ pub struct Config {
     pub trusted_proxy: crate::proxy::Trusted,
     pub room_ttl: Micros,
     pub session_ttl: Micros,
+    /// Bounds of a room's `message_ttl` (disappearing messages).
+    pub min_message_ttl: Micros,
+    pub max_message_ttl: Micros,
     pub history: usize,
     pub history_notices: usize,
     pub max_request_head: usize,
@@ -170,6 +173,26 @@ pub const OPTIONS: &[Opt] = &[
         "delete a room after this long without an open connection",
         |c, v| {
             c.room_ttl = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "max-message-ttl",
+        ["CHATLOOP_MAX_MESSAGE_TTL"],
+        "7d",
+        "longest message lifetime a room may ask for (POST /rooms {\"message_ttl\": seconds}; 422 beyond)",
+        |c, v| {
+            c.max_message_ttl = duration(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "min-message-ttl",
+        ["CHATLOOP_MIN_MESSAGE_TTL"],
+        "5s",
+        "shortest message lifetime a room may ask for (422 below); lower it only for tests",
+        |c, v| {
+            c.min_message_ttl = duration(v)?;
             Ok(())
         }
     ),
@@ -634,6 +657,8 @@ impl Default for Config {
             create_rate: 0,
             create_burst: 0,
             room_list: false,
+            min_message_ttl: Micros::ZERO,
+            max_message_ttl: Micros::ZERO,
             echo_path: None,
             redis: None,
             presence_ttl: Micros::ZERO,
@@ -753,10 +778,14 @@ impl Config {
             ("--typing-debounce", self.typing_debounce),
             ("--typing-quiet", self.typing_quiet),
             ("--presence-ttl", self.presence_ttl),
+            ("--min-message-ttl", self.min_message_ttl),
         ] {
             if d == Micros::ZERO {
                 return Err(ConfigError(format!("{name} must be longer than zero")));
             }
+        }
+        if self.min_message_ttl > self.max_message_ttl {
+            return fail("--min-message-ttl must not be longer than --max-message-ttl");
         }
         Ok(())
     }

@@ -161,6 +161,37 @@ impl History {
         }
     }
 
+    /// The send time (Unix ms, from its UUID v7 id) of the oldest entry kept.
+    pub fn oldest_ms(&self) -> Option<u64> {
+        let c = self.chats.front().map(|e| e.id.unix_ms());
+        let n = self.notices.front().map(|e| e.id.unix_ms());
+        match (c, n) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Drops the entries sent at or before `cutoff_ms` (Unix ms, from their ids) and adds
+    /// their ids to `gone`. Each ring is in storage order, which is send order on one node
+    /// (and Redis's delivery order in cluster mode): only fronts are looked at, so the cost
+    /// is O(1) per entry dropped. A frame no one else holds any more (an output queue may
+    /// still) is zeroed before its memory goes back to the allocator.
+    pub fn expire(&mut self, cutoff_ms: u64, gone: &mut Vec<MsgId>) {
+        for ring in [&mut self.chats, &mut self.notices] {
+            while ring.front().is_some_and(|e| e.id.unix_ms() <= cutoff_ms) {
+                if let Some(mut e) = ring.pop_front() {
+                    gone.push(e.id);
+                    if let Some(bytes) = std::rc::Rc::get_mut(&mut e.frame) {
+                        bytes.fill(0);
+                    }
+                }
+            }
+            if ring.is_empty() && ring.capacity() > 64 {
+                *ring = VecDeque::new();
+            }
+        }
+    }
+
     /// Every entry in order (both rings merged).
     pub fn iter(&self) -> Window<'_> {
         self.window(Cursor::START, self.end(0), false)

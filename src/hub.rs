@@ -72,6 +72,9 @@ pub struct HubConfig {
     /// How long `user_joined` / `user_left` may wait to share one write with the notices
     /// that follow; zero sends each at once. Why: the comment on `Hub::release`.
     pub notice_delay: Micros,
+    /// Bounds of a room's `message_ttl`.
+    pub min_message_ttl: Micros,
+    pub max_message_ttl: Micros,
 }
 
 impl From<&Config> for HubConfig {
@@ -97,6 +100,8 @@ impl From<&Config> for HubConfig {
             max_rooms: c.max_rooms,
             max_rooms_per_session: c.max_rooms_per_session,
             notice_delay: c.notice_delay,
+            min_message_ttl: c.min_message_ttl,
+            max_message_ttl: c.max_message_ttl,
         }
     }
 }
@@ -105,6 +110,31 @@ impl Default for HubConfig {
     fn default() -> Self {
         HubConfig::from(&Config::default())
     }
+}
+
+/// How a room is created (`POST /rooms` with a body).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomOptions {
+    /// Invite-only: joining needs the secret handed to the creator.
+    pub private: bool,
+    /// Disappearing messages: each history entry is dropped this long after it was sent.
+    pub message_ttl: Option<Micros>,
+}
+
+/// A room just created: its id and, for a private room, its invite (the only copy: the hub
+/// keeps its SHA-256 only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRoom {
+    pub id: RoomId,
+    pub invite: Option<String>,
+}
+
+/// What `GET /rooms/{id}` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomView {
+    pub user_count: usize,
+    pub private: bool,
+    pub message_ttl: Option<Micros>,
 }
 
 /// What `GET /sessions/me` shows.
@@ -126,6 +156,8 @@ pub struct HubStats {
     pub rate_limited: u64,
     pub rooms_expired: u64,
     pub sessions_expired: u64,
+    /// History entries dropped for their room's `message_ttl`.
+    pub messages_expired: u64,
 }
 
 pub struct Hub {
@@ -148,6 +180,9 @@ pub struct Hub {
     rate_limited: u64,
     rooms_expired: u64,
     sessions_expired: u64,
+    messages_expired: u64,
+    /// Ids of the entries that just expired in one room (reused).
+    expired_ids: Vec<MsgId>,
     /// Rooms with held notices, and when they are due (one deadline for all of them).
     held_rooms: Vec<RoomId>,
     held_due: Option<Micros>,
@@ -200,6 +235,12 @@ struct Room {
     /// Presence notices already in `history` (its newest entries) but not yet sent to the
     /// members; see [`Hub::release`].
     held: Vec<Frame>,
+    /// Invite-only rooms: SHA-256 of the current invite.
+    invite: Option<[u8; 32]>,
+    /// Disappearing messages: how long each history entry lives.
+    message_ttl: Option<Micros>,
+    /// Armed at the oldest entry's deadline while the room has history and a `message_ttl`.
+    ttl_timer: Option<TimerId>,
 }
 
 impl Room {
@@ -246,6 +287,8 @@ enum Timer {
     Room(RoomId),
     Session(SessionId),
     Typing(RoomId, ConnId),
+    /// The oldest history entry of a room with a `message_ttl` is due.
+    Messages(RoomId),
 }
 
 /// A token bucket in micro-tokens: `rate` tokens per second, at most `burst`.
@@ -280,6 +323,8 @@ impl Hub {
             rate_limited: 0,
             rooms_expired: 0,
             sessions_expired: 0,
+            messages_expired: 0,
+            expired_ids: Vec::new(),
             held_rooms: Vec::new(),
             held_due: None,
             batch: Vec::new(),
@@ -360,7 +405,7 @@ impl Hub {
     }
 
     /// The room's history as Redis has it: this node now mirrors it.
-    pub fn load_history(&mut self, id: RoomId, messages: Vec<(MsgId, Vec<u8>)>) {
+    pub fn load_history(&mut self, id: RoomId, messages: Vec<(MsgId, Vec<u8>)>, now: Now) {
         self.release(id);
         let caps = self.history_caps();
         let Some(room) = self.rooms.get_mut(&id) else {
@@ -375,13 +420,14 @@ impl Hub {
         }
         self.frame.trim();
         room.live = true;
+        arm_ttl(room, &mut self.wheel, id, now);
     }
 
     /// After Redis came back: its history of the room becomes this node's copy, and what
     /// this node's members missed meanwhile (stored by other nodes) is sent to them, once.
     /// Messages sent here while Redis was away reached the members here live but are not in
     /// Redis, so they leave this copy too: every node then answers `since` the same way.
-    pub fn catch_up(&mut self, id: RoomId, messages: Vec<(MsgId, Vec<u8>)>) {
+    pub fn catch_up(&mut self, id: RoomId, messages: Vec<(MsgId, Vec<u8>)>, now: Now) {
         self.release(id);
         let caps = self.history_caps();
         let Some(room) = self.rooms.get_mut(&id) else {
@@ -411,6 +457,7 @@ impl Hub {
         self.frame.trim();
         room.history = history;
         room.live = true;
+        arm_ttl(room, &mut self.wheel, id, now);
     }
 
     /// A member of a node that is gone (its presence expired): announce that it left.
@@ -487,6 +534,7 @@ impl Hub {
             rate_limited: self.rate_limited,
             rooms_expired: self.rooms_expired,
             sessions_expired: self.sessions_expired,
+            messages_expired: self.messages_expired,
         }
     }
 
@@ -569,6 +617,18 @@ impl Hub {
     // ---- rooms ----------------------------------------------------------------------
 
     pub fn create_room(&mut self, session: SessionId, now: Now) -> Result<RoomId, HubError> {
+        self.create_room_with(session, RoomOptions::default(), now)
+            .map(|r| r.id)
+    }
+
+    /// `POST /rooms` with options: a private room's answer carries its invite.
+    /// `message_ttl` must be within the configured bounds (see [`Hub::message_ttl_bounds`]).
+    pub fn create_room_with(
+        &mut self,
+        session: SessionId,
+        opts: RoomOptions,
+        now: Now,
+    ) -> Result<NewRoom, HubError> {
         let Some(s) = self.sessions.get(&session) else {
             return Err(HubError::InvalidSession);
         };
@@ -587,13 +647,90 @@ impl Hub {
         };
         // In cluster mode the node subscribes when the first member connects.
         self.insert_room(id, self.cluster.is_none(), now);
+        let invite = opts.private.then(|| self.random.invite());
         if let (Some(r), Some(s)) = (self.rooms.get_mut(&id), self.sessions.get_mut(&session)) {
             r.owner = Some(session);
+            r.invite = invite.as_deref().map(invite_hash);
+            r.message_ttl = opts.message_ttl;
             s.rooms_created += 1;
         }
         self.op(Op::RoomCreated { room: id, session });
         self.remember_room(session, id);
-        Ok(id)
+        Ok(NewRoom { id, invite })
+    }
+
+    /// The shortest and longest `message_ttl` a room may have.
+    pub fn message_ttl_bounds(&self) -> (Micros, Micros) {
+        (self.cfg.min_message_ttl, self.cfg.max_message_ttl)
+    }
+
+    /// Whether the session is a member of the room: it created it, joined it, or connected.
+    fn is_member(&self, session: SessionId, room: RoomId) -> bool {
+        self.sessions
+            .get(&session)
+            .is_some_and(|s| s.rooms.contains_key(&room))
+    }
+
+    /// Whether the room exists for this caller: any room for anyone, a private room only for
+    /// its members. Everything else about a private room answers as if it did not exist.
+    pub fn room_visible(&self, room: RoomId, session: Option<SessionId>) -> bool {
+        match self.rooms.get(&room) {
+            None => false,
+            Some(r) if r.invite.is_none() => true,
+            Some(_) => session.is_some_and(|s| self.is_member(s, room)),
+        }
+    }
+
+    /// `GET /rooms/{id}`: `None` when the room is not visible to `session`.
+    pub fn room_view(&self, room: RoomId, session: Option<SessionId>) -> Option<RoomView> {
+        if !self.room_visible(room, session) {
+            return None;
+        }
+        let r = self.rooms.get(&room)?;
+        Some(RoomView {
+            user_count: r.members.len(),
+            private: r.invite.is_some(),
+            message_ttl: r.message_ttl,
+        })
+    }
+
+    /// `POST /rooms/{id}/join` with the body's invite: a private room admits a session that
+    /// is a member already or brings the current invite (compared in constant time); else it
+    /// answers [`HubError::RoomNotFound`], as for a room that does not exist.
+    pub fn join_with_invite(
+        &mut self,
+        session: SessionId,
+        room: RoomId,
+        invite: Option<&str>,
+    ) -> Result<(), HubError> {
+        let Some(r) = self.rooms.get(&room) else {
+            return Err(HubError::RoomNotFound);
+        };
+        if let Some(want) = &r.invite
+            && !self.is_member(session, room)
+        {
+            let ok = invite.is_some_and(|i| ct_eq(&invite_hash(i), want));
+            if !ok {
+                return Err(HubError::RoomNotFound);
+            }
+        }
+        self.remember_room(session, room);
+        Ok(())
+    }
+
+    /// `POST /rooms/{id}/invite`: a member of a private room replaces its invite; the old
+    /// one admits nobody from now on, members stay. Not a member, or not a private room:
+    /// [`HubError::RoomNotFound`].
+    pub fn rotate_invite(&mut self, session: SessionId, room: RoomId) -> Result<String, HubError> {
+        let member = self.is_member(session, room);
+        let invite = self.random.invite();
+        match self.rooms.get_mut(&room) {
+            Some(r) if r.invite.is_some() && member => {
+                r.invite = Some(invite_hash(&invite));
+                Ok(invite)
+            }
+            _ => Err(HubError::RoomNotFound),
+        }
     }
 
     /// `POST /rooms/{id}/join`: adds the room to the session's rooms.
@@ -627,8 +764,12 @@ impl Hub {
         self.rooms.get(&room).map(|r| r.members.len())
     }
 
+    /// Every public room (`--room-list`): private rooms are never listed.
     pub fn all_rooms(&self) -> impl Iterator<Item = RoomId> + '_ {
-        self.rooms.keys().copied()
+        self.rooms
+            .iter()
+            .filter(|(_, r)| r.invite.is_none())
+            .map(|(id, _)| *id)
     }
 
     /// Writes the last `limit` messages of a room (those older than `before`, if given) as
@@ -686,6 +827,9 @@ impl Hub {
             _ => return Err(HubError::InvalidSession),
         }
         let r = self.rooms.get(&room).ok_or(HubError::RoomNotFound)?;
+        if r.invite.is_some() && !self.is_member(session, room) {
+            return Err(HubError::RoomNotFound);
+        }
         if r.members.len() >= self.cfg.max_room_members {
             return Err(HubError::RoomFull);
         }
@@ -898,6 +1042,7 @@ impl Hub {
                 Timer::Room(id) => self.expire_room(id, now),
                 Timer::Session(id) => self.expire_session(id, now),
                 Timer::Typing(room, conn) => self.typing_timeout(room, conn, now),
+                Timer::Messages(room) => self.expire_messages(room, now),
             }
         }
         self.fired = fired;
@@ -1061,7 +1206,13 @@ impl Hub {
             room.expiry = Some(self.wheel.arm(due, Timer::Room(id)));
             return;
         }
-        if let Some(owner) = self.rooms.remove(&id).and_then(|r| r.owner)
+        let Some(gone) = self.rooms.remove(&id) else {
+            return;
+        };
+        if let Some(t) = gone.ttl_timer {
+            self.wheel.cancel(t);
+        }
+        if let Some(owner) = gone.owner
             && let Some(s) = self.sessions.get_mut(&owner)
         {
             s.rooms_created = s.rooms_created.saturating_sub(1);
@@ -1069,6 +1220,38 @@ impl Hub {
         self.rooms_expired += 1;
         self.op(Op::Forgotten(id));
         log::debug!("room {id} expired");
+    }
+
+    /// The room's oldest history entry is due: drops every entry whose `message_ttl` is
+    /// over, tells the members in one `expired` frame, and arms the timer for the next one.
+    fn expire_messages(&mut self, id: RoomId, now: Now) {
+        // Held notices go out first, so that what is held stays the newest entries.
+        self.release(id);
+        let Some(room) = self.rooms.get_mut(&id) else {
+            return;
+        };
+        room.ttl_timer = None; // it just fired
+        let Some(ttl) = room.message_ttl else {
+            return;
+        };
+        let cutoff_ms = now.wall.0.saturating_sub(ttl.0) / 1000;
+        let mut gone = std::mem::take(&mut self.expired_ids);
+        room.history.expire(cutoff_ms, &mut gone);
+        if !gone.is_empty() {
+            self.messages_expired += gone.len() as u64;
+            protocol::write_expired(self.frame.start(), id, &gone);
+            let frame = self.frame.finish_text();
+            self.frame.trim();
+            for m in &room.members {
+                self.actions.push(Action::Send(m.conn, frame.clone()));
+            }
+        }
+        arm_ttl(room, &mut self.wheel, id, now);
+        gone.clear();
+        if gone.capacity() > 1024 {
+            gone = Vec::new();
+        }
+        self.expired_ids = gone;
     }
 
     fn expire_session(&mut self, id: SessionId, now: Now) {
@@ -1133,6 +1316,7 @@ impl Hub {
             }
         }
         room.history.push(id, frame, notice, caps);
+        arm_ttl(room, &mut self.wheel, room_id, now);
     }
 
     /// Sends the room's held presence notices to its members, all of them in one frame
@@ -1213,11 +1397,16 @@ impl Hub {
                 owner: None,
                 live,
                 held: Vec::new(),
+                invite: None,
+                message_ttl: None,
+                ttl_timer: None,
             },
         );
-        // Callers check first; should a record be replaced all the same, its timer goes too.
-        if let Some(t) = old.and_then(|r| r.expiry) {
-            self.wheel.cancel(t);
+        // Callers check first; should a record be replaced all the same, its timers go too.
+        if let Some(old) = old {
+            for t in [old.expiry, old.ttl_timer].into_iter().flatten() {
+                self.wheel.cancel(t);
+            }
         }
     }
 
@@ -1283,6 +1472,45 @@ impl Hub {
         let room = self.rooms.get(&room_id)?;
         room.members.get(i).filter(|m| m.conn == conn).map(|_| i)
     }
+}
+
+/// Arms the room's message-expiry timer for its oldest entry's deadline, unless it is armed
+/// already (it then fires at or before that deadline and arms itself again) or there is
+/// nothing to expire. One timer per room, however many messages: O(1) per message.
+fn arm_ttl(room: &mut Room, wheel: &mut Wheel<Timer>, id: RoomId, now: Now) {
+    let (Some(ttl), None) = (room.message_ttl, room.ttl_timer) else {
+        return;
+    };
+    let Some(sent_ms) = room.history.oldest_ms() else {
+        return;
+    };
+    // Deadlines are wall-clock (ids carry the send time, the same on every node); the
+    // wheel runs on the monotonic clock, so the wait is converted. A timer that fires early
+    // (the wall clock moved) finds nothing due and arms itself again.
+    // Rounded up to a multiple of EXPIRY_BATCH, so that messages sent close together expire
+    // in one `expired` frame (each at most that much late).
+    let due_wall = sent_ms
+        .saturating_mul(1000)
+        .saturating_add(ttl.0)
+        .div_ceil(EXPIRY_BATCH.0)
+        .saturating_mul(EXPIRY_BATCH.0);
+    let wait = Micros(due_wall.saturating_sub(now.wall.0));
+    room.ttl_timer = Some(wheel.arm(now.mono + wait, Timer::Messages(id)));
+}
+
+/// How late a message may disappear so that its neighbours go in the same `expired` frame.
+const EXPIRY_BATCH: Micros = Micros(250_000);
+
+/// SHA-256 of an invite: all a room keeps of it.
+fn invite_hash(invite: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(invite.as_bytes()).into()
+}
+
+/// Compares two hashes in time that does not depend on where they differ.
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 impl Bucket {

@@ -96,6 +96,11 @@ impl fmt::Display for RoomId {
 }
 
 impl MsgId {
+    /// The Unix milliseconds of a UUID v7 (its top 48 bits): when the message was sent.
+    pub fn unix_ms(self) -> u64 {
+        (self.0 >> 80) as u64
+    }
+
     pub fn parse(s: &str) -> Option<MsgId> {
         uuid::Uuid::try_parse(s).ok().map(|u| MsgId(u.as_u128()))
     }
@@ -159,11 +164,34 @@ impl SecureRandom {
         RoomId(u64::from_le_bytes(b) & RoomId::MASK)
     }
 
+    /// A room invite: 128 random bits as URL-safe base64 without padding (22 characters).
+    pub fn invite(&mut self) -> String {
+        let mut b = [0u8; 16];
+        self.fill(&mut b);
+        base64url(&b)
+    }
+
     pub fn u64(&mut self) -> u64 {
         let mut b = [0u8; 8];
         self.fill(&mut b);
         u64::from_le_bytes(b)
     }
+}
+
+/// URL-safe base64 (RFC 4648 §5) without padding.
+pub fn base64url(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ABC[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
 }
 
 /// Makes UUID v7 message ids: 48-bit Unix milliseconds, a 12-bit counter for order within
@@ -212,6 +240,33 @@ impl MsgIdGen {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64url_matches_rfc4648_and_invites_are_22_url_safe_chars() {
+        assert_eq!(base64url(b""), "");
+        assert_eq!(base64url(b"f"), "Zg");
+        assert_eq!(base64url(b"fo"), "Zm8");
+        assert_eq!(base64url(b"foo"), "Zm9v");
+        assert_eq!(base64url(b"foob"), "Zm9vYg");
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+        let mut r = SecureRandom::default();
+        let (a, b) = (r.invite(), r.invite());
+        assert_eq!(a.len(), 22);
+        assert_ne!(a, b);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
+    }
+
+    #[test]
+    fn msg_id_carries_its_unix_millis() {
+        let mut g = MsgIdGen::new(7);
+        assert_eq!(
+            g.next(UnixMicros(1_755_611_100_123_456)).unix_ms(),
+            1_755_611_100_123
+        );
+    }
 
     #[test]
     fn room_id_round_trips_and_rejects_everything_else() {

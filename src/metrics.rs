@@ -212,6 +212,12 @@ impl Metrics {
             g.hub.rooms_expired,
         );
         one(
+            "messages_expired_total",
+            "counter",
+            "History entries dropped for their room's message_ttl.",
+            g.hub.messages_expired,
+        );
+        one(
             "sessions_expired_total",
             "counter",
             "Sessions ended by expiry.",

@@ -228,6 +228,21 @@ pub fn write_typing(out: &mut Vec<u8>, kind: &str, who: Who<'_>, room: RoomId) {
     );
 }
 
+/// `expired`: these history entries of the room just reached its `message_ttl`.
+pub fn write_expired(out: &mut Vec<u8>, room: RoomId, ids: &[crate::ids::MsgId]) {
+    let _ = write!(
+        out,
+        "{{\"type\":\"expired\",\"room_id\":\"{room}\",\"ids\":["
+    );
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = write!(out, "\"{id}\"");
+    }
+    out.extend_from_slice(b"]}");
+}
+
 /// An `error` frame that keeps the connection open.
 pub fn write_error(out: &mut Vec<u8>, code: &str, detail: &str) {
     let _ = write!(out, "{{\"type\":\"error\",\"code\":\"{code}\",\"detail\":");

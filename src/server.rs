@@ -1059,12 +1059,12 @@ impl Server {
                 room,
                 messages,
                 catch_up: false,
-            } => self.hub.load_history(room, messages),
+            } => self.hub.load_history(room, messages, now),
             ClusterEvent::Loaded {
                 room,
                 messages,
                 catch_up: true,
-            } => self.hub.catch_up(room, messages),
+            } => self.hub.catch_up(room, messages, now),
             ClusterEvent::Departed {
                 room,
                 user,

@@ -35,6 +35,8 @@ fn cfg() -> HubConfig {
         max_rooms: 1000,
         max_rooms_per_session: 0,
         notice_delay: Micros::ZERO,
+        min_message_ttl: Micros::from_secs(5),
+        max_message_ttl: Micros::from_secs(7 * 86_400),
     }
 }
 
@@ -1794,7 +1796,7 @@ fn cluster_room() -> (Hub, RoomId) {
         !hub.room_live(r),
         "a new room is loaded when its first member comes"
     );
-    hub.load_history(r, Vec::new());
+    hub.load_history(r, Vec::new(), at(0));
     join(&mut hub, c(1), s, r, at(0));
     hub.drain_ops();
     (hub, r)
@@ -1863,6 +1865,7 @@ fn catching_up_sends_only_what_the_members_missed_and_adopts_redis_history() {
             (missed1, event_json(missed1, "m1")),
             (missed2, event_json(missed2, "m2")),
         ],
+        at(SEC),
     );
     let texts: Vec<String> = drain(&mut hub)
         .iter()
@@ -1982,6 +1985,7 @@ fn an_unconfirmed_notice_is_delivered_here_and_catching_up_still_sends_what_prec
             (b, event_json(b, "b")),
             (left, json.clone()),
         ],
+        at(SEC),
     );
     let got = frames_for(&drain(&mut hub), c(1));
     assert_eq!(got.len(), 1, "{got:?}");
@@ -2176,7 +2180,7 @@ fn in_cluster_mode_delivered_presence_is_held_and_chat_is_not() {
     hub.set_cluster_up(true);
     let s = session(&mut hub, "alice", at(0));
     let r = room(&mut hub, s, at(0));
-    hub.load_history(r, Vec::new());
+    hub.load_history(r, Vec::new(), at(0));
     join(&mut hub, c(1), s, r, at(0));
     let ops = hub.drain_ops();
     let Some(Op::Publish { id, json, .. }) = ops.iter().find(|o| matches!(o, Op::Publish { .. }))
@@ -2462,4 +2466,150 @@ fn websocket_upgrades_have_a_budget_per_session() {
     for _ in 0..1000 {
         assert_eq!(off.take_upgrade(a, at(0)), Ok(()));
     }
+}
+
+// ---- invite-only rooms ------------------------------------------------------------------
+
+fn private_room(hub: &mut Hub, s: SessionId, now: Now) -> (RoomId, String) {
+    let opts = RoomOptions {
+        private: true,
+        message_ttl: None,
+    };
+    let r = hub
+        .create_room_with(s, opts, now)
+        .expect("create_room_with");
+    (r.id, r.invite.expect("a private room has an invite"))
+}
+
+#[test]
+fn a_private_room_is_invisible_without_its_invite_and_open_with_it() {
+    let mut hub = Hub::new(cfg());
+    let now = at(0);
+    let (owner, guest, other) = (
+        session(&mut hub, "owner", now),
+        session(&mut hub, "guest", now),
+        session(&mut hub, "other", now),
+    );
+    let (r, invite) = private_room(&mut hub, owner, now);
+    assert_eq!(invite.len(), 22);
+    assert!(hub.room_visible(r, Some(owner)));
+    assert!(!hub.room_visible(r, Some(guest)));
+    assert!(!hub.room_visible(r, None));
+    assert_eq!(hub.room_view(r, None), None);
+    assert_eq!(hub.all_rooms().count(), 0, "never listed");
+    assert_eq!(
+        hub.check_connect(guest, r, now),
+        Err(HubError::RoomNotFound)
+    );
+    assert_eq!(
+        hub.connect(c(9), guest, r, None, &[], now),
+        Err(HubError::RoomNotFound)
+    );
+    assert_eq!(
+        hub.join_with_invite(guest, r, None),
+        Err(HubError::RoomNotFound)
+    );
+    let mut wrong = invite.clone().into_bytes();
+    wrong[21] = if wrong[21] == b'A' { b'B' } else { b'A' };
+    let wrong = String::from_utf8(wrong).unwrap();
+    assert_eq!(
+        hub.join_with_invite(guest, r, Some(&wrong)),
+        Err(HubError::RoomNotFound)
+    );
+    assert_eq!(hub.rotate_invite(guest, r), Err(HubError::RoomNotFound));
+    hub.join_with_invite(guest, r, Some(&invite)).expect("join");
+    assert!(hub.room_visible(r, Some(guest)));
+    join(&mut hub, c(1), guest, r, now);
+    // Rotation: the old invite admits nobody new; members stay.
+    let new = hub.rotate_invite(guest, r).expect("members rotate");
+    assert_ne!(new, invite);
+    assert_eq!(
+        hub.join_with_invite(other, r, Some(&invite)),
+        Err(HubError::RoomNotFound)
+    );
+    assert!(hub.room_visible(r, Some(owner)) && hub.room_visible(r, Some(guest)));
+    hub.join_with_invite(other, r, Some(&new))
+        .expect("new invite");
+    // A public room is unchanged: no invite needed, nothing to rotate.
+    let public = room(&mut hub, owner, now);
+    assert!(hub.room_visible(public, None));
+    hub.join_with_invite(other, public, None)
+        .expect("public join");
+    assert_eq!(
+        hub.rotate_invite(owner, public),
+        Err(HubError::RoomNotFound)
+    );
+}
+
+// ---- disappearing messages --------------------------------------------------------------
+
+#[test]
+fn messages_expire_after_the_room_ttl_with_one_batched_frame_and_one_timer() {
+    let mut hub = Hub::new(fast());
+    let now = at(0);
+    let a = session(&mut hub, "alice", now);
+    let opts = RoomOptions {
+        private: false,
+        message_ttl: Some(Micros::from_secs(5)),
+    };
+    let r = hub.create_room_with(a, opts, now).unwrap().id;
+    assert_eq!(
+        hub.room_view(r, None).unwrap().message_ttl,
+        Some(Micros::from_secs(5))
+    );
+    join(&mut hub, c(1), a, r, now);
+    // The session's expiry and the room's message timer (armed for the join notice).
+    let timers = hub.stats().timers;
+    assert_eq!(timers, 2);
+    for i in 0..100 {
+        say(&mut hub, c(1), r, &format!("m{i}"), at(SEC + i * MS));
+    }
+    assert_eq!(
+        hub.stats().timers,
+        timers,
+        "one timer for the room, not one per message"
+    );
+    say(&mut hub, c(1), r, "late", at(3 * SEC));
+    let before = history(&hub, r, 1000).len();
+    assert_eq!(before, 102, "the join notice and 101 messages");
+    // Deadlines are rounded up to the next quarter second: at 6.3 s the join notice (sent
+    // at 0) and m0..m99 (sent at 1.000..1.099 s) are gone, in a few frames; late (3 s) is not.
+    let acts = run_until(&mut hub, 6 * SEC + 300 * MS);
+    let frames = frames_for(&acts, c(1));
+    let expired: Vec<&Value> = frames.iter().filter(|f| f["type"] == "expired").collect();
+    let ids: usize = expired
+        .iter()
+        .map(|f| f["ids"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(ids, 101);
+    assert!(expired.len() <= 3, "batched: {} frames", expired.len());
+    assert_eq!(expired[0]["room_id"], r.to_string());
+    let left = history(&hub, r, 1000);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["message"], "late");
+    // Everything is gone after the last deadline; the welcome says so too.
+    let acts = run_until(&mut hub, 8 * SEC + 100 * MS);
+    assert!(kinds(&frames_for(&acts, c(1))).contains(&"expired"));
+    assert!(history(&hub, r, 1000).is_empty());
+    assert_eq!(hub.stats().messages_expired, 102);
+    assert_eq!(
+        hub.stats().timers,
+        1,
+        "no message timer left for an empty history"
+    );
+    let b = session(&mut hub, "bob", at(9 * SEC));
+    let w = join(&mut hub, c(2), b, r, at(9 * SEC));
+    let welcome = &frames_for(&w, c(2))[0];
+    assert!(messages_of(welcome).is_empty());
+}
+
+#[test]
+fn rooms_without_message_ttl_keep_history_and_arm_no_message_timer() {
+    let (mut hub, r, _) = room_with(fast(), &["alice"], at(0));
+    let timers = hub.stats().timers;
+    say(&mut hub, c(1), r, "stays", at(SEC));
+    assert_eq!(hub.stats().timers, timers);
+    run_until(&mut hub, 60 * SEC);
+    assert_eq!(history(&hub, r, 10).len(), 2);
+    assert_eq!(hub.room_view(r, None).unwrap().message_ttl, None);
 }
