@@ -1,4 +1,5 @@
-//! Memory-only, provably: a whole scenario (sessions, rooms, chat, typing, history, room and
+//! Memory-only, provably: a whole scenario (sessions, public and private rooms, a rotated
+//! invite, a message TTL expiry, chat, typing, history, room and
 //! session expiry, session end, shutdown) runs under `strace -f`, and the test fails on any
 //! file opened for writing, any write to a file, any file created, renamed or removed, and on
 //! any log line (at `trace`, the most verbose level) that contains a username or chat text.
@@ -104,6 +105,8 @@ fn a_whole_scenario_writes_no_file_and_logs_no_user_text() {
             "2s",
             "--notice-delay",
             "0",
+            "--min-message-ttl",
+            "1s",
         ],
     );
     let server_pid = wait_for(Duration::from_secs(5), || child_of(s.pid()).is_some())
@@ -132,6 +135,7 @@ fn a_whole_scenario_writes_no_file_and_logs_no_user_text() {
         format!("first secret {tag}"),
         format!("second secret {tag}"),
         format!("third secret {tag}"),
+        format!("fourth secret {tag}"),
     ];
     let (alice, _) = s.session(&names[0]);
     let (bob, _) = s.session(&names[1]);
@@ -153,6 +157,37 @@ fn a_whole_scenario_writes_no_file_and_logs_no_user_text() {
         .get(&format!("/rooms/{room}/messages"), Some(&alice));
     assert_eq!(history.status, 200);
     assert!(history.text().contains(&texts[1]));
+    // A private room with disappearing messages: join with the invite, chat, rotate the
+    // invite, wait for the message to expire.
+    let r = s.http().post_json(
+        "/rooms",
+        r#"{"private": true, "message_ttl": 1}"#,
+        Some(&alice),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let private = r.json()["room_id"].as_str().unwrap().to_string();
+    let invite = r.json()["invite"].as_str().unwrap().to_string();
+    let join = s.http().post_json(
+        &format!("/rooms/{private}/join"),
+        &serde_json::json!({ "invite": invite }).to_string(),
+        Some(&bob),
+    );
+    assert_eq!(join.status, 200, "{}", join.text());
+    let (mut pa, _) = s.join(&private, &alice);
+    let (mut pb, _) = s.join(&private, &bob);
+    pa.chat_roundtrip(&texts[3]);
+    pb.recv_chat(&texts[3]);
+    let rotated = s
+        .http()
+        .call("POST", &format!("/rooms/{private}/invite"), Some(&bob));
+    assert_eq!(rotated.status, 200, "{}", rotated.text());
+    let new_invite = rotated.json()["invite"].as_str().unwrap().to_string();
+    pa.recv_type("expired");
+    let left = s
+        .http()
+        .get(&format!("/rooms/{private}/messages"), Some(&alice));
+    assert!(!left.text().contains(&texts[3]), "{}", left.text());
+    drop((pa, pb));
     drop(wa);
     drop(wb);
     // The room expires 1 s after its last connection closes.
@@ -205,7 +240,8 @@ fn a_whole_scenario_writes_no_file_and_logs_no_user_text() {
         "not a verbose log:\n{log}"
     );
     let mut leaked = HashSet::new();
-    for secret in names.iter().chain(texts.iter()) {
+    let invites = [invite, new_invite];
+    for secret in names.iter().chain(texts.iter()).chain(invites.iter()) {
         if log.contains(secret.as_str()) {
             leaked.insert(secret.clone());
         }
