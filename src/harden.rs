@@ -3,8 +3,9 @@
 //! Chat text and usernames live only in this process's memory. These calls keep them there:
 //! the process marks itself non-dumpable (no core file, no ptrace attach by other users of the
 //! same uid, `/proc/PID/mem` closed to them) and sets its core-file limit to zero, and with
-//! `--lock-memory` locks its pages so chat never reaches swap. They are the only `unsafe` code
-//! in chatloop (the library forbids it): three libc calls with plain integer arguments.
+//! `--lock-memory` locks its pages so chat never reaches swap; and freed memory goes back to
+//! the operating system after a storm. They are the only `unsafe` code in chatloop (the
+//! library forbids it): a few libc calls with plain integer arguments.
 
 use std::io;
 
@@ -44,6 +45,18 @@ pub fn lock_memory() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Hands freed heap memory back to the operating system (glibc's `malloc_trim(0)`, which also
+/// releases free pages in the middle of the heap). After a storm ends, glibc would otherwise
+/// keep its peak. The loop calls this rarely (`Server::set_release_memory`); a no-op elsewhere
+/// (musl's allocator returns memory by itself).
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: `malloc_trim` takes an integer and only touches the allocator's own state.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Whether the process is currently dumpable (for the start-up log and tests).

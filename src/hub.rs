@@ -183,6 +183,8 @@ pub struct Hub {
     messages_expired: u64,
     /// Ids of the entries that just expired in one room (reused).
     expired_ids: Vec<MsgId>,
+    /// Sessions and rooms removed so far, for [`Hub::freed`].
+    freed: u64,
     /// Rooms with held notices, and when they are due (one deadline for all of them).
     held_rooms: Vec<RoomId>,
     held_due: Option<Micros>,
@@ -325,6 +327,7 @@ impl Hub {
             sessions_expired: 0,
             messages_expired: 0,
             expired_ids: Vec::new(),
+            freed: 0,
             held_rooms: Vec::new(),
             held_due: None,
             batch: Vec::new(),
@@ -524,6 +527,12 @@ impl Hub {
         !self.actions.is_empty()
     }
 
+    /// How many sessions and rooms have been removed since start: the loop hands memory back
+    /// to the operating system after many were (see `Server::set_release_memory`).
+    pub fn freed(&self) -> u64 {
+        self.freed
+    }
+
     pub fn stats(&self) -> HubStats {
         HubStats {
             sessions: self.sessions.len(),
@@ -611,6 +620,8 @@ impl Hub {
         }
         if let Some(s) = self.sessions.remove(&id) {
             self.wheel.cancel(s.expiry);
+            self.freed += 1;
+            shrink(&mut self.sessions);
         }
     }
 
@@ -1217,6 +1228,8 @@ impl Hub {
         {
             s.rooms_created = s.rooms_created.saturating_sub(1);
         }
+        shrink(&mut self.rooms);
+        self.freed += 1;
         self.rooms_expired += 1;
         self.op(Op::Forgotten(id));
         log::debug!("room {id} expired");
@@ -1269,6 +1282,8 @@ impl Hub {
             return;
         }
         self.sessions.remove(&id);
+        shrink(&mut self.sessions);
+        self.freed += 1;
         self.sessions_expired += 1;
     }
 
@@ -1547,6 +1562,15 @@ impl Bucket {
 /// Trims and checks a username: 2 to 50 characters, no control characters, no invisible
 /// formatting characters (bidi overrides, zero-width characters, ...), which would let one
 /// name pass for another or reorder the text shown around it.
+/// Gives a table's memory back after it emptied out: once fewer than a quarter of its places
+/// are used, it is cut to twice what it holds. Amortised O(1): a cut follows at least as many
+/// removals as the table then holds.
+fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 1024 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
 pub fn validate_username(raw: &str) -> Result<&str, &'static str> {
     let name = raw.trim();
     let n = name.chars().count();

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    server.set_release_memory(harden::release_free_memory);
     log::info!(
         "chatloop {} listening on {}://{}",
         chatloop::VERSION,

@@ -41,6 +41,12 @@ const READ_BUDGET: usize = 16;
 const OVERFLOW: usize = 64;
 /// How long accepting pauses after the process ran out of file descriptors.
 const ACCEPT_BACKOFF: Micros = Micros(100_000);
+/// Removed sessions, rooms and connections after which freed memory goes back to the OS,
+/// at most this often while removals keep coming...
+const RELEASE_AFTER: u64 = 1024;
+const RELEASE_INTERVAL: Micros = Micros(1_000_000);
+/// ...and this long after the last time when any removal has happened since.
+const RELEASE_IDLE: Micros = Micros(10_000_000);
 /// How long shutdown waits for close frames to be flushed.
 const SHUTDOWN_GRACE: Micros = Micros(500_000);
 
@@ -64,6 +70,11 @@ pub struct Server {
     signals: Signals,
     local_addr: SocketAddr,
     conns: Slab<Conn>,
+    /// Connections removed so far; with the hub's removals, when to give memory back.
+    conns_removed: u64,
+    release: Option<fn()>,
+    freed_at_release: u64,
+    released_at: Micros,
     hub: Hub,
     wheel: Wheel<ConnTimer>,
     fired: Vec<ConnTimer>,
@@ -224,6 +235,10 @@ impl Server {
             cfg,
             poll,
             listener: Some(listener),
+            conns_removed: 0,
+            release: None,
+            freed_at_release: 0,
+            released_at: Micros::ZERO,
             signals,
             local_addr,
             conns: Slab::new(),
@@ -346,6 +361,46 @@ impl Server {
             self.flush_all(now);
             self.redis_write(now);
         }
+        self.release_memory(now);
+    }
+
+    /// Sets what hands freed memory back to the operating system (the binary passes glibc's
+    /// `malloc_trim`); the loop calls it after sessions, rooms or connections have gone.
+    pub fn set_release_memory(&mut self, release: fn()) {
+        self.release = Some(release);
+    }
+
+    /// Removals (sessions, rooms, connections) since memory was last given back.
+    fn unreleased(&self) -> u64 {
+        self.hub.freed() + self.conns_removed - self.freed_at_release
+    }
+
+    /// When the loop must wake to give memory back even if nothing else happens.
+    fn release_deadline(&self) -> Option<Micros> {
+        (self.release.is_some() && self.unreleased() > 0).then(|| self.released_at + RELEASE_IDLE)
+    }
+
+    /// After a storm its memory is free, but the allocator keeps it unless told. Give it back
+    /// during a storm at most once a second (every `RELEASE_AFTER` removals), and otherwise
+    /// `RELEASE_IDLE` after the last time, so whatever the last removals freed comes back too.
+    fn release_memory(&mut self, now: Now) {
+        let Some(release) = self.release else {
+            return;
+        };
+        let pending = self.unreleased();
+        let due = (pending >= RELEASE_AFTER && now.mono >= self.released_at + RELEASE_INTERVAL)
+            || self.release_deadline().is_some_and(|at| now.mono >= at);
+        if !due {
+            return;
+        }
+        let began = Instant::now();
+        release();
+        log::debug!(
+            "gave free memory back to the OS after {pending} removals ({} us)",
+            began.elapsed().as_micros()
+        );
+        self.freed_at_release += pending;
+        self.released_at = now.mono;
     }
 
     /// How long poll may sleep: until the earliest timer, or not at all if work is waiting.
@@ -359,6 +414,7 @@ impl Server {
             self.accept_paused_until,
             self.shutdown_at,
             self.cluster.as_ref().and_then(Cluster::poll_timeout),
+            self.release_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -776,6 +832,7 @@ impl Server {
         self.with_conn(id, now, |conn, ctx| conn.leave(ConnId(id), ctx, 1006));
         if self.conns.contains(id) {
             let conn = self.conns.remove(id); // closes the socket
+            self.conns_removed += 1;
             if let Some(t) = conn.timer {
                 self.wheel.cancel(t);
             }

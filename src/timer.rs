@@ -17,7 +17,9 @@
 //!   the slab (FIFO, so items due in the same tick fire in the order they were armed).
 //!   [`Wheel::arm`] returns a [`TimerId`] (slab index and generation), and [`Wheel::cancel`]
 //!   unlinks and frees the entry in O(1). Freed entries are reused before the slab grows, so
-//!   the wheel's memory is its peak number of live timers, never the number ever armed. Every
+//!   the wheel's memory is its peak number of live timers, never the number ever armed; and
+//!   once a peak has passed (a quarter of the entries armed), the free entries above the
+//!   highest armed one are given back. Every
 //!   free bumps the entry's generation: an id whose timer already fired or was cancelled is
 //!   recognised as stale and cancelling it does nothing, even once its entry holds another
 //!   timer. [`Wheel::len`] counts live timers only.
@@ -61,6 +63,11 @@ pub struct Wheel<T> {
     nodes: Vec<Node<T>>,
     free: u32,
     len: usize,
+    /// The generation a newly pushed entry starts at: above that of every entry dropped by
+    /// [`Wheel::compact`], so an id of a dropped entry can never name a new one.
+    fresh_generation: u32,
+    /// Compact once fewer timers than this are armed.
+    compact_below: usize,
 }
 
 impl<T: Copy> Wheel<T> {
@@ -72,6 +79,8 @@ impl<T: Copy> Wheel<T> {
             nodes: Vec::new(),
             free: NIL,
             len: 0,
+            fresh_generation: 0,
+            compact_below: 0,
         }
     }
 
@@ -89,9 +98,10 @@ impl<T: Copy> Wheel<T> {
                 item,
                 prev: NIL,
                 next: NIL,
-                generation: 0,
+                generation: self.fresh_generation,
                 place: FREE,
             });
+            self.compact_below = self.nodes.len() / 4;
             index
         } else {
             let index = self.free;
@@ -119,6 +129,7 @@ impl<T: Copy> Wheel<T> {
         let item = node.item;
         self.unlink(id.index);
         self.release(id.index);
+        self.maybe_compact();
         Some(item)
     }
 
@@ -168,6 +179,7 @@ impl<T: Copy> Wheel<T> {
             debug_assert_eq!(self.levels[exp.level].heads[exp.slot], NIL);
         }
         self.elapsed = now;
+        self.maybe_compact();
     }
 
     /// How many timers are armed (cancelled and fired ones are gone).
@@ -227,6 +239,39 @@ impl<T: Copy> Wheel<T> {
         self.len -= 1;
     }
 
+    /// After a peak has passed (fewer than a quarter of the entries armed), gives the free
+    /// entries above the highest armed one back to the allocator.
+    fn maybe_compact(&mut self) {
+        if self.len < self.compact_below && self.nodes.len() >= COMPACT_MIN {
+            self.compact();
+        }
+    }
+
+    /// Drops the free entries above the highest armed one and rebuilds the free list in
+    /// ascending order, so the lowest places are reused first and the top stays free for the
+    /// next compaction. O(entries); it runs again only once the armed count has halved, so
+    /// over a peak's decline it costs O(log n) per timer.
+    fn compact(&mut self) {
+        let keep = self
+            .nodes
+            .iter()
+            .rposition(|n| n.place != FREE)
+            .map_or(0, |i| i + 1);
+        for n in &self.nodes[keep..] {
+            self.fresh_generation = self.fresh_generation.max(n.generation);
+        }
+        self.nodes.truncate(keep);
+        self.nodes.shrink_to_fit();
+        self.free = NIL;
+        for i in (0..keep).rev() {
+            if self.nodes[i].place == FREE {
+                self.nodes[i].next = self.free;
+                self.free = i as u32;
+            }
+        }
+        self.compact_below = self.len / 2;
+    }
+
     /// Returns entry `index` (no longer in any list) to the free list; its ids go stale.
     fn release(&mut self, index: u32) {
         let node = &mut self.nodes[index as usize];
@@ -282,6 +327,9 @@ const SLOT_MASK: u64 = SLOTS as u64 - 1;
 const LEVELS: usize = 6;
 /// The furthest ahead a deadline can be, in ticks: just under one turn of the top level.
 const MAX_SPAN: u64 = (1 << (LEVEL_BITS * LEVELS)) - 1;
+/// Below this many entries (about 1 MiB) the slab is never compacted: its memory is too
+/// small to matter, and a steady state of peaks below it never allocates.
+const COMPACT_MIN: usize = 16_384;
 /// No entry: the end of a list.
 const NIL: u32 = u32::MAX;
 /// `Node::place` of an entry on the free list.
@@ -713,6 +761,43 @@ mod tests {
         assert_eq!(wheel.len(), 1);
         assert!(wheel.capacity() <= 4, "capacity {}", wheel.capacity());
         assert_eq!(wheel.cancel(resident), Some(u32::MAX));
+    }
+
+    #[test]
+    fn memory_comes_back_after_a_peak_and_old_ids_stay_stale() {
+        // A storm: 100 000 sessions, each with its 24 h timer, then all of them end but one.
+        let mut wheel = Wheel::new();
+        let early = wheel.arm(ms(DAY), u32::MAX); // the lowest entry stays armed throughout
+        let storm: Vec<TimerId> = (0..100_000).map(|i| wheel.arm(ms(DAY), i)).collect();
+        let peak = wheel.capacity();
+        assert!(peak >= 100_001);
+        for (i, id) in storm.iter().enumerate() {
+            assert_eq!(wheel.cancel(*id), Some(i as u32));
+        }
+        assert_eq!(wheel.len(), 1);
+        assert!(
+            wheel.capacity() < COMPACT_MIN,
+            "the slab kept {} entries of its peak {peak}",
+            wheel.capacity()
+        );
+        // The next storm reuses the same places; no id of the first can touch it.
+        let again: Vec<TimerId> = (0..100_000).map(|i| wheel.arm(ms(DAY), i + 7)).collect();
+        assert!(again.iter().zip(&storm).any(|(a, s)| a.index == s.index));
+        for id in &storm {
+            assert_eq!(wheel.cancel(*id), None, "a stale id cancelled a new timer");
+            assert_eq!(wheel.deadline(*id), None);
+        }
+        assert_eq!(wheel.len(), 100_001);
+        let mut out = Vec::new();
+        wheel.advance(ms(DAY), &mut out);
+        assert_eq!(
+            out.len(),
+            100_001,
+            "every timer fires once, after compaction too"
+        );
+        assert_eq!(out[0], u32::MAX);
+        assert_eq!(wheel.cancel(early), None);
+        assert!(wheel.is_empty() && wheel.capacity() < COMPACT_MIN);
     }
 
     #[test]

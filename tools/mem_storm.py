@@ -33,13 +33,14 @@ BIN = os.environ.get("CHATLOOP_BIN", os.path.join(ROOT, "target/release/chatloop
 cmd = [BIN, "--port", "0",
        "--room-ttl", f"{ROOM_TTL}s",
        "--create-rate", "0", "--chat-rate", "100000", "--chat-burst", "100000",
-       "--max-connections", "5000"] + EXTRA
+       "--max-connections", "5000", "--max-connections-per-ip", "0", "--upgrade-rate", "0",
+       "--max-rooms-per-session", "0"] + EXTRA
 server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
 
 
-def rss():
+def rss(field="VmRSS"):
     with open(f"/proc/{server.pid}/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
 
 
 def ws_connect(port, room, sid):
@@ -103,7 +104,7 @@ try:
         return json.loads(data)
 
     time.sleep(0.5)
-    idle = rss()
+    idle, idle_anon = rss(), rss("RssAnon")
     t0 = time.time()
     sids = [post("/sessions", json.dumps({"username": "user%06d" % i}))["session_id"]
             for i in range(SESSIONS)]
@@ -131,7 +132,7 @@ try:
     time.sleep(0.5)
     for m in members:
         drain(m)
-    peak = rss()
+    peak, peak_anon = rss(), rss("RssAnon")
     storm = time.time() - t0
     for m in members:
         m.close()
@@ -141,14 +142,17 @@ try:
         conn.getresponse().read()
     conn.close()
     finals = []
-    for _ in range(ROOM_TTL + 8):
+    for _ in range(ROOM_TTL + 14):
         time.sleep(1)
         finals.append(rss())
-    final = finals[-1]
+    final, final_anon = finals[-1], rss("RssAnon")
     print(f"storm: {SESSIONS} sessions, {ROOMS} rooms x {HISTORY} messages, one room of "
           f"{MEMBERS} members, in {storm:.1f} s")
     print(f"RSS idle {idle / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
           f"after expiry {final / 2**20:.1f} MiB ({final / idle:.2f}x idle)")
+    print(f"of which anonymous (the heap; the rest is the binary's pages): idle "
+          f"{idle_anon / 2**20:.1f} MiB, peak {peak_anon / 2**20:.1f} MiB, after expiry "
+          f"{final_anon / 2**20:.1f} MiB ({final_anon / idle_anon:.2f}x idle)")
     print("RSS each second after the storm (MiB): "
           + " ".join(f"{r / 2**20:.1f}" for r in finals))
 finally:
