@@ -80,7 +80,7 @@ set +e
 (cd "$BROWSER_DIR" && timeout 600 node --test --test-concurrency=1 \
   --test-reporter=spec --test-reporter-destination=stdout \
   --test-reporter=tap --test-reporter-destination="$TAP" \
-  chat.test.mjs docs.test.mjs)
+  chat.test.mjs docs.test.mjs e2e.test.mjs)
 rc=$?
 set -e
 
