@@ -1252,6 +1252,8 @@ impl Hub {
         room.history.expire(cutoff_ms, &mut gone);
         if !gone.is_empty() {
             self.messages_expired += gone.len() as u64;
+            // Expired history counts as removals: the loop hands freed memory back to the OS.
+            self.freed += gone.len() as u64;
             protocol::write_expired(self.frame.start(), id, &gone);
             let frame = self.frame.finish_text();
             self.frame.trim();

@@ -2593,6 +2593,11 @@ fn messages_expire_after_the_room_ttl_with_one_batched_frame_and_one_timer() {
     assert!(history(&hub, r, 1000).is_empty());
     assert_eq!(hub.stats().messages_expired, 102);
     assert_eq!(
+        hub.freed(),
+        102,
+        "expired history tells the loop to give memory back"
+    );
+    assert_eq!(
         hub.stats().timers,
         1,
         "no message timer left for an empty history"
