@@ -40,115 +40,12 @@ use redis_protocol::resp3::decode::complete::decode;
 use redis_protocol::resp3::encode::complete::encode_borrowed;
 use redis_protocol::resp3::types::{BorrowedFrame, OwnedFrame};
 
-use crate::hub::ConnId;
-use crate::ids::{MsgId, RoomId, SessionId, UserId};
+use crate::hub::Op;
+use crate::ids::{ConnId, MsgId, RoomId, SessionId, UserId};
+use crate::redis_url::Secret;
 use crate::time::{Micros, Now};
 
 pub mod resp;
-
-/// A password: its `Debug` never shows it, and nothing else formats it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    /// The password itself, for the one place that sends it (`HELLO ... AUTH`).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-/// Where Redis is: `redis://[[user]:password@]host[:port][/db]`; `rediss://` for TLS.
-/// Neither `Debug` nor `Display` shows the password.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisUrl {
-    pub host: String,
-    pub port: u16,
-    pub db: u32,
-    pub user: Option<String>,
-    pub password: Option<Secret>,
-    /// `rediss://`: the connection to Redis is TLS.
-    pub tls: bool,
-}
-
-impl RedisUrl {
-    /// Parses the URL. The error never quotes the text: a mistyped URL may hold the password
-    /// anywhere (`redis://:secret` reads as host "" and port "secret").
-    pub fn parse(s: &str) -> Result<RedisUrl, String> {
-        const SHAPE: &str = "expected redis://[[user]:password@]host[:port][/db]";
-        let (tls, rest) = match s.strip_prefix("rediss://") {
-            Some(rest) => (true, rest),
-            None => (
-                false,
-                s.strip_prefix("redis://").ok_or_else(|| {
-                    format!("{SHAPE} (the scheme must be redis://, or rediss:// for TLS)")
-                })?,
-            ),
-        };
-        let (auth, rest) = match rest.rsplit_once('@') {
-            Some((a, r)) => (Some(a), r),
-            None => (None, rest),
-        };
-        let (hostport, db) = match rest.split_once('/') {
-            Some((h, "")) => (h, 0),
-            Some((h, d)) => (
-                h,
-                d.parse()
-                    .map_err(|_| format!("{SHAPE} (the database is not a number)"))?,
-            ),
-            None => (rest, 0),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h,
-                p.parse()
-                    .map_err(|_| format!("{SHAPE} (the port is not a number 0..65535)"))?,
-            ),
-            _ => (hostport, 6379),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(format!("{SHAPE} (no host)"));
-        }
-        let (user, password) = match auth {
-            None => (None, None),
-            Some(a) => match a.split_once(':') {
-                Some((u, p)) => ((!u.is_empty()).then(|| u.to_string()), Some(Secret::new(p))),
-                None => (None, Some(Secret::new(a))),
-            },
-        };
-        Ok(RedisUrl {
-            host: host.to_string(),
-            port,
-            db,
-            user,
-            password,
-            tls,
-        })
-    }
-}
-
-impl std::fmt::Display for RedisUrl {
-    /// The URL without its password (for logs).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let auth = if self.password.is_some() { "***@" } else { "" };
-        let scheme = if self.tls { "rediss" } else { "redis" };
-        write!(
-            f,
-            "{scheme}://{auth}{}:{}/{}",
-            self.host, self.port, self.db
-        )
-    }
-}
 
 /// The cluster's share of the settings.
 #[derive(Debug, Clone)]
@@ -251,58 +148,6 @@ impl Facts {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty() && !self.failed
     }
-}
-
-/// A change of shared state made by the hub, to be written to Redis.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Op {
-    SessionCreated {
-        id: SessionId,
-        user: Rc<str>,
-        user_id: UserId,
-    },
-    /// An authenticated call: slide the session's TTL.
-    SessionUsed(SessionId),
-    /// `DELETE /sessions/me` here: delete it and tell every node.
-    SessionEnded(SessionId),
-    RoomCreated {
-        room: RoomId,
-        session: SessionId,
-    },
-    Remember {
-        session: SessionId,
-        room: RoomId,
-    },
-    Forget {
-        session: SessionId,
-        room: RoomId,
-    },
-    /// A history event (chat, joined, left) to store and deliver on every node.
-    Publish {
-        room: RoomId,
-        id: MsgId,
-        json: Vec<u8>,
-    },
-    /// `typing` / `typing_stopped` for every member but `except` (a member of this node).
-    Typing {
-        room: RoomId,
-        except: Option<ConnId>,
-        json: Vec<u8>,
-    },
-    Joined {
-        room: RoomId,
-        conn: ConnId,
-        session: SessionId,
-        user: Rc<str>,
-        user_id: UserId,
-    },
-    Left {
-        room: RoomId,
-        conn: ConnId,
-        session: SessionId,
-    },
-    /// The hub dropped its record of the room (no local members for the room TTL).
-    Forgotten(RoomId),
 }
 
 /// What the event loop must do.

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
+use crate::cluster::ClusterConfig;
+use crate::hub::HubConfig;
+use crate::redis_url::RedisUrl;
 use crate::time::Micros;
 
 /// All settings of a chatloop server.
@@ -52,7 +55,7 @@ pub struct Config {
     pub create_burst: u32,
     pub room_list: bool,
     pub echo_path: Option<String>,
-    pub redis: Option<crate::cluster::RedisUrl>,
+    pub redis: Option<RedisUrl>,
     pub presence_ttl: Micros,
     pub max_redis_queue: usize,
     pub log_level: LevelFilter,
@@ -546,7 +549,7 @@ pub const OPTIONS: &[Opt] = &[
             c.redis = if v.is_empty() {
                 None
             } else {
-                Some(crate::cluster::RedisUrl::parse(v)?)
+                Some(RedisUrl::parse(v)?)
             };
             Ok(())
         }
@@ -788,6 +791,63 @@ impl Config {
             return fail("--min-message-ttl must not be longer than --max-message-ttl");
         }
         Ok(())
+    }
+
+    /// The hub's share of the settings (the chat domain takes only what it needs).
+    pub fn hub_config(&self) -> HubConfig {
+        HubConfig {
+            room_ttl: self.room_ttl,
+            session_ttl: self.session_ttl,
+            history: self.history,
+            history_notices: self.history_notices,
+            welcome_messages: 50,
+            max_welcome_bytes: self.max_welcome_bytes,
+            max_chat_chars: self.max_chat_chars,
+            max_chat_bytes: self.max_chat_bytes,
+            max_room_members: self.max_room_members,
+            chat_rate: self.chat_rate,
+            chat_burst: self.chat_burst,
+            upgrade_rate: self.upgrade_rate,
+            upgrade_burst: self.upgrade_burst,
+            typing_debounce: self.typing_debounce,
+            typing_quiet: self.typing_quiet,
+            typing_max_per_sec: 50,
+            max_sessions: self.max_sessions,
+            max_rooms: self.max_rooms,
+            max_rooms_per_session: self.max_rooms_per_session,
+            notice_delay: self.notice_delay,
+            min_message_ttl: self.min_message_ttl,
+            max_message_ttl: self.max_message_ttl,
+        }
+    }
+
+    /// The cluster's share of the settings, for Redis at `url`.
+    pub fn cluster_config(&self, url: &RedisUrl) -> ClusterConfig {
+        ClusterConfig {
+            room_ttl: self.room_ttl,
+            session_ttl: self.session_ttl,
+            history: self.history,
+            history_notices: self.history_notices,
+            presence_ttl: self.presence_ttl,
+            db: url.db,
+            user: url.user.clone(),
+            password: url.password.clone(),
+            reply_limits: ClusterConfig::reply_limits(
+                self.history.saturating_add(self.history_notices),
+                self.max_chat_bytes
+                    .min(self.max_chat_chars.saturating_mul(6)),
+                self.max_rooms.max(self.max_room_members),
+            ),
+            max_queue: self.max_redis_queue,
+        }
+    }
+}
+
+/// The hub's settings with every default of the command line (what tests and benches start
+/// from).
+impl Default for HubConfig {
+    fn default() -> Self {
+        Config::default().hub_config()
     }
 }
 

@@ -8,17 +8,14 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use crate::cluster::Op;
-use crate::config::Config;
 use crate::history::{self, Budget, History};
 use crate::ids::{MsgId, MsgIdGen, RoomId, SecureRandom, SessionId, UserId};
 use crate::protocol::{self, ClientMsg, Frame, FrameBuf, Who};
 use crate::time::{Micros, Now};
 use crate::timer::{TimerId, Wheel};
 
-/// Which connection (the event loop's slab index).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub usize);
+/// The connections the hub's calls and [`Action`]s name (defined with the other ids).
+pub use crate::ids::ConnId;
 
 /// What the event loop must do after a hub call.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +24,60 @@ pub enum Action {
     Send(ConnId, Frame),
     /// Close that WebSocket with this code; the hub has already forgotten it.
     Close(ConnId, u16, &'static str),
+}
+
+/// A change of shared state made by the hub, to be written to Redis (cluster mode: the
+/// `cluster` module turns each into commands). Collected only after
+/// [`Hub::enable_cluster`]; the event loop takes them with [`Hub::drain_ops`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    SessionCreated {
+        id: SessionId,
+        user: Rc<str>,
+        user_id: UserId,
+    },
+    /// An authenticated call: slide the session's TTL.
+    SessionUsed(SessionId),
+    /// `DELETE /sessions/me` here: delete it and tell every node.
+    SessionEnded(SessionId),
+    RoomCreated {
+        room: RoomId,
+        session: SessionId,
+    },
+    Remember {
+        session: SessionId,
+        room: RoomId,
+    },
+    Forget {
+        session: SessionId,
+        room: RoomId,
+    },
+    /// A history event (chat, joined, left) to store and deliver on every node.
+    Publish {
+        room: RoomId,
+        id: MsgId,
+        json: Vec<u8>,
+    },
+    /// `typing` / `typing_stopped` for every member but `except` (a member of this node).
+    Typing {
+        room: RoomId,
+        except: Option<ConnId>,
+        json: Vec<u8>,
+    },
+    Joined {
+        room: RoomId,
+        conn: ConnId,
+        session: SessionId,
+        user: Rc<str>,
+        user_id: UserId,
+    },
+    Left {
+        room: RoomId,
+        conn: ConnId,
+        session: SessionId,
+    },
+    /// The hub dropped its record of the room (no local members for the room TTL).
+    Forgotten(RoomId),
 }
 
 /// Why the hub refused a call. Each maps to one HTTP status.
@@ -41,7 +92,9 @@ pub enum HubError {
     TooManyRoomsForSession,
 }
 
-/// The hub's share of the settings.
+/// The hub's share of the settings. Built from the command line by
+/// `Config::hub_config` (in `config`, above the hub); its `Default` is the command line's
+/// defaults, from the same place.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     pub room_ttl: Micros,
@@ -75,41 +128,6 @@ pub struct HubConfig {
     /// Bounds of a room's `message_ttl`.
     pub min_message_ttl: Micros,
     pub max_message_ttl: Micros,
-}
-
-impl From<&Config> for HubConfig {
-    fn from(c: &Config) -> Self {
-        HubConfig {
-            room_ttl: c.room_ttl,
-            session_ttl: c.session_ttl,
-            history: c.history,
-            history_notices: c.history_notices,
-            welcome_messages: 50,
-            max_welcome_bytes: c.max_welcome_bytes,
-            max_chat_chars: c.max_chat_chars,
-            max_chat_bytes: c.max_chat_bytes,
-            max_room_members: c.max_room_members,
-            chat_rate: c.chat_rate,
-            chat_burst: c.chat_burst,
-            upgrade_rate: c.upgrade_rate,
-            upgrade_burst: c.upgrade_burst,
-            typing_debounce: c.typing_debounce,
-            typing_quiet: c.typing_quiet,
-            typing_max_per_sec: 50,
-            max_sessions: c.max_sessions,
-            max_rooms: c.max_rooms,
-            max_rooms_per_session: c.max_rooms_per_session,
-            notice_delay: c.notice_delay,
-            min_message_ttl: c.min_message_ttl,
-            max_message_ttl: c.max_message_ttl,
-        }
-    }
-}
-
-impl Default for HubConfig {
-    fn default() -> Self {
-        HubConfig::from(&Config::default())
-    }
 }
 
 /// How a room is created (`POST /rooms` with a body).

@@ -1,4 +1,5 @@
-//! Identifiers: secret session ids, public user ids, room ids, and time-ordered message ids.
+//! Identifiers: secret session ids, public user ids, room ids, time-ordered message ids, and
+//! the event loop's connection ids.
 //!
 //! Secrets (session ids, room ids, user ids) come from the OS CSPRNG through a pool that is
 //! refilled 4 KiB at a time, so creating a session costs no system call in the common case.
@@ -25,6 +26,10 @@ pub struct RoomId(pub u64);
 /// A message id: a UUID v7 as a number, so comparing ids compares send order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MsgId(pub u128);
+
+/// Which connection (the event loop's slab index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub usize);
 
 impl SessionId {
     /// Parses the hyphenated (or simple) UUID text form.

@@ -19,6 +19,7 @@ pub mod outbox;
 pub mod protocol;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis_url;
 pub mod server;
 pub mod throttle;
 pub mod time;

@@ -16,10 +16,11 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::cluster::{Answer, Cluster, ClusterConfig, Event as ClusterEvent, Facts, Query};
+use crate::cluster::{Answer, Cluster, Event as ClusterEvent, Facts, Query};
 use crate::config::Config;
 use crate::conn::{ClusterCtx, Conn, Ctx, LINGER, Next, OverLimit, State};
-use crate::hub::{Action, ConnId, Hub, HubConfig};
+use crate::hub::{Action, Hub};
+use crate::ids::ConnId;
 use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox};
 use crate::protocol::FrameBuf;
@@ -204,32 +205,14 @@ impl Server {
         };
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let mut hub = Hub::new(HubConfig::from(&cfg));
+        let mut hub = Hub::new(cfg.hub_config());
         let limiter = CreateLimiter::new(cfg.create_rate, cfg.create_burst);
         let per_ip = ConnCounter::new(cfg.max_connections_per_ip);
         let cluster = cfg.redis.as_ref().map(|url| {
             hub.enable_cluster();
             let node = crate::ids::SecureRandom::default().u64() as u32;
             log::info!("cluster mode: sharing rooms through {url}");
-            Cluster::new(
-                ClusterConfig {
-                    room_ttl: cfg.room_ttl,
-                    session_ttl: cfg.session_ttl,
-                    history: cfg.history,
-                    history_notices: cfg.history_notices,
-                    presence_ttl: cfg.presence_ttl,
-                    db: url.db,
-                    user: url.user.clone(),
-                    password: url.password.clone(),
-                    reply_limits: ClusterConfig::reply_limits(
-                        cfg.history.saturating_add(cfg.history_notices),
-                        cfg.max_chat_bytes.min(cfg.max_chat_chars.saturating_mul(6)),
-                        cfg.max_rooms.max(cfg.max_room_members),
-                    ),
-                    max_queue: cfg.max_redis_queue,
-                },
-                node,
-            )
+            Cluster::new(cfg.cluster_config(url), node)
         });
         Ok(Server {
             cfg,

@@ -76,27 +76,6 @@ fn entry(id: MsgId, text: &str) -> Vec<u8> {
 }
 
 #[test]
-fn urls_parse_with_defaults_and_auth() {
-    let u = RedisUrl::parse("redis://127.0.0.1:6380/3").unwrap();
-    assert_eq!((u.host.as_str(), u.port, u.db), ("127.0.0.1", 6380, 3));
-    let u = RedisUrl::parse("redis://localhost").unwrap();
-    assert_eq!((u.host.as_str(), u.port, u.db), ("localhost", 6379, 0));
-    let u = RedisUrl::parse("redis://:s3cret@[::1]:7000/").unwrap();
-    assert_eq!((u.host.as_str(), u.port), ("::1", 7000));
-    assert_eq!(u.password.as_ref().map(Secret::expose), Some("s3cret"));
-    assert!(!format!("{u:?}").contains("s3cret"));
-    assert!(!u.to_string().contains("s3cret"));
-    assert!(!u.tls);
-    let u = RedisUrl::parse("rediss://:pw@cache.example:6380/2").unwrap();
-    assert!(u.tls);
-    assert_eq!((u.host.as_str(), u.port, u.db), ("cache.example", 6380, 2));
-    assert_eq!(u.to_string(), "rediss://***@cache.example:6380/2");
-    assert!(RedisUrl::parse("http://x").is_err());
-    assert!(RedisUrl::parse("redis://h:notaport").is_err());
-    assert!(RedisUrl::parse("redis://h/x").is_err());
-}
-
-#[test]
 fn handshake_says_hello_3_and_selects_the_database() {
     let mut c = Cluster::new(cfg(), 1);
     assert!(c.should_connect(now(0)));
