@@ -1,0 +1,436 @@
+//! Cluster mode's side of the event loop: the Redis socket (connect, read, pipelined write,
+//! `rediss://`), and the requests that wait on Redis: parked ones (they asked for facts, see
+//! [`Query`]) and held ones (their answer goes out once Redis has acknowledged what they
+//! changed). The Redis protocol itself is the pure [`Cluster`](crate::cluster::Cluster) state machine; this file only
+//! moves its bytes and carries out its [`ClusterEvent`]s. Part of [`Server`]: the same
+//! `impl`, split off so `server.rs` reads as the loop alone.
+
+use std::io::{self, Read, Write};
+use std::net::ToSocketAddrs;
+
+use mio::Interest;
+use mio::net::TcpStream;
+
+use super::{REDIS, Server};
+use crate::cluster::{Answer, Event as ClusterEvent, Facts, Query};
+use crate::ids::ConnId;
+use crate::throttle::Event;
+use crate::time::Now;
+use crate::tls;
+
+/// The connection to Redis (`--redis`), registered with the loop's poll as `REDIS`.
+pub(super) struct RedisSocket {
+    pub(super) stream: TcpStream,
+    pub(super) connected: bool,
+    /// `rediss://` only.
+    pub(super) tls: Option<tls::RedisTls>,
+}
+
+/// A request waiting for facts from Redis.
+pub(super) struct Parked {
+    pub(super) serial: u32,
+    pub(super) waiting: usize,
+    pub(super) facts: Facts,
+}
+
+/// A response held until Redis has answered every command up to `seq`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Held {
+    pub(super) token: usize,
+    pub(super) serial: u32,
+    pub(super) seq: u64,
+}
+
+impl Server {
+    /// After a connection's input was handled: park it if its request asked Redis for
+    /// facts, or hold its response until Redis has acknowledged what the request changed.
+    pub(super) fn after_input(&mut self, id: usize, now: Now) {
+        self.facts.clear();
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let Some(conn) = self.conns.get(id) else {
+            self.wants.clear();
+            return;
+        };
+        if !conn.waiting {
+            self.wants.clear();
+            return;
+        }
+        let serial = conn.serial;
+        if self.wants.is_empty() {
+            self.held.push(Held {
+                token: id,
+                serial,
+                seq: cluster.sent(),
+            });
+            return;
+        }
+        let waiting = self.wants.len();
+        self.parked.insert(
+            id,
+            Parked {
+                serial,
+                waiting,
+                facts: Facts::default(),
+            },
+        );
+        for q in self.wants.drain(..) {
+            cluster.fetch(id, serial, q, now);
+        }
+        self.pump_cluster(now);
+    }
+
+    /// Runs a parked request again with what Redis said.
+    pub(super) fn resume(&mut self, id: usize, facts: Facts, now: Now) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        conn.waiting = false;
+        self.mark_dirty(id);
+        // Bytes that arrived meanwhile raised no new edge: read them next iteration.
+        self.again.push(id);
+        self.facts = facts;
+        self.input(id, 0, now);
+        self.apply_actions(now);
+        self.after_input(id, now);
+        self.arm(id);
+    }
+
+    /// Carries out what the Redis side asks for until it has nothing more.
+    pub(super) fn pump_cluster(&mut self, now: Now) {
+        loop {
+            let Some(cluster) = &mut self.cluster else {
+                return;
+            };
+            let answered = cluster.answered();
+            let events: Vec<ClusterEvent> = cluster.drain_events().collect();
+            let released = self.release_held(answered, now);
+            if events.is_empty() && !released {
+                return;
+            }
+            for e in events {
+                self.cluster_event(e, now);
+            }
+            self.apply_actions(now);
+        }
+    }
+
+    /// Lets out responses whose writes Redis has acknowledged; `true` if any.
+    pub(super) fn release_held(&mut self, answered: u64, now: Now) -> bool {
+        if self.held.iter().all(|h| h.seq > answered) {
+            return false;
+        }
+        let (ready, rest): (Vec<Held>, Vec<Held>) =
+            self.held.drain(..).partition(|h| h.seq <= answered);
+        self.held = rest;
+        for h in ready {
+            if self
+                .conns
+                .get(h.token)
+                .is_some_and(|c| c.serial == h.serial)
+            {
+                self.resume(h.token, Facts::default(), now);
+            }
+        }
+        true
+    }
+
+    pub(super) fn cluster_event(&mut self, e: ClusterEvent, now: Now) {
+        match e {
+            ClusterEvent::Up => self.hub.set_cluster_up(true),
+            ClusterEvent::Down => {
+                self.hub.set_cluster_up(false);
+                for h in std::mem::take(&mut self.held) {
+                    if self
+                        .conns
+                        .get(h.token)
+                        .is_some_and(|c| c.serial == h.serial)
+                    {
+                        self.with_conn(h.token, now, |conn, ctx| {
+                            conn.redis_lost(ConnId(h.token), ctx)
+                        });
+                        self.arm(h.token);
+                    }
+                }
+            }
+            ClusterEvent::Answer {
+                token,
+                serial,
+                query,
+                answer,
+            } => {
+                match (&query, &answer) {
+                    (Query::Session(id), Answer::Session(Some((user, user_id)))) => {
+                        self.hub.install_session(*id, user, *user_id, now)
+                    }
+                    (Query::RoomExists(room), Answer::Exists(true)) => {
+                        self.hub.install_room(*room, now)
+                    }
+                    _ => {}
+                }
+                self.answered(token, serial, Some((query, answer)), now);
+            }
+            ClusterEvent::Failed { token, serial } => self.answered(token, serial, None, now),
+            ClusterEvent::Deliver { room, id, json } => {
+                self.hub.deliver_event(room, id, &json, now)
+            }
+            ClusterEvent::Typing { room, except, json } => {
+                self.hub.deliver_typing(room, except, &json)
+            }
+            ClusterEvent::Loaded {
+                room,
+                messages,
+                catch_up: false,
+            } => self.hub.load_history(room, messages, now),
+            ClusterEvent::Loaded {
+                room,
+                messages,
+                catch_up: true,
+            } => self.hub.catch_up(room, messages, now),
+            ClusterEvent::Departed {
+                room,
+                user,
+                user_id,
+            } => self.hub.departed_elsewhere(room, &user, user_id, now),
+            ClusterEvent::SessionEnded(id) => self.hub.session_ended_elsewhere(id, now),
+            ClusterEvent::Unconfirmed { room, id, json } => {
+                self.hub.unconfirmed(room, id, &json, now)
+            }
+        }
+    }
+
+    /// One answer (or failure) for a parked request; runs it again once all are in.
+    pub(super) fn answered(
+        &mut self,
+        token: usize,
+        serial: u32,
+        fact: Option<(Query, Answer)>,
+        now: Now,
+    ) {
+        let Some(p) = self.parked.get_mut(&token) else {
+            return;
+        };
+        if p.serial != serial {
+            return;
+        }
+        match fact {
+            Some((q, a)) => p.facts.add(q, a),
+            None => p.facts.failed = true,
+        }
+        p.waiting -= 1;
+        if p.waiting > 0 {
+            return;
+        }
+        if let Some(p) = self.parked.remove(&token)
+            && self.conns.get(token).is_some_and(|c| c.serial == serial)
+        {
+            self.resume(token, p.facts, now);
+        }
+    }
+
+    /// Connects to Redis when it is time, and runs heartbeats and the connect timeout.
+    pub(super) fn cluster_timers(&mut self, now: Now) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        if self.shutdown_at.is_none() && cluster.should_connect(now) {
+            self.redis_connect(now);
+        }
+        if let Some(cluster) = &mut self.cluster {
+            cluster.on_timer(now);
+            if !cluster.wants_socket()
+                && let Some(mut sock) = self.redis.take()
+            {
+                let _ = self.poll.registry().deregister(&mut sock.stream);
+            }
+        }
+        self.pump_cluster(now);
+    }
+
+    pub(super) fn redis_connect(&mut self, now: Now) {
+        let Some(url) = self.cfg.redis.as_ref() else {
+            return;
+        };
+        let addr = (url.host.as_str(), url.port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next());
+        let result = match addr {
+            Some(addr) => TcpStream::connect(addr),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("cannot resolve {}", url.host),
+            )),
+        };
+        let tls = match self.redis_tls.as_ref().map(|t| t.connect(&url.host)) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                return self.redis_connect_failed(&io::Error::other(e), now);
+            }
+        };
+        match result.and_then(|mut stream| {
+            self.poll.registry().register(
+                &mut stream,
+                REDIS,
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            Ok(stream)
+        }) {
+            Ok(stream) => {
+                self.redis = Some(RedisSocket {
+                    stream,
+                    connected: false,
+                    tls,
+                })
+            }
+            Err(e) => self.redis_connect_failed(&e, now),
+        }
+    }
+
+    pub(super) fn redis_connect_failed(&mut self, e: &io::Error, now: Now) {
+        let url = self
+            .cfg
+            .redis
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        crate::limit_log!(
+            self.throttle,
+            Event::Redis,
+            now.mono,
+            warn,
+            "cannot connect to Redis at {url}: {e}"
+        );
+        self.redis_lost(now);
+    }
+
+    pub(super) fn redis_ready(&mut self, now: Now) {
+        let Some(sock) = &mut self.redis else {
+            return;
+        };
+        if !sock.connected {
+            match sock.stream.take_error() {
+                Ok(None) if sock.stream.peer_addr().is_ok() => {
+                    sock.connected = true;
+                    let _ = sock.stream.set_nodelay(true);
+                    if let Some(c) = &mut self.cluster {
+                        c.on_connected();
+                    }
+                }
+                Ok(None) => return, // still connecting
+                Ok(Some(e)) | Err(e) => {
+                    self.redis_connect_failed(&e, now);
+                    return;
+                }
+            }
+        }
+        loop {
+            let Some(sock) = &mut self.redis else {
+                return;
+            };
+            match sock.stream.read(&mut self.rbuf) {
+                Ok(0) => {
+                    log::warn!("Redis closed the connection");
+                    self.redis_lost(now);
+                    return;
+                }
+                Ok(n) => {
+                    let plain = &mut self.tls_scratch.plain;
+                    let data = match &mut sock.tls {
+                        None => &self.rbuf[..n],
+                        Some(t) => {
+                            plain.clear();
+                            if let Err(e) = t.read(&self.rbuf[..n], plain) {
+                                log::warn!("TLS with Redis failed: {e}");
+                                self.redis_lost(now);
+                                return;
+                            }
+                            &plain[..]
+                        }
+                    };
+                    let ok = self.cluster.as_mut().is_some_and(|c| c.on_bytes(data, now));
+                    if !ok {
+                        self.redis_lost(now);
+                        return;
+                    }
+                    self.pump_cluster(now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("Redis connection failed: {e}");
+                    self.redis_lost(now);
+                    return;
+                }
+            }
+        }
+        self.redis_write(now);
+    }
+
+    /// Writes the Redis side's pending commands (pipelined: all of them at once). A queue
+    /// over `--max-redis-queue` drops the link instead (Redis counts as down).
+    pub(super) fn redis_write(&mut self, now: Now) {
+        if self.cluster.as_mut().is_some_and(|c| c.check_queue(now)) {
+            if let Some(mut sock) = self.redis.take() {
+                let _ = self.poll.registry().deregister(&mut sock.stream);
+            }
+            self.pump_cluster(now);
+            return;
+        }
+        let (Some(sock), Some(cluster)) = (&mut self.redis, &mut self.cluster) else {
+            return;
+        };
+        if !sock.connected {
+            return;
+        }
+        if cluster.out.is_empty() {
+            // rediss://: handshake output, or records the socket did not take before.
+            if let Some(t) = &mut sock.tls
+                && let Err(e) = t.flush(&mut sock.stream)
+            {
+                log::warn!("writing to Redis failed: {e}");
+                self.redis_lost(now);
+            }
+            return;
+        }
+        let mut done = 0;
+        let failed = loop {
+            if done == cluster.out.len() {
+                break false;
+            }
+            let written = match &mut sock.tls {
+                None => sock.stream.write(&cluster.out[done..]),
+                Some(t) => t.send(&cluster.out[done..], &mut sock.stream),
+            };
+            match written {
+                Ok(0) => break true,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("writing to Redis failed: {e}");
+                    break true;
+                }
+            }
+        };
+        cluster.out.drain(..done);
+        if cluster.out.is_empty() && cluster.out.capacity() > 1024 * 1024 {
+            cluster.out = Vec::new();
+        }
+        if failed {
+            self.redis_lost(now);
+        }
+    }
+
+    pub(super) fn redis_lost(&mut self, now: Now) {
+        if let Some(mut sock) = self.redis.take() {
+            let _ = self.poll.registry().deregister(&mut sock.stream);
+        }
+        if let Some(c) = &mut self.cluster {
+            c.on_disconnected(now);
+        }
+        self.pump_cluster(now);
+    }
+}
