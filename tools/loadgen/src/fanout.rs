@@ -147,6 +147,7 @@ pub fn delivery_report(o: &mut Obj, st: &Stats, w: &Window, duration: Duration) 
         json!(report::round(busy, 3)),
     );
     report::add_latency(o, "lat", &st.latency);
+    report::add_distribution(o, "lat", &st.latency);
     let mut s = format!(
         "sent {} msgs ({} in window); delivered {} of {} expected (lost {}, dup {}); {:.0} deliveries/s in window\n\
          latency: {}",

@@ -104,6 +104,29 @@ impl Histogram {
         (self.percentile(p) as f64 / 100.0).round() / 10.0
     }
 
+    /// The latency-by-percentile curve, HdrHistogram style: `(percentile, microseconds)` at
+    /// `per_decade` points per decade of `1 / (1 - p)` (0, 20.6, 36.9, .., 90, .., 99, ..)
+    /// up to the last rank the sample count resolves (`1 - 1/count`), then the maximum at 100.
+    pub fn distribution(&self, per_decade: u32) -> Vec<(f64, f64)> {
+        let mut out = Vec::new();
+        if self.total == 0 {
+            return out;
+        }
+        let last = (self.total as f64).log10();
+        let mut k = 0u32;
+        loop {
+            let decades = k as f64 / per_decade.max(1) as f64;
+            if decades > last {
+                break;
+            }
+            let p = 100.0 * (1.0 - 10f64.powf(-decades));
+            out.push(((p * 1e4).round() / 1e4, self.p_us(p)));
+            k += 1;
+        }
+        out.push((100.0, self.max_us()));
+        out
+    }
+
     pub fn max_us(&self) -> f64 {
         (self.max as f64 / 100.0).round() / 10.0
     }
@@ -154,6 +177,25 @@ mod tests {
         g.merge(&h);
         assert_eq!(g.count(), 100_001);
         assert_eq!(g.percentile(0.0), 5);
+    }
+
+    #[test]
+    fn distribution_is_monotonic_and_ends_at_the_max() {
+        let mut h = Histogram::new();
+        for v in 1..=10_000u64 {
+            h.record(v * 1000);
+        }
+        let d = h.distribution(10);
+        assert_eq!(d.first().map(|x| x.0), Some(0.0));
+        assert_eq!(d.last(), Some(&(100.0, 10_000.0)));
+        // 10 points per decade over 4 decades, plus the maximum.
+        assert_eq!(d.len(), 42);
+        for w in d.windows(2) {
+            assert!(w[1].0 > w[0].0 && w[1].1 >= w[0].1, "{w:?}");
+        }
+        let p99 = d.iter().find(|x| x.0 == 99.0).expect("p99 is a point");
+        assert!((p99.1 - 9_900.0).abs() < 80.0, "{p99:?}");
+        assert!(Histogram::new().distribution(10).is_empty());
     }
 
     #[test]

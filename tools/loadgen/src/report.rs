@@ -16,6 +16,17 @@ pub fn add_latency(o: &mut Obj, prefix: &str, h: &Histogram) {
     o.insert(format!("{prefix}_mean_us"), json!(h.mean_us()));
 }
 
+/// Adds `{prefix}_dist`: `[[percentile, us], ..]`, the whole latency-by-percentile curve
+/// (`Histogram::distribution`, 20 points per decade), for `tools/latplot.py`.
+pub fn add_distribution(o: &mut Obj, prefix: &str, h: &Histogram) {
+    let d: Vec<Value> = h
+        .distribution(20)
+        .into_iter()
+        .map(|(p, us)| json!([p, us]))
+        .collect();
+    o.insert(format!("{prefix}_dist"), Value::Array(d));
+}
+
 pub fn latency_line(h: &Histogram) -> String {
     format!(
         "p50 {:.1}us  p90 {:.1}us  p99 {:.1}us  p99.9 {:.1}us  max {:.1}us  (n={})",

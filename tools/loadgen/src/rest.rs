@@ -129,6 +129,7 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     o.insert("error_kinds".into(), json!(r.errors));
     o.insert("reconnects".into(), json!(r.reconnects));
     report::add_latency(&mut o, "lat", &r.hist);
+    report::add_distribution(&mut o, "lat", &r.hist);
     eprintln!(
         "rest: {clients} clients, POST /sessions: {} answered 201 in {elapsed:.2}s = {rps:.0} req/s; {errors} errors {:?} {:?}\nlatency: {}",
         r.ok,

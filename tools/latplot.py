@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Latency-by-percentile plots, HdrHistogram style, written as SVG with no dependency.
+
+    python3 tools/latplot.py OUT.svg "TITLE" LABEL=RUN.json [LABEL=RUN.json ...]
+
+Each RUN.json is the one JSON line `tools/loadgen` prints (fanout, floor, rest); its `lat_dist`
+is the curve: `[[percentile, microseconds], ...]`. The x axis is 1/(1-p) on a log scale (0 %,
+90 %, 99 %, 99.9 %, ... equally spaced), the y axis is the latency (linear, from 0). The
+maximum (percentile 100) is marked with a dot at the right end of each curve. A run without
+`lat_dist` (an older loadgen) or with `"ok": false` is reported and skipped.
+`tools/plots.sh` runs the fan-out scenarios and calls this for each.
+"""
+
+import json
+import math
+import sys
+
+COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+DASHES = ["", "6,3", "2,3", "8,3,2,3"]
+W, H = 760, 440
+LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 60
+
+
+def esc(s):
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def x_of(p):
+    """log10(1 / (1 - p)): 0 at p = 0, 1 at 90 %, 2 at 99 %, ..."""
+    return -math.log10(max(1e-12, 1.0 - p / 100.0))
+
+
+def fmt(v):
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def nice_step(span, target=6):
+    raw = span / target
+    mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    for m in (1, 2, 2.5, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def load(spec):
+    label, _, path = spec.partition("=")
+    if not path:
+        raise SystemExit(f"argument {spec!r}: expected LABEL=FILE.json")
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip().startswith("{")]
+    if not lines:
+        print(f"latplot: {path}: no JSON line, skipped", file=sys.stderr)
+        return None
+    run = json.loads(lines[-1])
+    dist = run.get("lat_dist")
+    if run.get("ok") is False or not dist:
+        print(f"latplot: {path}: no lat_dist (failed run or old loadgen), skipped", file=sys.stderr)
+        return None
+    pts = [(float(p), float(us)) for p, us in dist if float(p) < 100.0]
+    mx = next((float(us) for p, us in dist if float(p) >= 100.0), pts[-1][1] if pts else 0.0)
+    return label, pts, mx, run
+
+
+def plot(out, title, series):
+    xmax = max(x_of(p) for _, pts, _, _ in series for p, _ in pts)
+    xmax = max(1.0, math.ceil(xmax - 1e-9))
+    ymax_us = max(max(us for _, us in pts) for _, pts, _, _ in series)
+    # The y axis ends a little above the highest curve point (the maxima may be far above;
+    # they are drawn clipped at the top with their value written next to them).
+    ms = ymax_us >= 2000
+    unit, div = ("ms", 1000.0) if ms else ("µs", 1.0)
+    top = ymax_us / div * 1.08
+    step = nice_step(top)
+    top = math.ceil(top / step) * step
+    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
+
+    def sx(x):
+        return LEFT + pw * x / xmax
+
+    def sy(v):
+        return TOP + ph * (1 - min(v / div, top) / top)
+
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+         f'font-family="sans-serif" font-size="12">',
+         f'<rect width="{W}" height="{H}" fill="white"/>',
+         f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">{esc(title)}</text>']
+    # Grid and axes.
+    for d in range(int(xmax) + 1):
+        x = sx(d)
+        label = f"{100 * (1 - 10.0 ** -d):.{max(0, d - 2)}f}%"
+        o.append(f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{TOP + ph}" stroke="#ddd"/>')
+        o.append(f'<text x="{x:.1f}" y="{TOP + ph + 16}" text-anchor="middle">{label}</text>')
+    v = 0.0
+    while v <= top + 1e-9:
+        y = TOP + ph * (1 - v / top)
+        o.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + pw}" y2="{y:.1f}" stroke="#ddd"/>')
+        o.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{v:g}</text>')
+        v += step
+    o.append(f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
+    o.append(f'<text x="{LEFT + pw / 2}" y="{H - 22}" text-anchor="middle">percentile '
+             '(log scale of 1/(1-p))</text>')
+    o.append(f'<text x="16" y="{TOP + ph / 2}" text-anchor="middle" '
+             f'transform="rotate(-90 16 {TOP + ph / 2})">latency ({unit})</text>')
+    # Curves.
+    for i, (label, pts, mx, run) in enumerate(series):
+        c, dash = COLOURS[i % len(COLOURS)], DASHES[(i // len(COLOURS)) % len(DASHES)]
+        path = " ".join(f"{'M' if j == 0 else 'L'}{sx(x_of(p)):.1f},{sy(us):.1f}"
+                        for j, (p, us) in enumerate(pts))
+        da = f' stroke-dasharray="{dash}"' if dash else ""
+        o.append(f'<path d="{path}" fill="none" stroke="{c}" stroke-width="1.8"{da}/>')
+        lx, ly = sx(x_of(pts[-1][0])), sy(mx)
+        o.append(f'<circle cx="{lx:.1f}" cy="{ly:.1f}" r="3" fill="{c}"/>')
+        p50 = next((us for p, us in pts if p >= 50), 0)
+        p99 = next((us for p, us in pts if p >= 99), pts[-1][1])
+        n = run.get("lat_count", "?")
+        legend = (f"{label}: p50 {fmt(p50 / div)} p99 {fmt(p99 / div)} max {fmt(mx / div)} {unit}"
+                  f" (n={n})")
+        ly2 = TOP + 16 + 16 * i
+        o.append(f'<line x1="{LEFT + 10}" y1="{ly2 - 4}" x2="{LEFT + 34}" y2="{ly2 - 4}" '
+                 f'stroke="{c}" stroke-width="2"{da}/>')
+        o.append(f'<text x="{LEFT + 40}" y="{ly2}">{esc(legend)}</text>')
+    o.append("</svg>")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write("\n".join(o) + "\n")
+
+
+def main(argv):
+    if len(argv) < 4:
+        print(__doc__, file=sys.stderr)
+        return 2
+    out, title = argv[1], argv[2]
+    series = [s for s in (load(a) for a in argv[3:]) if s and s[1]]
+    if not series:
+        print(f"latplot: nothing to plot for {out}", file=sys.stderr)
+        return 1
+    plot(out, title, series)
+    print(f"latplot: wrote {out} ({len(series)} curves)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
