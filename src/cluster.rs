@@ -46,6 +46,7 @@ use crate::redis_url::Secret;
 use crate::time::{Micros, Now};
 
 pub mod resp;
+pub mod slots;
 
 /// The cluster's share of the settings.
 #[derive(Debug, Clone)]
