@@ -4,14 +4,18 @@
 //!
 //! | key (prefix `chatloop:`) | type | what | expiry |
 //! |---|---|---|---|
-//! | `s:{session}` | hash `u`, `i` | username, user id | `--session-ttl`, slid on every use |
-//! | `sr:{session}` | set | the session's rooms | as the session |
+//! | `{s:SESSION}:s` | hash `u`, `i` | username, user id | `--session-ttl`, slid on every use |
+//! | `{s:SESSION}:sr` | set | the session's rooms | as the session |
 //! | `rooms` | sorted set | room id → expiry (Unix ms) | score pushed forward while a node has members |
-//! | `h:{room}` | list | the last `--history` chat messages and the presence notices among them (`id` + JSON) | room TTL after the last refresh |
-//! | `hn:{room}` | list | the notices in `h:{room}`, oldest first, at most `--history-notices` | as `h:{room}` |
-//! | `p:{room}` | sorted set | `node:conn:user_id:user` → expiry (Unix ms) | heartbeated every `--presence-ttl`/3 |
-//! | channel `m:{room}` | pub/sub | `H{id}{json}` history events, `T{node}{conn}{json}` typing | subscribed while the node has members there |
+//! | `{r:ROOM}:h` | list | the last `--history` chat messages and the presence notices among them (`id` + JSON) | room TTL after the last refresh |
+//! | `{r:ROOM}:hn` | list | the notices in `{r:ROOM}:h`, oldest first, at most `--history-notices` | as `{r:ROOM}:h` |
+//! | `{r:ROOM}:p` | sorted set | `node:conn:user_id:user` → expiry (Unix ms) | heartbeated every `--presence-ttl`/3 |
+//! | channel `{r:ROOM}:m` | pub/sub | `H{id}{json}` history events, `T{node}{conn}{json}` typing | subscribed while the node has members there |
 //! | channel `ctl` | pub/sub | `E{session}`: a session ended | always subscribed |
+//!
+//! The part in braces is a hash tag: in a Redis Cluster every key of one room (and of one
+//! session) is in one hash slot, so each script touches one slot ([`slots`] has the
+//! cluster's pure pieces).
 //!
 //! One RESP3 connection carries commands (pipelined, answered in order) and pub/sub pushes,
 //! so a `SUBSCRIBE` followed by `LRANGE` on the same connection sees every message exactly
@@ -244,6 +248,22 @@ enum Pending {
     },
     /// The presence entries this heartbeat found expired (and removed).
     Expired(RoomId),
+    /// `SMEMBERS` of a session's rooms for [`Query::SessionRooms`]; their registry scores
+    /// are asked next ([`Pending::RoomScores`]).
+    SessionRooms {
+        token: usize,
+        serial: u32,
+        session: SessionId,
+        now_ms: u64,
+    },
+    /// `ZMSCORE` of `rooms` in the registry: those still live answer [`Query::SessionRooms`].
+    RoomScores {
+        token: usize,
+        serial: u32,
+        session: SessionId,
+        now_ms: u64,
+        rooms: Vec<RoomId>,
+    },
 }
 
 #[derive(Debug)]
@@ -307,14 +327,6 @@ return redis.call('PUBLISH', KEYS[2], 'H' .. ARGV[1])";
 const EXPIRE_PRESENCE: &str = "local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) \
 if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) end \
 return gone";
-
-/// The Lua script behind [`Query::SessionRooms`]: the session's rooms whose registry score
-/// is still in the future.
-const SESSION_ROOMS: &str = "local out = {} \
-for _, r in ipairs(redis.call('SMEMBERS', KEYS[1])) do \
-local s = redis.call('ZSCORE', KEYS[2], r) \
-if s and tonumber(s) > tonumber(ARGV[1]) then out[#out + 1] = r end end \
-return out";
 
 pub struct Cluster {
     cfg: ClusterConfig,
@@ -533,6 +545,10 @@ impl Cluster {
                         self.events.push(Event::Unconfirmed { room, id, json });
                     }
                 }
+                Pending::SessionRooms { token, serial, .. }
+                | Pending::RoomScores { token, serial, .. } => {
+                    self.events.push(Event::Failed { token, serial })
+                }
                 Pending::Load { .. } | Pending::Ignore | Pending::Hello | Pending::Expired(_) => {}
             }
         }
@@ -639,18 +655,18 @@ impl Cluster {
                     [b"ZRANGEBYSCORE", key.as_bytes(), after.as_bytes(), b"+inf"];
                 self.command(&args, fetch)
             }
-            Query::SessionRooms(s) => {
-                let key = key("sr:", s);
-                let ms = now_ms.to_string();
-                let args: [&[u8]; 6] = [
-                    b"EVAL",
-                    SESSION_ROOMS.as_bytes(),
-                    b"2",
-                    key.as_bytes(),
-                    b"chatloop:rooms",
-                    ms.as_bytes(),
-                ];
-                self.command(&args, fetch)
+            Query::SessionRooms(session) => {
+                // The session's rooms, then (when they come) their registry scores: two
+                // commands, since a session's keys and the registry live in different slots
+                // of a Redis Cluster (a script may touch only one).
+                let key = key("sr:", session);
+                let members = Pending::SessionRooms {
+                    token,
+                    serial,
+                    session,
+                    now_ms,
+                };
+                self.command(&[b"SMEMBERS", key.as_bytes()], members)
             }
             Query::AllRooms => {
                 let args: [&[u8]; 4] = [
@@ -1044,6 +1060,72 @@ impl Cluster {
                     self.events.push(Event::Failed { token, serial });
                 }
             },
+            Pending::SessionRooms {
+                token,
+                serial,
+                session,
+                now_ms,
+            } => {
+                if let Some(e) = error_text(&frame) {
+                    log::warn!("Redis answered a session's rooms with {}", redis_error(&e));
+                    self.events.push(Event::Failed { token, serial });
+                    return true;
+                }
+                let rooms: Vec<RoomId> = list_items(frame)
+                    .iter()
+                    .filter_map(|r| std::str::from_utf8(r).ok().and_then(RoomId::parse))
+                    .collect();
+                if rooms.is_empty() {
+                    self.events.push(Event::Answer {
+                        token,
+                        serial,
+                        query: Query::SessionRooms(session),
+                        answer: Answer::Rooms(Vec::new()),
+                    });
+                    return true;
+                }
+                let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + rooms.len());
+                args.push(b"ZMSCORE".to_vec());
+                args.push(b"chatloop:rooms".to_vec());
+                args.extend(rooms.iter().map(|r| r.hex().to_vec()));
+                let scores = Pending::RoomScores {
+                    token,
+                    serial,
+                    session,
+                    now_ms,
+                    rooms,
+                };
+                self.command_owned(&args, scores);
+            }
+            Pending::RoomScores {
+                token,
+                serial,
+                session,
+                now_ms,
+                rooms,
+            } => {
+                if let Some(e) = error_text(&frame) {
+                    log::warn!("Redis answered room scores with {}", redis_error(&e));
+                    self.events.push(Event::Failed { token, serial });
+                    return true;
+                }
+                let scores = match frame {
+                    OwnedFrame::Array { data, .. } => data,
+                    _ => Vec::new(),
+                };
+                let live = rooms
+                    .into_iter()
+                    .zip(scores)
+                    .filter(|(_, s)| live_score(s, now_ms))
+                    .map(|(r, _)| r)
+                    .collect();
+                self.events.push(Event::Answer {
+                    token,
+                    serial,
+                    query: Query::SessionRooms(session),
+                    answer: Answer::Rooms(live),
+                });
+            }
             Pending::Expired(room) => {
                 for e in list_items(frame) {
                     if let Some((user, user_id)) = presence_user(&e)
@@ -1153,7 +1235,8 @@ impl Cluster {
             return;
         }
         let Some(room) = channel
-            .strip_prefix(b"chatloop:m:")
+            .strip_prefix(b"chatloop:{r:")
+            .and_then(|r| r.strip_suffix(b"}:m"))
             .and_then(|r| std::str::from_utf8(r).ok())
             .and_then(RoomId::parse)
         else {
@@ -1249,9 +1332,14 @@ impl Cluster {
     }
 }
 
-/// A Redis key or channel: `chatloop:{kind}{id}`.
+/// A Redis key or channel of a room or a session: `chatloop:{r:ROOM}:h`,
+/// `chatloop:{s:SESSION}:sr`. The part in braces is the hash tag, so every key of one room
+/// (and of one session) lives in one hash slot of a Redis Cluster, as a script's keys must,
+/// while rooms and sessions spread over the shards; one Redis ignores the braces.
 fn key(kind: &str, id: impl std::fmt::Display) -> String {
-    format!("{PREFIX}{kind}{id}")
+    let name = kind.trim_end_matches(':');
+    let tag = if matches!(name, "s" | "sr") { "s" } else { "r" };
+    format!("{PREFIX}{{{tag}:{id}}}:{name}")
 }
 
 fn secs(d: Micros) -> u64 {
@@ -1296,9 +1384,11 @@ fn error_text(f: &OwnedFrame) -> Option<String> {
     }
 }
 
+/// The strings of an array reply, or of a set (`SMEMBERS` answers a RESP3 set).
 fn list_items(f: OwnedFrame) -> Vec<Vec<u8>> {
     match f {
         OwnedFrame::Array { data, .. } => data.into_iter().filter_map(into_blob).collect(),
+        OwnedFrame::Set { data, .. } => data.into_iter().filter_map(into_blob).collect(),
         _ => Vec::new(),
     }
 }
@@ -1318,6 +1408,18 @@ fn presence_user(e: &[u8]) -> Option<(String, UserId)> {
     let (_node, _conn) = (parts.next()?, parts.next()?);
     let uid = u32::from_str_radix(parts.next()?, 16).ok()?;
     Some((parts.next()?.to_string(), UserId(uid)))
+}
+
+/// Whether a registry score (RESP3 double, or its text) is after `now_ms`.
+fn live_score(f: &OwnedFrame, now_ms: u64) -> bool {
+    match f {
+        OwnedFrame::Double { data, .. } => *data > now_ms as f64,
+        OwnedFrame::BlobString { data, .. } => std::str::from_utf8(data)
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .is_some_and(|s| s > now_ms as f64),
+        _ => false,
+    }
 }
 
 fn decode_answer(query: Query, frame: OwnedFrame, now_ms: u64) -> Result<Answer, String> {
@@ -1353,14 +1455,7 @@ fn decode_answer(query: Query, frame: OwnedFrame, now_ms: u64) -> Result<Answer,
             }
             Answer::Session(user.zip(uid.map(UserId)))
         }
-        Query::RoomExists(_) => Answer::Exists(match frame {
-            OwnedFrame::Double { data, .. } => data > now_ms as f64,
-            OwnedFrame::BlobString { data, .. } => std::str::from_utf8(&data)
-                .ok()
-                .and_then(|s| s.parse::<f64>().ok())
-                .is_some_and(|s| s > now_ms as f64),
-            _ => false,
-        }),
+        Query::RoomExists(_) => Answer::Exists(live_score(&frame, now_ms)),
         Query::UserCount(_) => Answer::Count(match frame {
             OwnedFrame::Number { data, .. } => usize::try_from(data).unwrap_or(0),
             _ => 0,
@@ -1371,7 +1466,7 @@ fn decode_answer(query: Query, frame: OwnedFrame, now_ms: u64) -> Result<Answer,
                 .filter_map(|e| presence_user(e))
                 .collect(),
         ),
-        Query::SessionRooms(_) | Query::AllRooms => Answer::Rooms(
+        Query::AllRooms | Query::SessionRooms(_) => Answer::Rooms(
             list_items(frame)
                 .iter()
                 .filter_map(|r| std::str::from_utf8(r).ok().and_then(RoomId::parse))

@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use common::*;
-use redis::{Proxy, RedisOptions, RedisServer};
+use redis::{Proxy, RedisCluster, RedisOptions, RedisServer};
 use serde_json::{Value, json};
 
 /// No chat rate limit in the way of the bursts these tests send.
@@ -346,10 +346,28 @@ fn join_synced(
 
 #[test]
 fn chat_across_three_nodes_arrives_once_and_in_one_order_for_everybody() {
+    chat_across_three_nodes(Cluster::start(3, &[]));
+}
+
+/// Three nodes on a Redis Cluster of one master (all 16 384 slots), with the plain
+/// `redis://` URL: every script's keys must hash to one slot (`CROSSSLOT` otherwise, even on
+/// one node), as on a managed Redis with cluster mode on and one shard.
+#[track_caller]
+fn on_a_one_shard_redis_cluster(args: &[&str]) -> Cluster {
+    let redis = RedisCluster::start(1, 0).nodes.pop().expect("its one node");
+    let urls = vec![redis.url(0); 3];
+    Cluster::start_nodes(redis, &urls, args)
+}
+
+#[test]
+fn on_a_one_shard_redis_cluster_chat_arrives_once_and_in_one_order_for_everybody() {
+    chat_across_three_nodes(on_a_one_shard_redis_cluster(&[]));
+}
+
+fn chat_across_three_nodes(c: Cluster) {
     const CLIENTS: usize = 6;
     const PER: usize = 20;
     const TOTAL: usize = CLIENTS * PER;
-    let c = Cluster::start(3, &[]);
     let (owner, _) = c.node(0).session("owner");
     let room = c.node(0).room(&owner);
 
@@ -515,7 +533,15 @@ fn chat_across_three_nodes_arrives_once_and_in_one_order_for_everybody() {
 
 #[test]
 fn sessions_rooms_and_history_work_on_every_node() {
-    let c = Cluster::start(3, &["--room-list"]);
+    sessions_rooms_and_history(Cluster::start(3, &["--room-list"]));
+}
+
+#[test]
+fn on_a_one_shard_redis_cluster_sessions_rooms_and_history_work_on_every_node() {
+    sessions_rooms_and_history(on_a_one_shard_redis_cluster(&["--room-list"]));
+}
+
+fn sessions_rooms_and_history(c: Cluster) {
     let (a, b, cc) = (c.node(0), c.node(1), c.node(2));
 
     // A session made on A works on every node.
@@ -1374,14 +1400,14 @@ fn presence_churn_leaves_chat_in_the_shared_history() {
     // Redis keeps the 50 chats and at most --history-notices (100) notices.
     let len: usize = c
         .redis
-        .command(0, &["LLEN", &format!("chatloop:h:{room}")])
+        .command(0, &["LLEN", &format!("chatloop:{{r:{room}}}:h")])
         .unwrap()
         .trim()
         .parse()
         .unwrap();
     assert!(
         (50..=150).contains(&len),
-        "chatloop:h:{room} has {len} entries"
+        "the history of {room} has {len} entries"
     );
 
     // alice catches up on node B (not subscribed there: it loads the history from Redis).
@@ -1960,7 +1986,7 @@ fn no_log_line_holds_a_token_the_redis_password_chat_or_a_username() {
     // holds a string, so HGETALL answers WRONGTYPE (logged, with the query).
     let (sx, _) = c.node(0).session(VICTIM);
     c.redis
-        .command(0, &["SET", &format!("chatloop:s:{sx}"), "x"])
+        .command(0, &["SET", &format!("chatloop:{{s:{sx}}}:s"), "x"])
         .expect("overwrite the session key");
     let r = c.node(1).http().get("/sessions/me", Some(&sx));
     assert_eq!(r.status, 503, "{}", r.text());

@@ -21,10 +21,12 @@ cargo clippy --no-default-features -- -D warnings
 cargo build --profile fast --no-default-features
 
 # Debian packages the cargo tests need: redis-server (tests/cluster.rs starts its own
-# instances), strace (tests/memory_only.rs traces a whole scenario for file writes) and
+# instances) and redis-tools (redis-cli joins the Redis Clusters of tests/redis_cluster.rs;
+# Redis 7 or newer for sharded pub/sub), strace (tests/memory_only.rs traces a whole scenario for file writes) and
 # openssl (tests/tls.rs makes its test CA and certificates with it).
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v strace >/dev/null 2>&1 || need+=(strace)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then

@@ -157,6 +157,68 @@ fn a_missing_session_is_none_and_an_expired_room_does_not_exist() {
 }
 
 #[test]
+fn a_sessions_rooms_are_two_commands_each_on_one_slot() {
+    // SMEMBERS of the session's set, then ZMSCORE of those rooms in the registry: a script
+    // touching both would cross hash slots in a Redis Cluster.
+    let mut c = up();
+    let other = RoomId(0xabcdef0123);
+    let gone = RoomId(0x1111111111);
+    c.fetch(7, 3, Query::SessionRooms(SessionId(5)), now(10));
+    let out = String::from_utf8_lossy(&c.out).into_owned();
+    assert!(out.contains("SMEMBERS") && !out.contains("EVAL"), "{out}");
+    c.out.clear();
+    let members = [ROOM, other, gone].map(|r| r.hex().to_vec());
+    let mut set = bulk_array(&members);
+    set[0] = b'~'; // SMEMBERS answers a RESP3 set
+    assert!(c.on_bytes(&set, now(11)));
+    assert!(!c.has_events(), "the scores are asked first");
+    let out = String::from_utf8_lossy(&c.out).into_owned();
+    assert!(
+        out.contains("ZMSCORE") && out.contains("chatloop:rooms") && out.contains("abcdef0123"),
+        "{out}"
+    );
+    let past = (now(10).wall.0 / 1000 - 5).to_string();
+    let future = (now(10).wall.0 / 1000 + 5).to_string();
+    // Scores in the order the command names the rooms (a set has none of its own).
+    let mut named = [(ROOM, future.as_str()), (other, "_"), (gone, past.as_str())]
+        .map(|(r, s)| (out.find(std::str::from_utf8(&r.hex()).unwrap()).unwrap(), s));
+    named.sort();
+    let scores: String = named
+        .iter()
+        .map(|(_, s)| match *s {
+            "_" => "_\r\n".to_string(),
+            s => format!(",{s}\r\n"),
+        })
+        .collect();
+    let scores = format!("*3\r\n{scores}");
+    assert!(c.on_bytes(scores.as_bytes(), now(12)));
+    assert_eq!(
+        c.drain_events().collect::<Vec<_>>(),
+        vec![Event::Answer {
+            token: 7,
+            serial: 3,
+            query: Query::SessionRooms(SessionId(5)),
+            answer: Answer::Rooms(vec![ROOM]),
+        }]
+    );
+    // No rooms: answered at once; the link lost between the two: the request fails.
+    c.fetch(8, 1, Query::SessionRooms(SessionId(5)), now(13));
+    assert!(c.on_bytes(b"*0\r\n", now(13)));
+    assert!(matches!(
+        c.drain_events().next(),
+        Some(Event::Answer { answer: Answer::Rooms(r), .. }) if r.is_empty()
+    ));
+    c.fetch(9, 1, Query::SessionRooms(SessionId(5)), now(14));
+    assert!(c.on_bytes(&bulk_array(&members[..1]), now(14)));
+    c.on_disconnected(now(15));
+    assert!(c.drain_events().any(|e| e
+        == Event::Failed {
+            token: 9,
+            serial: 1
+        }));
+}
+
+#[test]
 fn losing_redis_fails_waiting_requests_and_backs_off() {
     let mut c = up();
     c.fetch(4, 2, Query::AllRooms, now(10));
@@ -200,13 +262,13 @@ fn subscribe_then_load_sees_each_message_exactly_once() {
     let (a, b, d) = (MsgId(1 << 80), MsgId(2 << 80), MsgId(3 << 80));
     // b was published after SUBSCRIBE ran and before LRANGE ran: it is in both.
     let mut bytes = push(
-        "chatloop:m:0123456789",
+        "chatloop:{r:0123456789}:m",
         &[b"H".as_slice(), &entry(b, "b")].concat(),
     );
     bytes.extend_from_slice(&bulk_array(&[entry(a, "a"), entry(b, "b")]));
     // d came after LRANGE: only as a push.
     bytes.extend_from_slice(&push(
-        "chatloop:m:0123456789",
+        "chatloop:{r:0123456789}:m",
         &[b"H".as_slice(), &entry(d, "d")].concat(),
     ));
     assert!(c.on_bytes(&bytes, now(11)));
@@ -255,9 +317,9 @@ fn a_chat_is_stored_and_published_by_one_script() {
         "RPUSH",
         "LREM",
         "PUBLISH",
-        "chatloop:h:0123456789",
-        "chatloop:m:0123456789",
-        "chatloop:hn:0123456789",
+        "chatloop:{r:0123456789}:h",
+        "chatloop:{r:0123456789}:m",
+        "chatloop:{r:0123456789}:hn",
     ] {
         assert!(out.contains(part), "{part} missing in {out}");
     }
@@ -267,7 +329,7 @@ fn a_chat_is_stored_and_published_by_one_script() {
     );
     assert!(out.contains(&format!("{id}{{}}")), "{out}");
     // The script's reply comes after the push of its own message (a subscriber's own push).
-    let mut bytes = push("chatloop:m:0123456789", format!("H{id}{{}}").as_bytes());
+    let mut bytes = push("chatloop:{r:0123456789}:m", format!("H{id}{{}}").as_bytes());
     bytes.extend_from_slice(b":1\r\n");
     let sent = c.sent();
     assert!(c.on_bytes(&bytes, now(11)));
@@ -291,11 +353,11 @@ fn typing_is_not_delivered_back_to_its_sender() {
     let out = c.out.clone();
     let at = out.windows(9).position(|w| w == b"Tabcdef01").unwrap();
     let payload = &out[at..at + 17 + 17];
-    assert!(c.on_bytes(&push("chatloop:m:0123456789", payload), now(13)));
+    assert!(c.on_bytes(&push("chatloop:{r:0123456789}:m", payload), now(13)));
     // The same payload from another node excludes nobody here.
     let mut other = payload.to_vec();
     other[1..9].copy_from_slice(b"99999999");
-    assert!(c.on_bytes(&push("chatloop:m:0123456789", &other), now(13)));
+    assert!(c.on_bytes(&push("chatloop:{r:0123456789}:m", &other), now(13)));
     let excepts: Vec<Option<ConnId>> = c
         .drain_events()
         .filter_map(|e| match e {
@@ -364,11 +426,11 @@ fn heartbeats_refresh_presence_every_third_of_its_ttl() {
     c.on_timer(now(due.0 / 1000));
     let out = String::from_utf8_lossy(&c.out).to_string();
     assert!(
-        out.contains("ZADD") && out.contains("chatloop:p:0123456789"),
+        out.contains("ZADD") && out.contains("chatloop:{r:0123456789}:p"),
         "{out}"
     );
     assert!(
-        out.contains("chatloop:s:"),
+        out.contains("chatloop:{s:"),
         "sessions with sockets slide: {out}"
     );
 }
@@ -489,7 +551,7 @@ fn a_room_loaded_for_a_join_that_never_happened_is_reloaded_after_a_reconnect_to
     assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(201)));
     let out = String::from_utf8_lossy(&c.out).to_string();
     assert!(
-        out.contains("SUBSCRIBE\r\n$21\r\nchatloop:m:0123456789") && out.contains("LRANGE"),
+        out.contains("SUBSCRIBE\r\n$25\r\nchatloop:{r:0123456789}:m") && out.contains("LRANGE"),
         "{out}"
     );
 }
@@ -540,7 +602,7 @@ fn the_prescan_finds_where_each_reply_ends_whatever_the_reads() {
         b"*0\r\n".to_vec(),
         b"~2\r\n:1\r\n:2\r\n".to_vec(),
         hello,
-        push("chatloop:m:0123456789", b"Hxyz"),
+        push("chatloop:{r:0123456789}:m", b"Hxyz"),
         bulk_array(&[b"a".to_vec(), Vec::new(), b"ccc".to_vec()]),
         nested(16),
     ];
@@ -758,12 +820,12 @@ fn events_unconfirmed_when_the_link_drops_come_back_in_order_unless_echoed() {
     }
     // 1 is answered, 2 only echoed (the reply got stuck), 3 and 4 nothing at all.
     let mut bytes = push(
-        "chatloop:m:0123456789",
+        "chatloop:{r:0123456789}:m",
         format!("H{}{{}}", ids[0]).as_bytes(),
     );
     bytes.extend_from_slice(b":1\r\n");
     bytes.extend_from_slice(&push(
-        "chatloop:m:0123456789",
+        "chatloop:{r:0123456789}:m",
         format!("H{}{{}}", ids[1]).as_bytes(),
     ));
     assert!(c.on_bytes(&bytes, now(11)));

@@ -29,6 +29,9 @@ pub struct RedisOptions {
     pub appendonly: bool,
     /// `--requirepass`: clients must authenticate (the helpers here do).
     pub password: Option<&'static str>,
+    /// `--cluster-enabled yes` (a node of a [`RedisCluster`]), with its bus on a free port
+    /// and a 1 s `cluster-node-timeout`, so that a replica replaces a lost master quickly.
+    pub cluster: bool,
 }
 
 /// A running (or stopped) `redis-server` on 127.0.0.1.
@@ -38,6 +41,8 @@ pub struct RedisServer {
     dir: PathBuf,
     opts: RedisOptions,
     starts: u32,
+    /// The cluster bus port (`--cluster-port`) of a cluster node, kept across restarts.
+    bus_port: u16,
 }
 
 impl RedisServer {
@@ -63,12 +68,14 @@ impl RedisServer {
             dir,
             opts,
             starts: 0,
+            bus_port: 0,
         };
         // The free port is found by binding and dropping a listener, so another process may
         // take it before redis-server binds it: try a few ports.
         let mut last = String::new();
         for _ in 0..5 {
             r.port = free_port();
+            r.bus_port = free_port();
             match r.spawn() {
                 Ok(()) => return r,
                 Err(e) => last = e,
@@ -212,10 +219,26 @@ impl RedisServer {
             Some(pw) => vec!["--requirepass", pw],
             None => Vec::new(),
         };
+        let bus = self.bus_port.to_string();
+        let cluster: Vec<&str> = if self.opts.cluster {
+            vec![
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus,
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+            ]
+        } else {
+            Vec::new()
+        };
         let child = Command::new("redis-server")
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", appendonly, "--dir", &dir])
             .args(&auth)
+            .args(&cluster)
             .args(["--daemonize", "no", "--logfile", ""])
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -263,6 +286,298 @@ impl Drop for RedisServer {
         // (A failing cluster test has printed the log tail already.)
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// How long a cluster may take to agree on its slots, or to replace a master by a replica.
+const CLUSTER_LIMIT: Duration = Duration::from_secs(30);
+
+/// A Redis Cluster on loopback ports, each node a [`RedisServer`] with `cluster: true`:
+/// `masters` masters (three or more are joined by `redis-cli --cluster create`, the Debian
+/// package redis-tools; a single master is given every slot with `CLUSTER ADDSLOTSRANGE`), and
+/// `replicas` replicas of each. Nodes are killed (by their own pids) when it drops.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct NodeLine {
+    pub id: String,
+    pub port: u16,
+    pub master: bool,
+    pub failed: bool,
+    /// Slot ranges served (inclusive), for a master.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl RedisCluster {
+    #[track_caller]
+    pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        assert!(
+            masters == 1 && replicas == 0 || masters >= 3,
+            "1 master, or 3 and more"
+        );
+        let opts = RedisOptions {
+            cluster: true,
+            ..Default::default()
+        };
+        let nodes = (0..masters * (1 + replicas))
+            .map(|_| RedisServer::start_with(opts))
+            .collect();
+        let c = RedisCluster { nodes };
+        if masters == 1 {
+            c.nodes[0]
+                .command(0, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"])
+                .expect("CLUSTER ADDSLOTSRANGE");
+        } else {
+            let mut cmd = Command::new("redis-cli");
+            cmd.args(["--cluster", "create"]);
+            for n in &c.nodes {
+                cmd.arg(format!("127.0.0.1:{}", n.port));
+            }
+            cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+            let out = match cmd.stdin(Stdio::null()).output() {
+                Ok(o) => o,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{NOT_FOUND}"),
+                Err(e) => panic!("run redis-cli: {e}"),
+            };
+            assert!(
+                out.status.success(),
+                "redis-cli --cluster create: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        c.wait_until(
+            "every node agrees on the slots and every replica is in sync",
+            |c| c.settled(masters),
+        );
+        c
+    }
+
+    /// `redis-cluster://127.0.0.1:P1,127.0.0.1:P2,...` (every node a seed).
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis-cluster://{}", seeds.join(","))
+    }
+
+    /// Waits (bounded) until `ok`; panics with every node's view of the cluster if not.
+    #[track_caller]
+    pub fn wait_until(&self, what: &str, ok: impl Fn(&RedisCluster) -> bool) {
+        let t = Instant::now();
+        while t.elapsed() < CLUSTER_LIMIT {
+            if ok(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let views: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| match n.command(0, &["CLUSTER", "NODES"]) {
+                Ok(v) => format!("--- {}:\n{v}", n.port),
+                Err(e) => format!("--- {}: {e}", n.port),
+            })
+            .collect();
+        panic!(
+            "Redis Cluster: not {what} within {CLUSTER_LIMIT:?}\n{}",
+            views.join("\n")
+        );
+    }
+
+    /// Every live node says `cluster_state:ok` with all slots served by `masters` healthy
+    /// masters, and every live replica's link to its master is up.
+    fn settled(&self, masters: usize) -> bool {
+        self.nodes.iter().filter(|n| n.ping()).all(|n| {
+            let info = n.command(0, &["CLUSTER", "INFO"]).unwrap_or_default();
+            let role = n.command(0, &["ROLE"]).unwrap_or_default();
+            let lines = self.nodes_view(n);
+            info.contains("cluster_state:ok")
+                && info.contains("cluster_slots_ok:16384")
+                && lines
+                    .iter()
+                    .filter(|l| l.master && !l.slots.is_empty())
+                    .count()
+                    == masters
+                && (role.starts_with("master") || role.contains("\nconnected\n"))
+        })
+    }
+
+    /// `CLUSTER NODES` as `node` sees it (nodes that failed included, flagged).
+    pub fn nodes_view(&self, node: &RedisServer) -> Vec<NodeLine> {
+        let text = node.command(0, &["CLUSTER", "NODES"]).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let port = f
+                    .get(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let flags = f.get(2)?;
+                let slots = f
+                    .iter()
+                    .skip(8)
+                    .filter(|s| !s.starts_with('['))
+                    .filter_map(|s| match s.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => s.parse().ok().map(|a| (a, a)),
+                    })
+                    .collect();
+                Some(NodeLine {
+                    id: f.first()?.to_string(),
+                    port,
+                    master: flags.contains("master"),
+                    failed: flags.contains("fail"),
+                    slots,
+                })
+            })
+            .collect()
+    }
+
+    /// The first live node (to ask about the cluster).
+    fn live(&self) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.ping())
+            .expect("a live Redis node")
+    }
+
+    /// The slot of a key (`CLUSTER KEYSLOT`).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        self.live()
+            .command(0, &["CLUSTER", "KEYSLOT", key])
+            .expect("CLUSTER KEYSLOT")
+            .parse()
+            .expect("a slot number")
+    }
+
+    /// The index in `nodes` of the master serving `slot`, as the first live node sees it.
+    pub fn master_of(&self, slot: u16) -> usize {
+        let line = self
+            .nodes_view(self.live())
+            .into_iter()
+            .find(|l| l.master && !l.failed && l.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
+            .expect("a master serving the slot");
+        self.index_of(line.port)
+    }
+
+    fn index_of(&self, port: u16) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.port == port)
+            .expect("one of our nodes")
+    }
+
+    /// The node's cluster id.
+    pub fn id(&self, i: usize) -> String {
+        self.nodes[i]
+            .command(0, &["CLUSTER", "MYID"])
+            .expect("CLUSTER MYID")
+    }
+
+    /// A command on the master of `key` (no redirection followed).
+    pub fn command(&self, key: &str, args: &[&str]) -> Result<String, String> {
+        self.nodes[self.master_of(self.slot_of(key))].command(0, args)
+    }
+
+    /// Starts moving `slot` to master `to` (by hand, as `redis-cli --cluster reshard` does):
+    /// `to` is importing it and its master migrating it; no key has moved yet.
+    #[track_caller]
+    pub fn begin_migration(&self, slot: u16, to: usize) -> Migration {
+        let from = self.master_of(slot);
+        assert_ne!(from, to, "slot {slot} is on that master already");
+        let s = slot.to_string();
+        let (from_id, to_id) = (self.id(from), self.id(to));
+        self.nodes[to]
+            .command(0, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id])
+            .expect("SETSLOT IMPORTING");
+        self.nodes[from]
+            .command(0, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id])
+            .expect("SETSLOT MIGRATING");
+        Migration { slot, from, to }
+    }
+
+    /// Moves up to `n` keys of the migration's slot (`MIGRATE`); returns how many moved.
+    #[track_caller]
+    pub fn migrate_keys(&self, m: &Migration, n: usize) -> usize {
+        let s = m.slot.to_string();
+        let keys = self.nodes[m.from]
+            .command(0, &["CLUSTER", "GETKEYSINSLOT", &s, &n.to_string()])
+            .expect("GETKEYSINSLOT");
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            return 0;
+        }
+        let port = self.nodes[m.to].port.to_string();
+        let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+        args.extend(keys.iter().copied());
+        self.nodes[m.from].command(0, &args).expect("MIGRATE");
+        keys.len()
+    }
+
+    /// Moves the rest of the slot's keys and gives the slot to its new master, on every node.
+    #[track_caller]
+    pub fn finish_migration(&self, m: Migration) {
+        while self.migrate_keys(&m, 100) > 0 {}
+        let s = m.slot.to_string();
+        let to_id = self.id(m.to);
+        for i in std::iter::once(m.to)
+            .chain(std::iter::once(m.from))
+            .chain((0..self.nodes.len()).filter(|&i| i != m.to && i != m.from))
+        {
+            if self.nodes[i].ping() {
+                let _ = self.nodes[i].command(0, &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+            }
+        }
+        self.wait_until("agreed on the migrated slot", |c| {
+            c.nodes.iter().filter(|n| n.ping()).all(|n| {
+                c.nodes_view(n).iter().any(|l| {
+                    l.port == c.nodes[m.to].port
+                        && l.slots.iter().any(|&(a, b)| a <= m.slot && m.slot <= b)
+                })
+            })
+        });
+    }
+
+    /// Kills master `i` (SIGKILL to its own pid) and waits until one of its replicas serves
+    /// its slots and the cluster is `ok` again.
+    #[track_caller]
+    pub fn kill_master_and_wait_for_failover(&mut self, i: usize) {
+        let port = self.nodes[i].port;
+        let slots = self
+            .nodes_view(&self.nodes[i])
+            .into_iter()
+            .find(|l| l.port == port)
+            .expect("the master's own line")
+            .slots;
+        self.nodes[i].kill();
+        self.wait_until("failed over to a replica", |c| {
+            let Some(n) = c.nodes.iter().find(|n| n.port != port && n.ping()) else {
+                return false;
+            };
+            let info = n.command(0, &["CLUSTER", "INFO"]).unwrap_or_default();
+            info.contains("cluster_state:ok")
+                && c.nodes_view(n)
+                    .iter()
+                    .any(|l| l.master && !l.failed && l.port != port && l.slots == slots)
+        });
+    }
+}
+
+/// A slot being moved between two masters (see [`RedisCluster::begin_migration`]).
+#[derive(Debug)]
+pub struct Migration {
+    pub slot: u16,
+    pub from: usize,
+    pub to: usize,
 }
 
 /// A loopback port that was free a moment ago.
