@@ -227,6 +227,9 @@ enum Link {
 enum Pending {
     Ignore,
     Hello,
+    /// `CLUSTER SLOTS`, the last command of the handshake: a Redis Cluster of several
+    /// masters is refused (not supported yet), one Redis or a cluster of one master is fine.
+    Topology,
     /// The script that stores and publishes a history event: its reply (or its echo on the
     /// room's channel, whichever comes first) confirms the event.
     Publish {
@@ -523,6 +526,7 @@ impl Cluster {
         self.command_owned(&hello, Pending::Hello);
         let db = self.cfg.db.to_string();
         self.command(&[b"SELECT", db.as_bytes()], Pending::Hello);
+        self.command(&[b"CLUSTER", b"SLOTS"], Pending::Topology);
     }
 
     /// The connection failed or closed: fail what waits, go degraded, retry with backoff.
@@ -549,7 +553,11 @@ impl Cluster {
                 | Pending::RoomScores { token, serial, .. } => {
                     self.events.push(Event::Failed { token, serial })
                 }
-                Pending::Load { .. } | Pending::Ignore | Pending::Hello | Pending::Expired(_) => {}
+                Pending::Load { .. }
+                | Pending::Ignore
+                | Pending::Hello
+                | Pending::Topology
+                | Pending::Expired(_) => {}
             }
         }
         self.awaiting.clear();
@@ -1035,13 +1043,32 @@ impl Cluster {
                     );
                     return false;
                 }
-                if self
-                    .pending
-                    .iter()
-                    .all(|(p, _)| !matches!(p, Pending::Hello))
-                {
-                    self.became_up(now);
+            }
+            Pending::Topology => {
+                // One Redis answers an error (cluster support disabled): nothing to check.
+                if error_text(&frame).is_none() {
+                    let asked = slots::Addr {
+                        host: String::new(),
+                        port: 1,
+                    };
+                    match slots::SlotMap::from_cluster_slots(&frame, &asked) {
+                        Ok(map) if map.nodes.len() > 1 => {
+                            log::error!(
+                                "Redis is a Redis Cluster of {} masters: chatloop supports one \
+                                 Redis or a Redis Cluster of one master, not a sharded one yet \
+                                 (docs/cluster.md); staying degraded",
+                                map.nodes.len()
+                            );
+                            return false;
+                        }
+                        Ok(_) => {}
+                        Err(why) => {
+                            log::warn!("Redis answered CLUSTER SLOTS with {why}: reconnecting");
+                            return false;
+                        }
+                    }
                 }
+                self.became_up(now);
             }
             Pending::Fetch {
                 token,

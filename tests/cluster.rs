@@ -2153,3 +2153,28 @@ fn private_rooms_and_message_ttl_are_refused_in_cluster_mode() {
     let room = a.room(&alice);
     assert_eq!(b.http().get(&format!("/rooms/{room}"), None).status, 200);
 }
+
+/// A node given one master of a sharded Redis Cluster (three masters): not supported yet, so
+/// it says so in its log and stays degraded (`/health` says Redis is down; 503 for what needs
+/// Redis) instead of half-working: rooms whose slots are on that master shared, every other
+/// one failing command by command (`MOVED`), chat refused as `unconfirmed` at random.
+#[test]
+fn a_sharded_redis_cluster_is_refused_clearly_not_half_used() {
+    let rc = RedisCluster::start(3, 0);
+    let url = rc.nodes[0].url(0);
+    let s = Server::start(&["--redis", &url]);
+    let said = wait_for(REDIS_UP_LIMIT, || {
+        s.log().contains("Redis is a Redis Cluster of 3 masters")
+    });
+    let (code, v) = health(&s).expect("the node answers /health");
+    assert!(
+        said.is_some(),
+        "no log line names the sharded cluster; /health: {code} {v}"
+    );
+    assert_eq!(v["redis"], "down", "{code} {v}");
+    assert_eq!(v["status"], "degraded", "{code} {v}");
+    // A one-master cluster is accepted (tests above); so is it after a reconnect attempt:
+    // the refusal is retried with backoff, never a crash.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(health(&s).expect("still up").1["redis"], "down");
+}

@@ -30,7 +30,10 @@ fn up() -> Cluster {
     let mut c = Cluster::new(cfg(), 0xabcdef01);
     assert!(c.should_connect(now(0)));
     c.on_connected();
-    assert!(c.on_bytes(b"%1\r\n$6\r\nserver\r\n$5\r\nredis\r\n+OK\r\n", now(1)));
+    let hello = b"%1\r\n$6\r\nserver\r\n$5\r\nredis\r\n+OK\r\n";
+    assert!(c.on_bytes(hello, now(1)));
+    assert!(!c.is_up(), "not before CLUSTER SLOTS is answered");
+    assert!(c.on_bytes(NOT_A_CLUSTER, now(1)));
     assert!(c.is_up());
     assert_eq!(c.drain_events().collect::<Vec<_>>(), vec![Event::Up]);
     ack_all(&mut c); // the first heartbeat's writes
@@ -86,7 +89,36 @@ fn handshake_says_hello_3_and_selects_the_database() {
         "{text}"
     );
     assert!(text.contains("$6\r\nSELECT\r\n$1\r\n2\r\n"), "{text}");
+    assert!(text.ends_with("$7\r\nCLUSTER\r\n$5\r\nSLOTS\r\n"), "{text}");
     assert!(!c.is_up());
+}
+
+/// What one Redis (not a cluster) answers to `CLUSTER SLOTS`.
+const NOT_A_CLUSTER: &[u8] = b"-ERR This instance has cluster support disabled\r\n";
+
+#[test]
+fn a_redis_cluster_of_one_master_is_served_one_of_several_is_refused() {
+    let handshake = |slots: &[u8]| {
+        let mut c = Cluster::new(cfg(), 1);
+        c.should_connect(now(0));
+        c.on_connected();
+        assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(1)));
+        let ok = c.on_bytes(slots, now(1));
+        (ok, c.is_up())
+    };
+    assert_eq!(handshake(NOT_A_CLUSTER), (true, true));
+    let one = b"*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:7000\r\n";
+    assert_eq!(handshake(one), (true, true));
+    let three = b"*3\r\n*3\r\n:0\r\n:5460\r\n*2\r\n$1\r\na\r\n:1\r\n\
+*3\r\n:5461\r\n:10922\r\n*2\r\n$1\r\nb\r\n:1\r\n\
+*3\r\n:10923\r\n:16383\r\n*2\r\n$1\r\nc\r\n:1\r\n";
+    assert_eq!(
+        handshake(three),
+        (false, false),
+        "sharded: the link is dropped"
+    );
+    // A slot map that is not one is a broken link too, never a crash.
+    assert_eq!(handshake(b"*1\r\n*3\r\n:9\r\n:1\r\n*0\r\n"), (false, false));
 }
 
 #[test]
@@ -476,6 +508,7 @@ fn after_a_reconnect_rooms_with_members_load_again_to_catch_up() {
     assert!(c.should_connect(now(200)));
     c.on_connected();
     assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(201)));
+    assert!(c.on_bytes(NOT_A_CLUSTER, now(201)));
     let out = String::from_utf8_lossy(&c.out).to_string();
     assert!(out.contains("SUBSCRIBE") && out.contains("LRANGE"), "{out}");
     c.out.clear();
@@ -549,6 +582,7 @@ fn a_room_loaded_for_a_join_that_never_happened_is_reloaded_after_a_reconnect_to
     c.on_connected();
     c.out.clear();
     assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(201)));
+    assert!(c.on_bytes(NOT_A_CLUSTER, now(201)));
     let out = String::from_utf8_lossy(&c.out).to_string();
     assert!(
         out.contains("SUBSCRIBE\r\n$25\r\nchatloop:{r:0123456789}:m") && out.contains("LRANGE"),
@@ -867,6 +901,7 @@ fn a_full_queue_toward_redis_counts_as_down_and_hands_events_back() {
     c.should_connect(now(0));
     c.on_connected();
     assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(1)));
+    assert!(c.on_bytes(NOT_A_CLUSTER, now(1)));
     ack_all(&mut c);
     c.drain_events().for_each(drop);
     assert!(!c.check_queue(now(2)));
