@@ -45,7 +45,7 @@ use redis_protocol::resp3::encode::complete::encode_borrowed;
 use redis_protocol::resp3::types::{BorrowedFrame, OwnedFrame};
 
 use crate::hub::Op;
-use crate::ids::{ConnId, MsgId, RoomId, SessionId, UserId};
+use crate::ids::{ConnHandle, ConnId, MsgId, RoomId, SessionId, UserId};
 use crate::redis_url::Secret;
 use crate::time::{Micros, Now};
 
@@ -246,7 +246,7 @@ enum Pending {
     /// `LRANGE` of a room's history after `SUBSCRIBE`: for a parked join (`for_request`), or
     /// to catch up after a reconnect.
     Load {
-        for_request: Option<(usize, u32)>,
+        for_request: Option<ConnHandle>,
         room: RoomId,
     },
     /// The presence entries this heartbeat found expired (and removed).
@@ -541,7 +541,7 @@ impl Cluster {
             match p {
                 Pending::Fetch { token, serial, .. }
                 | Pending::Load {
-                    for_request: Some((token, serial)),
+                    for_request: Some(ConnHandle { token, serial }),
                     ..
                 } => self.events.push(Event::Failed { token, serial }),
                 Pending::Publish { room, id, json } => {
@@ -707,7 +707,7 @@ impl Cluster {
                 }
                 let key = key("h:", r);
                 let load = Pending::Load {
-                    for_request: Some((token, serial)),
+                    for_request: Some(ConnHandle { token, serial }),
                     room: r,
                 };
                 self.command(&[b"LRANGE", key.as_bytes(), b"0", b"-1"], load)
@@ -1195,7 +1195,7 @@ impl Cluster {
                         catch_up: for_request.is_none(),
                     });
                 }
-                if let Some((token, serial)) = for_request {
+                if let Some(ConnHandle { token, serial }) = for_request {
                     self.events.push(Event::Answer {
                         token,
                         serial,

@@ -12,14 +12,14 @@ use crate::api::{self, ApiCtx, ClusterReq, Reply};
 use crate::cluster::{Facts, Query};
 use crate::config::Config;
 use crate::http::{self, Response};
-use crate::hub::{Bucket, Hub};
+use crate::hub::Hub;
 use crate::ids::{ConnId, RoomId, SessionId};
 use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox, Queue};
 use crate::protocol::{self, FrameBuf};
 use crate::proxy;
-use crate::ratelimit::{Admit, ConnCounter, CreateLimiter, IpKey};
-use crate::throttle::{Event, LogThrottle};
+use crate::ratelimit::{Admit, ConnCounter, CreateLimiter, IpKey, TokenBucket};
+use crate::throttle::{LogEvent, LogThrottle};
 use crate::time::{Micros, Now};
 use crate::timer::TimerId;
 use crate::ws::{self, CloseWith, Step, WsEvent, WsState};
@@ -125,7 +125,7 @@ pub enum State {
         idle_since: Micros,
         continue_sent: bool,
     },
-    Ws(Box<Member>),
+    Ws(Box<ChatSocket>),
     Echo {
         ws: WsState,
         last_rx: Micros,
@@ -142,14 +142,14 @@ pub enum State {
 }
 
 /// A chat WebSocket's state.
-pub struct Member {
+pub struct ChatSocket {
     pub room: RoomId,
     pub session: SessionId,
     pub ws: WsState,
     pub last_rx: Micros,
     pub pinged: bool,
     /// Every frame it sends spends one ([`frame_budget`]).
-    pub frames: Bucket,
+    pub frames: TokenBucket,
 }
 
 /// Everything outside the connection that handling its input may touch.
@@ -358,7 +358,7 @@ impl Conn {
                 ctx.metrics.timeouts += 1;
                 crate::limit_log!(
                     ctx.throttle,
-                    Event::Timeout,
+                    LogEvent::Timeout,
                     now,
                     info,
                     "request timeout: {} did not finish its request in time (408)",
@@ -402,7 +402,7 @@ impl Conn {
             if code == 1008 {
                 crate::limit_log!(
                     ctx.throttle,
-                    Event::WsLimit,
+                    LogEvent::WsLimit,
                     ctx.now.mono,
                     info,
                     "limit hit: {} closed with 1008 ({reason})",
@@ -600,13 +600,13 @@ impl Conn {
                 {
                     Ok(()) => {
                         let ws = WsState::default();
-                        let m = Member {
+                        let m = ChatSocket {
                             room,
                             session,
                             ws,
                             last_rx: ctx.now.mono,
                             pinged: false,
-                            frames: Bucket::full(frame_budget(cfg).1, ctx.now.mono),
+                            frames: TokenBucket::full(frame_budget(cfg).1, ctx.now.mono),
                         };
                         self.state = State::Ws(Box::new(m));
                         self.welcome_due = true;
@@ -684,7 +684,7 @@ impl Conn {
         if matches!(r.status, 411 | 413 | 429 | 431 | 503) {
             crate::limit_log!(
                 ctx.throttle,
-                Event::HttpLimit,
+                LogEvent::HttpLimit,
                 ctx.now.mono,
                 info,
                 "limit hit: {} {} for {}",
@@ -757,7 +757,7 @@ impl Conn {
                 if code == 1009 {
                     crate::limit_log!(
                         ctx.throttle,
-                        Event::WsLimit,
+                        LogEvent::WsLimit,
                         ctx.now.mono,
                         info,
                         "limit hit: {} sent a message over --max-ws-message (1009)",
@@ -783,7 +783,7 @@ impl Conn {
         }
         crate::limit_log!(
             ctx.throttle,
-            Event::WsLimit,
+            LogEvent::WsLimit,
             ctx.now.mono,
             info,
             "limit hit: {} sent frames faster than {rate}/s (bursts of {burst}): closed with 1008",

@@ -10,7 +10,8 @@ use std::rc::Rc;
 
 use crate::history::{self, Budget, History};
 use crate::ids::{MsgId, MsgIdGen, RoomId, SecureRandom, SessionId, UserId};
-use crate::protocol::{self, ClientMsg, Frame, FrameBuf, Who};
+use crate::protocol::{self, ClientMsg, EventKind, Frame, FrameBuf, TypingKind, Who};
+use crate::ratelimit::TokenBucket;
 use crate::time::{Micros, Now};
 use crate::timer::{TimerId, Wheel};
 
@@ -234,11 +235,11 @@ struct Session {
     expiry: TimerId,
     /// Live rooms this session created (for `--max-rooms-per-session`).
     rooms_created: usize,
-    bucket: Bucket,
+    bucket: TokenBucket,
     /// Chat messages refused in a row for the rate limit.
     strikes: u32,
     /// WebSocket upgrades (`--upgrade-rate`).
-    upgrades: Bucket,
+    upgrades: TokenBucket,
 }
 
 struct Room {
@@ -311,14 +312,6 @@ enum Timer {
     Messages(RoomId),
 }
 
-/// A token bucket in micro-tokens: `rate` tokens per second, at most `burst`.
-#[derive(Debug, Clone, Copy)]
-pub struct Bucket {
-    micro_tokens: u64,
-    at: Micros,
-}
-
-const TOKEN: u64 = 1_000_000;
 /// A session's list of rooms is first pruned of expired rooms at this size.
 const ROOMS_PRUNE_MIN: usize = 32;
 
@@ -487,7 +480,7 @@ impl Hub {
             return;
         }
         let text = format!("{user} has left");
-        self.publish(id, "user_left", Who { user, user_id }, &text, now);
+        self.publish(id, EventKind::UserLeft, Who { user, user_id }, &text, now);
     }
 
     /// A history event that came through Redis: framed once, sent to the members here.
@@ -979,7 +972,7 @@ impl Hub {
             user_id,
         });
         let text = format!("{user} has joined");
-        self.publish(room_id, "user_joined", me, &text, now);
+        self.publish(room_id, EventKind::UserJoined, me, &text, now);
         Ok(())
     }
 
@@ -1031,10 +1024,10 @@ impl Hub {
             user_id: m.user_id,
         };
         if m.typing_until.is_some() {
-            self.typing_frame(room_id, "typing_stopped", who, None);
+            self.typing_frame(room_id, TypingKind::Stopped, who, None);
         }
         let text = format!("{} has left", m.user);
-        self.publish(room_id, "user_left", who, &text, now);
+        self.publish(room_id, EventKind::UserLeft, who, &text, now);
     }
 
     /// A text message from a member's socket.
@@ -1140,9 +1133,9 @@ impl Hub {
                     self.wheel.cancel(t);
                 }
             }
-            self.typing_frame(room_id, "typing_stopped", who, Some(conn));
+            self.typing_frame(room_id, TypingKind::Stopped, who, Some(conn));
         }
-        self.publish(room_id, "chat", who, msg, now);
+        self.publish(room_id, EventKind::Chat, who, msg, now);
     }
 
     fn typing(&mut self, room_id: RoomId, i: usize, now: Now) {
@@ -1183,7 +1176,7 @@ impl Hub {
         let (conn, user, user_id) = (m.conn, m.user.clone(), m.user_id);
         self.typing_frame(
             room_id,
-            "typing",
+            TypingKind::Typing,
             Who {
                 user: &user,
                 user_id,
@@ -1218,7 +1211,7 @@ impl Hub {
             user: &user,
             user_id: m.user_id,
         };
-        self.typing_frame(room_id, "typing_stopped", who, Some(conn));
+        self.typing_frame(room_id, TypingKind::Stopped, who, Some(conn));
     }
 
     fn expire_room(&mut self, id: RoomId, now: Now) {
@@ -1308,11 +1301,11 @@ impl Hub {
     }
 
     /// Stores a history message and sends it to every member, the sender included.
-    fn publish(&mut self, room_id: RoomId, kind: &str, who: Who<'_>, text: &str, now: Now) {
+    fn publish(&mut self, room_id: RoomId, kind: EventKind, who: Who<'_>, text: &str, now: Now) {
         let id = self.ids.next(now.wall);
         if self.via_redis() {
             let mut json = Vec::with_capacity(192 + text.len());
-            protocol::write_event(&mut json, kind, id, who, text, now.wall, room_id);
+            protocol::write_event(&mut json, kind.as_str(), id, who, text, now.wall, room_id);
             self.op(Op::Publish {
                 room: room_id,
                 id,
@@ -1321,10 +1314,18 @@ impl Hub {
             self.messages += 1;
             return;
         }
-        protocol::write_event(self.frame.start(), kind, id, who, text, now.wall, room_id);
+        protocol::write_event(
+            self.frame.start(),
+            kind.as_str(),
+            id,
+            who,
+            text,
+            now.wall,
+            room_id,
+        );
         let frame = self.frame.finish_text();
         self.frame.trim();
-        self.store_and_send(room_id, id, frame, kind != "chat", now);
+        self.store_and_send(room_id, id, frame, kind.is_presence(), now);
         self.messages += 1;
     }
 
@@ -1384,10 +1385,16 @@ impl Hub {
     }
 
     /// `typing` / `typing_stopped` to every member but `except`.
-    fn typing_frame(&mut self, room_id: RoomId, kind: &str, who: Who<'_>, except: Option<ConnId>) {
+    fn typing_frame(
+        &mut self,
+        room_id: RoomId,
+        kind: TypingKind,
+        who: Who<'_>,
+        except: Option<ConnId>,
+    ) {
         if self.via_redis() {
             let mut json = Vec::with_capacity(128);
-            protocol::write_typing(&mut json, kind, who, room_id);
+            protocol::write_typing(&mut json, kind.as_str(), who, room_id);
             self.op(Op::Typing {
                 room: room_id,
                 except,
@@ -1395,7 +1402,7 @@ impl Hub {
             });
             return;
         }
-        protocol::write_typing(self.frame.start(), kind, who, room_id);
+        protocol::write_typing(self.frame.start(), kind.as_str(), who, room_id);
         let frame = self.frame.finish_text();
         self.send_typing(room_id, frame, except);
     }
@@ -1446,8 +1453,8 @@ impl Hub {
     }
 
     fn insert_session(&mut self, id: SessionId, username: &str, user_id: UserId, now: Now) {
-        let bucket = Bucket::full(self.cfg.chat_burst, now.mono);
-        let upgrades = Bucket::full(self.cfg.upgrade_burst, now.mono);
+        let bucket = TokenBucket::full(self.cfg.chat_burst, now.mono);
+        let upgrades = TokenBucket::full(self.cfg.upgrade_burst, now.mono);
         let expiry = self
             .wheel
             .arm(now.mono + self.cfg.session_ttl, Timer::Session(id));
@@ -1548,40 +1555,6 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-impl Bucket {
-    /// A full bucket of `burst` tokens.
-    pub fn full(burst: u32, now: Micros) -> Bucket {
-        Bucket {
-            micro_tokens: u64::from(burst) * TOKEN,
-            at: now,
-        }
-    }
-
-    /// Whole seconds until the next token (at least 1), after a `take` that failed.
-    pub fn wait_secs(&self, rate: u32) -> u32 {
-        let missing = TOKEN.saturating_sub(self.micro_tokens);
-        let us = missing.div_ceil(u64::from(rate.max(1)));
-        us.div_ceil(1_000_000).max(1) as u32
-    }
-
-    /// Takes a token if there is one: `rate` tokens come back per second, up to `burst`.
-    pub fn take(&mut self, now: Micros, rate: u32, burst: u32) -> bool {
-        let elapsed = now.since(self.at).0;
-        self.at = now;
-        let cap = u64::from(burst) * TOKEN;
-        self.micro_tokens = (self.micro_tokens + elapsed.saturating_mul(u64::from(rate))).min(cap);
-        if self.micro_tokens >= TOKEN {
-            self.micro_tokens -= TOKEN;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Trims and checks a username: 2 to 50 characters, no control characters, no invisible
-/// formatting characters (bidi overrides, zero-width characters, ...), which would let one
-/// name pass for another or reorder the text shown around it.
 /// Gives a table's memory back after it emptied out: once fewer than a quarter of its places
 /// are used, it is cut to twice what it holds. Amortised O(1): a cut follows at least as many
 /// removals as the table then holds.
@@ -1591,6 +1564,9 @@ fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
     }
 }
 
+/// Trims and checks a username: 2 to 50 characters, no control characters, no invisible
+/// formatting characters (bidi overrides, zero-width characters, ...), which would let one
+/// name pass for another or reorder the text shown around it.
 pub fn validate_username(raw: &str) -> Result<&str, &'static str> {
     let name = raw.trim();
     let n = name.chars().count();

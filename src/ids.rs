@@ -31,6 +31,15 @@ pub struct MsgId(pub u128);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub usize);
 
+/// One connection for its whole life: its slab index and the serial that tells it from the
+/// connections before and after it in the same slot, so that something that outlives a
+/// connection (a timer, a Redis answer) never reaches its successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnHandle {
+    pub token: usize,
+    pub serial: u32,
+}
+
 impl SessionId {
     /// Parses the hyphenated (or simple) UUID text form.
     pub fn parse(s: &str) -> Option<SessionId> {

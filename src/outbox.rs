@@ -34,10 +34,11 @@ const NONE: u32 = u32::MAX;
 /// The loop-wide list of chunks queued during the current iteration.
 #[derive(Default)]
 pub struct Outbox {
-    pending: Vec<Pending>,
+    pending: Vec<Queued>,
 }
 
-struct Pending {
+/// A chunk queued this iteration, linked to the next one of the same connection.
+struct Queued {
     chunk: Chunk,
     next: u32,
 }
@@ -103,7 +104,7 @@ impl Queue {
             return false;
         }
         let idx = ob.pending.len() as u32;
-        ob.pending.push(Pending { chunk, next: NONE });
+        ob.pending.push(Queued { chunk, next: NONE });
         self.pending_chunks += 1;
         if self.tail == NONE {
             self.head = idx;

@@ -181,6 +181,47 @@ pub struct Who<'a> {
     pub user_id: UserId,
 }
 
+/// The kinds of event stored in a room's history (their `type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Chat,
+    UserJoined,
+    UserLeft,
+}
+
+impl EventKind {
+    /// The `type` on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Chat => "chat",
+            EventKind::UserJoined => "user_joined",
+            EventKind::UserLeft => "user_left",
+        }
+    }
+
+    /// A presence notice (kept in a ring of its own, see `history`).
+    pub fn is_presence(self) -> bool {
+        self != EventKind::Chat
+    }
+}
+
+/// The two typing indicators (their `type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypingKind {
+    Typing,
+    Stopped,
+}
+
+impl TypingKind {
+    /// The `type` on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TypingKind::Typing => "typing",
+            TypingKind::Stopped => "typing_stopped",
+        }
+    }
+}
+
 /// `chat`, `user_joined` or `user_left`: the messages stored in history.
 pub fn write_event(
     out: &mut Vec<u8>,
@@ -254,13 +295,13 @@ pub fn write_error(out: &mut Vec<u8>, code: &str, detail: &str) {
 /// for any other event. (For the rare event Redis did not confirm: a full parse is fine.)
 pub fn chat_sender(json: &[u8]) -> Option<(UserId, String)> {
     #[derive(Deserialize)]
-    struct Event {
+    struct ChatEvent {
         #[serde(rename = "type")]
         kind: String,
         user_id: String,
         message: String,
     }
-    let e: Event = serde_json::from_slice(json).ok()?;
+    let e: ChatEvent = serde_json::from_slice(json).ok()?;
     if e.kind != "chat" || e.user_id.len() != 8 {
         return None;
     }

@@ -116,12 +116,16 @@ impl ConnCounter {
 pub struct CreateLimiter {
     rate: u32,
     burst: u32,
-    buckets: HashMap<IpKey, Bucket>,
+    buckets: HashMap<IpKey, TokenBucket>,
     next_prune: Micros,
 }
 
+/// A token bucket in micro-tokens: `rate` tokens come back per second, up to `burst`. The
+/// owner keeps the rate and burst (one setting shared by many buckets); the bucket keeps only
+/// its level and when it was last filled. The one token bucket of chatloop: per address here,
+/// per session in the hub (chat, upgrades), per chat socket in `conn` (frames).
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
+pub struct TokenBucket {
     micro_tokens: u64,
     at: Micros,
 }
@@ -149,17 +153,15 @@ impl CreateLimiter {
         }
         self.prune(now);
         let key = ip_key(ip);
-        let (rate, cap) = (u64::from(self.rate), self.cap());
-        let b = self.buckets.entry(key).or_insert(Bucket {
-            micro_tokens: cap,
-            at: now,
-        });
-        b.refill(now, rate, cap);
-        if b.micro_tokens >= TOKEN {
-            b.micro_tokens -= TOKEN;
+        let (rate, burst) = (self.rate, self.burst);
+        let b = self
+            .buckets
+            .entry(key)
+            .or_insert(TokenBucket::full(burst, now));
+        if b.take(now, rate, burst) {
             Ok(())
         } else {
-            Err(b.wait(rate))
+            Err(b.wait_secs(rate))
         }
     }
 
@@ -168,15 +170,14 @@ impl CreateLimiter {
         if self.rate == 0 {
             return Ok(());
         }
-        let (rate, cap) = (u64::from(self.rate), self.cap());
+        let (rate, burst) = (self.rate, self.burst);
         match self.buckets.get_mut(&ip_key(ip)) {
             None => Ok(()),
             Some(b) => {
-                b.refill(now, rate, cap);
-                if b.micro_tokens >= TOKEN {
+                if b.has_token(now, rate, burst) {
                     Ok(())
                 } else {
-                    Err(b.wait(rate))
+                    Err(b.wait_secs(rate))
                 }
             }
         }
@@ -187,18 +188,13 @@ impl CreateLimiter {
         self.buckets.len()
     }
 
-    fn cap(&self) -> u64 {
-        u64::from(self.burst) * TOKEN
-    }
-
     /// Drops buckets that have refilled completely: they behave exactly like new ones.
     fn prune(&mut self, now: Micros) {
         if self.buckets.len() <= PRUNE_ABOVE || now < self.next_prune {
             return;
         }
-        let (rate, cap) = (u64::from(self.rate), self.cap());
-        self.buckets
-            .retain(|_, b| b.micro_tokens + now.since(b.at).0.saturating_mul(rate) < cap);
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets.retain(|_, b| !b.is_full(now, rate, burst));
         if self.buckets.capacity() > 4 * self.buckets.len().max(PRUNE_ABOVE) {
             self.buckets
                 .shrink_to(2 * self.buckets.len().max(PRUNE_ABOVE));
@@ -207,17 +203,47 @@ impl CreateLimiter {
     }
 }
 
-impl Bucket {
-    fn refill(&mut self, now: Micros, rate: u64, cap: u64) {
-        self.micro_tokens =
-            (self.micro_tokens + now.since(self.at).0.saturating_mul(rate)).min(cap);
-        self.at = now;
+impl TokenBucket {
+    /// A full bucket of `burst` tokens.
+    pub fn full(burst: u32, now: Micros) -> TokenBucket {
+        TokenBucket {
+            micro_tokens: u64::from(burst) * TOKEN,
+            at: now,
+        }
     }
 
-    /// Whole seconds until one token is back (at least 1).
-    fn wait(&self, rate: u64) -> u32 {
-        let wait_us = (TOKEN - self.micro_tokens.min(TOKEN)).div_ceil(rate);
-        u32::try_from(wait_us.div_ceil(1_000_000).max(1)).unwrap_or(u32::MAX)
+    /// Takes a token if there is one.
+    pub fn take(&mut self, now: Micros, rate: u32, burst: u32) -> bool {
+        let ok = self.has_token(now, rate, burst);
+        if ok {
+            self.micro_tokens -= TOKEN;
+        }
+        ok
+    }
+
+    /// Whether a token is there (after refilling up to `now`), without taking it.
+    pub fn has_token(&mut self, now: Micros, rate: u32, burst: u32) -> bool {
+        self.micro_tokens = self.level(now, rate).min(u64::from(burst) * TOKEN);
+        self.at = now;
+        self.micro_tokens >= TOKEN
+    }
+
+    /// Whether it has refilled completely by `now` (it then behaves like a new one).
+    pub fn is_full(&self, now: Micros, rate: u32, burst: u32) -> bool {
+        self.level(now, rate) >= u64::from(burst) * TOKEN
+    }
+
+    /// Whole seconds until the next token (at least 1), after a `take` that failed.
+    pub fn wait_secs(&self, rate: u32) -> u32 {
+        let missing = TOKEN.saturating_sub(self.micro_tokens);
+        let us = missing.div_ceil(u64::from(rate.max(1)));
+        u32::try_from(us.div_ceil(1_000_000).max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// Micro-tokens at `now`, before the cap.
+    fn level(&self, now: Micros, rate: u32) -> u64 {
+        self.micro_tokens
+            .saturating_add(now.since(self.at).0.saturating_mul(u64::from(rate)))
     }
 }
 

@@ -21,12 +21,12 @@ use crate::cluster::{Cluster, Facts, Query};
 use crate::config::Config;
 use crate::conn::{ClusterCtx, Conn, Ctx, LINGER, Next, OverLimit, State};
 use crate::hub::{Action, Hub};
-use crate::ids::ConnId;
+use crate::ids::{ConnHandle, ConnId};
 use crate::metrics::{Gauges, Metrics};
 use crate::outbox::{Chunk, Outbox};
 use crate::protocol::FrameBuf;
 use crate::ratelimit::{Admit, ConnCounter, CreateLimiter};
-use crate::throttle::{Event, LogThrottle};
+use crate::throttle::{LogEvent, LogThrottle};
 use crate::time::{Micros, Now, UnixMicros};
 use crate::timer::Wheel;
 use crate::tls;
@@ -62,12 +62,6 @@ const SHUTDOWN_GRACE: Micros = Micros(500_000);
 /// (a request finished, a socket upgraded) cancel the old timer, so nothing wakes for it.
 const TIMER_SLACK: Micros = Micros(1_000_000);
 
-#[derive(Debug, Clone, Copy)]
-struct ConnTimer {
-    token: usize,
-    serial: u32,
-}
-
 pub struct Server {
     cfg: Config,
     poll: Poll,
@@ -81,8 +75,8 @@ pub struct Server {
     freed_at_release: u64,
     released_at: Micros,
     hub: Hub,
-    wheel: Wheel<ConnTimer>,
-    fired: Vec<ConnTimer>,
+    wheel: Wheel<ConnHandle>,
+    fired: Vec<ConnHandle>,
     rbuf: Box<[u8]>,
     outbox: Outbox,
     dirty: Vec<usize>,
@@ -465,7 +459,7 @@ impl Server {
                     let over = if open >= self.cfg.max_connections {
                         crate::limit_log!(
                             self.throttle,
-                            Event::ConnectionLimit,
+                            LogEvent::ConnectionLimit,
                             now.mono,
                             warn,
                             "connection limit ({}) reached: refusing {peer} with 503",
@@ -475,7 +469,7 @@ impl Server {
                     } else if over_ip {
                         crate::limit_log!(
                             self.throttle,
-                            Event::ConnectionLimit,
+                            LogEvent::ConnectionLimit,
                             now.mono,
                             info,
                             "per-address connection limit ({}) reached: refusing {} with 503",
@@ -502,7 +496,7 @@ impl Server {
                     self.metrics.accept_errors += 1;
                     crate::limit_log!(
                         self.throttle,
-                        Event::AcceptError,
+                        LogEvent::AcceptError,
                         now.mono,
                         warn,
                         "accept failed ({e}); pausing accepts for {} ms",
@@ -651,7 +645,7 @@ impl Server {
         };
         crate::limit_log!(
             self.throttle,
-            Event::Tls,
+            LogEvent::Tls,
             now.mono,
             info,
             "TLS failed for {}: {}",
@@ -756,7 +750,7 @@ impl Server {
                 let ws = conn.is_websocket();
                 crate::limit_log!(
                     self.throttle,
-                    Event::SlowConsumer,
+                    LogEvent::SlowConsumer,
                     now.mono,
                     info,
                     "closing slow consumer {} (conn {id}){}: {} bytes unsent",
@@ -824,7 +818,7 @@ impl Server {
             self.wheel.cancel(t);
         }
         conn.timer_at = at;
-        let item = ConnTimer {
+        let item = ConnHandle {
             token: id,
             serial: conn.serial,
         };
@@ -835,12 +829,10 @@ impl Server {
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.advance(now.mono, &mut fired);
         for t in fired.drain(..) {
-            let Some(conn) = self.conns.get_mut(t.token) else {
+            // (A stale timer never happens: a connection's timer is cancelled when it goes.)
+            let Some(conn) = self.live_mut(t) else {
                 continue;
             };
-            if conn.serial != t.serial {
-                continue; // never happens: a connection's timer is cancelled when it goes
-            }
             conn.timer = None; // it just fired
             conn.timer_at = Micros::MAX;
             let next = self.with_conn(t.token, now, |conn, ctx| {
@@ -983,6 +975,11 @@ impl Server {
                 .as_ref()
                 .map(|c| (c.is_up(), self.parked.len() + self.held.len())),
         }
+    }
+
+    /// The connection `h` names, if it is still there (not a later one in its slot).
+    fn live_mut(&mut self, h: ConnHandle) -> Option<&mut Conn> {
+        self.conns.get_mut(h.token).filter(|c| c.serial == h.serial)
     }
 
     /// Runs `f` with one connection and the context it may touch.

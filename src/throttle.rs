@@ -6,7 +6,7 @@ use crate::time::Micros;
 
 /// The kinds of repeatable events that are logged at `info` or `warn`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
+pub enum LogEvent {
     ConnectionLimit,
     AcceptError,
     SlowConsumer,
@@ -28,7 +28,7 @@ pub struct LogThrottle {
 
 impl LogThrottle {
     /// `Some(n)` when a line may be written now (`n` lines were left out before it).
-    pub fn allow(&mut self, event: Event, now: Micros) -> Option<u64> {
+    pub fn allow(&mut self, event: LogEvent, now: Micros) -> Option<u64> {
         let i = event as usize;
         if now < self.next[i] {
             self.suppressed[i] += 1;
@@ -39,7 +39,7 @@ impl LogThrottle {
     }
 }
 
-/// Logs through a throttle: `limit_log!(throttle, Event::X, now, level, "fmt", args)`.
+/// Logs through a throttle: `limit_log!(throttle, LogEvent::X, now, level, "fmt", args)`.
 #[macro_export]
 macro_rules! limit_log {
     ($throttle:expr, $event:expr, $now:expr, $level:ident, $($arg:tt)+) => {
@@ -60,15 +60,15 @@ mod tests {
     #[test]
     fn one_line_per_interval_per_kind_with_a_count_of_the_rest() {
         let mut t = LogThrottle::default();
-        assert_eq!(t.allow(Event::SlowConsumer, Micros(0)), Some(0));
-        assert_eq!(t.allow(Event::SlowConsumer, Micros(1)), None);
-        assert_eq!(t.allow(Event::SlowConsumer, Micros(2)), None);
+        assert_eq!(t.allow(LogEvent::SlowConsumer, Micros(0)), Some(0));
+        assert_eq!(t.allow(LogEvent::SlowConsumer, Micros(1)), None);
+        assert_eq!(t.allow(LogEvent::SlowConsumer, Micros(2)), None);
         assert_eq!(
-            t.allow(Event::HttpLimit, Micros(2)),
+            t.allow(LogEvent::HttpLimit, Micros(2)),
             Some(0),
             "kinds are independent"
         );
-        assert_eq!(t.allow(Event::SlowConsumer, INTERVAL), Some(2));
-        assert_eq!(t.allow(Event::SlowConsumer, INTERVAL + Micros(1)), None);
+        assert_eq!(t.allow(LogEvent::SlowConsumer, INTERVAL), Some(2));
+        assert_eq!(t.allow(LogEvent::SlowConsumer, INTERVAL + Micros(1)), None);
     }
 }

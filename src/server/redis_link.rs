@@ -13,8 +13,8 @@ use mio::net::TcpStream;
 
 use super::{REDIS, Server};
 use crate::cluster::{Answer, Event as ClusterEvent, Facts, Query};
-use crate::ids::ConnId;
-use crate::throttle::Event;
+use crate::ids::{ConnHandle, ConnId};
+use crate::throttle::LogEvent;
 use crate::time::Now;
 use crate::tls;
 
@@ -36,8 +36,7 @@ pub(super) struct Parked {
 /// A response held until Redis has answered every command up to `seq`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Held {
-    pub(super) token: usize,
-    pub(super) serial: u32,
+    pub(super) conn: ConnHandle,
     pub(super) seq: u64,
 }
 
@@ -60,8 +59,7 @@ impl Server {
         let serial = conn.serial;
         if self.wants.is_empty() {
             self.held.push(Held {
-                token: id,
-                serial,
+                conn: ConnHandle { token: id, serial },
                 seq: cluster.sent(),
             });
             return;
@@ -125,12 +123,8 @@ impl Server {
             self.held.drain(..).partition(|h| h.seq <= answered);
         self.held = rest;
         for h in ready {
-            if self
-                .conns
-                .get(h.token)
-                .is_some_and(|c| c.serial == h.serial)
-            {
-                self.resume(h.token, Facts::default(), now);
+            if self.live_mut(h.conn).is_some() {
+                self.resume(h.conn.token, Facts::default(), now);
             }
         }
         true
@@ -142,15 +136,10 @@ impl Server {
             ClusterEvent::Down => {
                 self.hub.set_cluster_up(false);
                 for h in std::mem::take(&mut self.held) {
-                    if self
-                        .conns
-                        .get(h.token)
-                        .is_some_and(|c| c.serial == h.serial)
-                    {
-                        self.with_conn(h.token, now, |conn, ctx| {
-                            conn.redis_lost(ConnId(h.token), ctx)
-                        });
-                        self.arm(h.token);
+                    if self.live_mut(h.conn).is_some() {
+                        let id = h.conn.token;
+                        self.with_conn(id, now, |conn, ctx| conn.redis_lost(ConnId(id), ctx));
+                        self.arm(id);
                     }
                 }
             }
@@ -223,7 +212,7 @@ impl Server {
             return;
         }
         if let Some(p) = self.parked.remove(&token)
-            && self.conns.get(token).is_some_and(|c| c.serial == serial)
+            && self.live_mut(ConnHandle { token, serial }).is_some()
         {
             self.resume(token, p.facts, now);
         }
@@ -298,7 +287,7 @@ impl Server {
             .unwrap_or_default();
         crate::limit_log!(
             self.throttle,
-            Event::Redis,
+            LogEvent::Redis,
             now.mono,
             warn,
             "cannot connect to Redis at {url}: {e}"
