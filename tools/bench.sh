@@ -13,6 +13,8 @@
 # cluster2 (two nodes sharing one Redis, members split between them), all 10 x 50 at
 # BENCH_CLUSTER_RATE msg/s/room (100), unpinned (three or four processes share the two
 # cores), server CPU summed over the nodes and redis-server. Needs redis-server.
+# cluster1s / cluster2s: the same as cluster1 / cluster2 on a Redis Cluster of one master
+# (--cluster-enabled yes, every slot on it; needs redis-cli): the cost of Redis's cluster mode.
 #
 # Environment: BENCH_DURATION (5s), BENCH_WARMUP (1s), BENCH_IDLE_HOLD (5s),
 # BENCH_IDLE_CONNS (hard fd limit minus 1000), BENCH_REST_CLIENTS (16), BENCH_JOINS (2000),
@@ -41,7 +43,7 @@ OUT=${BENCH_OUT:-$ROOT/target/bench}
 CLUSTER_RATE=${BENCH_CLUSTER_RATE:-100}
 # shellcheck disable=SC2206 # word splitting intended: a list of flags
 LIMIT_ARGS=(${BENCH_LIMIT_ARGS---create-rate 0 --max-connections-per-ip 0 --max-rooms-per-session 0 --upgrade-rate 0})
-ALL=(fanout1k fanout10x50 floor1k floor10x50 relay1k relay10x50 rest restfloor join idle cluster0 cluster1 cluster2)
+ALL=(fanout1k fanout10x50 floor1k floor10x50 relay1k relay10x50 rest restfloor join idle cluster0 cluster1 cluster2 cluster1s cluster2s)
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
 for s in "${SCENARIOS[@]}"; do
@@ -248,21 +250,34 @@ idle() {
     say "    (kernel socket buffers are not in RSS; the delta includes one user_joined per socket kept in room history)"
 }
 
-# cluster NAME NODES: fan-out 10 x 50 through NODES chatloop nodes sharing one redis-server
-# (NODES=0: one node without Redis, the baseline for the Redis hop).
+# cluster NAME NODES [shard]: fan-out 10 x 50 through NODES chatloop nodes sharing one
+# redis-server (NODES=0: one node without Redis, the baseline for the Redis hop); with
+# `shard`, that redis-server is a Redis Cluster of one master holding every slot.
 cluster() {
-    local name=$1 nodes=$2 redis_args=() node_args=() extra="" pid1 port1 up
+    local name=$1 nodes=$2 shard=${3:-} redis_args=() node_args=() extra="" pid1 port1 up cluster_args=()
     command -v redis-server >/dev/null || { say "$name: SKIPPED (no redis-server; apt-get install redis-server)"; return 0; }
     local saved_prefix=("${SERVER_PREFIX[@]}")
     SERVER_PREFIX=()
     if [ "$nodes" -gt 0 ]; then
         REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-        redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$OUT/$name.redis.log" 2>&1 &
+        if [ -n "$shard" ]; then
+            rm -f "$OUT/$name.nodes.conf"
+            cluster_args=(--cluster-enabled yes --cluster-config-file "$OUT/$name.nodes.conf"
+                --cluster-port "$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
+        fi
+        redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no ${cluster_args[@]+"${cluster_args[@]}"} >"$OUT/$name.redis.log" 2>&1 &
         REDIS_PID=$!
         for _ in $(seq 1 100); do
             [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && break
             sleep 0.1
         done
+        if [ -n "$shard" ]; then
+            redis-cli -p "$REDIS_PORT" cluster addslotsrange 0 16383 >/dev/null
+            for _ in $(seq 1 100); do
+                redis-cli -p "$REDIS_PORT" cluster info 2>/dev/null | grep -q cluster_state:ok && break
+                sleep 0.1
+            done
+        fi
         redis_args=(--redis "redis://127.0.0.1:$REDIS_PORT/0")
         extra=$REDIS_PID
     fi
@@ -296,6 +311,7 @@ cluster() {
         >"$OUT/$name.json" 2> >(tee "$OUT/$name.log" >&2) || { say "$name: FAILED $(cat "$OUT/$name.json")"; stop_cluster; return 0; }
     local f=$OUT/$name.json what="1 node, no Redis"
     [ "$nodes" -gt 0 ] && what="$nodes node(s) + Redis"
+    [ -n "$shard" ] && what="$nodes node(s) + a one-master Redis Cluster"
     say "$name ($what) 10x50 @${CLUSTER_RATE}/s/room: $(jget "$f" deliveries_per_s) deliveries/s, lost $(jget "$f" lost), dup $(jget "$f" duplicates), latency p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us max $(jget "$f" lat_max_us)us"
     say "    CPU per delivery, nodes + redis-server summed (window): user $(jget "$f" server_user_us_per_delivery)us sys $(jget "$f" server_sys_us_per_delivery)us"
     stop_cluster
@@ -319,6 +335,8 @@ for rep in $(seq "$REPEAT"); do
             cluster0) cluster cluster0 0 ;;
             cluster1) cluster cluster1 1 ;;
             cluster2) cluster cluster2 2 ;;
+            cluster1s) cluster cluster1s 1 shard ;;
+            cluster2s) cluster cluster2s 2 shard ;;
         esac
         if [ -n "$SERVER_PID" ]; then
             kill -0 "$SERVER_PID" 2>/dev/null || say "chatloop died during $s; see $OUT/$s.server.log"
