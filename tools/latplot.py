@@ -6,7 +6,8 @@
 Each RUN.json is the one JSON line `tools/loadgen` prints (fanout, floor, rest); its `lat_dist`
 is the curve: `[[percentile, microseconds], ...]`. The x axis is 1/(1-p) on a log scale (0 %,
 90 %, 99 %, 99.9 %, ... equally spaced), the y axis is the latency (linear, from 0). The
-maximum (percentile 100) is marked with a dot at the right end of each curve. A run without
+maximum (percentile 100) is marked with a dot at the right end of each curve; curves whose
+label contains "floor" are dashed. A run without
 `lat_dist` (an older loadgen) or with `"ok": false` is reported and skipped.
 `tools/plots.sh` runs the fan-out scenarios and calls this for each.
 """
@@ -105,6 +106,8 @@ def plot(out, title, series):
     # Curves.
     for i, (label, pts, mx, run) in enumerate(series):
         c, dash = COLOURS[i % len(COLOURS)], DASHES[(i // len(COLOURS)) % len(DASHES)]
+        if "floor" in label and not dash:
+            dash = "6,3"  # floors dashed, servers solid
         path = " ".join(f"{'M' if j == 0 else 'L'}{sx(x_of(p)):.1f},{sy(us):.1f}"
                         for j, (p, us) in enumerate(pts))
         da = f' stroke-dasharray="{dash}"' if dash else ""
