@@ -192,12 +192,19 @@ reuseport_run() {
         for _ in $(seq 1 100); do grep -q "connected to Redis" "$log" && break; sleep 0.1; done
     done
     # The nodes' CPU comes from loadgen's window (--server-pid and --extra-pids, summed);
-    # redis-server's is sampled around the whole run (its set-up work is a few hundred
-    # HSETs against thousands of chat messages).
-    r0=$(cpu_us "$REDIS_PID")
+    # redis-server's is sampled from the moment every member is welcomed (loadgen says so
+    # on stderr; sessions, rooms and joins are done) to the end, over every message sent.
     "$LG" fanout --addr "127.0.0.1:$port" --rooms "$rooms" --members "$members" --senders "$senders" \
         --rate "$rate" --duration "$DUR" --warmup "$WARMUP" --server-pid "$pid1" --extra-pids "$NODE2_PID" \
-        >"$f" 2>"$OUT/$name.log" || rc=1
+        >"$f" 2>"$OUT/$name.log" &
+    local lgp=$!
+    for _ in $(seq 1 600); do
+        grep -q "members welcomed" "$OUT/$name.log" 2>/dev/null && break
+        kill -0 "$lgp" 2>/dev/null || break
+        sleep 0.05
+    done
+    r0=$(cpu_us "$REDIS_PID")
+    wait "$lgp" || rc=1
     r1=$(cpu_us "$REDIS_PID")
     echo "$(jget "$f" server_user_us_per_delivery) $(jget "$f" server_sys_us_per_delivery) $((r1 - r0)) $(jget "$f" sent)" >"$f.cpu"
     stop_chatloop
@@ -223,7 +230,7 @@ reuseport() {
         local per_d per_m
         per_d=$(calc "$nu + $ns")
         per_m=$(calc "$redis_us / ($sent > 0 ? $sent : 1)")
-        say "    at that rate: the two nodes $per_d us CPU per delivery (user $nu + sys $ns, summed, window), redis-server $per_m us per chat message (whole run, $sent messages)"
+        say "    at that rate: the two nodes $per_d us CPU per delivery (user $nu + sys $ns, summed, window), redis-server $per_m us per chat message (from the last welcome to the end, $sent messages)"
         # Projection: N nodes (one per core) each deliver to their share of every room; every
         # message costs Redis per_m (measured with 2 subscriber nodes; publishing to N nodes
         # costs Redis roughly one more socket write per node, not included), and the nodes
