@@ -538,6 +538,26 @@ impl Hub {
         !self.actions.is_empty()
     }
 
+    /// Gives back the memory of the hub's reusable buffers after a peak (a 1 000-member
+    /// room's broadcast grows `actions` to thousands of entries). Called by the loop between
+    /// iterations, at most once a second, when it hands memory back to the OS.
+    pub fn shrink_buffers(&mut self) {
+        fn reset<T>(v: &mut Vec<T>, keep: usize) {
+            if v.is_empty() && v.capacity() > keep {
+                *v = Vec::new();
+            }
+        }
+        reset(&mut self.actions, 256);
+        reset(&mut self.fired, 256);
+        reset(&mut self.expired_ids, 256);
+        reset(&mut self.held_rooms, 256);
+        reset(&mut self.batch, 4096);
+        self.frame.shrink();
+        if let Some(link) = &mut self.cluster {
+            reset(&mut link.ops, 256);
+        }
+    }
+
     /// How many sessions and rooms have been removed since start: the loop hands memory back
     /// to the operating system after many were (see `Server::set_release_memory`).
     pub fn freed(&self) -> u64 {
@@ -987,6 +1007,7 @@ impl Hub {
         };
         let m = room.members.swap_remove(i);
         self.member_at.remove(&conn);
+        shrink(&mut self.member_at);
         if let Some(moved) = room.members.get(i) {
             self.member_at.insert(moved.conn, i);
         }
@@ -1559,7 +1580,7 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// are used, it is cut to twice what it holds. Amortised O(1): a cut follows at least as many
 /// removals as the table then holds.
 fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
-    if map.capacity() > 1024 && map.len() < map.capacity() / 4 {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
         map.shrink_to(map.len() * 2);
     }
 }

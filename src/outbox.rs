@@ -49,6 +49,14 @@ impl Outbox {
         self.pending.clear();
     }
 
+    /// Gives back the list's memory after a peak (called between iterations, when it is
+    /// empty, at most once a second).
+    pub fn shrink(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > 1024 {
+            self.pending = Vec::new();
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.pending.len()
     }

@@ -68,6 +68,10 @@ pub struct Wheel<T> {
     fresh_generation: u32,
     /// Compact once fewer timers than this are armed.
     compact_below: usize,
+    /// Entries freed since the last compaction: once as many as the slab holds, a slab still
+    /// mostly free is compacted again (a long-lived timer that kept the top of the slab
+    /// armed at the last compaction has usually fired or been re-armed lower since).
+    released: usize,
 }
 
 impl<T: Copy> Wheel<T> {
@@ -81,6 +85,7 @@ impl<T: Copy> Wheel<T> {
             len: 0,
             fresh_generation: 0,
             compact_below: 0,
+            released: 0,
         }
     }
 
@@ -240,9 +245,15 @@ impl<T: Copy> Wheel<T> {
     }
 
     /// After a peak has passed (fewer than a quarter of the entries armed), gives the free
-    /// entries above the highest armed one back to the allocator.
+    /// entries above the highest armed one back to the allocator. A slab that stays mostly
+    /// free is looked at again after as many releases as it has entries, so the scan costs
+    /// O(1) per timer however long the tail of a peak lasts.
     fn maybe_compact(&mut self) {
-        if self.len < self.compact_below && self.nodes.len() >= COMPACT_MIN {
+        if self.nodes.len() < COMPACT_MIN {
+            return;
+        }
+        let mostly_free = self.len < self.nodes.len() / 4;
+        if self.len < self.compact_below || (mostly_free && self.released >= self.nodes.len()) {
             self.compact();
         }
     }
@@ -270,6 +281,7 @@ impl<T: Copy> Wheel<T> {
             }
         }
         self.compact_below = self.len / 2;
+        self.released = 0;
     }
 
     /// Returns entry `index` (no longer in any list) to the free list; its ids go stale.
@@ -280,6 +292,7 @@ impl<T: Copy> Wheel<T> {
         node.prev = NIL;
         node.next = self.free;
         self.free = index;
+        self.released += 1;
     }
 
     /// The earliest slot that is due or must cascade, and the tick at which that happens.
@@ -327,9 +340,9 @@ const SLOT_MASK: u64 = SLOTS as u64 - 1;
 const LEVELS: usize = 6;
 /// The furthest ahead a deadline can be, in ticks: just under one turn of the top level.
 const MAX_SPAN: u64 = (1 << (LEVEL_BITS * LEVELS)) - 1;
-/// Below this many entries (about 1 MiB) the slab is never compacted: its memory is too
+/// Below this many entries (about 160 KiB) the slab is never compacted: its memory is too
 /// small to matter, and a steady state of peaks below it never allocates.
-const COMPACT_MIN: usize = 16_384;
+const COMPACT_MIN: usize = 4_096;
 /// No entry: the end of a list.
 const NIL: u32 = u32::MAX;
 /// `Node::place` of an entry on the free list.
@@ -742,6 +755,52 @@ mod tests {
             generation: 0,
         };
         assert_eq!(wheel.cancel(foreign), None);
+    }
+
+    #[test]
+    fn the_slab_empties_when_its_top_entry_goes_last() {
+        // A storm whose newest timer outlives all the others: every compaction on the way
+        // down finds the top entry armed, and the last removal must still give it all back.
+        let mut wheel = Wheel::new();
+        let storm: Vec<TimerId> = (0..20_000).map(|i| wheel.arm(ms(DAY), i)).collect();
+        let (last, rest) = storm.split_last().unwrap();
+        for id in rest {
+            assert!(wheel.cancel(*id).is_some());
+        }
+        assert!(wheel.capacity() >= 20_000, "the top entry is still armed");
+        assert_eq!(wheel.cancel(*last), Some(19_999));
+        assert!(wheel.is_empty());
+        assert!(
+            wheel.capacity() < COMPACT_MIN,
+            "an empty wheel kept {} entries",
+            wheel.capacity()
+        );
+    }
+
+    #[test]
+    fn a_mostly_free_slab_is_compacted_again_after_enough_releases() {
+        // The top entry is armed through the peak's decline and ends while a low one lives
+        // on; the slab is compacted again once as many timers came and went as it holds.
+        let mut wheel = Wheel::new();
+        let low = wheel.arm(ms(DAY), u32::MAX);
+        let storm: Vec<TimerId> = (0..20_000).map(|i| wheel.arm(ms(DAY), i)).collect();
+        let (top, rest) = storm.split_last().unwrap();
+        for id in rest {
+            wheel.cancel(*id);
+        }
+        wheel.cancel(*top);
+        assert_eq!(wheel.len(), 1);
+        let peak = wheel.capacity();
+        for i in 0..2 * peak as u32 {
+            let id = wheel.arm(ms(DAY), i);
+            wheel.cancel(id);
+        }
+        assert!(
+            wheel.capacity() < COMPACT_MIN,
+            "the slab kept {} of its {peak} entries",
+            wheel.capacity()
+        );
+        assert_eq!(wheel.cancel(low), Some(u32::MAX));
     }
 
     #[test]

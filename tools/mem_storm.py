@@ -155,6 +155,10 @@ try:
           f"{final_anon / 2**20:.1f} MiB ({final_anon / idle_anon:.2f}x idle)")
     print("RSS each second after the storm (MiB): "
           + " ".join(f"{r / 2**20:.1f}" for r in finals))
+    hold = float(os.environ.get("MEM_STORM_HOLD", "0"))
+    if hold:
+        print(f"holding the server (pid {server.pid}) for {hold:.0f} s", flush=True)
+        time.sleep(hold)
 finally:
     server.terminate()
     server.wait(timeout=5)
