@@ -1,8 +1,8 @@
 //! The modules of `src/` form a stack: no module depends, through `crate::` paths, on one that
-//! depends on it (docs/architecture.md draws the stack). Read from the source text, so it needs
-//! no build tooling: a module is `src/X.rs` with the files under `src/X/`, its dependencies the
-//! `crate::Y` paths (and `crate::macro!` of an exported macro defined in `Y`) outside comments
-//! and outside its tests.
+//! depends on it, and docs/architecture.md draws the stack truthfully. Read from the source
+//! text, so it needs no build tooling: a module is `src/X.rs` with the files under `src/X/`,
+//! its dependencies the `crate::Y` paths (and `crate::macro!` of an exported macro defined in
+//! `Y`) outside comments and outside its tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -203,6 +203,105 @@ fn the_reader_sees_the_dependencies_that_are_there() {
     // And none that are not: the hub is pure, it neither knows the loop nor the settings.
     for to in ["server", "conn", "config", "cluster"] {
         assert!(!g["hub"].contains(to), "hub -> {to}: {:?}", g["hub"]);
+    }
+}
+
+/// Everything reachable from `m` (not `m` itself unless through a cycle).
+fn reachable(g: &Graph, m: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let mut todo: Vec<&String> = g.get(m).into_iter().flatten().collect();
+    while let Some(x) = todo.pop() {
+        if seen.insert(x.clone()) {
+            todo.extend(g.get(x).into_iter().flatten());
+        }
+    }
+    seen
+}
+
+/// The arrows (`a --> b`) and nodes of the first Mermaid block of docs/architecture.md.
+fn drawn() -> (Graph, BTreeSet<String>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md");
+    let text = fs::read_to_string(path).unwrap();
+    let block = text
+        .split("```mermaid")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("docs/architecture.md has a mermaid block");
+    let (mut g, mut nodes) = (Graph::new(), BTreeSet::new());
+    for line in block.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            [a, "-->", b] => {
+                g.entry(a.into()).or_default().insert(b.into());
+                nodes.extend([a.to_string(), b.to_string()]);
+            }
+            [a] if a.chars().all(|c| c.is_ascii_lowercase() || c == '_') => {
+                nodes.insert(a.into());
+            }
+            _ => {}
+        }
+    }
+    (g, nodes)
+}
+
+#[test]
+fn docs_architecture_draws_the_real_stack() {
+    let real = graph(&src());
+    let (doc, nodes) = drawn();
+    for m in real.keys() {
+        assert!(
+            nodes.contains(m),
+            "docs/architecture.md does not show module {m}"
+        );
+    }
+    for m in &nodes {
+        assert!(
+            real.contains_key(m),
+            "docs/architecture.md shows {m}, not in src/"
+        );
+    }
+    // Every arrow drawn is a real dependency...
+    for (a, bs) in &doc {
+        for b in bs {
+            assert!(
+                real[a].contains(b),
+                "docs/architecture.md draws {a} --> {b}, but {a} does not use {b}"
+            );
+        }
+    }
+    // ...and the arrows imply every real one (the picture may leave out what follows).
+    for (a, bs) in &real {
+        let implied = reachable(&doc, a);
+        for b in bs {
+            assert!(
+                implied.contains(b),
+                "{a} uses {b}: draw that (e.g. `{a} --> {b}`) in docs/architecture.md"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_readme_layout_table_lists_every_file_of_src() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    let mut dirs = vec![root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+                continue;
+            }
+            let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+            // A row may list a whole folder (`src/web/`), not `src/` itself.
+            let parent = rel.rsplit_once('/').unwrap().0;
+            let listed_folder = parent != "src" && readme.contains(&format!("`{parent}/`"));
+            assert!(
+                readme.contains(&format!("`{rel}`")) || listed_folder,
+                "README.md's layout table does not list {rel}"
+            );
+        }
     }
 }
 
