@@ -331,6 +331,9 @@ const EXPIRE_PRESENCE: &str = "local gone = redis.call('ZRANGEBYSCORE', KEYS[1],
 if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) end \
 return gone";
 
+/// Cluster mode's Redis side as a pure state machine: the link's state, the commands queued
+/// for Redis ([`Cluster::out`]) and what each reply will mean, the rooms subscribed, this
+/// node's members and sessions as Redis must know them. Bytes and time in, [`Event`]s out.
 pub struct Cluster {
     cfg: ClusterConfig,
     node: [u8; 8],
@@ -361,6 +364,18 @@ pub struct Cluster {
     /// The latest time this module was told (for commands, which take no time argument).
     clock: Micros,
     events: Vec<Event>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("link", &self.link)
+            .field("sent", &self.sent)
+            .field("answered", &self.answered)
+            .field("queued", &self.queued)
+            .field("rooms", &self.subs.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Cluster {

@@ -325,7 +325,7 @@ pub const OPTIONS: &[Opt] = &[
         "20",
         "chat messages per second per session (token bucket rate)",
         |c, v| {
-            c.chat_rate = count(v)? as u32;
+            c.chat_rate = count_u32(v)?;
             Ok(())
         }
     ),
@@ -335,7 +335,7 @@ pub const OPTIONS: &[Opt] = &[
         "40",
         "chat messages a session may send at once (token bucket size)",
         |c, v| {
-            c.chat_burst = count(v)? as u32;
+            c.chat_burst = count_u32(v)?;
             Ok(())
         }
     ),
@@ -345,7 +345,7 @@ pub const OPTIONS: &[Opt] = &[
         "2",
         "WebSocket upgrades per second per session (token bucket rate; 429 with Retry-After beyond; 0 = off)",
         |c, v| {
-            c.upgrade_rate = count(v)? as u32;
+            c.upgrade_rate = count_u32(v)?;
             Ok(())
         }
     ),
@@ -355,7 +355,7 @@ pub const OPTIONS: &[Opt] = &[
         "20",
         "WebSocket upgrades a session may make at once (token bucket size)",
         |c, v| {
-            c.upgrade_burst = count(v)? as u32;
+            c.upgrade_burst = count_u32(v)?;
             Ok(())
         }
     ),
@@ -475,7 +475,7 @@ pub const OPTIONS: &[Opt] = &[
         "2",
         "sessions+rooms created (and room 404s) per client address (IPv6: per /64) per second, sustained (429 beyond); 0 = off (benchmarks)",
         |c, v| {
-            c.create_rate = u32::try_from(count(v)?).map_err(|_| "too large".to_string())?;
+            c.create_rate = count_u32(v)?;
             Ok(())
         }
     ),
@@ -485,7 +485,7 @@ pub const OPTIONS: &[Opt] = &[
         "60",
         "how many of those one address may spend at once before --create-rate applies",
         |c, v| {
-            c.create_burst = u32::try_from(count(v)?).map_err(|_| "too large".to_string())?;
+            c.create_burst = count_u32(v)?;
             Ok(())
         }
     ),
@@ -851,6 +851,16 @@ impl Default for HubConfig {
     }
 }
 
+impl fmt::Debug for Opt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opt")
+            .field("flag", &self.flag)
+            .field("env", &self.env)
+            .field("default", &self.default)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Settings whose values may hold a secret (the Redis URL's password): an error about them
 /// never repeats the value.
 const SECRET_VALUES: &[&str] = &["redis"];
@@ -947,6 +957,12 @@ fn count(v: &str) -> Result<usize, String> {
     v.trim()
         .parse()
         .map_err(|_| format!("expected a whole number, got {v:?}"))
+}
+
+/// A whole number for a `u32` setting (a rate or a burst): one that does not fit is refused,
+/// never truncated.
+fn count_u32(v: &str) -> Result<u32, String> {
+    u32::try_from(count(v)?).map_err(|_| "too large".to_string())
 }
 
 fn boolean(v: &str) -> Result<bool, String> {
@@ -1114,5 +1130,28 @@ mod tests {
                 assert!(h.contains(e), "{e}");
             }
         }
+    }
+
+    #[test]
+    fn rates_and_bursts_that_do_not_fit_a_u32_are_refused_not_truncated() {
+        for flag in [
+            "--chat-rate",
+            "--chat-burst",
+            "--upgrade-rate",
+            "--upgrade-burst",
+            "--create-rate",
+            "--create-burst",
+        ] {
+            let e = run(&[flag, "4294967297"], &[]).unwrap_err();
+            assert!(e.0.contains(flag) && e.0.contains("too large"), "{e}");
+        }
+        let e = run(&[], &[("CHATLOOP_CHAT_RATE", "4294967296")]).unwrap_err();
+        assert!(e.0.contains("too large"), "{e}");
+        let c = run(
+            &["--chat-rate", "4294967295", "--chat-burst", "4294967295"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!((c.chat_rate, c.chat_burst), (u32::MAX, u32::MAX));
     }
 }

@@ -54,6 +54,9 @@ pub fn frame_budget(cfg: &Config) -> (u32, u32) {
     )
 }
 
+/// One client connection: its socket, what it is (HTTP, chat WebSocket, closing: [`State`]),
+/// its unparsed input and its output queue. Fed by the loop (`on_bytes`, `on_timer`,
+/// `on_eof`), it answers by queueing output and calling the hub; the loop does the I/O.
 pub struct Conn {
     pub stream: TcpStream,
     /// Tells this connection from an earlier one in the same slab slot (for stale timers).
@@ -119,6 +122,10 @@ pub enum OverLimit {
     Address,
 }
 
+/// What a connection is doing now: serving HTTP requests, carrying a chat room's WebSocket
+/// (or the echo endpoint's), closing (its last output queued) or lingering (its side shut,
+/// waiting for the peer's FIN). docs/lifecycle.md follows the moves between them.
+#[derive(Debug)]
 pub enum State {
     Http {
         busy_since: Option<Micros>,
@@ -142,6 +149,7 @@ pub enum State {
 }
 
 /// A chat WebSocket's state.
+#[derive(Debug)]
 pub struct ChatSocket {
     pub room: RoomId,
     pub session: SessionId,
@@ -173,6 +181,7 @@ pub struct Ctx<'a> {
 }
 
 /// The cluster state a request may use (see [`ClusterReq`]).
+#[derive(Debug)]
 pub struct ClusterCtx<'a> {
     pub up: bool,
     pub facts: &'a mut Facts,
@@ -184,6 +193,28 @@ pub struct ClusterCtx<'a> {
 pub enum Next {
     Keep,
     Drop,
+}
+
+impl std::fmt::Debug for Conn {
+    /// Never the bytes (they are what users wrote): their size.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("serial", &self.serial)
+            .field("client", &self.client)
+            .field("state", &self.state)
+            .field("inbuf_bytes", &self.inbuf.len())
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Ctx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("now", &self.now)
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Conn {

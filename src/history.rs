@@ -72,6 +72,7 @@ struct Found {
 /// A run of consecutive entries, oldest first (an iterator), and whether messages the
 /// caller asked for are missing from it: gone from the ring, or left out to stay within the
 /// byte budget (the oldest ones go first).
+#[derive(Debug)]
 pub struct Window<'a> {
     history: &'a History,
     from: Cursor,

@@ -179,6 +179,9 @@ pub struct HubStats {
     pub messages_expired: u64,
 }
 
+/// The chat domain: sessions, rooms and their members and history, typing, limits and
+/// expiry. Pure: every call takes `now`; what must be sent or closed comes out as
+/// [`Action`]s, and in cluster mode what Redis must learn as [`Op`]s.
 pub struct Hub {
     cfg: HubConfig,
     sessions: HashMap<SessionId, Session>,
@@ -1582,6 +1585,16 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
     if map.capacity() > 64 && map.len() < map.capacity() / 4 {
         map.shrink_to(map.len() * 2);
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    /// Counts only: never names, ids or messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("stats", &self.stats())
+            .field("cluster", &self.cluster.as_ref().map(|c| c.up))
+            .finish_non_exhaustive()
     }
 }
 

@@ -132,6 +132,13 @@ pub struct SecureRandom {
     used: usize,
 }
 
+impl fmt::Debug for SecureRandom {
+    /// Never the pool: it holds the next secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecureRandom(..)")
+    }
+}
+
 impl Default for SecureRandom {
     fn default() -> Self {
         SecureRandom {
@@ -210,6 +217,7 @@ pub fn base64url(bytes: &[u8]) -> String {
 
 /// Makes UUID v7 message ids: 48-bit Unix milliseconds, a 12-bit counter for order within
 /// one millisecond (it borrows the next millisecond if it overflows), 62 random bits.
+#[derive(Debug)]
 pub struct MsgIdGen {
     last_ms: u64,
     seq: u16,

@@ -1,9 +1,15 @@
 //! chatloop: a live chat server on one hand-rolled `mio` event loop.
 //!
-//! The pure, synchronous modules (`hub`, `http`, `api`, `ws`, `protocol`, `timer`) decide
-//! everything a client can cause; `server` is the only module that touches sockets or the clock.
+//! `server` (with `server/redis_link.rs`) is the only module that touches sockets or the
+//! clock. Everything below it is synchronous and takes the time as an argument: `conn` (one
+//! connection's state machine), `api` and `http` (REST), `ws` and `protocol` (frames and
+//! JSON), `hub` (the chat domain), `history`, `cluster` (the Redis side), `tls` (rustls,
+//! driven sans-IO), `proxy`, `outbox`, `timer`, `ratelimit`, `throttle`, `metrics`; `ids`
+//! also reads the OS's random source. The modules form a stack with no cycle:
+//! docs/architecture.md draws it and `tests/layering.rs` keeps it so.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+#![warn(missing_debug_implementations)]
 
 pub mod api;
 pub mod cluster;

@@ -43,6 +43,15 @@ struct Queued {
     next: u32,
 }
 
+impl std::fmt::Debug for Outbox {
+    /// Never the bytes (they are what users wrote): how many chunks.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("chunks", &self.pending.len())
+            .finish()
+    }
+}
+
 impl Outbox {
     /// Forgets this iteration's chunks (all queues must have been flushed or cleared).
     pub fn end_round(&mut self) {

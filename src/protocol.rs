@@ -99,6 +99,15 @@ pub struct FrameBuf {
 
 const GAP: usize = 10;
 
+impl std::fmt::Debug for FrameBuf {
+    /// Never the bytes (the last frame built): its capacity.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameBuf")
+            .field("capacity", &self.buf.capacity())
+            .finish()
+    }
+}
+
 impl Default for FrameBuf {
     fn default() -> Self {
         FrameBuf {

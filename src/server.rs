@@ -62,6 +62,9 @@ const SHUTDOWN_GRACE: Micros = Micros(500_000);
 /// (a request finished, a socket upgraded) cancel the old timer, so nothing wakes for it.
 const TIMER_SLACK: Micros = Micros(1_000_000);
 
+/// The event loop and everything it owns: the listener, the connections (a slab indexed by
+/// mio token), the hub, the connections' timer wheel, the loop-wide buffers and, in cluster
+/// mode, the Redis side. [`Server::bind`], then [`Server::run`] until a signal ends it.
 pub struct Server {
     cfg: Config,
     poll: Poll,
@@ -117,6 +120,20 @@ enum Doom {
     SlowConsumer,
     /// The socket failed or the peer is gone.
     Gone,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .field("connections", &self.conns.len())
+            .field("websockets", &self.websockets)
+            .field("hub", &self.hub)
+            .field("cluster", &self.cluster)
+            .field("tls", &self.tls.is_some())
+            .field("shutting_down", &self.shutdown_at.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The listening socket: `SO_REUSEADDR` (as `mio` sets it), optionally `SO_REUSEPORT` so

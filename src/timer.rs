@@ -1,5 +1,6 @@
-//! Timer wheel: every deadline in the server in one place, with O(1) arming and cancelling and
-//! O(levels) polling.
+//! Timer wheel: deadlines with O(1) arming and cancelling and O(levels) polling. The loop
+//! keeps one for its connections (request and idle timeouts, pings, linger) and the hub one
+//! for sessions, rooms, typing and message TTLs.
 //!
 //! A hierarchical hashed wheel after tokio's `runtime/time/wheel`, simplified: one tick is 1 ms,
 //! and there are 6 levels of 64 slots, so a slot on level `n` spans `64^n` ticks and the whole

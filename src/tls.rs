@@ -48,6 +48,7 @@ mod imp {
     const MAX_INBUF: usize = 96 * 1024;
 
     /// The listener's TLS settings: the current certificate and key, reloadable.
+    #[derive(Debug)]
     pub struct Acceptor {
         config: Arc<ServerConfig>,
         cert: PathBuf,
@@ -114,6 +115,28 @@ mod imp {
     pub struct Scratch {
         pub plain: Vec<u8>,
         cipher: Vec<u8>,
+    }
+
+    impl std::fmt::Debug for Scratch {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Scratch(..)")
+        }
+    }
+
+    impl std::fmt::Debug for Session {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Session")
+                .field("ready", &self.ready)
+                .field("inbuf_bytes", &self.inbuf.len())
+                .field("pending_bytes", &self.pending.len())
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl std::fmt::Debug for RedisTls {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("RedisTls(..)")
+        }
     }
 
     impl Default for Scratch {
@@ -389,6 +412,7 @@ mod imp {
     }
 
     /// Cluster mode's `rediss://` client settings: the CAs Redis's certificate must chain to.
+    #[derive(Debug)]
     pub struct RedisTlsConfig(Arc<rustls::ClientConfig>);
 
     /// Where Debian, Fedora and Alpine (and most others) keep the system's CA bundle.
@@ -617,6 +641,7 @@ mod stub {
 
     use crate::outbox::{Flushed, Outbox, Queue};
 
+    #[derive(Debug)]
     pub enum Acceptor {}
 
     impl Acceptor {
@@ -631,7 +656,7 @@ mod stub {
         }
     }
 
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     pub struct Scratch {
         pub plain: Vec<u8>,
     }
@@ -642,6 +667,7 @@ mod stub {
         pub last_words: Vec<u8>,
     }
 
+    #[derive(Debug)]
     pub enum Session {}
 
     impl Session {
@@ -659,6 +685,7 @@ mod stub {
         }
     }
 
+    #[derive(Debug)]
     pub enum RedisTlsConfig {}
 
     impl RedisTlsConfig {
@@ -670,6 +697,7 @@ mod stub {
         }
     }
 
+    #[derive(Debug)]
     pub enum RedisTls {}
 
     impl RedisTls {
