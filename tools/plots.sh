@@ -26,6 +26,7 @@ if [ -z "${PLOTS_NO_RUN:-}" ]; then
         BENCH_OUT=$OUT/round$r BENCH_DURATION=${BENCH_DURATION:-10s} "$ROOT/tools/bench.sh" \
             fanout10x50 relay10x50 | tee -a "$OUT/summary.txt"
     done
+    sed -i "s/\$/ to $(cut -d' ' -f1 /proc/loadavg)/" "$OUT/meta" # the load at the end too
 fi
 meta=$(cat "$OUT/meta" 2>/dev/null || echo "unknown run")
 for shape in 10x50 1k; do
