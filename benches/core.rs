@@ -69,9 +69,10 @@ fn client_frame_decode_and_parse(c: &mut Criterion) {
     let frame = masked_frame(br#"{"type":"chat","message":"Hello, how is everyone doing today?"}"#);
     c.bench_function("ws_decode_unmask_json_parse chat frame", |b| {
         let mut st = WsState::default();
+        let mut inflater = chatloop::deflate::Inflater::default();
         b.iter_batched_ref(
             || frame.clone(),
-            |buf| match st.decode(buf, 65536) {
+            |buf| match st.decode(buf, 65536, &mut inflater) {
                 Ok(Step::Event(chatloop::ws::WsEvent::Text(t), _)) => {
                     black_box(protocol::parse_client(&t).is_ok());
                 }

@@ -30,6 +30,10 @@ pub struct Config {
     pub max_request_head: usize,
     pub max_request_body: usize,
     pub max_ws_message: usize,
+    /// permessage-deflate (RFC 7692) is negotiated with clients that offer it.
+    pub deflate: bool,
+    /// Frames with a smaller payload are sent plain even to a client that negotiated deflate.
+    pub deflate_min_bytes: usize,
     pub max_chat_chars: usize,
     pub max_chat_bytes: usize,
     pub max_welcome_bytes: usize,
@@ -256,6 +260,26 @@ pub const OPTIONS: &[Opt] = &[
         "largest WebSocket message (close 1009 beyond)",
         |c, v| {
             c.max_ws_message = size(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "deflate",
+        ["CHATLOOP_DEFLATE"],
+        "true",
+        "negotiate permessage-deflate (RFC 7692) with clients that offer it; false: never",
+        |c, v| {
+            c.deflate = boolean(v)?;
+            Ok(())
+        }
+    ),
+    opt!(
+        "deflate-min-bytes",
+        ["CHATLOOP_DEFLATE_MIN_BYTES"],
+        "1KiB",
+        "smallest frame payload compressed for such clients (smaller ones go plain)",
+        |c, v| {
+            c.deflate_min_bytes = size(v)?;
             Ok(())
         }
     ),
@@ -636,6 +660,8 @@ impl Default for Config {
             max_request_head: 0,
             max_request_body: 0,
             max_ws_message: 0,
+            deflate: false,
+            deflate_min_bytes: 0,
             max_chat_chars: 0,
             max_chat_bytes: 0,
             max_welcome_bytes: 0,

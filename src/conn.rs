@@ -11,6 +11,7 @@ use mio::net::TcpStream;
 use crate::api::{self, ApiCtx, ClusterReq, Reply};
 use crate::cluster::{Facts, Query};
 use crate::config::Config;
+use crate::deflate::{Deflater, Inflater, Mode};
 use crate::http::{self, Response};
 use crate::hub::Hub;
 use crate::ids::{ConnId, RoomId, SessionId};
@@ -172,6 +173,9 @@ pub struct Ctx<'a> {
     pub gauges: Gauges,
     pub websockets: &'a mut usize,
     pub frame: &'a mut FrameBuf,
+    /// Loop-wide permessage-deflate state: no connection holds any of its own.
+    pub inflate: &'a mut Inflater,
+    pub deflate: &'a mut Deflater,
     pub limiter: &'a mut CreateLimiter,
     /// Open connections per client address (`--max-connections-per-ip`).
     pub per_ip: &'a mut ConnCounter,
@@ -287,6 +291,15 @@ impl Conn {
     /// Whether frames from the hub should still be queued.
     pub fn accepts_frames(&self) -> bool {
         matches!(self.state, State::Ws(_))
+    }
+
+    /// Frames to it may be sent compressed (it negotiated permessage-deflate).
+    pub fn compresses(&self) -> bool {
+        match &self.state {
+            State::Ws(m) => m.ws.deflate.compresses(),
+            State::Echo { ws, .. } => ws.deflate.compresses(),
+            _ => false,
+        }
     }
 
     pub fn is_websocket(&self) -> bool {
@@ -624,13 +637,13 @@ impl Conn {
                 since,
                 elsewhere,
             } => {
-                self.accept_upgrade(id, req.ws_key.unwrap_or_default(), ctx);
+                let mode = self.accept_upgrade(id, &req, ctx);
                 match ctx
                     .hub
                     .connect(id, session, room, since, &elsewhere, ctx.now)
                 {
                     Ok(()) => {
-                        let ws = WsState::default();
+                        let ws = WsState::new(mode);
                         let m = ChatSocket {
                             room,
                             session,
@@ -657,9 +670,9 @@ impl Conn {
                 }
             }
             Reply::Echo => {
-                self.accept_upgrade(id, req.ws_key.unwrap_or_default(), ctx);
+                let mode = self.accept_upgrade(id, &req, ctx);
                 self.state = State::Echo {
-                    ws: WsState::default(),
+                    ws: WsState::new(mode),
                     last_rx: ctx.now.mono,
                     pinged: false,
                 };
@@ -684,20 +697,30 @@ impl Conn {
         self.respond(id, &r.closing(), false, false, ctx);
     }
 
-    fn accept_upgrade(&mut self, id: ConnId, key: &[u8], ctx: &mut Ctx<'_>) {
+    /// Queues the `101`; returns the permessage-deflate mode agreed (answering the client's
+    /// first acceptable offer, unless `--deflate false`).
+    fn accept_upgrade(&mut self, id: ConnId, req: &http::Request<'_>, ctx: &mut Ctx<'_>) -> Mode {
         ctx.metrics.http_requests += 1;
         ctx.metrics.ws_upgrades += 1;
         *ctx.websockets += 1;
-        let mut out = Vec::with_capacity(160);
+        let key = req.ws_key.unwrap_or_default();
+        let agreed = req.ws_deflate.filter(|_| ctx.cfg.deflate);
+        let mut out = Vec::with_capacity(256);
         out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
         out.extend_from_slice(ws::accept_key(key).as_bytes());
-        out.extend_from_slice(b"\r\nDate: ");
+        out.extend_from_slice(b"\r\n");
+        if let Some(a) = &agreed {
+            ctx.metrics.ws_deflate += 1;
+            out.extend_from_slice(a.response_header().as_bytes());
+        }
+        out.extend_from_slice(b"Date: ");
         out.extend_from_slice(ctx.date);
         out.extend_from_slice(b"\r\n\r\n");
         self.send(id, Chunk::Owned(out), ctx.outbox, ctx.dirty);
         // Everything queued so far (earlier pipelined responses, then the 101) goes first.
         self.unsent_101 = self.out.bytes();
         self.exempt = self.out.bytes();
+        agreed.map_or(Mode::Off, |a| a.mode)
     }
 
     fn respond(
@@ -753,6 +776,24 @@ impl Conn {
     fn ws_step(&mut self, id: ConnId, data: &mut [u8], ctx: &mut Ctx<'_>) -> Option<usize> {
         let max = ctx.cfg.max_ws_message;
         let now = ctx.now.mono;
+        // The loop-wide inflater, lent to this step (a compressed message's event borrows it).
+        let mut inflater = std::mem::take(ctx.inflate);
+        let used = self.ws_decoded(id, data, max, now, &mut inflater, ctx);
+        inflater.trim();
+        ctx.metrics.inflated = inflater.messages;
+        *ctx.inflate = inflater;
+        used
+    }
+
+    fn ws_decoded(
+        &mut self,
+        id: ConnId,
+        data: &mut [u8],
+        max: usize,
+        now: Micros,
+        inflater: &mut Inflater,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<usize> {
         let (ws, last_rx, pinged) = match &mut self.state {
             State::Ws(m) => (&mut m.ws, &mut m.last_rx, &mut m.pinged),
             State::Echo {
@@ -762,7 +803,7 @@ impl Conn {
             } => (ws, last_rx, pinged),
             _ => return Some(data.len()),
         };
-        let step = ws.decode(data, max);
+        let step = ws.decode(data, max, inflater);
         if !matches!(step, Ok(Step::Need)) {
             *last_rx = now;
             *pinged = false;
@@ -827,22 +868,8 @@ impl Conn {
     fn ws_event(&mut self, id: ConnId, ev: WsEvent<'_>, ctx: &mut Ctx<'_>) {
         let echo = matches!(self.state, State::Echo { .. });
         match ev {
-            WsEvent::Text(t) if echo => {
-                self.send(
-                    id,
-                    Chunk::Owned(ws::data_frame(true, t.as_bytes())),
-                    ctx.outbox,
-                    ctx.dirty,
-                );
-            }
-            WsEvent::Binary(b) if echo => {
-                self.send(
-                    id,
-                    Chunk::Owned(ws::data_frame(false, &b)),
-                    ctx.outbox,
-                    ctx.dirty,
-                );
-            }
+            WsEvent::Text(t) if echo => self.echo(id, true, t.as_bytes(), ctx),
+            WsEvent::Binary(b) if echo => self.echo(id, false, &b, ctx),
             WsEvent::Text(t) => {
                 if let State::Ws(m) = &self.state {
                     ctx.hub.on_text(id, m.room, &t, ctx.now);
@@ -871,6 +898,26 @@ impl Conn {
                 self.close_after_flush = true;
             }
         }
+    }
+
+    /// The conformance echo: the same message back, compressed if it negotiated that.
+    fn echo(&mut self, id: ConnId, text: bool, payload: &[u8], ctx: &mut Ctx<'_>) {
+        let compressed = if self.compresses() {
+            let first = if text { 0x81 } else { 0x82 };
+            let f = ctx.deflate.frame(first, payload);
+            ctx.metrics.compressed = ctx.deflate.compressions;
+            f
+        } else {
+            None
+        };
+        let frame = match compressed {
+            Some(f) => {
+                ctx.metrics.frames_out_compressed += 1;
+                f
+            }
+            None => ws::data_frame(text, payload),
+        };
+        self.send(id, Chunk::Owned(frame), ctx.outbox, ctx.dirty);
     }
 
     fn ws_timer(&mut self, id: ConnId, ctx: &mut Ctx<'_>) {

@@ -32,6 +32,9 @@ pub struct Request<'a> {
     pub connection_upgrade: bool,
     pub ws_key: Option<&'a [u8]>,
     pub ws_version: Option<&'a [u8]>,
+    /// The first `permessage-deflate` offer in `Sec-WebSocket-Extensions` (over all its
+    /// lines, in order) that the server can honour.
+    pub ws_deflate: Option<crate::deflate::Agreed>,
     pub expect_continue: bool,
     /// `X-Forwarded-For` values, in order (the last [`MAX_FORWARDED`] header lines).
     pub forwarded_for: Forwarded<'a>,
@@ -139,6 +142,7 @@ pub fn parse(
         connection_upgrade: false,
         ws_key: None,
         ws_version: None,
+        ws_deflate: None,
         expect_continue: false,
         forwarded_for: Forwarded::default(),
     };
@@ -175,6 +179,10 @@ pub fn parse(
             r.ws_key = Some(v.trim_ascii());
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             r.ws_version = Some(v.trim_ascii());
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            if r.ws_deflate.is_none() {
+                r.ws_deflate = crate::deflate::negotiate(v);
+            }
         } else if name.eq_ignore_ascii_case("expect") {
             r.expect_continue = v.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {

@@ -15,6 +15,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod deflate;
 pub mod history;
 pub mod http;
 pub mod hub;

@@ -21,6 +21,14 @@ pub struct Metrics {
     pub ws_upgrades: u64,
     pub frames_in: u64,
     pub frames_out: u64,
+    /// WebSocket upgrades that negotiated permessage-deflate.
+    pub ws_deflate: u64,
+    /// Client messages inflated.
+    pub inflated: u64,
+    /// Messages compressed (once per broadcast, whatever the audience).
+    pub compressed: u64,
+    /// Frames queued with RSV1 (compressed).
+    pub frames_out_compressed: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub writes: u64,
@@ -162,6 +170,30 @@ impl Metrics {
             "counter",
             "WebSocket frames queued to clients.",
             self.frames_out,
+        );
+        one(
+            "ws_deflate_total",
+            "counter",
+            "WebSocket upgrades that negotiated permessage-deflate.",
+            self.ws_deflate,
+        );
+        one(
+            "messages_inflated_total",
+            "counter",
+            "Compressed client messages inflated.",
+            self.inflated,
+        );
+        one(
+            "messages_compressed_total",
+            "counter",
+            "Messages compressed (once per broadcast frame, however many recipients).",
+            self.compressed,
+        );
+        one(
+            "frames_out_compressed_total",
+            "counter",
+            "WebSocket frames queued to clients compressed (RSV1).",
+            self.frames_out_compressed,
         );
         one(
             "bytes_in_total",

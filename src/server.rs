@@ -86,6 +86,9 @@ pub struct Server {
     again: Vec<usize>,
     doomed: Vec<(usize, Doom)>,
     frame: FrameBuf,
+    /// permessage-deflate: the one inflater and the one compressor of the loop.
+    inflate: crate::deflate::Inflater,
+    deflate: crate::deflate::Deflater,
     limiter: CreateLimiter,
     /// Open connections per client address, for `--max-connections-per-ip`.
     per_ip: ConnCounter,
@@ -207,6 +210,7 @@ impl Server {
             log::info!("cluster mode: sharing rooms through {url}");
             Cluster::new(cfg.cluster_config(url), node)
         });
+        let deflate = crate::deflate::Deflater::new(cfg.deflate_min_bytes);
         Ok(Server {
             cfg,
             poll,
@@ -227,6 +231,8 @@ impl Server {
             again: Vec::new(),
             doomed: Vec::new(),
             frame: FrameBuf::default(),
+            inflate: crate::deflate::Inflater::default(),
+            deflate,
             limiter,
             per_ip,
             throttle: LogThrottle::default(),
@@ -717,6 +723,16 @@ impl Server {
                             && conn.accepts_frames()
                         {
                             self.metrics.frames_out += 1;
+                            let frame = if conn.compresses() {
+                                // One compressed copy per frame, shared by all who take it.
+                                let f = self.deflate.shared(&frame);
+                                if f.first().is_some_and(|b| b & 0x40 != 0) {
+                                    self.metrics.frames_out_compressed += 1;
+                                }
+                                f
+                            } else {
+                                frame
+                            };
                             conn.send(
                                 ConnId(id),
                                 Chunk::Shared(frame),
@@ -737,6 +753,8 @@ impl Server {
                     Action::Close(ConnId(id), code, reason) => closes.push((id, code, reason)),
                 }
             }
+            self.deflate.end_round();
+            self.metrics.compressed = self.deflate.compressions;
             for (id, code, reason) in closes {
                 self.with_conn(id, now, |conn, ctx| {
                     conn.closed_by_hub(ConnId(id), code, reason, ctx)
@@ -1023,6 +1041,8 @@ impl Server {
             metrics,
             websockets,
             frame,
+            inflate,
+            deflate,
             date,
             limiter,
             per_ip,
@@ -1049,6 +1069,8 @@ impl Server {
             gauges,
             websockets,
             frame,
+            inflate,
+            deflate,
             limiter,
             per_ip,
             throttle,

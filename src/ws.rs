@@ -11,15 +11,21 @@ use std::io::Cursor;
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
-/// Per-connection decoder state: empty (no allocation) unless a fragmented message is open.
+use crate::deflate::{InflateError, Inflater, Mode};
+
+/// Per-connection decoder state: empty (no allocation) unless a fragmented message is open,
+/// and the permessage-deflate mode agreed at the upgrade (one byte: no compression state).
 #[derive(Debug, Default)]
 pub struct WsState {
     frag: Option<Box<Frag>>,
+    pub deflate: Mode,
 }
 
 #[derive(Debug)]
 struct Frag {
     text: bool,
+    /// RSV1 was set on its first frame: `data` is compressed, inflated when it ends.
+    compressed: bool,
     data: Vec<u8>,
     /// How much of `data` is known to be valid UTF-8 (text messages only).
     valid_up_to: usize,
@@ -59,11 +65,20 @@ const fn close(code: u16, reason: &'static str) -> CloseWith {
 }
 
 impl WsState {
-    /// Decodes the first frame in `buf` (unmasking it in place).
+    pub fn new(deflate: Mode) -> WsState {
+        WsState {
+            frag: None,
+            deflate,
+        }
+    }
+
+    /// Decodes the first frame in `buf` (unmasking it in place). A compressed message is
+    /// inflated into `inflater` (loop-wide), never past `max_message` bytes.
     pub fn decode<'a>(
         &mut self,
         buf: &'a mut [u8],
         max_message: usize,
+        inflater: &'a mut Inflater,
     ) -> Result<Step<'a>, CloseWith> {
         let mut cur = Cursor::new(&*buf);
         let (header, len) = match FrameHeader::parse(&mut cur) {
@@ -72,13 +87,18 @@ impl WsState {
             Err(_) => return Err(close(1002, "reserved opcode")),
         };
         let start = cur.position() as usize;
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        if header.rsv2 || header.rsv3 || (header.rsv1 && !self.deflate.inflates()) {
             return Err(close(1002, "reserved bits set without an extension"));
         }
         let Some(mask) = header.mask else {
             return Err(close(1002, "client frames must be masked"));
         };
         let is_control = matches!(header.opcode, OpCode::Control(_));
+        if header.rsv1 && (is_control || header.opcode == OpCode::Data(Data::Continue)) {
+            // RFC 7692 section 6: RSV1 marks a message's first frame; control frames are
+            // never compressed.
+            return Err(close(1002, "RSV1 set on a control or continuation frame"));
+        }
         if is_control && (len > 125 || !header.is_final) {
             return Err(close(
                 1002,
@@ -115,13 +135,17 @@ impl WsState {
                     ));
                 };
                 frag.data.extend_from_slice(payload);
-                if frag.text {
+                if frag.text && !frag.compressed {
                     frag.check_utf8(header.is_final)?;
                 }
                 if !header.is_final {
                     return Ok(Step::Consumed(used));
                 }
                 let frag = self.frag.take().expect("checked above");
+                if frag.compressed {
+                    let data = inflate(inflater, &[&frag.data], max_message)?;
+                    return Ok(Step::Event(message(frag.text, data)?, used));
+                }
                 let event = if frag.text {
                     let text = String::from_utf8(frag.data)
                         .map_err(|_| close(1007, "invalid UTF-8 in text"))?;
@@ -142,14 +166,19 @@ impl WsState {
                 if !header.is_final {
                     let mut frag = Box::new(Frag {
                         text,
+                        compressed: header.rsv1,
                         data: payload.to_vec(),
                         valid_up_to: 0,
                     });
-                    if text {
+                    if text && !header.rsv1 {
                         frag.check_utf8(false)?;
                     }
                     self.frag = Some(frag);
                     return Ok(Step::Consumed(used));
+                }
+                if header.rsv1 {
+                    let data = inflate(inflater, &[payload], max_message)?;
+                    return Ok(Step::Event(message(text, data)?, used));
                 }
                 if text {
                     let s = std::str::from_utf8(payload)
@@ -165,6 +194,27 @@ impl WsState {
     /// Bytes held for an unfinished fragmented message.
     pub fn buffered(&self) -> usize {
         self.frag.as_ref().map_or(0, |f| f.data.capacity())
+    }
+}
+
+fn inflate<'a>(
+    inflater: &'a mut Inflater,
+    parts: &[&[u8]],
+    max: usize,
+) -> Result<&'a [u8], CloseWith> {
+    inflater.inflate(parts, max).map_err(|e| match e {
+        InflateError::TooBig => close(1009, "message too big"),
+        InflateError::Invalid => close(1007, "invalid compressed data"),
+    })
+}
+
+/// A whole inflated message as an event (text must be valid UTF-8).
+fn message(text: bool, data: &[u8]) -> Result<WsEvent<'_>, CloseWith> {
+    if text {
+        let s = std::str::from_utf8(data).map_err(|_| close(1007, "invalid UTF-8 in text"))?;
+        Ok(WsEvent::Text(Cow::Borrowed(s)))
+    } else {
+        Ok(WsEvent::Binary(Cow::Borrowed(data)))
     }
 }
 
@@ -290,7 +340,8 @@ mod tests {
 
     fn one(st: &mut WsState, bytes: &[u8]) -> Result<Step<'static>, CloseWith> {
         let buf: &'static mut [u8] = Box::leak(bytes.to_vec().into_boxed_slice());
-        st.decode(buf, 1 << 16)
+        let inf: &'static mut Inflater = Box::leak(Box::default());
+        st.decode(buf, 1 << 16, inf)
     }
 
     #[test]
@@ -370,6 +421,80 @@ mod tests {
         assert_eq!(
             one(&mut st, &masked(0x01, &[0xce, 0xba, 0xff])).map_err(|c| c.code),
             Err(1007)
+        );
+    }
+
+    #[test]
+    fn compressed_messages_per_rfc_7692() {
+        let mut d = crate::deflate::Deflater::new(0);
+        let text = "hello hello hello hello hello";
+        let c = d.compress(text.as_bytes()).unwrap().to_vec();
+        let mut st = WsState::new(Mode::Both);
+        assert_eq!(
+            one(&mut st, &masked(0xc1, &c))
+                .map(|s| matches!(s, Step::Event(WsEvent::Text(ref t), _) if t == text)),
+            Ok(true)
+        );
+        // Fragmented: RSV1 on the first frame only, control frames between.
+        let (a, b) = c.split_at(5);
+        assert!(matches!(
+            one(&mut st, &masked(0x41, a)),
+            Ok(Step::Consumed(_))
+        ));
+        assert!(matches!(
+            one(&mut st, &masked(0x89, b"p")),
+            Ok(Step::Event(WsEvent::Ping(_), _))
+        ));
+        assert_eq!(
+            one(&mut st, &masked(0x80, b))
+                .map(|s| matches!(s, Step::Event(WsEvent::Text(ref t), _) if t == text)),
+            Ok(true)
+        );
+        // A message of plain frames still works.
+        assert!(matches!(
+            one(&mut st, &masked(0x81, b"x")),
+            Ok(Step::Event(WsEvent::Text(_), _))
+        ));
+        let code = |mode, frames: &[Vec<u8>]| {
+            let mut st = WsState::new(mode);
+            frames
+                .iter()
+                .map(|f| one(&mut st, f).map(|_| ()).map_err(|c| c.code))
+                .last()
+                .unwrap()
+        };
+        assert_eq!(
+            code(Mode::Off, &[masked(0xc1, &c)]),
+            Err(1002),
+            "not negotiated"
+        );
+        assert_eq!(
+            code(Mode::Both, &[masked(0xc9, b"")]),
+            Err(1002),
+            "compressed ping"
+        );
+        assert_eq!(
+            code(Mode::Both, &[masked(0x41, a), masked(0xc0, b)]),
+            Err(1002),
+            "RSV1 on a continuation"
+        );
+        assert_eq!(code(Mode::Both, &[masked(0xa1, &c)]), Err(1002), "RSV2");
+        assert_eq!(
+            code(Mode::Both, &[masked(0xc1, b"\xff\xff")]),
+            Err(1007),
+            "not deflate"
+        );
+        let zeros = d.compress(&[0u8; 200_000]).unwrap().to_vec();
+        assert_eq!(
+            code(Mode::Both, &[masked(0xc2, &zeros)]),
+            Err(1009),
+            "inflates too big"
+        );
+        let bad = d.compress(&[0xff; 100]).unwrap().to_vec();
+        assert_eq!(
+            code(Mode::InflateOnly, &[masked(0xc1, &bad)]),
+            Err(1007),
+            "bad UTF-8"
         );
     }
 

@@ -33,12 +33,13 @@ fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
 /// Returns the text messages, or the close code that ended the stream.
 fn decode_stream(chunks: &[Vec<u8>]) -> Result<Vec<String>, u16> {
     let mut st = WsState::default();
+    let mut inflater = chatloop::deflate::Inflater::default();
     let mut pending: Vec<u8> = Vec::new();
     let mut texts = Vec::new();
     for c in chunks {
         pending.extend_from_slice(c);
         loop {
-            match st.decode(&mut pending, 1 << 20) {
+            match st.decode(&mut pending, 1 << 20, &mut inflater) {
                 Ok(Step::Need) => break,
                 Ok(Step::Consumed(n)) => {
                     assert!(n > 0 && n <= pending.len());
