@@ -184,6 +184,24 @@ pub struct Inflater {
 /// Output buffer the inflater keeps between messages; a larger one is given back.
 const KEEP_OUT: usize = 256 * 1024;
 
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflater")
+            .field("held", &self.out.capacity())
+            .field("messages", &self.messages)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Deflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deflater")
+            .field("min_bytes", &self.min_bytes)
+            .field("compressions", &self.compressions)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Inflater {
     /// Inflates one message whose compressed bytes are `parts` in order, into the shared
     /// buffer; at most `max` bytes are ever written (or allocated): past that, `TooBig`.
