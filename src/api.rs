@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::cluster::{Answer, Facts, Query};
 use crate::http::{self, Method, Request, Response};
-use crate::hub::{Hub, HubError, RoomOptions, validate_username};
+use crate::hub::{Hub, HubError, RoomOptions, RoomSettings, validate_username};
 use crate::ids::{MsgId, RoomId, SessionId, UserId};
 use crate::protocol::{self, json_str};
 use crate::ratelimit::CreateLimiter;
@@ -98,19 +98,48 @@ fn need_redis(ctx: &ApiCtx<'_>) -> Result<(), Reply> {
     }
 }
 
-/// Makes sure the hub knows the room (cluster mode: asks Redis). `Err` is the reply.
-fn ensure_room(hub: &Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Result<(), Reply> {
-    if hub.room_exists(room) {
-        return Ok(());
+/// Cluster mode: what Redis says of a room for one caller, fetched fresh for this request.
+#[derive(Debug, Clone, Copy)]
+struct RoomFacts {
+    /// `None`: no such room.
+    settings: Option<RoomSettings>,
+    /// The session is among the room's members (`chatloop:sr:{session}`).
+    member: bool,
+}
+
+impl RoomFacts {
+    /// The room's settings if the caller may see it: any room, a private one only for its
+    /// members. `None` answers exactly as a missing room does.
+    fn visible(&self) -> Option<RoomSettings> {
+        self.settings.filter(|s| !s.is_private() || self.member)
     }
-    let Some(c) = ctx.cluster.as_mut() else {
-        return Err(room_not_found().into());
+}
+
+/// Cluster mode: the room's settings as Redis has them now (the invite may have been
+/// rotated on another node) and whether `session` is a member (it may have joined or left
+/// on another node), asked together, so that a private room refused takes as many round
+/// trips as a missing one. `Ok(None)`: asked; answer [`Reply::Fetch`].
+fn room_facts(
+    c: &mut ClusterReq<'_>,
+    session: Option<SessionId>,
+    room: RoomId,
+) -> Result<Option<RoomFacts>, Response> {
+    let exists = ask(c, Query::RoomExists(room))?;
+    let member = match session {
+        Some(s) => ask(c, Query::Member(s, room))?.map(|a| matches!(a, Answer::Member(true))),
+        None => Some(false),
     };
-    match ask(c, Query::RoomExists(room))? {
-        None => Err(Reply::Fetch),
-        Some(Answer::Exists(true)) if hub.room_exists(room) => Ok(()),
-        Some(_) => Err(room_not_found().into()),
-    }
+    Ok(match (exists, member) {
+        (Some(Answer::Room(settings)), Some(member)) => Some(RoomFacts {
+            settings: *settings,
+            member,
+        }),
+        (Some(_), Some(member)) => Some(RoomFacts {
+            settings: None,
+            member,
+        }),
+        _ => None,
+    })
 }
 
 pub use crate::web::{DOCS_HTML, INDEX_HTML, OPENAPI_JSON};
@@ -419,13 +448,6 @@ fn create_room(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'
         Ok(o) => o,
         Err(r) => return r.into(),
     };
-    if ctx.cluster.is_some() && opts != RoomOptions::default() {
-        return Response::error(
-            501,
-            "Private rooms and message_ttl are not available in cluster mode yet",
-        )
-        .into();
-    }
     if let Err(r) = need_redis(ctx) {
         return r;
     }
@@ -499,60 +521,62 @@ fn write_room_list(b: &mut Vec<u8>, rooms: impl Iterator<Item = RoomId>) {
 /// The bearer token, if the request has a well-formed one for a session this node knows
 /// (no refusal when it has not: `GET /rooms/{id}` needs no session for public rooms).
 fn optional_session(req: &Request<'_>, hub: &Hub, now: Now) -> Option<SessionId> {
+    bearer_token(req).filter(|id| hub.has_session(*id, now))
+}
+
+/// The well-formed bearer token of the request, if any (not checked).
+fn bearer_token(req: &Request<'_>) -> Option<SessionId> {
     req.authorization
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .and_then(|(_, t)| SessionId::parse(t.trim()))
-        .filter(|id| hub.has_session(*id, now))
+}
+
+/// `GET /rooms/{id}`'s answer.
+fn room_body(room: RoomId, user_count: usize, private: bool, ttl: Option<Micros>) -> Response {
+    let mut b = format!("{{\"room_id\":\"{room}\",\"exists\":true,\"user_count\":{user_count}");
+    if private {
+        b.push_str(",\"private\":true");
+    }
+    if let Some(ttl) = ttl {
+        let _ = write!(b, ",\"message_ttl\":{}", ttl.0 / 1_000_000);
+    }
+    b.push('}');
+    Response::json(200, b.into_bytes())
 }
 
 fn room_info(req: &Request<'_>, hub: &Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
-    let count = match ctx.cluster.as_mut() {
-        None => {
-            let session = optional_session(req, hub, ctx.now);
-            return match hub.room_view(room, session) {
-                None => room_not_found(),
-                Some(v) => {
-                    let mut b = format!(
-                        "{{\"room_id\":\"{room}\",\"exists\":true,\"user_count\":{}",
-                        v.user_count
-                    );
-                    if v.private {
-                        b.push_str(",\"private\":true");
-                    }
-                    if let Some(ttl) = v.message_ttl {
-                        let _ = write!(b, ",\"message_ttl\":{}", ttl.0 / 1_000_000);
-                    }
-                    b.push('}');
-                    Response::json(200, b.into_bytes())
-                }
-            }
-            .into();
+    let Some(c) = ctx.cluster.as_mut() else {
+        let session = optional_session(req, hub, ctx.now);
+        return match hub.room_view(room, session) {
+            None => room_not_found(),
+            Some(v) => room_body(room, v.user_count, v.private, v.message_ttl),
         }
-        Some(c) => {
-            let exists = match ask(c, Query::RoomExists(room)) {
-                Err(r) => return r.into(),
-                Ok(a) => a,
-            };
-            let count = match ask(c, Query::UserCount(room)) {
-                Err(r) => return r.into(),
-                Ok(a) => a,
-            };
-            match (exists, count) {
-                (Some(Answer::Exists(false)), _) => None,
-                (Some(_), Some(Answer::Count(n))) => Some(*n),
-                (Some(_), Some(_)) => Some(0),
-                _ => return Reply::Fetch,
-            }
-        }
+        .into();
     };
-    match count {
-        Some(n) => Response::json(
-            200,
-            format!("{{\"room_id\":\"{room}\",\"exists\":true,\"user_count\":{n}}}").into_bytes(),
-        ),
+    // Membership is asked whenever there is a token (a private room is visible to its
+    // members only), in the same round as the rest.
+    let facts = match room_facts(c, bearer_token(req), room) {
+        Err(r) => return r.into(),
+        Ok(f) => f,
+    };
+    let count = match ask(c, Query::UserCount(room)) {
+        Err(r) => return r.into(),
+        Ok(a) => a,
+    };
+    let (Some(facts), Some(count)) = (facts, count) else {
+        return Reply::Fetch;
+    };
+    match facts.visible() {
         None => room_not_found(),
+        Some(s) => {
+            let n = match count {
+                Answer::Count(n) => *n,
+                _ => 0,
+            };
+            room_body(room, n, s.is_private(), s.message_ttl)
+        }
     }
     .into()
 }
@@ -575,8 +599,23 @@ fn join(
         Ok(id) => id,
         Err(r) => return r,
     };
-    if let Err(r) = need_redis(ctx).and_then(|()| ensure_room(hub, room, ctx)) {
+    if let Err(r) = need_redis(ctx) {
         return r;
+    }
+    // Cluster mode: a room this node has not seen, or a private one (its invite as Redis
+    // has it now, and whether the session is a member already), is asked of Redis; the
+    // answers are installed in the hub, which then decides as on one node.
+    if let Some(c) = ctx.cluster.as_mut()
+        && (!hub.room_exists(room) || hub.room_private(room))
+    {
+        match room_facts(c, Some(id), room) {
+            Err(r) => return r.into(),
+            Ok(None) => return Reply::Fetch,
+            Ok(Some(f)) if f.settings.is_none() || !hub.room_exists(room) => {
+                return room_not_found().into();
+            }
+            Ok(Some(_)) => {}
+        }
     }
     // No body (the original client) or one without an invite: fine for public rooms. A body
     // that is not a JSON object with a string invite counts as no invite, so that a private
@@ -603,6 +642,19 @@ fn rotate_invite(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCt
     };
     if let Err(r) = need_redis(ctx) {
         return r;
+    }
+    if let Some(c) = ctx.cluster.as_mut() {
+        // Membership as Redis has it (the session may have joined on another node); the
+        // hub checks it and that the room is private. Redis replaces the hash only while
+        // the room's settings exist.
+        match room_facts(c, Some(id), room) {
+            Err(r) => return r.into(),
+            Ok(None) => return Reply::Fetch,
+            Ok(Some(f)) if f.visible().is_none() || !hub.room_exists(room) => {
+                return room_not_found().into();
+            }
+            Ok(Some(_)) => {}
+        }
     }
     match hub.rotate_invite(id, room) {
         Ok(invite) => Response::json(200, format!("{{\"invite\":\"{invite}\"}}").into_bytes()),
@@ -663,33 +715,72 @@ fn messages(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>
     };
     let mut b = Vec::with_capacity(256);
     b.extend_from_slice(b"{\"messages\":[");
+    let now = ctx.now;
     let truncated = match ctx.cluster.as_mut() {
-        Some(c) if !hub.room_live(room) => {
-            // Not subscribed here: Redis has the history (all of it when paging back).
-            let exists = match ask(c, Query::RoomExists(room)) {
+        Some(c) if !hub.room_live(room) || hub.room_private(room) => {
+            // Not subscribed here (Redis has the history, all of it when paging back), or
+            // private (membership as Redis has it): asked in one round.
+            let facts = match room_facts(c, Some(session), room) {
                 Err(r) => return r.into(),
-                Ok(a) => a,
+                Ok(f) => f,
             };
-            let n = if before.is_some() { HISTORY_ALL } else { limit };
-            let history = match ask(c, Query::History(room, n)) {
-                Err(r) => return r.into(),
-                Ok(a) => a,
+            let history = if hub.room_live(room) {
+                None
+            } else {
+                let n = if before.is_some() { HISTORY_ALL } else { limit };
+                match ask(c, Query::History(room, n)) {
+                    Err(r) => return r.into(),
+                    Ok(None) => return Reply::Fetch,
+                    Ok(Some(a)) => Some(a),
+                }
             };
-            match (exists, history) {
-                (Some(Answer::Exists(false)), _) => return room_not_found().into(),
-                (Some(_), Some(Answer::Messages(m))) => {
-                    let (page, truncated) = page_back(m, before, limit, hub.max_welcome_bytes());
+            let Some(facts) = facts else {
+                return Reply::Fetch;
+            };
+            let Some(settings) = facts.visible() else {
+                return room_not_found().into();
+            };
+            match history {
+                None => {
+                    hub.expire_due(room, now);
+                    match hub.write_history(room, limit, before, &mut b) {
+                        Some(truncated) => truncated,
+                        None => return room_not_found().into(),
+                    }
+                }
+                Some(Answer::Messages(m)) => {
+                    // Redis may still hold messages past the room's message_ttl (it drops
+                    // them when a node trims): they are never served.
+                    let kept: Cow<'_, [Vec<u8>]> = match settings.message_ttl {
+                        None => Cow::Borrowed(m),
+                        Some(ttl) => {
+                            let cutoff = now.wall.0.saturating_sub(ttl.0) / 1000;
+                            Cow::Owned(
+                                m.iter()
+                                    .filter(|e| {
+                                        protocol::event_id(e)
+                                            .is_some_and(|id| id.unix_ms() > cutoff)
+                                    })
+                                    .cloned()
+                                    .collect(),
+                            )
+                        }
+                    };
+                    let (page, truncated) =
+                        page_back(&kept, before, limit, hub.max_welcome_bytes());
                     protocol::write_joined(&mut b, page.iter().map(Vec::as_slice));
                     truncated
                 }
-                (Some(_), Some(_)) => false,
-                _ => return Reply::Fetch,
+                Some(_) => false,
             }
         }
-        _ => match hub.write_history(room, limit, before, &mut b) {
-            Some(truncated) => truncated,
-            None => return room_not_found().into(),
-        },
+        _ => {
+            hub.expire_due(room, now);
+            match hub.write_history(room, limit, before, &mut b) {
+                Some(truncated) => truncated,
+                None => return room_not_found().into(),
+            }
+        }
     };
     b.push(b']');
     if truncated {
@@ -798,10 +889,13 @@ fn cluster_join(
             Some(_) => return Err(Response::error(403, "Invalid or expired session").into()),
         }
     }
-    if !hub.room_exists(room) {
-        match ask(c, Query::RoomExists(room))? {
+    if !hub.room_exists(room) || hub.room_private(room) {
+        // With membership (a private room's, as Redis has it now), in the same round, so
+        // that a private room refused takes as many round trips as a missing one; nothing
+        // of a private room is loaded for a session that is not a member.
+        match room_facts(c, Some(session), room)? {
             None => waiting = true,
-            Some(Answer::Exists(true)) if hub.room_exists(room) => {}
+            Some(f) if f.visible().is_some() && hub.room_exists(room) => {}
             Some(_) => return Err(room_not_found().into()),
         }
     }

@@ -7,6 +7,8 @@
 //! | `{s:SESSION}:s` | hash `u`, `i` | username, user id | `--session-ttl`, slid on every use |
 //! | `{s:SESSION}:sr` | set | the session's rooms | as the session |
 //! | `rooms` | sorted set | room id → expiry (Unix ms) | score pushed forward while a node has members |
+//! | `{r:ROOM}:rm` | hash `i`, `t` | a private room's invite SHA-256 (hex), a `message_ttl` (ms); only for rooms that have either | as `{r:ROOM}:h`; written before `rooms` |
+//! | `private{chatloop:rooms}` | set | private room ids (left out of `GET /rooms/all`); tagged into the slot of `rooms`, which scripts read with it | pruned with `rooms` |
 //! | `{r:ROOM}:h` | list | the last `--history` chat messages and the presence notices among them (`id` + JSON) | room TTL after the last refresh |
 //! | `{r:ROOM}:hn` | list | the notices in `{r:ROOM}:h`, oldest first, at most `--history-notices` | as `{r:ROOM}:h` |
 //! | `{r:ROOM}:p` | sorted set | `node:conn:user_id:user` → expiry (Unix ms) | heartbeated every `--presence-ttl`/3 |
@@ -44,7 +46,7 @@ use redis_protocol::resp3::decode::complete::decode;
 use redis_protocol::resp3::encode::complete::encode_borrowed;
 use redis_protocol::resp3::types::{BorrowedFrame, OwnedFrame};
 
-use crate::hub::Op;
+use crate::hub::{Op, RoomSettings};
 use crate::ids::{ConnHandle, ConnId, MsgId, RoomId, SessionId, UserId};
 use crate::redis_url::Secret;
 use crate::time::{Micros, Now};
@@ -99,8 +101,12 @@ impl ClusterConfig {
 pub enum Query {
     /// The session's name and user id (`HGETALL`); installed in the hub when found.
     Session(SessionId),
-    /// Whether the room is registered and not expired (`ZSCORE`).
+    /// Whether the room is registered and not expired (`ZSCORE`), and its settings
+    /// (`HGETALL chatloop:{r:ROOM}:rm`); installed in the hub when it exists.
     RoomExists(RoomId),
+    /// Whether the room is among the session's rooms (`SISMEMBER chatloop:{s:SESSION}:sr`):
+    /// membership of a private room, asked on every call (joins elsewhere, leaves).
+    Member(SessionId, RoomId),
     /// WebSocket members of the room on all nodes (`ZCOUNT` of live presence).
     UserCount(RoomId),
     /// Who is in the room on all nodes (`ZRANGEBYSCORE` of live presence).
@@ -119,7 +125,9 @@ pub enum Query {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
     Session(Option<(String, UserId)>),
-    Exists(bool),
+    /// The room's settings if it exists.
+    Room(Option<RoomSettings>),
+    Member(bool),
     Count(usize),
     Users(Vec<(String, UserId)>),
     Rooms(Vec<RoomId>),
@@ -241,7 +249,6 @@ enum Pending {
         token: usize,
         serial: u32,
         query: Query,
-        now_ms: u64,
     },
     /// `LRANGE` of a room's history after `SUBSCRIBE`: for a parked join (`for_request`), or
     /// to catch up after a reconnect.
@@ -266,6 +273,11 @@ enum Pending {
         session: SessionId,
         now_ms: u64,
         rooms: Vec<RoomId>,
+    },
+    /// `ZSCORE` of a room in the registry, kept (see `Cluster::score`) for the
+    /// `Pending::Fetch` of its settings, whose command follows at once.
+    Score {
+        now_ms: u64,
     },
 }
 
@@ -299,6 +311,33 @@ const BACKOFF_MAX: Micros = Micros(5_000_000);
 /// What a queued command costs besides its bytes (its [`Pending`] entry).
 const PENDING_COST: usize = std::mem::size_of::<(Pending, usize)>();
 
+/// Lua that drops the history entries (list `h`, its notices in `n`) sent at or before
+/// `now - ttl` (both Unix ms; a ttl of 0 keeps everything), from the oldest end: an entry's
+/// send time is in its UUID v7 id (the first 12 hex digits), which every node writes, so the
+/// cost is O(1) per entry dropped. Entries out of order (nodes' clocks differ) wait for the
+/// next trim behind a younger one; readers filter them anyway.
+macro_rules! trim_lua {
+    ($ttl:literal, $now:literal) => {
+        concat!(
+            "local ttl = tonumber(",
+            $ttl,
+            ") or 0 \
+if ttl > 0 then \
+local cutoff = (tonumber(",
+            $now,
+            ") or 0) - ttl \
+while true do \
+local first = redis.call('LINDEX', h, 0) \
+if not first then break end \
+local sent = tonumber(string.sub(first, 1, 8) .. string.sub(first, 10, 13), 16) or 0 \
+if sent > cutoff then break end \
+redis.call('LPOP', h) \
+if first == redis.call('LINDEX', n, 0) then redis.call('LPOP', n) end \
+end end "
+        )
+    };
+}
+
 /// Stores a history event and publishes it, atomically, so that history order is delivery
 /// order. A script rather than `MULTI`: Redis 7.0 writes a subscriber's own pushes into the
 /// middle of an `EXEC` reply, but before a script's reply.
@@ -308,8 +347,12 @@ const PENDING_COST: usize = std::mem::size_of::<(Pending, usize)>();
 /// `ARGV[4]` the oldest notice leaves both (`LREM` from the newest end: under churn it is
 /// among the newest entries). Past `ARGV[2]` chat messages the oldest entries leave until
 /// a chat message has (notices older than it go with it). `ARGV[5]` is 1 for a notice.
-const PUBLISH: &str = "local h, n = KEYS[1], KEYS[3] \
-redis.call('RPUSH', h, ARGV[1]) \
+/// First the entries past the room's `message_ttl` leave (`ARGV[6]` ms, 0 for none, as of
+/// `ARGV[7]`, the node's Unix ms).
+const PUBLISH: &str = concat!(
+    "local h, n = KEYS[1], KEYS[3] ",
+    trim_lua!("ARGV[6]", "ARGV[7]"),
+    "redis.call('RPUSH', h, ARGV[1]) \
 if ARGV[5] == '1' then \
 redis.call('RPUSH', n, ARGV[1]) \
 if redis.call('LLEN', n) > tonumber(ARGV[4]) then redis.call('LREM', h, -1, redis.call('LPOP', n)) end \
@@ -323,7 +366,41 @@ end \
 end \
 redis.call('EXPIRE', h, ARGV[3]) \
 redis.call('EXPIRE', n, ARGV[3]) \
-return redis.call('PUBLISH', KEYS[2], 'H' .. ARGV[1])";
+return redis.call('PUBLISH', KEYS[2], 'H' .. ARGV[1])"
+);
+
+/// [`Op::TrimHistory`]: `KEYS` history and notices, `ARGV` ttl and now (ms).
+const TRIM: &str = concat!(
+    "local h, n = KEYS[1], KEYS[2] ",
+    trim_lua!("ARGV[1]", "ARGV[2]"),
+    "return 0"
+);
+
+/// [`Op::InviteRotated`]: replaces the invite's hash of a room that still has one (never
+/// makes a settings key without its expiry for a room that is gone).
+const ROTATE: &str = "if redis.call('HEXISTS', KEYS[1], 'i') == 1 then \
+redis.call('HSET', KEYS[1], 'i', ARGV[1]) return 1 end return 0";
+
+/// Writes a room's settings unless Redis has them (after it came back empty: a rotation
+/// made meanwhile on another node must not be undone), with their expiry.
+const SETTINGS_IF_MISSING: &str = "if redis.call('EXISTS', KEYS[1]) == 0 then \
+redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end \
+redis.call('EXPIRE', KEYS[1], ARGV[1]) return 0";
+
+/// The registry's expired rooms leave it, and the set of private rooms.
+const PRUNE_ROOMS: &str = "local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) \
+if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) end \
+for _, r in ipairs(gone) do redis.call('SREM', KEYS[2], r) end return #gone";
+
+/// [`Query::AllRooms`]: live rooms that are not private.
+const PUBLIC_ROOMS: &str = "local out = {} \
+for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do \
+if redis.call('SISMEMBER', KEYS[2], r) == 0 then out[#out + 1] = r end end \
+return out";
+
+/// The set of private room ids. Its hash tag puts it in the slot of `chatloop:rooms` (a key
+/// without braces hashes whole), since the scripts that list and prune rooms read both.
+const PRIVATE: &[u8] = b"chatloop:private{chatloop:rooms}";
 
 /// Removes a room's expired presence entries and returns them: the one node whose script
 /// removed an entry announces that member's `user_left`.
@@ -357,7 +434,12 @@ pub struct Cluster {
     answered: u64,
     subs: HashMap<RoomId, Sub>,
     members: HashMap<RoomId, Vec<LocalMember>>,
+    /// Settings of the rooms with members here that have any (rewritten after Redis came
+    /// back empty, so that a private room never comes back public).
+    settings: HashMap<RoomId, RoomSettings>,
     sessions: HashMap<SessionId, LocalSession>,
+    /// A room's registry score just read (`Pending::Score`): whether it is in the future.
+    score: Option<bool>,
     next_heartbeat: Micros,
     /// When Redis last answered, or when it was last asked with nothing outstanding.
     last_progress: Micros,
@@ -400,7 +482,9 @@ impl Cluster {
             answered: 0,
             subs: HashMap::new(),
             members: HashMap::new(),
+            settings: HashMap::new(),
             sessions: HashMap::new(),
+            score: None,
             next_heartbeat: Micros::MAX,
             last_progress: Micros::ZERO,
             clock: Micros::ZERO,
@@ -572,10 +656,12 @@ impl Cluster {
                 | Pending::Ignore
                 | Pending::Hello
                 | Pending::Topology
-                | Pending::Expired(_) => {}
+                | Pending::Expired(_)
+                | Pending::Score { .. } => {}
             }
         }
         self.awaiting.clear();
+        self.score = None;
         self.answered = self.sent;
         // Rooms still loading have no members yet; rooms with members resubscribe on Up.
         self.subs.retain(|_, s| matches!(s, Sub::Live));
@@ -653,7 +739,6 @@ impl Cluster {
             token,
             serial,
             query,
-            now_ms,
         };
         let after = format!("({now_ms}");
         match query {
@@ -662,8 +747,17 @@ impl Cluster {
                 self.command(&[b"HGETALL", key.as_bytes()], fetch)
             }
             Query::RoomExists(r) => {
+                // Two commands (the registry and the room's own key may live apart), answered
+                // in order: the score waits in `self.score` for the settings.
                 let room = r.hex();
-                self.command(&[b"ZSCORE", b"chatloop:rooms", &room], fetch)
+                let score = Pending::Score { now_ms };
+                self.command(&[b"ZSCORE", b"chatloop:rooms", &room], score);
+                let key = key("rm:", r);
+                self.command(&[b"HGETALL", key.as_bytes()], fetch)
+            }
+            Query::Member(s, r) => {
+                let key = key("sr:", s);
+                self.command(&[b"SISMEMBER", key.as_bytes(), &r.hex()], fetch)
             }
             Query::UserCount(r) => {
                 let key = key("p:", r);
@@ -692,11 +786,13 @@ impl Cluster {
                 self.command(&[b"SMEMBERS", key.as_bytes()], members)
             }
             Query::AllRooms => {
-                let args: [&[u8]; 4] = [
-                    b"ZRANGEBYSCORE",
+                let args: [&[u8]; 6] = [
+                    b"EVAL",
+                    PUBLIC_ROOMS.as_bytes(),
+                    b"2",
                     b"chatloop:rooms",
+                    PRIVATE,
                     after.as_bytes(),
-                    b"+inf",
                 ];
                 self.command(&args, fetch)
             }
@@ -737,7 +833,7 @@ impl Cluster {
         self.clock = now.mono;
         let left = self.track(&op);
         if !self.usable() {
-            if let Op::Publish { room, id, json } = op {
+            if let Op::Publish { room, id, json, .. } = op {
                 self.events.push(Event::Unconfirmed { room, id, json });
             }
             return;
@@ -767,7 +863,26 @@ impl Cluster {
                 let msg = format!("E{id}");
                 self.command(&[b"PUBLISH", CTL, msg.as_bytes()], Pending::Ignore);
             }
-            Op::RoomCreated { room, session } => {
+            Op::RoomCreated {
+                room,
+                session,
+                settings,
+            } => {
+                // Settings first: whoever sees the room in the registry sees them too.
+                if settings != RoomSettings::default() {
+                    let key = key("rm:", room);
+                    let mut args: Vec<Vec<u8>> = vec![b"HSET".to_vec(), key.clone().into_bytes()];
+                    args.extend(settings_fields(&settings));
+                    self.command_owned(&args, Pending::Ignore);
+                    let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
+                    self.command(
+                        &[b"EXPIRE", key.as_bytes(), ttl.as_bytes()],
+                        Pending::Ignore,
+                    );
+                    if settings.is_private() {
+                        self.command(&[b"SADD", PRIVATE, &room.hex()], Pending::Ignore);
+                    }
+                }
                 let exp = (now_ms + ms(self.cfg.room_ttl)).to_string();
                 let hex = room.hex();
                 let args: [&[u8]; 5] = [b"ZADD", b"chatloop:rooms", b"NX", exp.as_bytes(), &hex];
@@ -775,11 +890,36 @@ impl Cluster {
                 self.remember(session, room, &session_ttl);
             }
             Op::Remember { session, room } => self.remember(session, room, &session_ttl),
+            Op::InviteRotated { room, invite } => {
+                let key = key("rm:", room);
+                let hash = hex32(&invite);
+                let args: [&[u8]; 5] = [b"EVAL", ROTATE.as_bytes(), b"1", key.as_bytes(), &hash];
+                self.command(&args, Pending::Ignore);
+            }
+            Op::TrimHistory { room, ttl } => {
+                let (h, n) = (key("h:", room), key("hn:", room));
+                let (ttl, now) = (ms(ttl).to_string(), now_ms.to_string());
+                let args: [&[u8]; 7] = [
+                    b"EVAL",
+                    TRIM.as_bytes(),
+                    b"2",
+                    h.as_bytes(),
+                    n.as_bytes(),
+                    ttl.as_bytes(),
+                    now.as_bytes(),
+                ];
+                self.command(&args, Pending::Ignore);
+            }
             Op::Forget { session, room } => {
                 let key = key("sr:", session);
                 self.command(&[b"SREM", key.as_bytes(), &room.hex()], Pending::Ignore);
             }
-            Op::Publish { room, id, json } => {
+            Op::Publish {
+                room,
+                id,
+                json,
+                message_ttl,
+            } => {
                 let mut entry = Vec::with_capacity(36 + json.len());
                 let _ = std::io::Write::write_fmt(&mut entry, format_args!("{id}"));
                 entry.extend_from_slice(&json);
@@ -792,7 +932,9 @@ impl Cluster {
                     b"0"
                 };
                 let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
-                let args: [&[u8]; 11] = [
+                let message_ttl = message_ttl.map_or(0, ms).to_string();
+                let now = now_ms.to_string();
+                let args: [&[u8]; 13] = [
                     b"EVAL",
                     PUBLISH.as_bytes(),
                     b"3",
@@ -804,6 +946,8 @@ impl Cluster {
                     ttl.as_bytes(),
                     keep_notices.as_bytes(),
                     notice,
+                    message_ttl.as_bytes(),
+                    now.as_bytes(),
                 ];
                 self.awaiting.insert(id);
                 self.command(&args, Pending::Publish { room, id, json });
@@ -834,6 +978,15 @@ impl Cluster {
                 }
                 if !self.members.contains_key(&room) {
                     self.unsubscribe(room);
+                    // The settings outlive the registry entry, as at creation.
+                    if self.settings.remove(&room).is_some() {
+                        let key = key("rm:", room);
+                        let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
+                        self.command(
+                            &[b"EXPIRE", key.as_bytes(), ttl.as_bytes()],
+                            Pending::Ignore,
+                        );
+                    }
                     let exp = (now_ms + ms(self.cfg.room_ttl)).to_string();
                     let hex = room.hex();
                     let args: [&[u8]; 5] =
@@ -862,7 +1015,11 @@ impl Cluster {
                 session,
                 user,
                 user_id,
+                settings,
             } => {
+                if *settings != RoomSettings::default() {
+                    self.settings.insert(*room, *settings);
+                }
                 let presence =
                     format!("{}:{:x}:{user_id}:{user}", self.node(), conn.0).into_bytes();
                 self.members.entry(*room).or_default().push(LocalMember {
@@ -899,6 +1056,11 @@ impl Cluster {
             }
             Op::SessionEnded(id) => {
                 self.sessions.remove(id);
+            }
+            Op::InviteRotated { room, invite } => {
+                if let Some(s) = self.settings.get_mut(room) {
+                    s.invite = Some(*invite);
+                }
             }
             _ => {}
         }
@@ -948,7 +1110,11 @@ impl Cluster {
         self.command(&args, Pending::Ignore);
         let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
         self.command(&[b"EXPIRE", p.as_bytes(), ttl.as_bytes()], Pending::Ignore);
-        for list in ["h:", "hn:"] {
+        let with_settings = self.settings.contains_key(&room);
+        for list in ["h:", "hn:", "rm:"] {
+            if list == "rm:" && !with_settings {
+                continue;
+            }
             let k = key(list, room);
             self.command(&[b"EXPIRE", k.as_bytes(), ttl.as_bytes()], Pending::Ignore);
         }
@@ -968,6 +1134,28 @@ impl Cluster {
             .iter()
             .map(|(r, ms)| (*r, ms.iter().map(|m| m.presence.clone()).collect()))
             .collect();
+        if reassert {
+            // Before the registry entries below: a room Redis lost comes back with its
+            // settings (never public), unless Redis kept them (a newer invite stays).
+            let ttl = secs(self.cfg.room_ttl + self.cfg.presence_ttl).to_string();
+            let settings: Vec<(RoomId, RoomSettings)> =
+                self.settings.iter().map(|(r, s)| (*r, *s)).collect();
+            for (room, s) in settings {
+                let key = key("rm:", room);
+                let mut args: Vec<Vec<u8>> = vec![
+                    b"EVAL".to_vec(),
+                    SETTINGS_IF_MISSING.as_bytes().to_vec(),
+                    b"1".to_vec(),
+                    key.into_bytes(),
+                    ttl.clone().into_bytes(),
+                ];
+                args.extend(settings_fields(&s));
+                self.command_owned(&args, Pending::Ignore);
+                if s.is_private() {
+                    self.command(&[b"SADD", PRIVATE, &room.hex()], Pending::Ignore);
+                }
+            }
+        }
         for (room, presence) in rooms {
             let p = key("p:", room);
             let args: [&[u8]; 5] = [
@@ -980,10 +1168,12 @@ impl Cluster {
             self.command(&args, Pending::Expired(room));
             self.refresh_room(room, &presence, now);
         }
-        let args: [&[u8]; 4] = [
-            b"ZREMRANGEBYSCORE",
+        let args: [&[u8]; 6] = [
+            b"EVAL",
+            PRUNE_ROOMS.as_bytes(),
+            b"2",
             b"chatloop:rooms",
-            b"-inf",
+            PRIVATE,
             now_ms.as_bytes(),
         ];
         self.command(&args, Pending::Ignore);
@@ -1085,12 +1275,17 @@ impl Cluster {
                 }
                 self.became_up(now);
             }
+            Pending::Score { now_ms } => {
+                if let Some(e) = error_text(&frame) {
+                    log::warn!("Redis answered a room lookup with {}", redis_error(&e));
+                }
+                self.score = Some(live_score(&frame, now_ms));
+            }
             Pending::Fetch {
                 token,
                 serial,
                 query,
-                now_ms,
-            } => match decode_answer(query, frame, now_ms) {
+            } => match decode_answer(query, frame, self.score.take().unwrap_or(false)) {
                 Ok(answer) => self.events.push(Event::Answer {
                     token,
                     serial,
@@ -1384,6 +1579,66 @@ fn key(kind: &str, id: impl std::fmt::Display) -> String {
     format!("{PREFIX}{{{tag}:{id}}}:{name}")
 }
 
+/// The fields of a room's settings hash: `i` the invite's SHA-256 in hex, `t` the
+/// `message_ttl` in ms.
+fn settings_fields(s: &RoomSettings) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(4);
+    if let Some(h) = &s.invite {
+        out.push(b"i".to_vec());
+        out.push(hex32(h).to_vec());
+    }
+    if let Some(t) = s.message_ttl {
+        out.push(b"t".to_vec());
+        out.push(ms(t).to_string().into_bytes());
+    }
+    out
+}
+
+fn hex32(h: &[u8; 32]) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    for (i, b) in h.iter().enumerate() {
+        out[2 * i] = b"0123456789abcdef"[usize::from(b >> 4)];
+        out[2 * i + 1] = b"0123456789abcdef"[usize::from(b & 0xf)];
+    }
+    out
+}
+
+/// Reads a settings hash (`HGETALL`). Hostile bytes never make a room more open: an `i`
+/// that is not 64 hex digits still makes the room private (with an invite nobody has), a
+/// `t` that is not a number of ms within a year is taken as the shortest lifetime, 1 s.
+fn read_settings(pairs: Vec<(OwnedFrame, OwnedFrame)>) -> RoomSettings {
+    let mut s = RoomSettings::default();
+    for (k, v) in pairs {
+        let v = into_blob(v).unwrap_or_default();
+        match blob(&k) {
+            Some(b"i") => {
+                let mut h = [0u8; 32];
+                let ok = v.len() == 64
+                    && v.chunks(2).zip(h.iter_mut()).all(|(pair, out)| {
+                        std::str::from_utf8(pair)
+                            .ok()
+                            .and_then(|t| u8::from_str_radix(t, 16).ok())
+                            .map(|b| *out = b)
+                            .is_some()
+                    });
+                // An invite's hash is never all zeros (SHA-256): a garbled one matches none.
+                s.invite = Some(if ok { h } else { [0u8; 32] });
+            }
+            Some(b"t") => {
+                const YEAR_MS: u64 = 366 * 24 * 3600 * 1000;
+                let t = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .filter(|t| (1..=YEAR_MS).contains(t))
+                    .unwrap_or(1000);
+                s.message_ttl = Some(Micros(t * 1000));
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
 fn secs(d: Micros) -> u64 {
     d.0.div_ceil(1_000_000).max(1)
 }
@@ -1452,6 +1707,22 @@ fn presence_user(e: &[u8]) -> Option<(String, UserId)> {
     Some((parts.next()?.to_string(), UserId(uid)))
 }
 
+/// The field-value pairs of a map reply (RESP3), or of a flat array (RESP2 form).
+fn map_pairs(frame: OwnedFrame) -> Vec<(OwnedFrame, OwnedFrame)> {
+    match frame {
+        OwnedFrame::Map { data, .. } => data.into_iter().collect(),
+        OwnedFrame::Array { data, .. } => {
+            let mut it = data.into_iter();
+            let mut v = Vec::new();
+            while let (Some(k), Some(val)) = (it.next(), it.next()) {
+                v.push((k, val));
+            }
+            v
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// Whether a registry score (RESP3 double, or its text) is after `now_ms`.
 fn live_score(f: &OwnedFrame, now_ms: u64) -> bool {
     match f {
@@ -1464,7 +1735,9 @@ fn live_score(f: &OwnedFrame, now_ms: u64) -> bool {
     }
 }
 
-fn decode_answer(query: Query, frame: OwnedFrame, now_ms: u64) -> Result<Answer, String> {
+/// `score`: for [`Query::RoomExists`], whether the registry's score (read just before) is
+/// in the future.
+fn decode_answer(query: Query, frame: OwnedFrame, score: bool) -> Result<Answer, String> {
     if let Some(e) = error_text(&frame) {
         return Err(e);
     }
@@ -1472,19 +1745,7 @@ fn decode_answer(query: Query, frame: OwnedFrame, now_ms: u64) -> Result<Answer,
         Query::Session(_) => {
             let mut user = None;
             let mut uid = None;
-            let pairs: Vec<(OwnedFrame, OwnedFrame)> = match frame {
-                OwnedFrame::Map { data, .. } => data.into_iter().collect(),
-                OwnedFrame::Array { data, .. } => {
-                    let mut it = data.into_iter();
-                    let mut v = Vec::new();
-                    while let (Some(k), Some(val)) = (it.next(), it.next()) {
-                        v.push((k, val));
-                    }
-                    v
-                }
-                _ => Vec::new(),
-            };
-            for (k, v) in pairs {
+            for (k, v) in map_pairs(frame) {
                 match blob(&k) {
                     Some(b"u") => user = into_blob(v).and_then(|b| String::from_utf8(b).ok()),
                     Some(b"i") => {
@@ -1497,7 +1758,11 @@ fn decode_answer(query: Query, frame: OwnedFrame, now_ms: u64) -> Result<Answer,
             }
             Answer::Session(user.zip(uid.map(UserId)))
         }
-        Query::RoomExists(_) => Answer::Exists(live_score(&frame, now_ms)),
+        Query::RoomExists(_) => {
+            let settings = read_settings(map_pairs(frame));
+            Answer::Room(score.then_some(settings))
+        }
+        Query::Member(..) => Answer::Member(matches!(frame, OwnedFrame::Number { data: 1, .. })),
         Query::UserCount(_) => Answer::Count(match frame {
             OwnedFrame::Number { data, .. } => usize::try_from(data).unwrap_or(0),
             _ => 0,

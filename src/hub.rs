@@ -44,6 +44,18 @@ pub enum Op {
     RoomCreated {
         room: RoomId,
         session: SessionId,
+        settings: RoomSettings,
+    },
+    /// A member of a private room replaced its invite (the new one's SHA-256).
+    InviteRotated {
+        room: RoomId,
+        invite: [u8; 32],
+    },
+    /// The room's oldest messages passed their `message_ttl`: drop them from Redis's
+    /// history too (every node with the room's history does; idempotent).
+    TrimHistory {
+        room: RoomId,
+        ttl: Micros,
     },
     Remember {
         session: SessionId,
@@ -53,11 +65,13 @@ pub enum Op {
         session: SessionId,
         room: RoomId,
     },
-    /// A history event (chat, joined, left) to store and deliver on every node.
+    /// A history event (chat, joined, left) to store and deliver on every node; the store
+    /// also drops entries past the room's `message_ttl`.
     Publish {
         room: RoomId,
         id: MsgId,
         json: Vec<u8>,
+        message_ttl: Option<Micros>,
     },
     /// `typing` / `typing_stopped` for every member but `except` (a member of this node).
     Typing {
@@ -71,6 +85,8 @@ pub enum Op {
         session: SessionId,
         user: Rc<str>,
         user_id: UserId,
+        /// Rewritten (if missing) after Redis came back empty, before the room's registry.
+        settings: RoomSettings,
     },
     Left {
         room: RoomId,
@@ -138,6 +154,22 @@ pub struct RoomOptions {
     pub private: bool,
     /// Disappearing messages: each history entry is dropped this long after it was sent.
     pub message_ttl: Option<Micros>,
+}
+
+/// What a room was created with, as cluster mode keeps it in Redis: all a node needs to
+/// serve a room it has not seen. Rooms made the old way have none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomSettings {
+    /// Invite-only: SHA-256 of the current invite.
+    pub invite: Option<[u8; 32]>,
+    /// Disappearing messages: how long each history entry lives.
+    pub message_ttl: Option<Micros>,
+}
+
+impl RoomSettings {
+    pub fn is_private(&self) -> bool {
+        self.invite.is_some()
+    }
 }
 
 /// A room just created: its id and, for a private room, its invite (the only copy: the hub
@@ -408,12 +440,45 @@ impl Hub {
         self.insert_session(id, username, user_id, now);
     }
 
-    /// A room Redis knows: keep a record of it here (without history until loaded).
-    pub fn install_room(&mut self, id: RoomId, now: Now) {
-        if self.rooms.contains_key(&id) {
-            return;
+    /// A room Redis knows: keep a record of it here (without history until loaded), with
+    /// its settings as Redis has them. A private room's invite follows Redis (a member may
+    /// have rotated it on another node); a private room never turns public, and a room's
+    /// `message_ttl` never goes away.
+    pub fn install_room(&mut self, id: RoomId, settings: RoomSettings, now: Now) {
+        if !self.rooms.contains_key(&id) {
+            self.insert_room(id, false, now);
         }
-        self.insert_room(id, false, now);
+        let Some(r) = self.rooms.get_mut(&id) else {
+            return;
+        };
+        if settings.invite.is_some() {
+            r.invite = settings.invite;
+        }
+        if r.message_ttl.is_none() && settings.message_ttl.is_some() {
+            r.message_ttl = settings.message_ttl;
+            arm_ttl(r, &mut self.wheel, id, now);
+        }
+    }
+
+    /// Whether Redis counts the room among the session's rooms (cluster mode: membership of
+    /// a private room is asked of Redis on every call, since joins and leaves happen on any
+    /// node): this node's copy follows.
+    pub fn install_member(&mut self, session: SessionId, room: RoomId, member: bool) {
+        if member {
+            self.remember_local(session, room);
+        } else if let Some(s) = self.sessions.get_mut(&session) {
+            s.rooms.remove(&room);
+        }
+    }
+
+    /// Whether the room is known here and invite-only (a setting that never changes).
+    pub fn room_private(&self, id: RoomId) -> bool {
+        self.rooms.get(&id).is_some_and(|r| r.invite.is_some())
+    }
+
+    /// The room's `message_ttl`, if it is known here and has one.
+    pub fn room_message_ttl(&self, id: RoomId) -> Option<Micros> {
+        self.rooms.get(&id).and_then(|r| r.message_ttl)
     }
 
     /// Whether the room's history here is complete (no need to load it from Redis).
@@ -429,7 +494,11 @@ impl Hub {
             return;
         };
         room.history.clear();
+        let cutoff = expiry_cutoff(room.message_ttl, now);
         for (mid, json) in messages {
+            if cutoff.is_some_and(|c| mid.unix_ms() <= c) {
+                continue; // past its message_ttl: never served again, whatever Redis holds
+            }
             self.frame.start().extend_from_slice(&json);
             let frame = self.frame.finish_text();
             room.history
@@ -460,7 +529,11 @@ impl Hub {
             .position(|(m, _)| known.contains(m))
             .unwrap_or(0);
         let mut history = History::default();
+        let cutoff = expiry_cutoff(room.message_ttl, now);
         for (i, (mid, json)) in messages.into_iter().enumerate() {
+            if cutoff.is_some_and(|c| mid.unix_ms() <= c) {
+                continue;
+            }
             let missed = i >= start && !known.contains(&mid);
             self.frame.start().extend_from_slice(&json);
             let frame = self.frame.finish_text();
@@ -693,13 +766,21 @@ impl Hub {
         // In cluster mode the node subscribes when the first member connects.
         self.insert_room(id, self.cluster.is_none(), now);
         let invite = opts.private.then(|| self.random.invite());
+        let settings = RoomSettings {
+            invite: invite.as_deref().map(invite_hash),
+            message_ttl: opts.message_ttl,
+        };
         if let (Some(r), Some(s)) = (self.rooms.get_mut(&id), self.sessions.get_mut(&session)) {
             r.owner = Some(session);
-            r.invite = invite.as_deref().map(invite_hash);
-            r.message_ttl = opts.message_ttl;
+            r.invite = settings.invite;
+            r.message_ttl = settings.message_ttl;
             s.rooms_created += 1;
         }
-        self.op(Op::RoomCreated { room: id, session });
+        self.op(Op::RoomCreated {
+            room: id,
+            session,
+            settings,
+        });
         self.remember_room(session, id);
         Ok(NewRoom { id, invite })
     }
@@ -771,7 +852,9 @@ impl Hub {
         let invite = self.random.invite();
         match self.rooms.get_mut(&room) {
             Some(r) if r.invite.is_some() && member => {
-                r.invite = Some(invite_hash(&invite));
+                let hash = invite_hash(&invite);
+                r.invite = Some(hash);
+                self.op(Op::InviteRotated { room, invite: hash });
                 Ok(invite)
             }
             _ => Err(HubError::RoomNotFound),
@@ -927,7 +1010,13 @@ impl Hub {
         s.conns.push((conn, room_id));
         s.last_used = now.mono;
         let (user, user_id) = (s.username.clone(), s.user_id);
+        // Nothing past its message_ttl goes into the welcome, even before its timer fires.
+        self.expire_due(room_id, now);
         let room = self.rooms.get_mut(&room_id).ok_or(HubError::RoomNotFound)?;
+        let settings = RoomSettings {
+            invite: room.invite,
+            message_ttl: room.message_ttl,
+        };
         if let Some(t) = room.expiry.take() {
             self.wheel.cancel(t); // occupied rooms do not expire
         }
@@ -993,6 +1082,7 @@ impl Hub {
             session,
             user: user.clone(),
             user_id,
+            settings,
         });
         let text = format!("{user} has joined");
         self.publish(room_id, EventKind::UserJoined, me, &text, now);
@@ -1018,9 +1108,14 @@ impl Hub {
         let cluster = self.cluster.is_some();
         if room.members.is_empty() {
             if cluster {
-                // Unsubscribed from now on: the copy here stops being current.
+                // Unsubscribed from now on: the copy here stops being current (it is served
+                // no more). A room with a message_ttl keeps it as the schedule of its
+                // expiry timer, which drops the same messages from Redis when they are due
+                // (see `expire_messages`); the copy is gone with its last message.
                 room.live = false;
-                room.history.clear();
+                if room.message_ttl.is_none() {
+                    room.history.clear();
+                }
             }
             room.empty_since = now.mono;
             let due = now.mono + self.cfg.room_ttl;
@@ -1273,22 +1368,55 @@ impl Hub {
     /// The room's oldest history entry is due: drops every entry whose `message_ttl` is
     /// over, tells the members in one `expired` frame, and arms the timer for the next one.
     fn expire_messages(&mut self, id: RoomId, now: Now) {
-        // Held notices go out first, so that what is held stays the newest entries.
-        self.release(id);
         let Some(room) = self.rooms.get_mut(&id) else {
             return;
         };
         room.ttl_timer = None; // it just fired
-        let Some(ttl) = room.message_ttl else {
-            return;
+        let gone = self.expire_due(id, now);
+        if gone > 0
+            && self.cluster.is_some()
+            && let Some(ttl) = self.room_message_ttl(id)
+        {
+            // Redis's copy too (every node with this history sends it; idempotent).
+            self.op(Op::TrimHistory { room: id, ttl });
+        }
+        if let Some(room) = self.rooms.get_mut(&id) {
+            arm_ttl(room, &mut self.wheel, id, now);
+        }
+    }
+
+    /// Drops the room's history entries whose `message_ttl` is over and tells the members
+    /// in one `expired` frame; returns how many went. The timer does this at the deadline
+    /// (rounded up to batch neighbours); every read of history does it first too, so that
+    /// no path serves a message after its deadline. Leaves the timer alone.
+    pub fn expire_due(&mut self, id: RoomId, now: Now) -> usize {
+        let Some(cutoff_ms) = self
+            .rooms
+            .get(&id)
+            .and_then(|r| expiry_cutoff(r.message_ttl, now))
+        else {
+            return 0;
         };
-        let cutoff_ms = now.wall.0.saturating_sub(ttl.0) / 1000;
+        let due = self
+            .rooms
+            .get(&id)
+            .and_then(|r| r.history.oldest_ms())
+            .is_some_and(|t| t <= cutoff_ms);
+        if !due {
+            return 0;
+        }
+        // Held notices go out first, so that what is held stays the newest entries.
+        self.release(id);
+        let Some(room) = self.rooms.get_mut(&id) else {
+            return 0;
+        };
         let mut gone = std::mem::take(&mut self.expired_ids);
         room.history.expire(cutoff_ms, &mut gone);
-        if !gone.is_empty() {
-            self.messages_expired += gone.len() as u64;
+        let n = gone.len();
+        if n > 0 {
+            self.messages_expired += n as u64;
             // Expired history counts as removals: the loop hands freed memory back to the OS.
-            self.freed += gone.len() as u64;
+            self.freed += n as u64;
             protocol::write_expired(self.frame.start(), id, &gone);
             let frame = self.frame.finish_text();
             self.frame.trim();
@@ -1296,12 +1424,12 @@ impl Hub {
                 self.actions.push(Action::Send(m.conn, frame.clone()));
             }
         }
-        arm_ttl(room, &mut self.wheel, id, now);
         gone.clear();
         if gone.capacity() > 1024 {
             gone = Vec::new();
         }
         self.expired_ids = gone;
+        n
     }
 
     fn expire_session(&mut self, id: SessionId, now: Now) {
@@ -1330,10 +1458,26 @@ impl Hub {
         if self.via_redis() {
             let mut json = Vec::with_capacity(192 + text.len());
             protocol::write_event(&mut json, kind.as_str(), id, who, text, now.wall, room_id);
+            let message_ttl = self.room_message_ttl(room_id);
+            // The user_left of the last member here: the room's copy, kept as the schedule
+            // of its expiry timer (see `disconnect`), takes it too, so that it also leaves
+            // Redis on time.
+            let caps = self.history_caps();
+            if let Some(room) = self.rooms.get_mut(&room_id)
+                && !room.live
+                && room.message_ttl.is_some()
+            {
+                self.frame.start().extend_from_slice(&json);
+                let frame = self.frame.finish_text();
+                self.frame.trim();
+                room.history.push(id, frame, true, caps);
+                arm_ttl(room, &mut self.wheel, room_id, now);
+            }
             self.op(Op::Publish {
                 room: room_id,
                 id,
                 json,
+                message_ttl,
             });
             self.messages += 1;
             return;
@@ -1505,6 +1649,11 @@ impl Hub {
 
     fn remember_room(&mut self, session: SessionId, room: RoomId) {
         self.op(Op::Remember { session, room });
+        self.remember_local(session, room);
+    }
+
+    /// Adds the room to this node's list of the session's rooms.
+    fn remember_local(&mut self, session: SessionId, room: RoomId) {
         let rooms = &self.rooms;
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
@@ -1562,6 +1711,11 @@ fn arm_ttl(room: &mut Room, wheel: &mut Wheel<Timer>, id: RoomId, now: Now) {
         .saturating_mul(EXPIRY_BATCH.0);
     let wait = Micros(due_wall.saturating_sub(now.wall.0));
     room.ttl_timer = Some(wheel.arm(now.mono + wait, Timer::Messages(id)));
+}
+
+/// Entries sent at or before this Unix ms are past the room's `message_ttl` (if it has one).
+fn expiry_cutoff(ttl: Option<Micros>, now: Now) -> Option<u64> {
+    ttl.map(|t| now.wall.0.saturating_sub(t.0) / 1000)
 }
 
 /// How late a message may disappear so that its neighbours go in the same `expired` frame.

@@ -2123,37 +2123,6 @@ fn a_chat_flood_into_a_stalled_link_holds_no_more_than_the_queue_bound() {
     proxy.restore();
     c.wait_health(0, "up", RECOVERY_LIMIT);
 }
-
-/// Private rooms and message TTLs are single-node features for now: a cluster refuses them
-/// with 501 rather than quietly making a room that another node would treat as public or
-/// whose history Redis would keep; rooms made the old way work as before.
-#[test]
-fn private_rooms_and_message_ttl_are_refused_in_cluster_mode() {
-    let c = Cluster::start(2, &["--room-list"]);
-    let (a, b) = (c.node(0), c.node(1));
-    let (alice, _) = a.session("alice");
-    let before = list(b, "/rooms/all", None, "rooms").len();
-    for body in [json!({"private": true}), json!({"message_ttl": 60})] {
-        let r = a
-            .http()
-            .post_json("/rooms", &body.to_string(), Some(&alice));
-        assert_eq!(r.status, 501, "{body}: {}", r.text());
-        assert!(
-            r.json()["detail"]
-                .as_str()
-                .unwrap()
-                .contains("cluster mode")
-        );
-    }
-    assert_eq!(
-        list(b, "/rooms/all", None, "rooms").len(),
-        before,
-        "no room was made"
-    );
-    let room = a.room(&alice);
-    assert_eq!(b.http().get(&format!("/rooms/{room}"), None).status, 200);
-}
-
 /// A node given one master of a sharded Redis Cluster (three masters): not supported yet, so
 /// it says so in its log and stays degraded (`/health` says Redis is down; 503 for what needs
 /// Redis) instead of half-working: rooms whose slots are on that master shared, every other

@@ -169,7 +169,11 @@ fn a_missing_session_is_none_and_an_expired_room_does_not_exist() {
     c.fetch(3, 1, Query::RoomExists(ROOM), now(10));
     let past = (now(10).wall.0 / 1000 - 5).to_string();
     let future = (now(10).wall.0 / 1000 + 5).to_string();
-    let replies = format!("%0\r\n,{past}\r\n,{future}\r\n");
+    // Each room lookup is ZSCORE then HGETALL of its settings.
+    let hash = "ab".repeat(32);
+    let replies = format!(
+        "%0\r\n,{past}\r\n%0\r\n,{future}\r\n%2\r\n$1\r\ni\r\n$64\r\n{hash}\r\n$1\r\nt\r\n$4\r\n5000\r\n"
+    );
     assert!(c.on_bytes(replies.as_bytes(), now(11)));
     let answers: Vec<Answer> = c
         .drain_events()
@@ -182,8 +186,11 @@ fn a_missing_session_is_none_and_an_expired_room_does_not_exist() {
         answers,
         vec![
             Answer::Session(None),
-            Answer::Exists(false),
-            Answer::Exists(true)
+            Answer::Room(None),
+            Answer::Room(Some(RoomSettings {
+                invite: Some([0xab; 32]),
+                message_ttl: Some(Micros(5_000_000)),
+            }))
         ]
     );
 }
@@ -340,11 +347,12 @@ fn a_chat_is_stored_and_published_by_one_script() {
             room: ROOM,
             id,
             json: b"{}".to_vec(),
+            message_ttl: None,
         },
         now(10),
     );
     let out = String::from_utf8_lossy(&c.out).to_string();
-    assert!(out.starts_with("*11\r\n$4\r\nEVAL\r\n"), "{out}");
+    assert!(out.starts_with("*13\r\n$4\r\nEVAL\r\n"), "{out}");
     for part in [
         "RPUSH",
         "LREM",
@@ -412,6 +420,7 @@ fn presence_follows_members_and_the_last_leave_unsubscribes() {
         session: SessionId(conn as u128),
         user: Rc::from("bo:b"),
         user_id: UserId(0x1234),
+        settings: RoomSettings::default(),
     };
     c.apply(joined(3), now(12));
     let out = String::from_utf8_lossy(&c.out).to_string();
@@ -449,6 +458,7 @@ fn heartbeats_refresh_presence_every_third_of_its_ttl() {
             session: SessionId(1),
             user: Rc::from("al"),
             user_id: UserId(1),
+            settings: RoomSettings::default(),
         },
         now(10),
     );
@@ -500,6 +510,7 @@ fn after_a_reconnect_rooms_with_members_load_again_to_catch_up() {
             session: SessionId(1),
             user: Rc::from("al"),
             user_id: UserId(1),
+            settings: RoomSettings::default(),
         },
         now(10),
     );
@@ -546,6 +557,7 @@ fn expired_presence_of_another_node_is_announced_by_the_node_that_removed_it() {
             session: SessionId(1),
             user: Rc::from("al"),
             user_id: UserId(1),
+            settings: RoomSettings::default(),
         },
         now(10),
     );
@@ -823,6 +835,7 @@ fn publish(c: &mut Cluster, id: MsgId, at: u64) {
             room: ROOM,
             id,
             json: format!("{{\"n\":{}}}", id.0 >> 80).into_bytes(),
+            message_ttl: None,
         },
         now(at),
     );
@@ -914,6 +927,7 @@ fn a_full_queue_toward_redis_counts_as_down_and_hands_events_back() {
                 room: ROOM,
                 id: MsgId(n << 80),
                 json: json.clone(),
+                message_ttl: None,
             },
             now(3),
         );
@@ -932,6 +946,7 @@ fn a_full_queue_toward_redis_counts_as_down_and_hands_events_back() {
             room: ROOM,
             id: MsgId(1000 << 80),
             json: json.clone(),
+            message_ttl: None,
         },
         now(4),
     );
@@ -960,4 +975,82 @@ fn a_full_queue_toward_redis_counts_as_down_and_hands_events_back() {
     assert_eq!(events.len(), n as usize);
     assert_eq!(events.last(), Some(&Event::Down));
     assert_eq!(c.queued(), 0);
+}
+
+#[test]
+fn room_settings_from_redis_never_make_a_room_more_open() {
+    let read = |fields: &[(&str, &str)]| {
+        read_settings(
+            fields
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        OwnedFrame::BlobString {
+                            data: k.as_bytes().to_vec(),
+                            attributes: None,
+                        },
+                        OwnedFrame::BlobString {
+                            data: v.as_bytes().to_vec(),
+                            attributes: None,
+                        },
+                    )
+                })
+                .collect(),
+        )
+    };
+    assert_eq!(read(&[]), RoomSettings::default());
+    // A garbled invite hash still makes the room private, with an invite nobody has.
+    for bad in ["xyz", &"g".repeat(64), &"a".repeat(63)] {
+        assert_eq!(read(&[("i", bad)]).invite, Some([0u8; 32]), "{bad}");
+    }
+    // A garbled lifetime is the shortest one, never none.
+    for bad in ["", "-5", "abc", "99999999999999999999", "0"] {
+        assert_eq!(
+            read(&[("t", bad)]).message_ttl,
+            Some(Micros(1_000_000)),
+            "{bad}"
+        );
+    }
+    let h = hex32(&[0x5a; 32]);
+    let s = read(&[("i", std::str::from_utf8(&h).unwrap()), ("t", "60000")]);
+    assert_eq!(s.invite, Some([0x5a; 32]));
+    assert_eq!(s.message_ttl, Some(Micros(60_000_000)));
+}
+
+#[test]
+fn a_private_room_is_written_with_its_settings_before_the_registry() {
+    let mut c = up();
+    c.out.clear();
+    let settings = RoomSettings {
+        invite: Some([7; 32]),
+        message_ttl: Some(Micros(5_000_000)),
+    };
+    c.apply(
+        Op::RoomCreated {
+            room: ROOM,
+            session: SessionId(9),
+            settings,
+        },
+        now(10),
+    );
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    let hset = out.find("HSET").expect("settings written");
+    let sadd = out.find("chatloop:private").expect("listed as private");
+    let zadd = out.find("ZADD").expect("registered");
+    assert!(hset < zadd && sadd < zadd, "{out}");
+    assert!(out.contains(&format!("chatloop:{{r:{ROOM}}}:rm")), "{out}");
+    assert!(out.contains(&"07".repeat(32)), "{out}");
+    assert!(out.contains("\r\n5000\r\n"), "{out}");
+    // A room made the old way writes no settings.
+    c.out.clear();
+    c.apply(
+        Op::RoomCreated {
+            room: ROOM,
+            session: SessionId(9),
+            settings: RoomSettings::default(),
+        },
+        now(10),
+    );
+    let out = String::from_utf8_lossy(&c.out).to_string();
+    assert!(!out.contains("rm:") && !out.contains("private"), "{out}");
 }

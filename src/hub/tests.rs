@@ -2618,3 +2618,196 @@ fn rooms_without_message_ttl_keep_history_and_arm_no_message_timer() {
     assert_eq!(history(&hub, r, 10).len(), 2);
     assert_eq!(hub.room_view(r, None).unwrap().message_ttl, None);
 }
+
+// ---- private rooms and disappearing messages in cluster mode ----------------------------
+
+/// A cluster-mode hub (Redis up) with `alice` in a loaded room made with `opts` on conn 1.
+fn cluster_room_with(opts: RoomOptions) -> (Hub, RoomId, SessionId) {
+    let mut hub = Hub::new(fast());
+    hub.enable_cluster();
+    hub.set_cluster_up(true);
+    let s = session(&mut hub, "alice", at(0));
+    let r = hub.create_room_with(s, opts, at(0)).unwrap().id;
+    hub.load_history(r, Vec::new(), at(0));
+    join(&mut hub, c(1), s, r, at(0));
+    (hub, r, s)
+}
+
+/// Publishes what the hub asked Redis to store, as if it came back through Redis.
+fn echo_publishes(hub: &mut Hub, now: Now) -> Vec<Op> {
+    let ops = hub.drain_ops();
+    for op in &ops {
+        if let Op::Publish { room, id, json, .. } = op {
+            hub.deliver_event(*room, *id, json, now);
+        }
+    }
+    ops
+}
+
+#[test]
+fn in_cluster_mode_a_room_is_created_and_joined_with_its_settings() {
+    let opts = RoomOptions {
+        private: true,
+        message_ttl: Some(Micros::from_secs(5)),
+    };
+    let mut hub = Hub::new(fast());
+    hub.enable_cluster();
+    hub.set_cluster_up(true);
+    let s = session(&mut hub, "alice", at(0));
+    hub.drain_ops();
+    let new = hub.create_room_with(s, opts, at(0)).unwrap();
+    let ops = hub.drain_ops();
+    let Some(Op::RoomCreated { settings, .. }) =
+        ops.iter().find(|o| matches!(o, Op::RoomCreated { .. }))
+    else {
+        panic!("{ops:?}");
+    };
+    let invite = new.invite.unwrap();
+    assert_eq!(settings.invite, Some(invite_hash(&invite)));
+    assert_eq!(settings.message_ttl, Some(Micros::from_secs(5)));
+    hub.load_history(new.id, Vec::new(), at(0));
+    join(&mut hub, c(1), s, new.id, at(0));
+    let ops = hub.drain_ops();
+    assert!(
+        ops.iter()
+            .any(|o| matches!(o, Op::Joined { settings: j, .. } if j == settings)),
+        "{ops:?}"
+    );
+    let publish = ops.iter().find_map(|o| match o {
+        Op::Publish { message_ttl, .. } => Some(*message_ttl),
+        _ => None,
+    });
+    assert_eq!(publish, Some(Some(Micros::from_secs(5))), "the store trims");
+    // A rotation is written to Redis.
+    hub.rotate_invite(s, new.id).unwrap();
+    assert!(
+        hub.drain_ops()
+            .iter()
+            .any(|o| matches!(o, Op::InviteRotated { .. }))
+    );
+}
+
+#[test]
+fn settings_from_redis_follow_rotations_but_never_open_a_private_room() {
+    let mut hub = Hub::new(fast());
+    hub.enable_cluster();
+    hub.set_cluster_up(true);
+    let s = session(&mut hub, "bob", at(0));
+    let r = RoomId(0x12345);
+    let first = RoomSettings {
+        invite: Some(invite_hash("first")),
+        message_ttl: Some(Micros::from_secs(60)),
+    };
+    hub.install_room(r, first, at(0));
+    assert!(hub.room_private(r));
+    assert_eq!(hub.room_message_ttl(r), Some(Micros::from_secs(60)));
+    assert_eq!(
+        hub.join_with_invite(s, r, Some("second")),
+        Err(HubError::RoomNotFound)
+    );
+    // Rotated on another node: the next lookup brings the new hash.
+    let second = RoomSettings {
+        invite: Some(invite_hash("second")),
+        ..first
+    };
+    hub.install_room(r, second, at(1));
+    assert_eq!(
+        hub.join_with_invite(s, r, Some("first")),
+        Err(HubError::RoomNotFound)
+    );
+    // A lookup that shows no settings (a Redis that lost them) does not make it public.
+    hub.install_room(r, RoomSettings::default(), at(2));
+    assert!(hub.room_private(r));
+    assert_eq!(hub.room_message_ttl(r), Some(Micros::from_secs(60)));
+    assert_eq!(
+        hub.join_with_invite(s, r, None),
+        Err(HubError::RoomNotFound)
+    );
+    assert_eq!(hub.join_with_invite(s, r, Some("second")), Ok(()));
+    // Membership follows Redis: left on another node, not a member here any more.
+    hub.install_member(s, r, false);
+    assert_eq!(hub.room_view(r, Some(s)), None);
+    hub.install_member(s, r, true);
+    assert!(hub.room_view(r, Some(s)).is_some());
+}
+
+#[test]
+fn a_history_loaded_from_redis_leaves_out_what_is_past_its_ttl() {
+    let opts = RoomOptions {
+        private: false,
+        message_ttl: Some(Micros::from_secs(5)),
+    };
+    let (mut hub, r, _) = cluster_room_with(opts);
+    let mut ids = MsgIdGen::new(1);
+    let old = ids.next(at(0).wall);
+    let fresh = ids.next(at(4 * SEC).wall);
+    let msgs = vec![
+        (old, event_json(old, "old")),
+        (fresh, event_json(fresh, "fresh")),
+    ];
+    hub.load_history(r, msgs.clone(), at(5 * SEC + MS));
+    let texts: Vec<Value> = history(&hub, r, 10)
+        .into_iter()
+        .map(|m| m["message"].clone())
+        .collect();
+    assert_eq!(texts, [json!("fresh")]);
+    hub.catch_up(r, msgs, at(5 * SEC + MS));
+    assert_eq!(history(&hub, r, 10).len(), 1);
+}
+
+#[test]
+fn a_read_drops_what_is_due_before_the_timer_fires() {
+    let mut hub = Hub::new(fast());
+    let a = session(&mut hub, "alice", at(0));
+    let opts = RoomOptions {
+        private: false,
+        message_ttl: Some(Micros::from_secs(5)),
+    };
+    let r = hub.create_room_with(a, opts, at(0)).unwrap().id;
+    join(&mut hub, c(1), a, r, at(0));
+    say(&mut hub, c(1), r, "soon gone", at(SEC));
+    // Due at 6.000 s; the timer fires at the next quarter second boundary or later. A read
+    // at 6.001 s must not serve it.
+    let now = at(6 * SEC + MS);
+    assert_eq!(hub.expire_due(r, now), 2, "the join notice and the chat");
+    let sent = frames_for(&drain(&mut hub), c(1));
+    assert_eq!(kinds(&sent), ["expired"]);
+    assert!(history(&hub, r, 10).is_empty());
+    // And a welcome at that moment (connect drops what is due first).
+    let mut hub = Hub::new(fast());
+    let a = session(&mut hub, "alice", at(0));
+    let r = hub.create_room_with(a, opts, at(0)).unwrap().id;
+    join(&mut hub, c(1), a, r, at(0));
+    say(&mut hub, c(1), r, "soon gone", at(SEC));
+    let w = join(&mut hub, c(2), a, r, at(6 * SEC + MS));
+    let welcome = &frames_for(&w, c(2))[0];
+    assert!(messages_of(welcome).is_empty(), "{welcome}");
+}
+
+#[test]
+fn in_cluster_mode_a_ttl_room_trims_redis_even_after_its_last_member_here_left() {
+    let opts = RoomOptions {
+        private: false,
+        message_ttl: Some(Micros::from_secs(5)),
+    };
+    let (mut hub, r, _) = cluster_room_with(opts);
+    echo_publishes(&mut hub, at(0));
+    say(&mut hub, c(1), r, "x", at(SEC));
+    echo_publishes(&mut hub, at(SEC));
+    leave(&mut hub, c(1), r, at(2 * SEC));
+    echo_publishes(&mut hub, at(2 * SEC));
+    assert!(!hub.room_live(r), "not served from here any more");
+    let mut trims = 0;
+    for t in (3..=8).map(|s| s * SEC) {
+        run_until(&mut hub, t);
+        trims += hub
+            .drain_ops()
+            .iter()
+            .filter(|o| matches!(o, Op::TrimHistory { room, ttl } if *room == r && *ttl == Micros::from_secs(5)))
+            .count();
+    }
+    assert!(trims >= 1, "Redis is told to drop the expired messages");
+    assert_eq!(hub.stats().messages_expired, 3, "joined, x, left");
+    // Nothing left to expire: no message timer (only the session's and the room's).
+    assert_eq!(hub.stats().timers, 2);
+}

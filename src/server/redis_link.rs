@@ -44,7 +44,9 @@ impl Server {
     /// After a connection's input was handled: park it if its request asked Redis for
     /// facts, or hold its response until Redis has acknowledged what the request changed.
     pub(super) fn after_input(&mut self, id: usize, now: Now) {
-        self.facts.clear();
+        // What was fetched for this request so far stays with it if it asks for more (a
+        // WebSocket join asks in rounds, and a later round must not ask again).
+        let facts = std::mem::take(&mut self.facts);
         let Some(cluster) = &mut self.cluster else {
             return;
         };
@@ -70,7 +72,7 @@ impl Server {
             Parked {
                 serial,
                 waiting,
-                facts: Facts::default(),
+                facts,
             },
         );
         for q in self.wants.drain(..) {
@@ -153,8 +155,11 @@ impl Server {
                     (Query::Session(id), Answer::Session(Some((user, user_id)))) => {
                         self.hub.install_session(*id, user, *user_id, now)
                     }
-                    (Query::RoomExists(room), Answer::Exists(true)) => {
-                        self.hub.install_room(*room, now)
+                    (Query::RoomExists(room), Answer::Room(Some(settings))) => {
+                        self.hub.install_room(*room, *settings, now)
+                    }
+                    (Query::Member(session, room), Answer::Member(member)) => {
+                        self.hub.install_member(*session, *room, *member)
                     }
                     _ => {}
                 }
