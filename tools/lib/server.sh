@@ -18,12 +18,12 @@ start_chatloop() {
   SERVER_PID=$!
   PORT=""
   for _ in $(seq 1 300); do
-    PORT=$(sed -n 's#.*listening on http://127\.0\.0\.1:\([0-9][0-9]*\).*#\1#p' "$log" | head -n 1)
+    PORT=$(sed -n 's#.*listening on https\{0,1\}://127\.0\.0\.1:\([0-9][0-9]*\).*#\1#p' "$log" | head -n 1)
     [ -n "$PORT" ] && return 0
     kill -0 "$SERVER_PID" 2>/dev/null || break
     sleep 0.1
   done
-  echo "chatloop did not log 'listening on http://127.0.0.1:PORT' within 30 s; its log:" >&2
+  echo "chatloop did not log 'listening on http(s)://127.0.0.1:PORT' within 30 s; its log:" >&2
   cat "$log" >&2
   return 1
 }
