@@ -1,6 +1,7 @@
 //! Blocking keep-alive HTTP/1.1 client for scenario set-up (sessions, rooms), with timeouts,
 //! plus the response-head parsing shared with the `rest` scenario.
 
+use crate::tls::Blocking;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
@@ -10,7 +11,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Client {
     addr: SocketAddrV4,
-    conn: Option<TcpStream>,
+    /// Plain or TLS (`--tls`).
+    conn: Option<Blocking>,
     buf: Vec<u8>,
 }
 
@@ -98,7 +100,7 @@ impl Client {
         }
     }
 
-    fn connect(&mut self) -> Result<&mut TcpStream, String> {
+    fn connect(&mut self) -> Result<&mut Blocking, String> {
         if self.conn.is_none() {
             let s = TcpStream::connect_timeout(&self.addr.into(), TIMEOUT)
                 .map_err(|e| format!("connect {}: {e}", self.addr))?;
@@ -108,7 +110,7 @@ impl Client {
                 .map_err(|e| e.to_string())?;
             let _ = s.set_nodelay(true);
             self.buf.clear();
-            self.conn = Some(s);
+            self.conn = Some(Blocking::new(s, *self.addr.ip()).map_err(|e| format!("TLS: {e}"))?);
         }
         self.conn
             .as_mut()

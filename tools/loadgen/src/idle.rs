@@ -219,6 +219,7 @@ fn run_split(o: &Opts, cap: usize) -> Result<Obj, String> {
         let share = o.conns / n + usize::from(c < o.conns % n);
         let mut cmd = Command::new(&exe);
         cmd.args(["idle", "--child", "--addr", &o.addr.to_string()]);
+        cmd.args(crate::tls::child_args());
         for (k, v) in [
             ("conns", share.to_string()),
             ("duration", format!("{}ms", o.duration.as_millis())),

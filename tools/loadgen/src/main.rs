@@ -16,6 +16,7 @@ mod report;
 mod rest;
 mod soak;
 mod sys;
+mod tls;
 mod ws;
 mod wsclient;
 
@@ -31,7 +32,8 @@ const USAGE: &str = "usage: loadgen <fanout|idle|rest|join|soak|floor|httpfloor>
   floor  --rooms R --members M --rate X --duration 10s [--relay] (no --addr: loopback socket pairs;
          --relay: timestamps taken on the readers' CPU and sent to the writer over loopback)
   httpfloor --duration 30s [--host 127.0.0.1] [--port 0] [--response-bytes 243] (a minimal HTTP server: REST's floor)
-common: --server-pid PID (sample its CPU/RSS around the window), --extra-pids A,B (add them)
+common: --tls (wss/https, any server certificate: loopback benchmarks) or --tls-ca CA.pem,
+        --server-pid PID (sample its CPU/RSS around the window), --extra-pids A,B (add them)
 see README.md";
 
 fn main() {
@@ -45,15 +47,21 @@ fn main() {
         eprintln!("{USAGE}");
         return;
     }
-    let result = args::Args::parse(&argv[1..]).and_then(|a| match cmd.as_str() {
-        "fanout" => fanout::run(&a),
-        "floor" => floor::run(&a),
-        "httpfloor" => httpfloor::run(&a),
-        "idle" => idle::run(&a),
-        "join" => join::run(&a),
-        "rest" => rest::run(&a),
-        "soak" => soak::run(&a),
-        other => Err(format!("unknown subcommand {other:?}\n{USAGE}")),
+    let result = args::Args::parse(&argv[1..]).and_then(|a| {
+        tls::init(&a)?;
+        if tls::enabled() && (cmd == "floor" || cmd == "httpfloor") {
+            return Err(format!("{cmd} has no TLS (it measures the kernel's floor)"));
+        }
+        match cmd.as_str() {
+            "fanout" => fanout::run(&a),
+            "floor" => floor::run(&a),
+            "httpfloor" => httpfloor::run(&a),
+            "idle" => idle::run(&a),
+            "join" => join::run(&a),
+            "rest" => rest::run(&a),
+            "soak" => soak::run(&a),
+            other => Err(format!("unknown subcommand {other:?}\n{USAGE}")),
+        }
     });
     match result {
         Ok(o) => {

@@ -1,6 +1,7 @@
 //! A non-blocking WebSocket client connection driven by mio readiness events.
 //! Register it for READABLE | WRITABLE once (edge-triggered) and call `on_ready` on every event.
 
+use crate::tls::Stream;
 use crate::ws::{self, Rng};
 use mio::net::TcpStream;
 use std::io::{ErrorKind, Read, Write};
@@ -29,7 +30,8 @@ pub enum WsEvent<'a> {
 }
 
 pub struct WsClient {
-    pub stream: TcpStream,
+    /// The socket, plain or TLS (`--tls`).
+    pub stream: Stream,
     state: State,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
@@ -50,8 +52,9 @@ impl WsClient {
         path: &str,
         seed: u64,
     ) -> Result<WsClient, String> {
-        let stream =
+        let tcp =
             crate::sys::connect_nonblocking(dst, src).map_err(|e| format!("connect {dst}: {e}"))?;
+        let stream = Stream::new(tcp, *dst.ip()).map_err(|e| format!("TLS: {e}"))?;
         let mut rng = Rng::new(seed);
         let key = ws::new_key(&mut rng);
         let wbuf = ws::handshake_request(&dst.to_string(), path, &key);
@@ -73,7 +76,7 @@ impl WsClient {
     /// Wraps a stream whose WebSocket handshake is already done (kernel-floor benchmark).
     pub fn from_open(stream: TcpStream, seed: u64) -> WsClient {
         WsClient {
-            stream,
+            stream: Stream::plain(stream),
             state: State::Open,
             rbuf: Vec::new(),
             wbuf: Vec::new(),
@@ -93,7 +96,7 @@ impl WsClient {
 
     pub fn register(&mut self, reg: &mio::Registry, token: mio::Token) -> Result<(), String> {
         reg.register(
-            &mut self.stream,
+            &mut self.stream.tcp,
             token,
             mio::Interest::READABLE | mio::Interest::WRITABLE,
         )
@@ -101,12 +104,13 @@ impl WsClient {
     }
 
     pub fn deregister(&mut self, reg: &mio::Registry) {
-        let _ = reg.deregister(&mut self.stream);
+        let _ = reg.deregister(&mut self.stream.tcp);
     }
 
-    /// Bytes queued but not yet accepted by the kernel.
+    /// Bytes queued but not yet accepted by the kernel (TLS: at least 1 while rustls holds
+    /// records the socket has not taken yet).
     pub fn pending_out(&self) -> usize {
-        self.wbuf.len() - self.wpos
+        self.wbuf.len() - self.wpos + usize::from(self.stream.tls_pending())
     }
 
     pub fn send_text(&mut self, payload: &[u8]) -> Result<(), String> {
@@ -147,7 +151,7 @@ impl WsClient {
         if self.wbuf.capacity() > 64 << 10 {
             self.wbuf.shrink_to(4096);
         }
-        Ok(())
+        self.stream.push().map_err(|e| format!("write: {e}"))
     }
 
     /// Handles a readiness event. Returns `Ok(true)` while the connection lives, `Ok(false)` once
@@ -161,10 +165,10 @@ impl WsClient {
         sink: &mut dyn FnMut(WsEvent),
     ) -> Result<bool, String> {
         if self.state == State::Connecting {
-            if let Ok(Some(e)) | Err(e) = self.stream.take_error() {
+            if let Ok(Some(e)) | Err(e) = self.stream.tcp.take_error() {
                 return Err(format!("connect: {e}"));
             }
-            match self.stream.peer_addr() {
+            match self.stream.tcp.peer_addr() {
                 Ok(_) => self.state = State::Handshake,
                 Err(e) if e.kind() == ErrorKind::NotConnected => return Ok(true),
                 Err(e) => return Err(format!("connect: {e}")),
@@ -205,7 +209,7 @@ impl WsClient {
                     if self.state == State::Closed {
                         return Ok(false);
                     }
-                    if n < scratch.len() {
+                    if n < scratch.len() && !self.stream.is_tls() {
                         // A short read drained the TCP receive queue; data that arrives later
                         // raises a new edge, so the extra read that would return WouldBlock is
                         // skipped (as tokio does): it halves the syscalls per message.
