@@ -9,6 +9,12 @@
 # with each message's timestamp taken on the loadgen's CPU and relayed to the writer over one
 # more loopback connection, as a chat message reaches a server), rest (POST /sessions),
 # restfloor (the same load against `loadgen httpfloor`, a minimal HTTP server), join (connect storm into a 100-member room), idle (as many sockets as `ulimit -Hn` allows),
+# over TLS (chatloop with --tls-cert/--tls-key, a test CA and certificate made here with
+# `openssl`, loadgen --tls-ca): wss1k and wss10x50 (fanout1k and fanout10x50 over wss; run them
+# with the plain ones to get the ratio of CPU per delivery), connect and tlsconnect (a new
+# connection per request, GET /health, BENCH_REST_CLIENTS clients: connections per second; with
+# both, tlsconnect reports the server CPU per TLS handshake as the difference), idlewss (idle
+# over wss: RSS per idle wss connection),
 # and cluster mode: cluster0 (a single node without Redis), cluster1 (one node with Redis),
 # cluster2 (two nodes sharing one Redis, members split between them), all 10 x 50 at
 # BENCH_CLUSTER_RATE msg/s/room (100), unpinned (three or four processes share the two
@@ -43,7 +49,8 @@ OUT=${BENCH_OUT:-$ROOT/target/bench}
 CLUSTER_RATE=${BENCH_CLUSTER_RATE:-100}
 # shellcheck disable=SC2206 # word splitting intended: a list of flags
 LIMIT_ARGS=(${BENCH_LIMIT_ARGS---create-rate 0 --max-connections-per-ip 0 --max-rooms-per-session 0 --upgrade-rate 0})
-ALL=(fanout1k fanout10x50 floor1k floor10x50 relay1k relay10x50 rest restfloor join idle cluster0 cluster1 cluster2 cluster1s cluster2s)
+ALL=(fanout1k fanout10x50 floor1k floor10x50 relay1k relay10x50 rest restfloor join idle cluster0 cluster1 cluster2 cluster1s cluster2s
+    wss1k wss10x50 connect tlsconnect idlewss)
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
 for s in "${SCENARIOS[@]}"; do
@@ -94,11 +101,32 @@ stop_cluster() {
 trap 'stop_chatloop; stop_cluster' EXIT
 trap 'exit 130' INT TERM
 
+# TLS scenarios: TLS_SRV (server flags) and TLS_LG (loadgen flags) are set by tls_on, emptied by
+# tls_off. The test CA and the server's certificate (P-256, for 127.0.0.1) are made once.
+TLS_SRV=() TLS_LG=()
+tls_on() {
+    local d=$OUT/tls
+    if [ ! -s "$d/server.pem" ]; then
+        command -v openssl >/dev/null || { echo "the TLS scenarios need openssl" >&2; exit 1; }
+        mkdir -p "$d"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj /CN=bench-ca -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+            -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$d/ext.cnf"
+        openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+            -days 2 -extfile "$d/ext.cnf" -out "$d/server.pem" 2>/dev/null
+    fi
+    TLS_SRV=(--tls-cert "$d/server.pem" --tls-key "$d/server.key")
+    TLS_LG=(--tls-ca "$d/ca.pem")
+}
+tls_off() { TLS_SRV=() TLS_LG=(); }
+
 # start_server NAME: a fresh chatloop logging to $OUT/NAME.server.log; sets SERVER_PID and ADDR.
 start_server() {
     local log=$OUT/$1.server.log
     # shellcheck disable=SC2086
-    start_chatloop "$log" ${LIMIT_ARGS[@]+"${LIMIT_ARGS[@]}"} ${BENCH_SERVER_ARGS:-} || exit 1
+    start_chatloop "$log" ${LIMIT_ARGS[@]+"${LIMIT_ARGS[@]}"} ${TLS_SRV[@]+"${TLS_SRV[@]}"} ${BENCH_SERVER_ARGS:-} || exit 1
     ADDR=127.0.0.1:$PORT
     echo "== chatloop pid $SERVER_PID listening on $ADDR (log: $log)" >&2
 }
@@ -130,7 +158,7 @@ run() {
     echo >&2
     echo "== $name: loadgen $*" >&2
     BEFORE=$(sample)
-    "${LG_PIN[@]}" "$LG" "$@" --server-pid "$SERVER_PID" >"$OUT/$name.json" 2> >(tee "$OUT/$name.log" >&2) || {
+    "${LG_PIN[@]}" "$LG" "$@" ${TLS_LG[@]+"${TLS_LG[@]}"} --server-pid "$SERVER_PID" >"$OUT/$name.json" 2> >(tee "$OUT/$name.log" >&2) || {
         echo "loadgen $name failed: $(cat "$OUT/$name.json")" >&2
         return 1
     }
@@ -145,19 +173,30 @@ whole() {
     echo "user $(calc "($au - $bu) / ($ops > 0 ? $ops : 1)")us sys $(calc "($as - $bs) / ($ops > 0 ? $ops : 1)")us"
 }
 
+# fanout NAME ROOMS MEMBERS RATE SENDERS [tls]: with `tls`, over wss, and compared with the plain
+# run of the same shape if it ran before in this invocation.
 declare -A SRV_PER_DELIVERY FRAME_BYTES
 fanout() {
-    local name=$1 rooms=$2 members=$3 rate=$4 senders=$5
+    local name=$1 rooms=$2 members=$3 rate=$4 senders=$5 tls=${6:-} ratio=""
+    if [ "$tls" = tls ]; then tls_on; fi
     start_server "$name"
     run "$name" fanout --addr "$ADDR" --rooms "$rooms" --members "$members" --senders "$senders" \
-        --rate "$rate" --duration "$DUR" --warmup "$WARMUP" || { say "$name: FAILED"; return 0; }
-    local f=$OUT/$name.json u s
+        --rate "$rate" --duration "$DUR" --warmup "$WARMUP" || { tls_off; say "$name: FAILED"; return 0; }
+    tls_off
+    local f=$OUT/$name.json u s t
     u=$(jget "$f" server_user_us_per_delivery)
     s=$(jget "$f" server_sys_us_per_delivery)
-    SRV_PER_DELIVERY[$rooms x $members]=$(calc "$u + $s")
-    FRAME_BYTES[$rooms x $members]=$(jget "$f" chat_frame_bytes)
-    say "$name ${rooms}x${members} @${rate}/s/room: $(jget "$f" deliveries_per_s) deliveries/s, lost $(jget "$f" lost), dup $(jget "$f" duplicates), latency p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us p99.9 $(jget "$f" lat_p999_us)us max $(jget "$f" lat_max_us)us"
-    say "    server CPU per delivery (window): user ${u}us sys ${s}us; whole scenario incl. set-up: $(whole "$(jget "$f" delivered)")"
+    t=$(calc "$u + $s")
+    if [ "$tls" = tls ]; then
+        if [ -n "${SRV_PER_DELIVERY[$rooms x $members]:-}" ]; then
+            ratio=" => wss costs $(calc "$t / (${SRV_PER_DELIVERY[$rooms x $members]} > 0 ? ${SRV_PER_DELIVERY[$rooms x $members]} : 1)")x plain ws"
+        fi
+    else
+        SRV_PER_DELIVERY[$rooms x $members]=$t
+        FRAME_BYTES[$rooms x $members]=$(jget "$f" chat_frame_bytes)
+    fi
+    say "$name ${rooms}x${members} @${rate}/s/room${tls:+ over wss}: $(jget "$f" deliveries_per_s) deliveries/s, lost $(jget "$f" lost), dup $(jget "$f" duplicates), latency p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us p99.9 $(jget "$f" lat_p999_us)us max $(jget "$f" lat_max_us)us"
+    say "    server CPU per delivery (window): user ${u}us sys ${s}us (total ${t}us)$ratio; whole scenario incl. set-up: $(whole "$(jget "$f" delivered)")"
 }
 
 floor() {
@@ -214,6 +253,29 @@ restfloor() {
     say "    floor CPU per request (window): user ${u}us sys ${s}us (total ${t}us)$ratio"
 }
 
+# connect NAME [tls]: a new connection per request (GET /health, `Connection: close`), over TLS
+# with `tls`: every request pays a full handshake (the server sends no resumption tickets).
+CONNECT_PER_REQUEST=""
+connect() {
+    local name=$1 tls=${2:-} f u s t extra=""
+    if [ "$tls" = tls ]; then tls_on; fi
+    start_server "$name"
+    run "$name" rest --addr "$ADDR" --new-conn --path /health --clients "$REST_CLIENTS" --duration "$DUR" \
+        || { tls_off; say "$name: FAILED"; return 0; }
+    tls_off
+    f=$OUT/$name.json
+    u=$(jget "$f" server_user_us_per_request)
+    s=$(jget "$f" server_sys_us_per_request)
+    t=$(calc "$u + $s")
+    if [ "$tls" = tls ]; then
+        [ -n "$CONNECT_PER_REQUEST" ] && extra=" => server CPU per TLS handshake: $(calc "$t - $CONNECT_PER_REQUEST")us (minus the plain connection's ${CONNECT_PER_REQUEST}us)"
+    else
+        CONNECT_PER_REQUEST=$t
+    fi
+    say "$name${tls:+ (TLS)}: $(jget "$f" requests_per_s) connections/s (a new connection per GET /health, $REST_CLIENTS clients), errors $(jget "$f" errors), connect+request p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us"
+    say "    server CPU per connection (window): user ${u}us sys ${s}us (total ${t}us)$extra"
+}
+
 join() {
     start_server join
     run join join --addr "$ADDR" --room-members 100 --joins "$JOINS" --concurrency "$JOIN_CONCURRENCY" --duration "$DUR" || { say "join: FAILED"; return 0; }
@@ -222,14 +284,18 @@ join() {
     say "    server CPU per join+leave (window): user $(jget "$f" server_user_us_per_join)us sys $(jget "$f" server_sys_us_per_join)us; whole scenario: $(whole "$(jget "$f" joins)")"
 }
 
+# idle [NAME tls]: idlewss holds the sockets over wss.
 idle() {
+    local name=${1:-idle} tls=${2:-}
     echo >&2
-    start_server idle
-    echo "== idle: loadgen idle --conns $IDLE_CONNS --duration $IDLE_HOLD" >&2
-    local log=$OUT/idle.log f=$OUT/idle.json pid ready="" before_rss at_ready
+    if [ "$tls" = tls ]; then tls_on; fi
+    start_server "$name"
+    echo "== $name: loadgen idle --conns $IDLE_CONNS --duration $IDLE_HOLD ${TLS_LG[*]}" >&2
+    local log=$OUT/$name.log f=$OUT/$name.json pid ready="" before_rss at_ready
     read -r _ _ before_rss <<<"$(sample)"
     "${LG_PIN[@]}" "$LG" idle --addr "$ADDR" --conns "$IDLE_CONNS" --duration "$IDLE_HOLD" \
-        --server-pid "$SERVER_PID" >"$f" 2>"$log" &
+        ${TLS_LG[@]+"${TLS_LG[@]}"} --server-pid "$SERVER_PID" >"$f" 2>"$log" &
+    tls_off
     pid=$!
     for _ in $(seq 3000); do # up to 300 s to connect
         ready=$(grep -o '^READY [0-9]*' "$log" | head -n 1 | cut -d' ' -f2) || true
@@ -242,11 +308,11 @@ idle() {
     wait "$pid" || true
     cat "$log" >&2
     if [ -z "$ready" ] || [ "$ready" = 0 ]; then
-        say "idle: FAILED (no READY); see $log"
+        say "$name: FAILED (no READY); see $log"
         return 0
     fi
-    say "idle: $ready/$IDLE_CONNS sockets held (failures $(jget "$f" failures), dropped while held: $(grep -o '"dropped":{[^}]*}' "$f" || true))"
-    say "    server RSS $((before_rss / 1024)) KiB -> $((at_ready / 1024)) KiB: $(calc "($at_ready - $before_rss) / $ready") bytes per idle connection"
+    say "$name: $ready/$IDLE_CONNS sockets held (failures $(jget "$f" failures), dropped while held: $(grep -o '"dropped":{[^}]*}' "$f" || true))"
+    say "    server RSS $((before_rss / 1024)) KiB -> $((at_ready / 1024)) KiB: $(calc "($at_ready - $before_rss) / $ready") bytes per idle ${tls:+wss }connection"
     say "    (kernel socket buffers are not in RSS; the delta includes one user_joined per socket kept in room history)"
 }
 
@@ -332,6 +398,11 @@ for rep in $(seq "$REPEAT"); do
             restfloor) restfloor ;;
             join) join ;;
             idle) idle ;;
+            wss1k) fanout wss1k 1 1000 20 2 tls ;;
+            wss10x50) fanout wss10x50 10 50 100 10 tls ;;
+            connect) connect connect ;;
+            tlsconnect) connect tlsconnect tls ;;
+            idlewss) idle idlewss tls ;;
             cluster0) cluster cluster0 0 ;;
             cluster1) cluster cluster1 1 ;;
             cluster2) cluster cluster2 2 ;;
