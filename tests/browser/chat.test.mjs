@@ -289,7 +289,15 @@ test("a dropped socket reconnects with since=: nothing lost, nothing doubled", S
 });
 
 test("pages made no request to another origin and threw no error", STEP, async () => {
+  // The page picks the socket's scheme from its own: wss:// when served over https.
+  const wsScheme = new URL(base).protocol === "https:" ? "wss:" : "ws:";
   for (const [w, who] of [[wA, "alice"], [wB, "bob"]]) {
+    assert.ok(w.sockets.length > 0, `${who}: opened no socket`);
+    assert.deepEqual(
+      w.sockets.filter((u) => new URL(u).protocol !== wsScheme),
+      [],
+      `${who}: sockets not on ${wsScheme}`,
+    );
     assert.deepEqual(w.foreign(), [], `${who}: requests to another origin`);
     assert.deepEqual(w.pageErrors, [], `${who}: uncaught errors`);
     assert.deepEqual(w.dialogs, [], `${who}: dialogs`);

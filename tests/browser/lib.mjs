@@ -6,6 +6,10 @@
 //   CHATLOOP_BIN   the server binary (default target/release/chatloop), for tests that need a
 //                  server with other flags (e.g. --session-ttl 1s).
 //   CHROMIUM       the browser (default /usr/bin/chromium); never downloaded.
+//   CHATLOOP_TLS_CERT, CHATLOOP_TLS_KEY  the https run (tools/suites/browser.sh): servers this
+//                  process starts get --tls-cert/--tls-key (chatloop also reads these two
+//                  variables itself), and Chromium ignores certificate errors (the test
+//                  certificate is self-signed), so pages load over https and open wss://.
 //   SCREENSHOT_DIR where screenshots go (default artifacts/screenshots).
 //   UPDATE_DOCS_SCREENSHOT=1  also rewrite docs/screenshot.png (the README picture).
 import { spawn } from "node:child_process";
@@ -19,7 +23,10 @@ export const BIN = process.env.CHATLOOP_BIN || path.join(REPO, "target", "releas
 export const SHOTS = process.env.SCREENSHOT_DIR || path.join(REPO, "artifacts", "screenshots");
 mkdirSync(SHOTS, { recursive: true });
 
+export const TLS = Boolean(process.env.CHATLOOP_TLS_CERT && process.env.CHATLOOP_TLS_KEY);
+
 export const CHROMIUM_ARGS = [
+  ...(TLS ? ["--ignore-certificate-errors"] : []),
   "--headless",
   "--no-sandbox",
   "--disable-gpu",
@@ -47,7 +54,8 @@ process.on("exit", () => {
 });
 
 // Starts the server binary on 127.0.0.1 with a free port; resolves to {url, proc, stop()}.
-// The port is read from the "listening on http://127.0.0.1:PORT" line on stderr (bounded wait).
+// The port is read from the "listening on http(s)://127.0.0.1:PORT" line on stderr (bounded
+// wait). In the https run the server inherits CHATLOOP_TLS_CERT/KEY from the environment.
 export function startServer(extraArgs = []) {
   return new Promise((resolve, reject) => {
     const proc = spawn(BIN, ["--host", "127.0.0.1", "--port", "0", ...extraArgs], {
@@ -78,7 +86,7 @@ export function startServer(extraArgs = []) {
     proc.stderr.on("data", (chunk) => {
       buf += chunk.toString();
       if (buf.length > 65536) buf = buf.slice(-65536);
-      const m = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(buf);
+      const m = /listening on (https?:\/\/127\.0\.0\.1:\d+)/.exec(buf);
       if (m && !done) {
         done = true;
         clearTimeout(timer);
@@ -120,8 +128,10 @@ export function watch(page, origin) {
       try {
         const o = new URL(u);
         const same = new URL(origin);
-        // ws://host:port is the same origin as http://host:port for this purpose
-        return !(o.host === same.host && (o.protocol === same.protocol || o.protocol === "ws:"));
+        // ws://host:port is the same origin as http://host:port for this purpose (and
+        // wss:// as https://)
+        const ws = same.protocol === "https:" ? "wss:" : "ws:";
+        return !(o.host === same.host && (o.protocol === same.protocol || o.protocol === ws));
       } catch (_) {
         return true;
       }

@@ -5,8 +5,12 @@
 # tests/browser/package-lock.json (npm ci; it never downloads a browser of its own). Builds the
 # release server, starts it on 127.0.0.1 with a free port (--typing-quiet 1s keeps the typing test
 # short), runs tests/browser/*.test.mjs with node's test runner, and stops the server it started.
-# Screenshots: artifacts/screenshots/. UPDATE_DOCS_SCREENSHOT=1 also rewrites docs/screenshot.png.
-# Ends with a line "N passed, M failed"; exits non-zero on any failure.
+# Then the main chat test (chat.test.mjs) once more over https: a server with --tls-cert/--tls-key
+# (a self-signed certificate for 127.0.0.1 made here with openssl) and Chromium with
+# --ignore-certificate-errors; the page opens wss:// by itself (BROWSER_TLS=0 skips this run).
+# Screenshots: artifacts/screenshots/ (https run: artifacts/screenshots/https/).
+# UPDATE_DOCS_SCREENSHOT=1 also rewrites docs/screenshot.png (from the plain run).
+# Ends with a line "N passed, M failed" over both runs; exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -74,29 +78,64 @@ export CHATLOOP_URL="http://127.0.0.1:$PORT"
 say "server pid $SERVER_PID at $CHATLOOP_URL"
 
 # ---------------------------------------------------------------- tests
-TAP="$ART/browser.tap"
-rm -f "$TAP"
-set +e
-(cd "$BROWSER_DIR" && timeout 600 node --test --test-concurrency=1 \
-  --test-reporter=spec --test-reporter-destination=stdout \
-  --test-reporter=tap --test-reporter-destination="$TAP" \
-  chat.test.mjs docs.test.mjs e2e.test.mjs)
-rc=$?
-set -e
+# run_tests TAP FILES...: node's test runner; adds the TAP file's counts to passed/failed.
+passed=0 failed=0
+run_tests() {
+  local tap=$1 rc p f c
+  shift
+  rm -f "$tap"
+  set +e
+  (cd "$BROWSER_DIR" && timeout 600 node --test --test-concurrency=1 \
+    --test-reporter=spec --test-reporter-destination=stdout \
+    --test-reporter=tap --test-reporter-destination="$tap" "$@")
+  rc=$?
+  set -e
+  p=$(sed -n 's/^# pass \([0-9][0-9]*\)$/\1/p' "$tap" 2>/dev/null | tail -n1)
+  f=$(sed -n 's/^# fail \([0-9][0-9]*\)$/\1/p' "$tap" 2>/dev/null | tail -n1)
+  c=$(sed -n 's/^# cancelled \([0-9][0-9]*\)$/\1/p' "$tap" 2>/dev/null | tail -n1)
+  f=$(( ${f:-0} + ${c:-0} ))
+  if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+    say "node --test exited with $rc"
+    f=1
+  fi
+  passed=$(( passed + ${p:-0} ))
+  failed=$(( failed + f ))
+}
 
-passed=$(sed -n 's/^# pass \([0-9][0-9]*\)$/\1/p' "$TAP" 2>/dev/null | tail -n1)
-failed=$(sed -n 's/^# fail \([0-9][0-9]*\)$/\1/p' "$TAP" 2>/dev/null | tail -n1)
-cancelled=$(sed -n 's/^# cancelled \([0-9][0-9]*\)$/\1/p' "$TAP" 2>/dev/null | tail -n1)
-passed=${passed:-0}
-failed=$(( ${failed:-0} + ${cancelled:-0} ))
-if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
-  say "node --test exited with $rc"
-  failed=1
-fi
+run_tests "$ART/browser.tap" chat.test.mjs docs.test.mjs e2e.test.mjs
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
   say "the server died during the tests (log: $SERVER_LOG)"
   failed=$((failed + 1))
 fi
+stop_chatloop
+
+# ---------------------------------------------------------------- the same chat over https
+if [ "${BROWSER_TLS:-1}" != 0 ]; then
+  if ! command -v openssl >/dev/null; then
+    say "installing openssl (Debian package)"
+    apt_install openssl
+  fi
+  TLS_DIR=$(mktemp -d)
+  trap 'stop_chatloop; rm -rf "$TLS_DIR"' EXIT
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$TLS_DIR/key.pem" -out "$TLS_DIR/cert.pem" 2>/dev/null || fail_setup "openssl req"
+  # Servers the tests start themselves (e.g. --session-ttl 1s) read the same two variables.
+  export CHATLOOP_TLS_CERT="$TLS_DIR/cert.pem" CHATLOOP_TLS_KEY="$TLS_DIR/key.pem"
+  SERVER_LOG="$ART/browser-server-https.log"
+  start_chatloop "$SERVER_LOG" --typing-quiet 1s || fail_setup "the https server did not start"
+  export CHATLOOP_URL="https://127.0.0.1:$PORT"
+  say "https server pid $SERVER_PID at $CHATLOOP_URL"
+  mkdir -p "$ART/screenshots/https"
+  SCREENSHOT_DIR="$ART/screenshots/https" UPDATE_DOCS_SCREENSHOT=0 \
+    run_tests "$ART/browser-https.tap" chat.test.mjs
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    say "the https server died during the tests (log: $SERVER_LOG)"
+    failed=$((failed + 1))
+  fi
+  unset CHATLOOP_TLS_CERT CHATLOOP_TLS_KEY
+fi
+
 say "screenshots in artifacts/screenshots/; took $((SECONDS - start_time)) s"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
