@@ -1784,11 +1784,11 @@ fn a_redis_too_slow_to_answer_fills_the_bounded_queue_and_counts_as_down() {
         m[0].ws.chat(t);
     }
     c.wait_health(0, "down", REDIS_DOWN_LIMIT);
-    assert!(
-        c.node(0).log().contains("--max-redis-queue"),
-        "the log says why: {}",
-        c.node(0).log()
-    );
+    // The harness reads the log on a thread of its own: the line may arrive a moment later.
+    let logged = common::wait_for(Duration::from_secs(3), || {
+        c.node(0).log().contains("--max-redis-queue")
+    });
+    assert!(logged.is_some(), "the log says why: {}", c.node(0).log());
     let alice = read_until(&mut m[0].ws, Duration::from_secs(20), |got| {
         let n = got
             .iter()

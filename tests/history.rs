@@ -140,6 +140,14 @@ fn since_gives_exactly_the_later_messages() {
         );
         drop(ws);
         s.wait_user_count(&room, 1);
+        // bob's user_left may be held for --notice-delay after the count drops: the next
+        // round's history read must already hold it.
+        let left = wait_for(std::time::Duration::from_secs(3), || {
+            history(&s, &room, &a, 1)
+                .last()
+                .is_some_and(|m| m["type"] == "user_left")
+        });
+        assert!(left.is_some(), "bob's user_left reached the history");
     }
     // Since the newest message: nothing to catch up on.
     let newest = history(&s, &room, &a, 1).pop().unwrap();
