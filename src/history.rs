@@ -21,6 +21,20 @@ pub struct Entry {
     pub frame: Frame,
 }
 
+/// Whatever ends an entry (evicted by a newer one, expired by the room's `message_ttl`,
+/// cleared, or dropped with its room), its frame's bytes are zeroed before the memory goes
+/// back to the allocator, unless an output queue still holds the frame (then it is freed
+/// when sent, as any frame).
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if let Some(bytes) = std::rc::Rc::get_mut(&mut self.frame) {
+            bytes.fill(0);
+            // The stores must happen although the memory is freed right after.
+            std::hint::black_box(&*bytes);
+        }
+    }
+}
+
 /// How much a room keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caps {
@@ -180,11 +194,8 @@ impl History {
     pub fn expire(&mut self, cutoff_ms: u64, gone: &mut Vec<MsgId>) {
         for ring in [&mut self.chats, &mut self.notices] {
             while ring.front().is_some_and(|e| e.id.unix_ms() <= cutoff_ms) {
-                if let Some(mut e) = ring.pop_front() {
-                    gone.push(e.id);
-                    if let Some(bytes) = std::rc::Rc::get_mut(&mut e.frame) {
-                        bytes.fill(0);
-                    }
+                if let Some(e) = ring.pop_front() {
+                    gone.push(e.id); // dropping `e` zeroes its frame (see `Drop for Entry`)
                 }
             }
             if ring.is_empty() && ring.capacity() > 64 {
