@@ -618,6 +618,128 @@ fn hostile_tls_clients_are_closed_and_a_bystander_is_not_slowed() {
     );
 }
 
+/// Reads (plaintext, over TLS) until the server ends the connection; what came and how long
+/// it took, if it ended within `limit`.
+fn tls_ends_within(s: &mut Tls, limit: Duration) -> Option<(Vec<u8>, Duration)> {
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = limit.saturating_sub(t.elapsed());
+        if left.is_zero() {
+            return None;
+        }
+        s.sock.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut chunk) {
+            Ok(0) => return Some((got, t.elapsed())),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            // A reset, or the end without close_notify: ended too.
+            Err(_) => return Some((got, t.elapsed())),
+        }
+    }
+}
+
+#[test]
+fn slow_requests_after_a_finished_tls_handshake_are_bounded_by_the_request_timeout() {
+    let pki = Pki::new("slowreq");
+    let (cert, key) = pki.leaf("server");
+    let s = start_tls(&cert, &key, &["--request-timeout", "2s"]);
+    let cfg = pki.client_config();
+    let a = session(&s, &cfg, "bystander");
+    let room = room(&s, &cfg, &a);
+    let (mut by, _) = Wss::join(&s, &cfg, &room, &a);
+    let base = metric(&s, &cfg, "chatloop_connections");
+
+    // Handshake done, then: nothing at all; half a request head; a head dripped a byte at a
+    // time (each byte its own TLS record) that never ends.
+    let mut silent: Vec<Tls> = (0..5).map(|_| connect(s.addr, &cfg)).collect();
+    let mut half: Vec<Tls> = (0..5)
+        .map(|_| {
+            let mut t = connect(s.addr, &cfg);
+            t.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+            t.flush().unwrap();
+            t
+        })
+        .collect();
+    let start = Instant::now();
+    let drippers: Vec<_> = (0..3)
+        .map(|_| {
+            let mut t = connect(s.addr, &cfg);
+            thread::spawn(move || {
+                let head = b"GET /health HTTP/1.1\r\nX-Filler: ".iter().copied();
+                for b in head.chain(std::iter::repeat(b'a')) {
+                    if start.elapsed() > Duration::from_secs(8) {
+                        return (t, None);
+                    }
+                    if t.write_all(&[b]).and_then(|_| t.flush()).is_err() {
+                        // The server has closed it (the write after its close is refused).
+                        return (t, Some(start.elapsed()));
+                    }
+                    thread::sleep(Duration::from_millis(200));
+                }
+                unreachable!()
+            })
+        })
+        .collect();
+    by.roundtrip("fine while requests hang over TLS");
+
+    let mut ended = Vec::new();
+    for (name, t) in silent
+        .iter_mut()
+        .map(|t| ("silent after the handshake", t))
+        .chain(half.iter_mut().map(|t| ("half a head", t)))
+    {
+        let left = Duration::from_secs(7).saturating_sub(start.elapsed());
+        let r = tls_ends_within(t, left);
+        assert!(
+            r.is_some(),
+            "{name}: still open after 7 s (--request-timeout 2s)"
+        );
+        ended.push((name, r.unwrap().0));
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "closed before --request-timeout ({took:?})"
+    );
+    for (name, got) in &ended {
+        if *name == "half a head" {
+            let text = String::from_utf8_lossy(got);
+            assert!(text.starts_with("HTTP/1.1 408 "), "{name}: {text}");
+        }
+    }
+    for d in drippers {
+        let (mut t, cut) = d.join().unwrap();
+        let r = tls_ends_within(&mut t, Duration::from_secs(2));
+        assert!(
+            cut.is_some() || r.is_some(),
+            "a request head dripped a byte per 200 ms was not cut in 8 s"
+        );
+        // Its 408 may be lost to the reset our later bytes caused.
+        if let Some((got, _)) = r {
+            let text = String::from_utf8_lossy(&got);
+            assert!(
+                text.is_empty() || text.starts_with("HTTP/1.1 408 "),
+                "{text}"
+            );
+        }
+    }
+    by.roundtrip("fine after the timeouts");
+    assert!(
+        wait_for(TIMEOUT, || metric(&s, &cfg, "chatloop_connections") <= base).is_some(),
+        "slow TLS connections still open: {} (base {base})",
+        metric(&s, &cfg, "chatloop_connections")
+    );
+}
+
 #[test]
 fn a_wss_member_that_never_reads_is_closed_as_a_slow_consumer() {
     let pki = Pki::new("slow");
