@@ -148,14 +148,16 @@ impl FrameBuf {
     /// Returns the memory of any buffer bigger than a typical frame's (a welcome of a
     /// 1 000-member room) once the peak is over.
     pub fn shrink(&mut self) {
-        if self.buf.capacity() > 4096 {
-            self.buf = Vec::with_capacity(4096);
-        }
+        self.shrink_above(4096);
     }
 
     /// Returns memory when a huge message made the buffer grow.
     pub fn trim(&mut self) {
-        if self.buf.capacity() > 256 * 1024 {
+        self.shrink_above(256 * 1024);
+    }
+
+    fn shrink_above(&mut self, limit: usize) {
+        if self.buf.capacity() > limit {
             self.buf = Vec::with_capacity(4096);
         }
     }
