@@ -2,7 +2,12 @@
 //!
 //! A `Conn` is fed bytes (`on_bytes`), timer expiries (`on_timer`) and end of input
 //! (`on_eof`); it answers by queueing chunks on its own [`Queue`] and by calling the
-//! [`Hub`]. It never reads or writes its socket: `server.rs` does all I/O.
+//! [`Hub`]. It owns every transition of its [`State`] and every rule about its output:
+//! frames delivered to it (`deliver`), the output cap and the 1013 that ends a slow consumer
+//! (`on_output_over_cap`), the pause mark and when reading resumes (`may_read`,
+//! `write_out`), lingering after its last byte. When the loop asks, it writes its queue
+//! with one `writev` (`write_out`); the loop does the reads, the socket's registration and
+//! `shutdown`, the clock and the timers, and carries out the [`Next`] or [`Wrote`] it gets.
 
 use std::net::IpAddr;
 
@@ -192,11 +197,40 @@ pub struct ClusterCtx<'a> {
     pub wants: &'a mut Vec<Query>,
 }
 
-/// What the loop should do after a timer or end of input.
+/// What the loop should do after a timer, end of input or an output overflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
     Keep,
     Drop,
+}
+
+/// What a flush ([`Conn::write_out`]) asks of the loop, which owns the socket's
+/// registration, the timers and the slab.
+#[derive(Debug)]
+pub enum Wrote {
+    /// Nothing more to do (including: nothing was written).
+    Done,
+    /// Its last byte went out: shut the socket's write side, then wait (the connection is
+    /// now [`State::Lingering`]; its timer must move).
+    ShutWrite,
+    /// Its unsent output is over `--max-output-queue`: [`Conn::on_output_over_cap`] next.
+    OverCap,
+    /// Its output drained below half the pause mark: it may be read again (and the requests
+    /// it holds answered).
+    ResumeReading,
+    /// The write failed: the peer is gone.
+    Failed(std::io::Error),
+}
+
+/// The loop-wide state a frame from the hub passes through on its way to a member.
+#[derive(Debug)]
+pub struct Fanout<'a> {
+    pub outbox: &'a mut Outbox,
+    pub dirty: &'a mut Vec<usize>,
+    pub deflate: &'a mut Deflater,
+    pub metrics: &'a mut Metrics,
+    /// `--max-output-queue`.
+    pub cap: usize,
 }
 
 impl std::fmt::Debug for Conn {
@@ -315,6 +349,185 @@ impl Conn {
             State::Ws(_) | State::Echo { .. } => self.backlog() > cap,
             State::Http { .. } => self.queued().saturating_sub(self.last_response) > cap,
             State::Closing { .. } | State::Lingering { .. } => false,
+        }
+    }
+
+    /// Queues a frame from the hub, if it is still a chat member: compressed (one shared
+    /// copy per frame) if it negotiated permessage-deflate. Its `welcome` (the first frame
+    /// after the upgrade) joins the exempt front of its queue. Returns `true` when its output
+    /// is now over the cap (the loop then calls [`Conn::on_output_over_cap`]).
+    pub fn deliver(&mut self, id: ConnId, frame: protocol::Frame, f: &mut Fanout<'_>) -> bool {
+        if !self.accepts_frames() {
+            return false;
+        }
+        f.metrics.frames_out += 1;
+        let frame = if self.compresses() {
+            // One compressed copy per frame, shared by all who take it.
+            let c = f.deflate.shared(&frame);
+            if c.first().is_some_and(|b| b & 0x40 != 0) {
+                f.metrics.frames_out_compressed += 1;
+            }
+            c
+        } else {
+            frame
+        };
+        self.send(id, Chunk::Shared(frame), f.outbox, f.dirty);
+        if self.welcome_due {
+            // Its welcome: not counted as backlog (bounded by --max-welcome-bytes),
+            // however big a room's history.
+            self.welcome_due = false;
+            self.exempt = self.out.bytes();
+        }
+        self.over_output_cap(f.cap)
+    }
+
+    /// Its output passed `--max-output-queue` (the loop noticed after a delivery or a
+    /// flush): cut it off. A socket whose `101` has not gone out yet keeps the `101`, gets
+    /// the 1013 close frame after it and lingers (`Next::Keep`); any other is closed
+    /// (`Next::Drop`), a WebSocket with a best-effort 1013 close frame. `Next::Keep` too if
+    /// it is no longer over the cap (it was dealt with already).
+    pub fn on_output_over_cap(&mut self, id: ConnId, ctx: &mut Ctx<'_>) -> Next {
+        if self.backlog() <= ctx.cfg.max_output_queue {
+            return Next::Keep; // already dealt with (flagged once per frame over the limit)
+        }
+        ctx.metrics.slow_consumers += 1;
+        let ws = self.is_websocket();
+        crate::limit_log!(
+            ctx.throttle,
+            LogEvent::SlowConsumer,
+            ctx.now.mono,
+            info,
+            "closing slow consumer {} (conn {}){}: {} bytes unsent",
+            self.client,
+            id.0,
+            if ws { " with 1013" } else { "" },
+            self.queued()
+        );
+        if self.unsent_101 > 0 {
+            // Its handshake has not gone out yet (the socket is new, not full): keep the
+            // 101, drop the rest, send the close frame after it and linger.
+            let keep = self.unsent_101;
+            self.out.truncate(ctx.outbox, keep);
+            self.exempt = keep;
+            self.close_ws(id, 1013, "slow consumer", ctx);
+            return Next::Keep;
+        }
+        self.out.clear();
+        self.inbuf = Vec::new();
+        if ws {
+            // Best effort: the socket is likely full, so this close frame may be lost (over
+            // TLS it would have to follow unsent ciphertext: not sent at all).
+            if self.tls.is_none() {
+                let frame = ws::close_frame(1013, "slow consumer");
+                let _ = std::io::Write::write(&mut self.stream, &frame);
+            }
+            self.leave(id, ctx, 1013);
+        }
+        Next::Drop
+    }
+
+    /// Writes its output: one vectored write of its queue (over TLS, encrypted batch by
+    /// batch), then says what follows: shutting its write side once its last output went
+    /// out, the output cap, or reading again once the output drained below half the pause
+    /// mark. A response held for Redis stays queued.
+    pub fn write_out(
+        &mut self,
+        outbox: &mut Outbox,
+        scratch: &mut crate::tls::Scratch,
+        metrics: &mut Metrics,
+        cfg: &Config,
+        now: Micros,
+    ) -> Wrote {
+        self.dirty = false;
+        if self.waiting {
+            // A held response goes out once Redis has acknowledged its writes.
+            self.out.keep(outbox);
+            return Wrote::Done;
+        }
+        let tls_idle = self.tls.as_ref().is_none_or(|t| !t.wants_write());
+        if self.out.is_empty() && !self.close_after_flush && tls_idle {
+            return Wrote::Done;
+        }
+        let result = match self.tls.as_deref_mut() {
+            None => self.out.flush(outbox, &mut self.stream),
+            Some(t) => crate::tls::flush(
+                t,
+                &mut self.out,
+                outbox,
+                &mut self.stream,
+                scratch,
+                self.close_after_flush,
+            ),
+        };
+        metrics.writes += 1;
+        let f = match result {
+            Ok(f) => f,
+            Err(e) => return Wrote::Failed(e),
+        };
+        metrics.bytes_out += f.written as u64;
+        self.wrote(f.written);
+        if f.done && self.close_after_flush {
+            self.close_after_flush = false;
+            self.state = State::Lingering {
+                until: now + LINGER,
+            };
+            Wrote::ShutWrite
+        } else if self.over_output_cap(cfg.max_output_queue) {
+            Wrote::OverCap
+        } else if self.read_paused && self.out.bytes() < pause_bytes(cfg) / 2 {
+            self.read_paused = false;
+            Wrote::ResumeReading
+        } else {
+            Wrote::Done
+        }
+    }
+
+    /// Whether its socket may be read now: not while its output is backed up, while its
+    /// request waits for Redis, or while it holds requests not answered yet (those go
+    /// first, see [`Conn::may_resume`]).
+    pub fn may_read(&self) -> bool {
+        !(self.read_paused || self.waiting || self.unanswered)
+    }
+
+    /// Whether a connection that stopped may continue: first with the requests it holds
+    /// ([`Conn::holds_unanswered`]), then by reading.
+    pub fn may_resume(&self) -> bool {
+        !(self.read_paused || self.waiting)
+    }
+
+    /// Its input buffer holds requests that were not answered when its output passed the
+    /// pause mark; no readable edge will come for them.
+    pub fn holds_unanswered(&self) -> bool {
+        self.unanswered
+    }
+
+    /// The server is shutting down: a WebSocket is closed with 1001 (and flushed before it
+    /// goes); an HTTP connection with nothing left to send is dropped now.
+    pub fn on_shutdown(&mut self, id: ConnId, ctx: &mut Ctx<'_>) -> Next {
+        if self.is_websocket() {
+            self.close_ws(id, 1001, "server shutting down", ctx);
+            Next::Keep
+        } else if self.out.is_empty() {
+            Next::Drop
+        } else {
+            Next::Keep
+        }
+    }
+
+    /// Its TLS session failed (bad handshake, garbage, plaintext HTTP): logs it and sends
+    /// its last words (an alert, or a plain 400) best effort; the loop then drops it.
+    pub fn tls_failed(&mut self, f: &crate::tls::Failed, ctx: &mut Ctx<'_>) {
+        crate::limit_log!(
+            ctx.throttle,
+            LogEvent::Tls,
+            ctx.now.mono,
+            info,
+            "TLS failed for {}: {}",
+            self.peer,
+            f.reason
+        );
+        if !f.last_words.is_empty() {
+            let _ = std::io::Write::write(&mut self.stream, &f.last_words);
         }
     }
 

@@ -3,7 +3,15 @@
 //! Each iteration: wait for readiness or the earliest timer deadline; accept; read every
 //! readable connection into one loop-wide buffer and hand the bytes to its [`Conn`]; apply
 //! the hub's actions (frames for members, closes); run due timers; then flush every
-//! connection that got output with one `writev` each. Nothing here decides protocol.
+//! connection that got output with one `writev` each.
+//!
+//! The loop owns the listener and each socket's registration, the clock, the timers and the
+//! slab of connections, and it makes the calls only it can (accept, `shutdown`, dropping a
+//! socket). Nothing here decides protocol: what a connection does with its bytes, what it
+//! queues, when its output is over the cap (and how it is cut off: [`Conn::deliver`],
+//! [`Conn::on_output_over_cap`]), when it has sent its last byte and lingers, and when a
+//! paused connection may be read again ([`Conn::write_out`], [`Conn::may_read`]) is the
+//! connection's own; the loop carries out the [`Next`] and [`Wrote`] it returns.
 //! Cluster mode's Redis socket and the requests waiting on Redis are in `server/redis_link.rs`.
 
 use std::collections::HashMap;
@@ -19,18 +27,17 @@ use slab::Slab;
 
 use crate::cluster::{Cluster, Facts, Query};
 use crate::config::Config;
-use crate::conn::{ClusterCtx, Conn, Ctx, LINGER, Next, OverLimit, State};
+use crate::conn::{ClusterCtx, Conn, Ctx, Fanout, Next, OverLimit, Wrote};
 use crate::hub::{Action, Hub};
 use crate::ids::{ConnHandle, ConnId};
 use crate::metrics::{Gauges, Metrics};
-use crate::outbox::{Chunk, Outbox};
+use crate::outbox::Outbox;
 use crate::protocol::FrameBuf;
 use crate::ratelimit::{Admit, ConnCounter, CreateLimiter};
 use crate::throttle::{LogEvent, LogThrottle};
 use crate::time::{Micros, Now, UnixMicros};
 use crate::timer::Wheel;
 use crate::tls;
-use crate::ws;
 
 mod redis_link;
 use redis_link::{Held, Parked, RedisSocket};
@@ -550,7 +557,7 @@ impl Server {
             };
             // Requests it already holds go first (`resume_input`): the input buffer never
             // holds more than one incomplete request and one read.
-            if conn.read_paused || conn.waiting || conn.unanswered {
+            if !conn.may_read() {
                 return;
             }
             let n = match conn.stream.read(&mut self.rbuf) {
@@ -589,20 +596,16 @@ impl Server {
         let Some(conn) = self.conns.get(id) else {
             return;
         };
-        if conn.read_paused || conn.waiting {
+        if !conn.may_resume() {
             return;
         }
-        if conn.unanswered {
+        if conn.holds_unanswered() {
             self.input(id, 0, now);
             self.apply_actions(now);
             self.after_input(id, now);
             self.arm(id);
         }
-        if self
-            .conns
-            .get(id)
-            .is_some_and(|c| !c.read_paused && !c.waiting)
-        {
+        if self.conns.get(id).is_some_and(Conn::may_resume) {
             self.read(id, now, true);
         }
     }
@@ -667,25 +670,15 @@ impl Server {
         }
     }
 
-    /// A TLS connection failed (bad handshake, garbage, plaintext HTTP): send its last
-    /// words (an alert, or a plain 400) best effort and close it.
+    /// A TLS connection failed (bad handshake, garbage, plaintext HTTP): it sends its last
+    /// words and is closed.
     fn tls_failed(&mut self, id: usize, f: tls::Failed, now: Now) {
-        let Some(conn) = self.conns.get_mut(id) else {
-            return;
-        };
-        crate::limit_log!(
-            self.throttle,
-            LogEvent::Tls,
-            now.mono,
-            info,
-            "TLS failed for {}: {}",
-            conn.peer,
-            f.reason
-        );
-        if !f.last_words.is_empty() {
-            let _ = io::Write::write(&mut conn.stream, &f.last_words);
+        if self
+            .with_conn(id, now, |conn, ctx| conn.tls_failed(&f, ctx))
+            .is_some()
+        {
+            self.doom(id, Doom::Gone);
         }
-        self.doom(id, Doom::Gone);
     }
 
     /// SIGHUP: reads the certificate and key again; a bad pair is refused and the old kept.
@@ -719,33 +712,15 @@ impl Server {
             for action in self.hub.drain_actions() {
                 match action {
                     Action::Send(ConnId(id), frame) => {
-                        if let Some(conn) = self.conns.get_mut(id)
-                            && conn.accepts_frames()
-                        {
-                            self.metrics.frames_out += 1;
-                            let frame = if conn.compresses() {
-                                // One compressed copy per frame, shared by all who take it.
-                                let f = self.deflate.shared(&frame);
-                                if f.first().is_some_and(|b| b & 0x40 != 0) {
-                                    self.metrics.frames_out_compressed += 1;
-                                }
-                                f
-                            } else {
-                                frame
+                        if let Some(conn) = self.conns.get_mut(id) {
+                            let mut fanout = Fanout {
+                                outbox: &mut self.outbox,
+                                dirty: &mut self.dirty,
+                                deflate: &mut self.deflate,
+                                metrics: &mut self.metrics,
+                                cap: self.cfg.max_output_queue,
                             };
-                            conn.send(
-                                ConnId(id),
-                                Chunk::Shared(frame),
-                                &mut self.outbox,
-                                &mut self.dirty,
-                            );
-                            if conn.welcome_due {
-                                // Its welcome: not counted as backlog (bounded by
-                                // --max-welcome-bytes), however big a room's history.
-                                conn.welcome_due = false;
-                                conn.exempt = conn.out.bytes();
-                            }
-                            if conn.over_output_cap(self.cfg.max_output_queue) {
+                            if conn.deliver(ConnId(id), frame, &mut fanout) {
                                 self.doomed.push((id, Doom::SlowConsumer));
                             }
                         }
@@ -781,47 +756,16 @@ impl Server {
     /// Closes doomed connections; their leaving may produce more actions.
     fn bury(&mut self, now: Now) {
         while let Some((id, why)) = self.doomed.pop() {
-            let Some(conn) = self.conns.get_mut(id) else {
+            if !self.conns.contains(id) {
                 continue;
-            };
+            }
             if why == Doom::SlowConsumer {
-                if conn.backlog() <= self.cfg.max_output_queue {
-                    continue; // already dealt with (doomed once per frame over the limit)
-                }
-                self.metrics.slow_consumers += 1;
-                let ws = conn.is_websocket();
-                crate::limit_log!(
-                    self.throttle,
-                    LogEvent::SlowConsumer,
-                    now.mono,
-                    info,
-                    "closing slow consumer {} (conn {id}){}: {} bytes unsent",
-                    conn.client,
-                    if ws { " with 1013" } else { "" },
-                    conn.queued()
-                );
-                if conn.unsent_101 > 0 {
-                    // Its handshake has not gone out yet (the socket is new, not full): keep
-                    // the 101, drop the rest, send the close frame after it and linger.
-                    let keep = conn.unsent_101;
-                    conn.out.truncate(&mut self.outbox, keep);
-                    conn.exempt = keep;
-                    self.with_conn(id, now, |conn, ctx| {
-                        conn.close_ws(ConnId(id), 1013, "slow consumer", ctx)
-                    });
+                let next = self.with_conn(id, now, |conn, ctx| {
+                    conn.on_output_over_cap(ConnId(id), ctx)
+                });
+                if next == Some(Next::Keep) {
                     self.arm(id);
                     continue;
-                }
-                conn.out.clear();
-                conn.inbuf = Vec::new();
-                if ws {
-                    // Best effort: the socket is likely full, so this close frame may be lost
-                    // (over TLS it would have to follow unsent ciphertext: not sent at all).
-                    if conn.tls.is_none() {
-                        let frame = ws::close_frame(1013, "slow consumer");
-                        let _ = io::Write::write(&mut conn.stream, &frame);
-                    }
-                    self.with_conn(id, now, |conn, ctx| conn.leave(ConnId(id), ctx, 1013));
                 }
             }
             self.remove(id, now);
@@ -924,49 +868,22 @@ impl Server {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
-        conn.dirty = false;
-        if conn.waiting {
-            // A held response goes out once Redis has acknowledged its writes.
-            conn.out.keep(&mut self.outbox);
-            return;
-        }
-        let tls_idle = conn.tls.as_ref().is_none_or(|t| !t.wants_write());
-        if conn.out.is_empty() && !conn.close_after_flush && tls_idle {
-            return;
-        }
-        let result = match conn.tls.as_deref_mut() {
-            None => conn.out.flush(&mut self.outbox, &mut conn.stream),
-            Some(t) => tls::flush(
-                t,
-                &mut conn.out,
-                &mut self.outbox,
-                &mut conn.stream,
-                &mut self.tls_scratch,
-                conn.close_after_flush,
-            ),
-        };
-        self.metrics.writes += 1;
-        match result {
-            Ok(f) => {
-                self.metrics.bytes_out += f.written as u64;
-                conn.wrote(f.written);
-                if f.done && conn.close_after_flush {
-                    conn.close_after_flush = false;
-                    let _ = conn.stream.shutdown(Shutdown::Write);
-                    conn.state = State::Lingering {
-                        until: now.mono + LINGER,
-                    };
-                    self.arm(id);
-                } else if conn.over_output_cap(self.cfg.max_output_queue) {
-                    self.doom(id, Doom::SlowConsumer);
-                } else if conn.read_paused
-                    && conn.out.bytes() < crate::conn::pause_bytes(&self.cfg) / 2
-                {
-                    conn.read_paused = false;
-                    self.again.push(id);
-                }
+        let wrote = conn.write_out(
+            &mut self.outbox,
+            &mut self.tls_scratch,
+            &mut self.metrics,
+            &self.cfg,
+            now.mono,
+        );
+        match wrote {
+            Wrote::Done => {}
+            Wrote::ShutWrite => {
+                let _ = conn.stream.shutdown(Shutdown::Write);
+                self.arm(id);
             }
-            Err(e) => {
+            Wrote::OverCap => self.doom(id, Doom::SlowConsumer),
+            Wrote::ResumeReading => self.again.push(id),
+            Wrote::Failed(e) => {
                 log::debug!("conn {id} write error: {e}");
                 self.doom(id, Doom::Gone);
             }
@@ -992,12 +909,8 @@ impl Server {
         self.apply_actions(now);
         let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();
         for id in ids {
-            let ws = self.conns.get(id).is_some_and(Conn::is_websocket);
-            if ws {
-                self.with_conn(id, now, |conn, ctx| {
-                    conn.close_ws(ConnId(id), 1001, "server shutting down", ctx)
-                });
-            } else if self.conns.get(id).is_some_and(|c| c.out.is_empty()) {
+            let next = self.with_conn(id, now, |conn, ctx| conn.on_shutdown(ConnId(id), ctx));
+            if next == Some(Next::Drop) {
                 self.remove(id, now);
             }
         }

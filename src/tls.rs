@@ -1,6 +1,6 @@
 //! TLS on the listener (`--tls-cert`, `--tls-key`): a sans-IO layer over rustls's
-//! unbuffered server connection, driven by the loop in `server.rs` (still the only code that
-//! touches sockets).
+//! unbuffered server connection, driven by the connection that holds it (`conn.rs`, on the
+//! loop's behalf); it owns no socket, only writes to the writer it is handed.
 //!
 //! The loop owns the buffers. Ciphertext is read into its one read buffer and decrypted into
 //! one loop-wide plaintext buffer ([`Scratch`]), which is then handed to the connection's
