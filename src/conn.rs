@@ -5,10 +5,14 @@
 //! [`Hub`]. It owns every transition of its [`State`] and every rule about its output:
 //! frames delivered to it (`deliver`), the output cap and the 1013 that ends a slow consumer
 //! (`on_output_over_cap`), the pause mark and when reading resumes (`may_read`,
-//! `write_out`), lingering after its last byte. When the loop asks, it writes its queue
-//! with one `writev` (`write_out`); the loop does the reads, the socket's registration and
-//! `shutdown`, the clock and the timers, and carries out the [`Next`] or [`Wrote`] it gets.
+//! `write_out`), lingering after its last byte. When the loop asks, it reads its socket into
+//! the loop-wide buffer (`read_in`, decrypting TLS on the way) and writes its queue with one
+//! `writev` (`write_out`); the socket is any `Read + Write`, so the tests in `conn/tests.rs`
+//! drive a `Conn` over an in-memory duplex with a fake clock. The loop does the socket's
+//! registration and `shutdown`, the clock and the timers, and carries out the [`Got`],
+//! [`Next`] or [`Wrote`] it gets.
 
+use std::io::{self, Read, Write};
 use std::net::IpAddr;
 
 use mio::net::TcpStream;
@@ -61,10 +65,12 @@ pub fn frame_budget(cfg: &Config) -> (u32, u32) {
 }
 
 /// One client connection: its socket, what it is (HTTP, chat WebSocket, closing: [`State`]),
-/// its unparsed input and its output queue. Fed by the loop (`on_bytes`, `on_timer`,
-/// `on_eof`), it answers by queueing output and calling the hub; the loop does the I/O.
-pub struct Conn {
-    pub stream: TcpStream,
+/// its unparsed input and its output queue. Driven by the loop (`read_in`, `on_timer`,
+/// `on_eof`, `deliver`, `write_out`), it answers by queueing output and calling the hub,
+/// and tells the loop what to do next. The socket is any `Read + Write` (a `TcpStream` in
+/// the loop, an in-memory duplex in the tests); the loop alone registers it and shuts it.
+pub struct Conn<S = TcpStream> {
+    pub stream: S,
     /// Tells this connection from an earlier one in the same slab slot (for stale timers).
     pub serial: u32,
     /// The socket's remote address.
@@ -204,6 +210,19 @@ pub enum Next {
     Drop,
 }
 
+/// What one read of its socket ([`Conn::read_in`]) brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Got {
+    /// `n` bytes, handed to the state machine.
+    Bytes(usize),
+    /// Nothing to read now.
+    Blocked,
+    /// The peer closed its side: the loop calls [`Conn::on_eof`].
+    Eof,
+    /// The read failed, or its TLS session did: the loop drops it.
+    Failed,
+}
+
 /// What a flush ([`Conn::write_out`]) asks of the loop, which owns the socket's
 /// registration, the timers and the slab.
 #[derive(Debug)]
@@ -219,7 +238,7 @@ pub enum Wrote {
     /// it holds answered).
     ResumeReading,
     /// The write failed: the peer is gone.
-    Failed(std::io::Error),
+    Failed(io::Error),
 }
 
 /// The loop-wide state a frame from the hub passes through on its way to a member.
@@ -233,7 +252,7 @@ pub struct Fanout<'a> {
     pub cap: usize,
 }
 
-impl std::fmt::Debug for Conn {
+impl<S> std::fmt::Debug for Conn<S> {
     /// Never the bytes (they are what users wrote): their size.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
@@ -255,15 +274,15 @@ impl std::fmt::Debug for Ctx<'_> {
     }
 }
 
-impl Conn {
+impl<S: Read + Write> Conn<S> {
     pub fn new(
-        stream: TcpStream,
+        stream: S,
         serial: u32,
         peer: IpAddr,
         trusted: bool,
         now: Micros,
         over_limit: Option<OverLimit>,
-    ) -> Conn {
+    ) -> Conn<S> {
         Conn {
             stream,
             serial,
@@ -419,7 +438,7 @@ impl Conn {
             // TLS it would have to follow unsent ciphertext: not sent at all).
             if self.tls.is_none() {
                 let frame = ws::close_frame(1013, "slow consumer");
-                let _ = std::io::Write::write(&mut self.stream, &frame);
+                let _ = self.stream.write(&frame);
             }
             self.leave(id, ctx, 1013);
         }
@@ -514,9 +533,99 @@ impl Conn {
         }
     }
 
+    /// Reads its socket once into `rbuf` (the loop-wide read buffer) and hands what came
+    /// to [`Conn::input`]; `plain` is the loop-wide plaintext buffer (TLS).
+    pub fn read_in(
+        &mut self,
+        id: ConnId,
+        rbuf: &mut [u8],
+        plain: &mut Vec<u8>,
+        ctx: &mut Ctx<'_>,
+    ) -> Got {
+        let n = loop {
+            match self.stream.read(rbuf) {
+                Ok(0) => return Got::Eof,
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Got::Blocked,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("conn {} read error: {e}", id.0);
+                    return Got::Failed;
+                }
+            }
+        };
+        ctx.metrics.bytes_in += n as u64;
+        match self.input(id, &mut rbuf[..n], plain, ctx) {
+            Next::Keep => Got::Bytes(n),
+            Next::Drop => Got::Failed,
+        }
+    }
+
+    /// Feeds bytes read from its socket (after any kept from before) to the state machine:
+    /// over TLS it decrypts them first, into `plain`; a PROXY header before the TLS bytes
+    /// is read in clear. What is left over (an incomplete request or frame, or requests not
+    /// answered because the output passed the pause mark) is kept in `inbuf`, freed once
+    /// empty. Called with no bytes, it answers what `inbuf` holds. `Next::Drop` when its
+    /// TLS session failed (its last words are sent).
+    pub fn input(
+        &mut self,
+        id: ConnId,
+        bytes: &mut [u8],
+        plain: &mut Vec<u8>,
+        ctx: &mut Ctx<'_>,
+    ) -> Next {
+        let mut held: Vec<u8>;
+        let mut raw: &mut [u8] = bytes;
+        if self.tls.is_some() && self.proxy_expected {
+            // A trusted TCP proxy's PROXY header comes in clear, before the TLS bytes.
+            if !self.inbuf.is_empty() {
+                held = std::mem::take(&mut self.inbuf);
+                held.extend_from_slice(raw);
+                raw = &mut held[..];
+            }
+            match self.proxy_header(id, raw, ctx) {
+                None => {
+                    self.inbuf = raw.to_vec(); // incomplete (at most a few KiB)
+                    return Next::Keep;
+                }
+                Some(k) => raw = &mut std::mem::take(&mut raw)[k..],
+            }
+        }
+        let data = match self.tls.as_deref_mut() {
+            None => raw,
+            Some(tls) => {
+                plain.clear();
+                if let Err(f) = tls.read(raw, plain) {
+                    self.tls_failed(&f, ctx);
+                    return Next::Drop;
+                }
+                if tls.wants_write() && !self.dirty {
+                    self.dirty = true; // handshake output
+                    ctx.dirty.push(id.0);
+                }
+                &mut plain[..]
+            }
+        };
+        if self.inbuf.is_empty() {
+            let used = self.on_bytes(id, data, ctx);
+            if used < data.len() {
+                self.inbuf.extend_from_slice(&data[used..]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut self.inbuf);
+            buf.extend_from_slice(data);
+            let used = self.on_bytes(id, &mut buf, ctx);
+            buf.drain(..used);
+            if !buf.is_empty() {
+                self.inbuf = buf; // else dropped: an idle connection holds no buffer
+            }
+        }
+        Next::Keep
+    }
+
     /// Its TLS session failed (bad handshake, garbage, plaintext HTTP): logs it and sends
     /// its last words (an alert, or a plain 400) best effort; the loop then drops it.
-    pub fn tls_failed(&mut self, f: &crate::tls::Failed, ctx: &mut Ctx<'_>) {
+    fn tls_failed(&mut self, f: &crate::tls::Failed, ctx: &mut Ctx<'_>) {
         crate::limit_log!(
             ctx.throttle,
             LogEvent::Tls,
@@ -527,7 +636,7 @@ impl Conn {
             f.reason
         );
         if !f.last_words.is_empty() {
-            let _ = std::io::Write::write(&mut self.stream, &f.last_words);
+            let _ = self.stream.write(&f.last_words);
         }
     }
 
@@ -1160,3 +1269,6 @@ fn ws_deadline(last_rx: Micros, pinged: bool, cfg: &Config) -> Micros {
         pong.min(last_rx + cfg.ping_interval)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,7 +7,9 @@
 //!
 //! The loop owns the listener and each socket's registration, the clock, the timers and the
 //! slab of connections, and it makes the calls only it can (accept, `shutdown`, dropping a
-//! socket). Nothing here decides protocol: what a connection does with its bytes, what it
+//! socket); a connection reads and writes its own socket when the loop says it is ready
+//! ([`Conn::read_in`], [`Conn::write_out`]). Nothing here decides protocol: what a
+//! connection does with its bytes, what it
 //! queues, when its output is over the cap (and how it is cut off: [`Conn::deliver`],
 //! [`Conn::on_output_over_cap`]), when it has sent its last byte and lingers, and when a
 //! paused connection may be read again ([`Conn::write_out`], [`Conn::may_read`]) is the
@@ -15,7 +17,7 @@
 //! Cluster mode's Redis socket and the requests waiting on Redis are in `server/redis_link.rs`.
 
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::io;
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,7 +29,7 @@ use slab::Slab;
 
 use crate::cluster::{Cluster, Facts, Query};
 use crate::config::Config;
-use crate::conn::{ClusterCtx, Conn, Ctx, Fanout, Next, OverLimit, Wrote};
+use crate::conn::{ClusterCtx, Conn, Ctx, Fanout, Got, Next, OverLimit, Wrote};
 use crate::hub::{Action, Hub};
 use crate::ids::{ConnHandle, ConnId};
 use crate::metrics::{Gauges, Metrics};
@@ -552,34 +554,35 @@ impl Server {
     /// read (the event said the peer closed, so no further edge will come for its FIN).
     fn read(&mut self, id: usize, now: Now, drain: bool) {
         for _ in 0..READ_BUDGET {
-            let Some(conn) = self.conns.get_mut(id) else {
-                return;
-            };
             // Requests it already holds go first (`resume_input`): the input buffer never
             // holds more than one incomplete request and one read.
-            if !conn.may_read() {
+            if !self.conns.get(id).is_some_and(Conn::may_read) {
                 return;
             }
-            let n = match conn.stream.read(&mut self.rbuf) {
-                Ok(0) => {
+            let mut rbuf = std::mem::take(&mut self.rbuf); // an empty Box: no allocation
+            let mut plain = std::mem::take(&mut self.tls_scratch.plain);
+            let got = self.with_conn(id, now, |conn, ctx| {
+                conn.read_in(ConnId(id), &mut rbuf, &mut plain, ctx)
+            });
+            self.rbuf = rbuf;
+            self.tls_scratch.plain = plain;
+            let n = match got {
+                Some(Got::Bytes(n)) => n,
+                None | Some(Got::Blocked) => return,
+                Some(Got::Eof) => {
                     self.eof(id, now);
                     return;
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::debug!("conn {id} read error: {e}");
+                Some(Got::Failed) => {
                     self.doom(id, Doom::Gone);
+                    self.apply_actions(now);
                     return;
                 }
             };
-            self.metrics.bytes_in += n as u64;
-            self.input(id, n, now);
             self.apply_actions(now);
             self.after_input(id, now);
             self.arm(id);
-            if n < self.rbuf.len() && !drain {
+            if n < READ_BUF && !drain {
                 // A short read drained the socket (epoll(7): for stream sockets this is as
                 // good as EAGAIN, and new data raises a new edge), so skip the read that would
                 // only say WouldBlock: one system call less per request or message.
@@ -610,73 +613,17 @@ impl Server {
         }
     }
 
-    /// Feeds `rbuf[..n]` (after any bytes kept from before) to the connection; over TLS,
-    /// decrypts it first into the loop-wide plaintext buffer.
+    /// Feeds `rbuf[..n]` (after any bytes kept from before) to the connection: with `n`
+    /// 0, it answers the requests it holds (see [`Conn::input`]).
     fn input(&mut self, id: usize, n: usize, now: Now) {
         let mut rbuf = std::mem::take(&mut self.rbuf); // an empty Box: no allocation
         let mut plain = std::mem::take(&mut self.tls_scratch.plain);
-        let failed = self.with_conn(id, now, |conn, ctx| {
-            let mut held: Vec<u8>;
-            let mut raw: &mut [u8] = &mut rbuf[..n];
-            if conn.tls.is_some() && conn.proxy_expected {
-                // A trusted TCP proxy's PROXY header comes in clear, before the TLS bytes.
-                if !conn.inbuf.is_empty() {
-                    held = std::mem::take(&mut conn.inbuf);
-                    held.extend_from_slice(raw);
-                    raw = &mut held[..];
-                }
-                match conn.proxy_header(ConnId(id), raw, ctx) {
-                    None => {
-                        conn.inbuf = raw.to_vec(); // incomplete (at most a few KiB)
-                        return None;
-                    }
-                    Some(k) => raw = &mut std::mem::take(&mut raw)[k..],
-                }
-            }
-            let data = match conn.tls.as_deref_mut() {
-                None => raw,
-                Some(tls) => {
-                    plain.clear();
-                    if let Err(f) = tls.read(raw, &mut plain) {
-                        return Some(f);
-                    }
-                    if tls.wants_write() && !conn.dirty {
-                        conn.dirty = true; // handshake output
-                        ctx.dirty.push(id);
-                    }
-                    &mut plain[..]
-                }
-            };
-            if conn.inbuf.is_empty() {
-                let used = conn.on_bytes(ConnId(id), data, ctx);
-                if used < data.len() {
-                    conn.inbuf.extend_from_slice(&data[used..]);
-                }
-            } else {
-                let mut buf = std::mem::take(&mut conn.inbuf);
-                buf.extend_from_slice(data);
-                let used = conn.on_bytes(ConnId(id), &mut buf, ctx);
-                buf.drain(..used);
-                if !buf.is_empty() {
-                    conn.inbuf = buf; // else dropped: an idle connection holds no buffer
-                }
-            }
-            None
+        let next = self.with_conn(id, now, |conn, ctx| {
+            conn.input(ConnId(id), &mut rbuf[..n], &mut plain, ctx)
         });
         self.rbuf = rbuf;
         self.tls_scratch.plain = plain;
-        if let Some(Some(f)) = failed {
-            self.tls_failed(id, f, now);
-        }
-    }
-
-    /// A TLS connection failed (bad handshake, garbage, plaintext HTTP): it sends its last
-    /// words and is closed.
-    fn tls_failed(&mut self, id: usize, f: tls::Failed, now: Now) {
-        if self
-            .with_conn(id, now, |conn, ctx| conn.tls_failed(&f, ctx))
-            .is_some()
-        {
+        if next == Some(Next::Drop) {
             self.doom(id, Doom::Gone);
         }
     }
