@@ -260,14 +260,16 @@ fn route(req: &Request<'_>, body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) ->
     Reply::Response(r)
 }
 
+/// `/health`'s answer on one node: the same bytes every time (`crate::VERSION` is this
+/// crate's version).
+const HEALTH: &str = concat!(
+    "{\"status\":\"ok\",\"version\":\"",
+    env!("CARGO_PKG_VERSION"),
+    "\"}"
+);
+
 fn health() -> Response {
-    let mut b = Vec::with_capacity(48);
-    let _ = write!(
-        b,
-        "{{\"status\":\"ok\",\"version\":\"{}\"}}",
-        crate::VERSION
-    );
-    Response::json(200, b)
+    Response::static_body(200, http::JSON, HEALTH.as_bytes())
 }
 
 /// Cluster mode's `/health`: also says whether Redis is reachable.
@@ -288,6 +290,20 @@ fn cluster_health(up: bool) -> Response {
 struct NewSession<'a> {
     #[serde(borrow, default)]
     username: Option<Cow<'a, str>>,
+}
+
+/// The body every client sends, `{"username":"NAME"}` byte for byte with NAME free of
+/// quotes, backslashes and control characters: its NAME, read without serde. Any other body
+/// gives `None` and goes to serde, which reads this shape to the same name, so the answer
+/// is the same either way.
+fn plain_username(body: &[u8]) -> Option<&str> {
+    let name = body
+        .strip_prefix(b"{\"username\":\"")?
+        .strip_suffix(b"\"}")?;
+    if name.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
+        return None;
+    }
+    std::str::from_utf8(name).ok()
 }
 
 fn create_session(body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
@@ -317,7 +333,13 @@ fn create_session_here(body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Resp
             Err(_) => Response::error(400, "Request body is not valid JSON"),
         };
     }
-    let name = match serde_json::from_slice::<NewSession<'_>>(body) {
+    let parsed = match plain_username(body) {
+        Some(n) => Ok(NewSession {
+            username: Some(Cow::Borrowed(n)),
+        }),
+        None => serde_json::from_slice::<NewSession<'_>>(body),
+    };
+    let name = match parsed {
         Ok(NewSession { username: Some(n) }) => n,
         Ok(_) => return missing(),
         Err(e) if e.is_data() => return missing(),
@@ -330,9 +352,13 @@ fn create_session_here(body: &[u8], hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Resp
     match hub.create_session(name, now) {
         Ok((id, user_id)) => {
             let mut b = Vec::with_capacity(128);
-            let _ = write!(b, "{{\"session_id\":\"{id}\",\"username\":");
+            b.extend_from_slice(b"{\"session_id\":\"");
+            b.extend_from_slice(&id.text());
+            b.extend_from_slice(b"\",\"username\":");
             json_str(&mut b, name);
-            let _ = write!(b, ",\"user_id\":\"{user_id}\"}}");
+            b.extend_from_slice(b",\"user_id\":\"");
+            b.extend_from_slice(&user_id.hex());
+            b.extend_from_slice(b"\"}");
             Response::json(201, b)
         }
         Err(e) => hub_error(e),
@@ -535,15 +561,20 @@ fn bearer_token(req: &Request<'_>) -> Option<SessionId> {
 
 /// `GET /rooms/{id}`'s answer.
 fn room_body(room: RoomId, user_count: usize, private: bool, ttl: Option<Micros>) -> Response {
-    let mut b = format!("{{\"room_id\":\"{room}\",\"exists\":true,\"user_count\":{user_count}");
+    let mut b = Vec::with_capacity(96);
+    b.extend_from_slice(b"{\"room_id\":\"");
+    b.extend_from_slice(&room.hex());
+    b.extend_from_slice(b"\",\"exists\":true,\"user_count\":");
+    http::push_decimal(&mut b, user_count as u64);
     if private {
-        b.push_str(",\"private\":true");
+        b.extend_from_slice(b",\"private\":true");
     }
     if let Some(ttl) = ttl {
-        let _ = write!(b, ",\"message_ttl\":{}", ttl.0 / 1_000_000);
+        b.extend_from_slice(b",\"message_ttl\":");
+        http::push_decimal(&mut b, ttl.0 / 1_000_000);
     }
-    b.push('}');
-    Response::json(200, b.into_bytes())
+    b.push(b'}');
+    Response::json(200, b)
 }
 
 fn room_info(req: &Request<'_>, hub: &Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {

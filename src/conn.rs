@@ -1069,7 +1069,7 @@ impl<S: Read + Write> Conn<S> {
                 self.client
             );
         }
-        let mut out = Vec::with_capacity(320 + r.content_type.len());
+        let mut out = Vec::with_capacity(r.size_hint());
         let body = http::write_response_parts(&mut out, r, ctx.date, keep_alive, head);
         self.last_response = out.len() + body.map_or(0, <[u8]>::len);
         self.send(id, Chunk::Owned(out), ctx.outbox, ctx.dirty);

@@ -49,6 +49,17 @@ impl SessionId {
     }
 }
 
+impl SessionId {
+    /// The hyphenated text form (what `Display` writes), without the formatting machinery.
+    pub fn text(self) -> [u8; 36] {
+        let mut out = [0u8; 36];
+        uuid::Uuid::from_u128(self.0)
+            .hyphenated()
+            .encode_lower(&mut out);
+        out
+    }
+}
+
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         uuid::Uuid::from_u128(self.0).hyphenated().fmt(f)
@@ -72,6 +83,17 @@ impl SessionId {
         static KEY: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
         KEY.get_or_init(std::hash::RandomState::new)
             .hash_one(self.0) as u32
+    }
+}
+
+impl UserId {
+    /// The 8-character lowercase hex text form (what `Display` writes), without allocating.
+    pub fn hex(self) -> [u8; 8] {
+        let mut out = [0u8; 8];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[((self.0 >> (28 - 4 * i)) & 0xf) as usize];
+        }
+        out
     }
 }
 
@@ -279,6 +301,18 @@ mod tests {
             a.bytes()
                 .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
         );
+    }
+
+    #[test]
+    fn session_and_user_text_forms_match_display() {
+        let mut r = SecureRandom::default();
+        for _ in 0..50 {
+            let (s, u) = (r.session_id(), r.user_id());
+            assert_eq!(&s.text()[..], s.to_string().as_bytes());
+            assert_eq!(&u.hex()[..], u.to_string().as_bytes());
+        }
+        assert_eq!(&UserId(0xa).hex(), b"0000000a");
+        assert_eq!(&UserId(u32::MAX).hex(), b"ffffffff");
     }
 
     #[test]

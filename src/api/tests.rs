@@ -75,6 +75,67 @@ fn session_validation_statuses() {
 }
 
 #[test]
+fn the_plain_username_shortcut_reads_what_serde_reads_or_leaves_it_to_serde() {
+    let serde_name = |b: &[u8]| {
+        serde_json::from_slice::<NewSession<'_>>(b)
+            .ok()
+            .and_then(|n| n.username.map(Cow::into_owned))
+    };
+    let bodies: [&[u8]; 16] = [
+        br#"{"username":"alice"}"#,
+        br#"{"username":"  a b  "}"#,
+        "{\"username\":\"\u{e9}\u{1F600}\"}".as_bytes(),
+        br#"{"username":""}"#,
+        b"{\"username\":\"a\x7fb\"}",
+        br#"{"username":"a\"b"}"#,
+        br#"{"username":"a\u0041"}"#,
+        br#"{"username":"a"b"}"#,
+        br#"{"username":"a"}}"#,
+        br#"{"username":"a","x":1}"#,
+        br#"{"username":"a"} "#,
+        br#" {"username":"a"}"#,
+        br#"{"username":"x","username":"y"}"#,
+        b"{\"username\":\"a\tb\"}",
+        b"{\"username\":\"a\xffb\"}",
+        b"{\"username\":\"a\xc3\"}",
+    ];
+    let mut taken = 0;
+    for b in bodies {
+        if let Some(n) = plain_username(b) {
+            taken += 1;
+            assert_eq!(
+                Some(n.to_owned()),
+                serde_name(b),
+                "{:?}",
+                String::from_utf8_lossy(b)
+            );
+        }
+    }
+    assert_eq!(
+        taken, 5,
+        "alice, spaces, non-ASCII, empty, DEL take the shortcut"
+    );
+    // The answers are those of serde's reading, shortcut or not.
+    let mut hub = Hub::new(HubConfig::default());
+    let r = post_session(&mut hub, r#"{"username":"alice"}"#);
+    assert_eq!(
+        (r.status, json(&r)["username"].as_str()),
+        (201, Some("alice"))
+    );
+    let r = post_session(&mut hub, r#"{"username":"a\"b"}"#);
+    assert_eq!(
+        (r.status, json(&r)["username"].as_str()),
+        (201, Some("a\"b"))
+    );
+    assert_eq!(
+        post_session(&mut hub, "{\"username\":\"a\u{7f}b\"}").status,
+        400
+    );
+    assert_eq!(post_session(&mut hub, r#"{"username":""}"#).status, 400);
+    assert_eq!(post_session(&mut hub, r#"{"username":"a"}}"#).status, 400);
+}
+
+#[test]
 fn routing_slashes_methods_and_auth() {
     let mut hub = Hub::new(HubConfig::default());
     let sid = json(&post_session(&mut hub, r#"{"username":"bob"}"#))["session_id"]
