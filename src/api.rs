@@ -399,13 +399,10 @@ fn session_rooms(hub: &Hub, id: SessionId, ctx: &mut ApiCtx<'_>) -> Result<Vec<R
 }
 
 fn end_session(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Reply {
-    let id = match auth(req, hub, ctx) {
+    let id = match auth_write(req, hub, ctx) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    if let Err(r) = need_redis(ctx) {
-        return r;
-    }
     hub.end_session(id, ctx.now);
     Response::static_body(200, http::JSON, b"{\"message\":\"Session ended\"}").into()
 }
@@ -626,13 +623,10 @@ fn join(
     room: RoomId,
     ctx: &mut ApiCtx<'_>,
 ) -> Reply {
-    let id = match auth(req, hub, ctx) {
+    let id = match auth_write(req, hub, ctx) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    if let Err(r) = need_redis(ctx) {
-        return r;
-    }
     // Cluster mode: a room this node has not seen, or a private one (its invite as Redis
     // has it now, and whether the session is a member already), is asked of Redis; the
     // answers are installed in the hub, which then decides as on one node.
@@ -667,13 +661,10 @@ fn join(
 }
 
 fn rotate_invite(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
-    let id = match auth(req, hub, ctx) {
+    let id = match auth_write(req, hub, ctx) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    if let Err(r) = need_redis(ctx) {
-        return r;
-    }
     if let Some(c) = ctx.cluster.as_mut() {
         // Membership as Redis has it (the session may have joined on another node); the
         // hub checks it and that the room is private. Redis replaces the hash only while
@@ -695,13 +686,10 @@ fn rotate_invite(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCt
 }
 
 fn leave(req: &Request<'_>, hub: &mut Hub, room: RoomId, ctx: &mut ApiCtx<'_>) -> Reply {
-    let id = match auth(req, hub, ctx) {
+    let id = match auth_write(req, hub, ctx) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    if let Err(r) = need_redis(ctx) {
-        return r;
-    }
     hub.leave_room(id, room);
     Response::json(
         200,
@@ -972,6 +960,14 @@ fn upgrade_problem(req: &Request<'_>) -> Option<Response> {
         Some(k) if crate::ws::valid_key(k) => None,
         _ => Some(Response::error(400, "Missing or invalid Sec-WebSocket-Key")),
     }
+}
+
+/// The caller's session for a call that changes shared state: [`auth`], then in cluster
+/// mode only while Redis is up ([`need_redis`]). `Err` is the reply.
+fn auth_write(req: &Request<'_>, hub: &mut Hub, ctx: &mut ApiCtx<'_>) -> Result<SessionId, Reply> {
+    let id = auth(req, hub, ctx)?;
+    need_redis(ctx)?;
+    Ok(id)
 }
 
 /// Reads `Authorization: Bearer <session_id>` and checks the session (cluster mode: asks
