@@ -39,7 +39,7 @@
 //! not seen, a room's presence, ...) asks with [`Cluster::fetch`] and is answered by
 //! [`Event::Answer`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 
 use redis_protocol::resp3::decode::complete::decode;
@@ -72,6 +72,11 @@ pub struct ClusterConfig {
     /// Bytes queued toward Redis ([`Cluster::queued`]) beyond which Redis counts as down
     /// (`--max-redis-queue`).
     pub max_queue: usize,
+    /// Where Redis is: one address (`redis://`), or a Redis Cluster's seeds
+    /// (`redis-cluster://`); the first that answers says which masters serve which slots.
+    pub seeds: Vec<slots::Addr>,
+    /// `--room-list`: keep the index of rooms `GET /rooms/all` reads (`chatloop:rooms`).
+    pub room_list: bool,
 }
 
 impl ClusterConfig {
@@ -234,9 +239,15 @@ enum Link {
 #[derive(Debug)]
 enum Pending {
     Ignore,
+    /// `HELLO` and `SELECT` on the first link.
     Hello,
-    /// `CLUSTER SLOTS`, the last command of the handshake: a Redis Cluster of several
-    /// masters is refused (not supported yet), one Redis or a cluster of one master is fine.
+    /// `HELLO` on the link to one master of a sharded cluster: the link is ready.
+    Ready,
+    /// `ASKING` before a command sent where an `ASK` redirection pointed.
+    Asking,
+    /// `CLUSTER SLOTS`, the last command of the first link's handshake: one Redis (an
+    /// error), a cluster of one master (served on that link), or several masters (one link
+    /// per master, made next).
     Topology,
     /// The script that stores and publishes a history event: its reply (or its echo on the
     /// room's channel, whichever comes first) confirms the event.
@@ -250,35 +261,105 @@ enum Pending {
         serial: u32,
         query: Query,
     },
-    /// `LRANGE` of a room's history after `SUBSCRIBE`: for a parked join (`for_request`), or
-    /// to catch up after a reconnect.
+    /// `LRANGE` of a room's history after `SSUBSCRIBE`: for a parked join (`for_request`),
+    /// or to catch up after a reconnect or a moved slot.
     Load {
         for_request: Option<ConnHandle>,
         room: RoomId,
     },
+    /// `SSUBSCRIBE` to a room's channel: answered by the `ssubscribe` push (or an error,
+    /// such as `MOVED`, as a reply).
+    Subscribe(RoomId),
+    /// `SUNSUBSCRIBE`: answered by the `sunsubscribe` push.
+    Unsubscribe(RoomId),
     /// The presence entries this heartbeat found expired (and removed).
     Expired(RoomId),
-    /// `SMEMBERS` of a session's rooms for [`Query::SessionRooms`]; their registry scores
-    /// are asked next ([`Pending::RoomScores`]).
+    /// `SMEMBERS` of a session's rooms for [`Query::SessionRooms`]; whether each still
+    /// exists is asked next ([`Pending::Alive`]), each on its room's shard.
     SessionRooms {
         token: usize,
         serial: u32,
         session: SessionId,
-        now_ms: u64,
     },
-    /// `ZMSCORE` of `rooms` in the registry: those still live answer [`Query::SessionRooms`].
-    RoomScores {
-        token: usize,
-        serial: u32,
-        session: SessionId,
-        now_ms: u64,
-        rooms: Vec<RoomId>,
+    /// `EXISTS` of the registry key of the room at `index` of the gathering `gather`.
+    Alive {
+        gather: u64,
+        index: usize,
     },
-    /// `ZSCORE` of a room in the registry, kept (see `Cluster::score`) for the
-    /// `Pending::Fetch` of its settings, whose command follows at once.
-    Score {
-        now_ms: u64,
-    },
+}
+
+/// One command waiting for its reply on a link.
+#[derive(Debug)]
+struct Entry {
+    pending: Pending,
+    /// What it costs until answered (see `Cluster::queued`).
+    cost: usize,
+    /// Its place in the order commands were queued (0: not counted, `ASKING`).
+    seq: u64,
+    /// The hash slot of its first key; `None` for commands without keys.
+    slot: Option<u16>,
+    /// Its encoding, kept (on a sharded cluster only) to send it again where a redirection
+    /// points.
+    cmd: Option<Vec<u8>>,
+    /// Redirections followed so far (bounded: [`MAX_REDIRECTS`]).
+    redirects: u8,
+}
+
+/// One connection to a Redis node (one Redis, or a master of a Redis Cluster).
+#[derive(Debug)]
+pub struct RedisLink {
+    /// Where it goes.
+    pub addr: slots::Addr,
+    /// A link made anew gets a new epoch: a socket of an older epoch is stale.
+    pub epoch: u64,
+    /// Encoded commands not yet written to the socket.
+    pub out: Vec<u8>,
+    inbuf: Vec<u8>,
+    /// Where the scan of the reply at the front of `inbuf` stands.
+    scanner: resp::Scanner,
+    /// The commands sent and not answered yet, in order.
+    pending: VecDeque<Entry>,
+    /// Its handshake is done.
+    ready: bool,
+    /// When it last answered, or when it was last asked with nothing outstanding.
+    last_progress: Micros,
+}
+
+impl RedisLink {
+    fn new(addr: slots::Addr, epoch: u64) -> RedisLink {
+        RedisLink {
+            addr,
+            epoch,
+            out: Vec::new(),
+            inbuf: Vec::new(),
+            scanner: resp::Scanner::default(),
+            pending: VecDeque::new(),
+            ready: false,
+            last_progress: Micros::ZERO,
+        }
+    }
+}
+
+/// The commands of a slot held back after a redirection: they go out again, in the order
+/// they were first queued, once no command of that slot is in flight on any link (and the
+/// `TRYAGAIN` delay has passed), so that a room's writes keep their order across a move.
+#[derive(Debug, Default)]
+struct Blocked {
+    /// Commands of the slot still in flight (each answers or is redirected in turn).
+    inflight: usize,
+    /// Held commands, each with the link an `ASK` named.
+    waiting: Vec<(Entry, Option<usize>)>,
+    retry_at: Micros,
+}
+
+/// [`Query::SessionRooms`] asked of several shards: whether each room still exists.
+struct Gather {
+    token: usize,
+    serial: u32,
+    session: SessionId,
+    rooms: Vec<RoomId>,
+    alive: Vec<bool>,
+    left: usize,
 }
 
 #[derive(Debug)]
@@ -309,7 +390,18 @@ const REPLY_TIMEOUT: Micros = Micros(5_000_000);
 const BACKOFF_MIN: Micros = Micros(100_000);
 const BACKOFF_MAX: Micros = Micros(5_000_000);
 /// What a queued command costs besides its bytes (its [`Pending`] entry).
-const PENDING_COST: usize = std::mem::size_of::<(Pending, usize)>();
+const PENDING_COST: usize = std::mem::size_of::<Entry>();
+/// Redirections (`MOVED`, `ASK`, `TRYAGAIN`) one command may follow before it counts as
+/// failed: a broken or hostile cluster cannot keep a command (or the loop) going round.
+const MAX_REDIRECTS: u8 = 16;
+/// How long a command answered `TRYAGAIN` (its slot is half migrated) waits before it goes
+/// out again.
+const TRYAGAIN_DELAY: Micros = Micros(50_000);
+/// Links a node keeps: the first, plus one per master of a sharded cluster.
+pub const MAX_LINKS: usize = slots::MAX_NODES + 1;
+/// The registry of live rooms `GET /rooms/all` lists (only with `--room-list`); a room's
+/// existence is its own key, `chatloop:{r:ROOM}:e`.
+const ROOMS: &[u8] = b"chatloop:rooms";
 
 /// Lua that drops the history entries (list `h`, its notices in `n`) sent at or before
 /// `now - ttl` (both Unix ms; a ttl of 0 keeps everything), from the oldest end: an entry's
@@ -348,9 +440,11 @@ end end "
 /// among the newest entries). Past `ARGV[2]` chat messages the oldest entries leave until
 /// a chat message has (notices older than it go with it). `ARGV[5]` is 1 for a notice.
 /// First the entries past the room's `message_ttl` leave (`ARGV[6]` ms, 0 for none, as of
-/// `ARGV[7]`, the node's Unix ms).
+/// `ARGV[7]`, the node's Unix ms). The room's channel, `ARGV[8]`, is not among `KEYS`: a
+/// channel is never a key, and a declared key that does not exist makes Redis Cluster answer
+/// `TRYAGAIN` while the room's slot migrates; the channel is in the room's slot all the same.
 const PUBLISH: &str = concat!(
-    "local h, n = KEYS[1], KEYS[3] ",
+    "local h, n = KEYS[1], KEYS[2] ",
     trim_lua!("ARGV[6]", "ARGV[7]"),
     "redis.call('RPUSH', h, ARGV[1]) \
 if ARGV[5] == '1' then \
@@ -366,7 +460,7 @@ end \
 end \
 redis.call('EXPIRE', h, ARGV[3]) \
 redis.call('EXPIRE', n, ARGV[3]) \
-return redis.call('PUBLISH', KEYS[2], 'H' .. ARGV[1])"
+return redis.call('SPUBLISH', ARGV[8], 'H' .. ARGV[1])"
 );
 
 /// [`Op::TrimHistory`]: `KEYS` history and notices, `ARGV` ttl and now (ms).
@@ -392,14 +486,19 @@ const PRUNE_ROOMS: &str = "local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-i
 if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) end \
 for _, r in ipairs(gone) do redis.call('SREM', KEYS[2], r) end return #gone";
 
+/// [`Query::RoomExists`]: whether the room's registry key is there (it expires with the
+/// room), and its settings.
+const ROOM_LOOKUP: &str = "return {redis.call('EXISTS', KEYS[1]), redis.call('HGETALL', KEYS[2])}";
+
 /// [`Query::AllRooms`]: live rooms that are not private.
 const PUBLIC_ROOMS: &str = "local out = {} \
 for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do \
 if redis.call('SISMEMBER', KEYS[2], r) == 0 then out[#out + 1] = r end end \
 return out";
 
-/// The set of private room ids. Its hash tag puts it in the slot of `chatloop:rooms` (a key
-/// without braces hashes whole), since the scripts that list and prune rooms read both.
+/// The set of private room ids, with `--room-list` only. Its hash tag puts it in the slot of
+/// `chatloop:rooms` (a key without braces hashes whole), since the scripts that list and
+/// prune rooms read both.
 const PRIVATE: &[u8] = b"chatloop:private{chatloop:rooms}";
 
 /// Removes a room's expired presence entries and returns them: the one node whose script
@@ -416,14 +515,23 @@ pub struct Cluster {
     node: [u8; 8],
     link: Link,
     backoff: Micros,
-    /// Encoded commands not yet written to the socket.
-    pub out: Vec<u8>,
-    inbuf: Vec<u8>,
-    /// Where the scan of the reply at the front of `inbuf` stands.
-    scanner: resp::Scanner,
-    /// Each command's reply meaning and what it costs until answered (see `queued`).
-    pending: VecDeque<(Pending, usize)>,
-    /// Bytes of the commands in `pending` (their encoding, and a history event's copy).
+    /// The connections: the first to a seed (handshake, `CLUSTER SLOTS`, the `ctl`
+    /// channel, commands without keys, and every command when Redis is not sharded), then
+    /// one per master of a sharded cluster (`map.nodes[i]` is `links[i + 1]`).
+    pub links: Vec<RedisLink>,
+    /// Which master serves each slot, for a sharded cluster (several masters).
+    map: Option<slots::SlotMap>,
+    /// The seed the next connection tries (each failure moves on to the next).
+    seed: usize,
+    epochs: u64,
+    /// Sequence numbers of the commands not answered yet.
+    outstanding: BTreeSet<u64>,
+    /// Slots whose commands are held back after a redirection.
+    blocked: HashMap<u16, Blocked>,
+    gathers: HashMap<u64, Gather>,
+    next_gather: u64,
+    scratch: Vec<u8>,
+    /// Bytes of the commands pending (their encoding, and a history event's copy).
     queued: usize,
     /// Ids of `Pending::Publish` events neither answered nor echoed yet.
     awaiting: HashSet<MsgId>,
@@ -431,18 +539,13 @@ pub struct Cluster {
     /// replies shrink the queue meanwhile (a response held for that write must not go out).
     overflowed: bool,
     sent: u64,
-    answered: u64,
     subs: HashMap<RoomId, Sub>,
     members: HashMap<RoomId, Vec<LocalMember>>,
     /// Settings of the rooms with members here that have any (rewritten after Redis came
     /// back empty, so that a private room never comes back public).
     settings: HashMap<RoomId, RoomSettings>,
     sessions: HashMap<SessionId, LocalSession>,
-    /// A room's registry score just read (`Pending::Score`): whether it is in the future.
-    score: Option<bool>,
     next_heartbeat: Micros,
-    /// When Redis last answered, or when it was last asked with nothing outstanding.
-    last_progress: Micros,
     /// The latest time this module was told (for commands, which take no time argument).
     clock: Micros,
     events: Vec<Event>,
@@ -453,7 +556,8 @@ impl std::fmt::Debug for Cluster {
         f.debug_struct("Cluster")
             .field("link", &self.link)
             .field("sent", &self.sent)
-            .field("answered", &self.answered)
+            .field("answered", &self.answered())
+            .field("links", &self.links.len())
             .field("queued", &self.queued)
             .field("rooms", &self.subs.len())
             .finish_non_exhaustive()
@@ -471,22 +575,24 @@ impl Cluster {
                 retry_at: Micros::ZERO,
             },
             backoff: BACKOFF_MIN,
-            out: Vec::new(),
-            inbuf: Vec::new(),
-            scanner: resp::Scanner::default(),
-            pending: VecDeque::new(),
+            links: Vec::new(),
+            map: None,
+            seed: 0,
+            epochs: 0,
+            outstanding: BTreeSet::new(),
+            blocked: HashMap::new(),
+            gathers: HashMap::new(),
+            next_gather: 0,
+            scratch: Vec::new(),
             queued: 0,
             awaiting: HashSet::new(),
             overflowed: false,
             sent: 0,
-            answered: 0,
             subs: HashMap::new(),
             members: HashMap::new(),
             settings: HashMap::new(),
             sessions: HashMap::new(),
-            score: None,
             next_heartbeat: Micros::MAX,
-            last_progress: Micros::ZERO,
             clock: Micros::ZERO,
             events: Vec::new(),
         }
@@ -510,7 +616,26 @@ impl Cluster {
     /// queued (their encoding and bookkeeping), or the bytes not yet written if that is more
     /// (subscriptions are written but never answered).
     pub fn queued(&self) -> usize {
-        self.queued.max(self.out.len())
+        let unwritten: usize = self.links.iter().map(|l| l.out.len()).sum();
+        self.queued.max(unwritten)
+    }
+
+    /// The link `i`'s address and epoch, if the loop should keep a socket for it.
+    pub fn link(&self, i: usize) -> Option<(&slots::Addr, u64)> {
+        self.links.get(i).map(|l| (&l.addr, l.epoch))
+    }
+
+    /// Links the loop should keep (connecting or connected).
+    pub fn link_count(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Masters served, 0 before the first handshake (1 for one Redis).
+    pub fn shards(&self) -> usize {
+        match &self.map {
+            Some(m) => m.nodes.len(),
+            None => usize::from(!self.links.is_empty()),
+        }
     }
 
     /// Up, with room in the queue for more. When not, because the queue is full, the link
@@ -536,7 +661,7 @@ impl Cluster {
         log::warn!(
             "Redis is not keeping up: {} commands ({} bytes) queued, over --max-redis-queue \
              ({} bytes): reconnecting",
-            self.pending.len(),
+            self.outstanding.len(),
             self.queued(),
             self.cfg.max_queue
         );
@@ -550,7 +675,9 @@ impl Cluster {
     }
 
     pub fn answered(&self) -> u64 {
-        self.answered
+        self.outstanding
+            .first()
+            .map_or(self.sent, |first| first.saturating_sub(1))
     }
 
     pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
@@ -566,11 +693,27 @@ impl Cluster {
         match self.link {
             Link::Down { retry_at } => Some(retry_at),
             Link::Connecting { since } => Some(since + CONNECT_TIMEOUT),
-            Link::Up if !self.pending.is_empty() => {
-                Some(self.next_heartbeat.min(self.last_progress + REPLY_TIMEOUT))
+            Link::Up => {
+                let silent = self
+                    .links
+                    .iter()
+                    .filter(|l| !l.pending.is_empty())
+                    .map(|l| l.last_progress + REPLY_TIMEOUT);
+                let retry = self
+                    .blocked
+                    .values()
+                    .filter(|b| b.inflight == 0)
+                    .map(|b| b.retry_at);
+                silent.chain(retry).chain([self.next_heartbeat]).min()
             }
-            Link::Up => Some(self.next_heartbeat),
         }
+    }
+
+    /// The link whose reply has been awaited longest without progress, if over the limit.
+    fn silent_link(&self, now: Micros) -> bool {
+        self.links
+            .iter()
+            .any(|l| !l.pending.is_empty() && now >= l.last_progress + REPLY_TIMEOUT)
     }
 
     /// Whether the loop should start connecting now; if so the link is `Connecting`.
@@ -579,6 +722,14 @@ impl Cluster {
         match self.link {
             Link::Down { retry_at } if now.mono >= retry_at => {
                 self.link = Link::Connecting { since: now.mono };
+                let seeds = &self.cfg.seeds;
+                let Some(addr) = seeds.get(self.seed % seeds.len().max(1)).cloned() else {
+                    return false;
+                };
+                self.seed = self.seed.wrapping_add(1);
+                self.map = None;
+                self.epochs += 1;
+                self.links = vec![RedisLink::new(addr, self.epochs)];
                 true
             }
             _ => false,
@@ -596,25 +747,32 @@ impl Cluster {
                 );
                 self.on_disconnected(now);
             }
-            Link::Up
-                if !self.pending.is_empty() && now.mono >= self.last_progress + REPLY_TIMEOUT =>
-            {
+            Link::Up if self.silent_link(now.mono) => {
                 log::warn!(
                     "Redis has not answered for {} s: reconnecting",
                     REPLY_TIMEOUT.0 / 1_000_000
                 );
                 self.on_disconnected(now);
             }
-            Link::Up if now.mono >= self.next_heartbeat => self.heartbeat(now, false),
+            Link::Up => {
+                self.release_due();
+                if now.mono >= self.next_heartbeat {
+                    self.heartbeat(now, false);
+                }
+            }
             _ => {}
         }
     }
 
-    /// The TCP connection is open: say hello (RESP3, auth) and pick the database.
-    pub fn on_connected(&mut self) {
-        self.out.clear();
-        self.inbuf.clear();
-        self.scanner.reset();
+    /// Link `i`'s TCP connection is open: say hello (RESP3, auth); on the first link also
+    /// pick the database and ask for the slot map.
+    pub fn on_connected(&mut self, i: usize) {
+        let Some(l) = self.links.get_mut(i) else {
+            return;
+        };
+        l.out.clear();
+        l.inbuf.clear();
+        l.scanner.reset();
         let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
         if let Some(p) = &self.cfg.password {
             hello.push(b"AUTH");
@@ -622,22 +780,39 @@ impl Cluster {
             hello.push(p.expose().as_bytes());
         }
         let hello: Vec<Vec<u8>> = hello.into_iter().map(<[u8]>::to_vec).collect();
-        self.command_owned(&hello, Pending::Hello);
+        let hello: Vec<&[u8]> = hello.iter().map(Vec::as_slice).collect();
+        if i > 0 {
+            self.command_on(i, &hello, Pending::Ready);
+            return;
+        }
+        self.command_on(0, &hello, Pending::Hello);
         let db = self.cfg.db.to_string();
-        self.command(&[b"SELECT", db.as_bytes()], Pending::Hello);
-        self.command(&[b"CLUSTER", b"SLOTS"], Pending::Topology);
+        self.command_on(0, &[b"SELECT", db.as_bytes()], Pending::Hello);
+        self.command_on(0, &[b"CLUSTER", b"SLOTS"], Pending::Topology);
     }
 
     /// The connection failed or closed: fail what waits, go degraded, retry with backoff.
     pub fn on_disconnected(&mut self, now: Now) {
         let was_up = self.link == Link::Up;
-        self.out = Vec::new();
-        self.inbuf = Vec::new();
-        self.scanner.reset();
         self.queued = 0;
         self.overflowed = false;
-        for (p, _) in std::mem::take(&mut self.pending) {
-            match p {
+        let mut entries: Vec<Entry> = Vec::new();
+        for l in std::mem::take(&mut self.links) {
+            entries.extend(l.pending);
+        }
+        for (_, b) in std::mem::take(&mut self.blocked) {
+            entries.extend(b.waiting.into_iter().map(|(e, _)| e));
+        }
+        // In the order they were queued: unconfirmed events come back in that order.
+        entries.sort_by_key(|e| e.seq);
+        for g in std::mem::take(&mut self.gathers).into_values() {
+            self.events.push(Event::Failed {
+                token: g.token,
+                serial: g.serial,
+            });
+        }
+        for e in entries {
+            match e.pending {
                 Pending::Fetch { token, serial, .. }
                 | Pending::Load {
                     for_request: Some(ConnHandle { token, serial }),
@@ -648,21 +823,24 @@ impl Cluster {
                         self.events.push(Event::Unconfirmed { room, id, json });
                     }
                 }
-                Pending::SessionRooms { token, serial, .. }
-                | Pending::RoomScores { token, serial, .. } => {
+                Pending::SessionRooms { token, serial, .. } => {
                     self.events.push(Event::Failed { token, serial })
                 }
                 Pending::Load { .. }
                 | Pending::Ignore
                 | Pending::Hello
+                | Pending::Ready
+                | Pending::Asking
                 | Pending::Topology
-                | Pending::Expired(_)
-                | Pending::Score { .. } => {}
+                | Pending::Subscribe(_)
+                | Pending::Unsubscribe(_)
+                | Pending::Alive { .. }
+                | Pending::Expired(_) => {}
             }
         }
         self.awaiting.clear();
-        self.score = None;
-        self.answered = self.sent;
+        self.outstanding.clear();
+        self.map = None;
         // Rooms still loading have no members yet; rooms with members resubscribe on Up.
         self.subs.retain(|_, s| matches!(s, Sub::Live));
         self.link = Link::Down {
@@ -681,15 +859,22 @@ impl Cluster {
     /// then decoded, one complete frame at a time; a reply outside the limits breaks the link.
     /// Log lines name what was wrong, never the bytes (they may hold chat or session ids).
     pub fn on_bytes(&mut self, data: &[u8], now: Now) -> bool {
+        self.on_link_bytes(0, data, now)
+    }
+
+    /// [`Cluster::on_bytes`] for link `i`.
+    pub fn on_link_bytes(&mut self, i: usize, data: &[u8], now: Now) -> bool {
         self.clock = now.mono;
-        self.inbuf.extend_from_slice(data);
-        self.last_progress = now.mono;
+        let Some(l) = self.links.get_mut(i) else {
+            return true;
+        };
+        l.last_progress = now.mono;
+        let mut inbuf = std::mem::take(&mut l.inbuf);
+        let mut scanner = std::mem::take(&mut l.scanner);
+        inbuf.extend_from_slice(data);
         let mut pos = 0;
         let ok = loop {
-            let len = match self
-                .scanner
-                .scan(&self.inbuf[pos..], &self.cfg.reply_limits)
-            {
+            let len = match scanner.scan(&inbuf[pos..], &self.cfg.reply_limits) {
                 resp::Scan::Incomplete => break true,
                 resp::Scan::Invalid(why) => {
                     log::warn!("Redis sent a reply chatloop does not accept ({why}): reconnecting");
@@ -697,10 +882,10 @@ impl Cluster {
                 }
                 resp::Scan::Complete(len) => len,
             };
-            match decode(&self.inbuf[pos..pos + len]) {
+            match decode(&inbuf[pos..pos + len]) {
                 Ok(Some((frame, used))) if used == len => {
                     pos += len;
-                    if !self.on_frame(frame, now) {
+                    if !self.on_frame(i, frame, now) {
                         break false;
                     }
                 }
@@ -716,13 +901,15 @@ impl Cluster {
             }
         };
         if !ok {
-            self.scanner.reset();
-            self.inbuf = Vec::new();
             return false;
         }
-        self.inbuf.drain(..pos);
-        if self.inbuf.is_empty() && self.inbuf.capacity() > 1024 * 1024 {
-            self.inbuf = Vec::new();
+        inbuf.drain(..pos);
+        if inbuf.is_empty() && inbuf.capacity() > 1024 * 1024 {
+            inbuf = Vec::new();
+        }
+        if let Some(l) = self.links.get_mut(i) {
+            l.inbuf = inbuf;
+            l.scanner = scanner;
         }
         ok
     }
@@ -747,13 +934,16 @@ impl Cluster {
                 self.command(&[b"HGETALL", key.as_bytes()], fetch)
             }
             Query::RoomExists(r) => {
-                // Two commands (the registry and the room's own key may live apart), answered
-                // in order: the score waits in `self.score` for the settings.
-                let room = r.hex();
-                let score = Pending::Score { now_ms };
-                self.command(&[b"ZSCORE", b"chatloop:rooms", &room], score);
-                let key = key("rm:", r);
-                self.command(&[b"HGETALL", key.as_bytes()], fetch)
+                // The room's registry key and its settings: one slot, one script.
+                let (e, rm) = (key("e:", r), key("rm:", r));
+                let args: [&[u8]; 5] = [
+                    b"EVAL",
+                    ROOM_LOOKUP.as_bytes(),
+                    b"2",
+                    e.as_bytes(),
+                    rm.as_bytes(),
+                ];
+                self.command(&args, fetch)
             }
             Query::Member(s, r) => {
                 let key = key("sr:", s);
@@ -781,7 +971,6 @@ impl Cluster {
                     token,
                     serial,
                     session,
-                    now_ms,
                 };
                 self.command(&[b"SMEMBERS", key.as_bytes()], members)
             }
@@ -790,7 +979,7 @@ impl Cluster {
                     b"EVAL",
                     PUBLIC_ROOMS.as_bytes(),
                     b"2",
-                    b"chatloop:rooms",
+                    ROOMS,
                     PRIVATE,
                     after.as_bytes(),
                 ];
@@ -814,7 +1003,7 @@ impl Cluster {
                 if let std::collections::hash_map::Entry::Vacant(e) = self.subs.entry(r) {
                     e.insert(Sub::Loading(VecDeque::new()));
                     let channel = key("m:", r);
-                    self.command_push(&[b"SUBSCRIBE", channel.as_bytes()]);
+                    self.command(&[b"SSUBSCRIBE", channel.as_bytes()], Pending::Subscribe(r));
                 }
                 let key = key("h:", r);
                 let load = Pending::Load {
@@ -879,14 +1068,11 @@ impl Cluster {
                         &[b"EXPIRE", key.as_bytes(), ttl.as_bytes()],
                         Pending::Ignore,
                     );
-                    if settings.is_private() {
+                    if settings.is_private() && self.cfg.room_list {
                         self.command(&[b"SADD", PRIVATE, &room.hex()], Pending::Ignore);
                     }
                 }
-                let exp = (now_ms + ms(self.cfg.room_ttl)).to_string();
-                let hex = room.hex();
-                let args: [&[u8]; 5] = [b"ZADD", b"chatloop:rooms", b"NX", exp.as_bytes(), &hex];
-                self.command(&args, Pending::Ignore);
+                self.register(room, now_ms, true);
                 self.remember(session, room, &session_ttl);
             }
             Op::Remember { session, room } => self.remember(session, room, &session_ttl),
@@ -923,7 +1109,7 @@ impl Cluster {
                 let mut entry = Vec::with_capacity(36 + json.len());
                 let _ = std::io::Write::write_fmt(&mut entry, format_args!("{id}"));
                 entry.extend_from_slice(&json);
-                let (h, m, n) = (key("h:", room), key("m:", room), key("hn:", room));
+                let (h, n, m) = (key("h:", room), key("hn:", room), key("m:", room));
                 let keep = self.cfg.history.to_string();
                 let keep_notices = self.cfg.history_notices.to_string();
                 let notice: &[u8] = if crate::protocol::is_presence(&json) {
@@ -937,9 +1123,8 @@ impl Cluster {
                 let args: [&[u8]; 13] = [
                     b"EVAL",
                     PUBLISH.as_bytes(),
-                    b"3",
+                    b"2",
                     h.as_bytes(),
-                    m.as_bytes(),
                     n.as_bytes(),
                     &entry,
                     keep.as_bytes(),
@@ -948,6 +1133,7 @@ impl Cluster {
                     notice,
                     message_ttl.as_bytes(),
                     now.as_bytes(),
+                    m.as_bytes(),
                 ];
                 self.awaiting.insert(id);
                 self.command(&args, Pending::Publish { room, id, json });
@@ -960,7 +1146,7 @@ impl Cluster {
                 let _ = std::io::Write::write_fmt(&mut msg, format_args!("{c:08x}"));
                 msg.extend_from_slice(&json);
                 let m = key("m:", room);
-                self.command(&[b"PUBLISH", m.as_bytes(), &msg], Pending::Ignore);
+                self.command(&[b"SPUBLISH", m.as_bytes(), &msg], Pending::Ignore);
             }
             Op::Joined { room, conn, .. } => {
                 let presence = self
@@ -987,11 +1173,7 @@ impl Cluster {
                             Pending::Ignore,
                         );
                     }
-                    let exp = (now_ms + ms(self.cfg.room_ttl)).to_string();
-                    let hex = room.hex();
-                    let args: [&[u8]; 5] =
-                        [b"ZADD", b"chatloop:rooms", b"GT", exp.as_bytes(), &hex];
-                    self.command(&args, Pending::Ignore);
+                    self.register(room, now_ms, false);
                 }
             }
             Op::Forgotten(room) => {
@@ -1118,10 +1300,26 @@ impl Cluster {
             let k = key(list, room);
             self.command(&[b"EXPIRE", k.as_bytes(), ttl.as_bytes()], Pending::Ignore);
         }
+        self.register(room, now_ms, false);
+    }
+
+    /// The room's registry entry lives until now + the room TTL: its own key
+    /// (`chatloop:{r:ROOM}:e`, expiring then; `create`: only if there is none), and with
+    /// `--room-list` the index `GET /rooms/all` reads.
+    fn register(&mut self, room: RoomId, now_ms: u64, create: bool) {
         let exp = (now_ms + ms(self.cfg.room_ttl)).to_string();
-        let hex = room.hex();
-        let args: [&[u8]; 5] = [b"ZADD", b"chatloop:rooms", b"GT", exp.as_bytes(), &hex];
+        let e = key("e:", room);
+        let mut args: Vec<&[u8]> = vec![b"SET", e.as_bytes(), b"1", b"PXAT", exp.as_bytes()];
+        if create {
+            args.push(b"NX");
+        }
         self.command(&args, Pending::Ignore);
+        if self.cfg.room_list {
+            let hex = room.hex();
+            let how: &[u8] = if create { b"NX" } else { b"GT" };
+            let args: [&[u8]; 5] = [b"ZADD", ROOMS, how, exp.as_bytes(), &hex];
+            self.command(&args, Pending::Ignore);
+        }
     }
 
     /// Every `--presence-ttl`/3: refresh what this node holds. Right after (re)connecting,
@@ -1151,7 +1349,7 @@ impl Cluster {
                 ];
                 args.extend(settings_fields(&s));
                 self.command_owned(&args, Pending::Ignore);
-                if s.is_private() {
+                if s.is_private() && self.cfg.room_list {
                     self.command(&[b"SADD", PRIVATE, &room.hex()], Pending::Ignore);
                 }
             }
@@ -1168,15 +1366,17 @@ impl Cluster {
             self.command(&args, Pending::Expired(room));
             self.refresh_room(room, &presence, now);
         }
-        let args: [&[u8]; 6] = [
-            b"EVAL",
-            PRUNE_ROOMS.as_bytes(),
-            b"2",
-            b"chatloop:rooms",
-            PRIVATE,
-            now_ms.as_bytes(),
-        ];
-        self.command(&args, Pending::Ignore);
+        if self.cfg.room_list {
+            let args: [&[u8]; 6] = [
+                b"EVAL",
+                PRUNE_ROOMS.as_bytes(),
+                b"2",
+                ROOMS,
+                PRIVATE,
+                now_ms.as_bytes(),
+            ];
+            self.command(&args, Pending::Ignore);
+        }
         let ttl = secs(self.cfg.session_ttl).to_string();
         let sessions: Vec<(SessionId, Rc<str>, UserId)> = self
             .sessions
@@ -1210,22 +1410,27 @@ impl Cluster {
     fn unsubscribe(&mut self, room: RoomId) {
         if self.subs.remove(&room).is_some() {
             let channel = key("m:", room);
-            self.command_push(&[b"UNSUBSCRIBE", channel.as_bytes()]);
+            self.command(
+                &[b"SUNSUBSCRIBE", channel.as_bytes()],
+                Pending::Unsubscribe(room),
+            );
         }
     }
 
-    fn on_frame(&mut self, frame: OwnedFrame, now: Now) -> bool {
+    fn on_frame(&mut self, i: usize, frame: OwnedFrame, now: Now) -> bool {
         if let OwnedFrame::Push { data, .. } = frame {
-            self.on_push(data);
+            self.on_push(i, data);
             return true;
         }
-        let Some((p, cost)) = self.pending.pop_front() else {
+        let Some(entry) = self.links.get_mut(i).and_then(|l| l.pending.pop_front()) else {
             log::warn!("Redis sent a reply nobody asked for: reconnecting");
             return false;
         };
-        self.queued -= cost;
-        self.answered += 1;
-        match p {
+        if let Some(r) = error_text(&frame).and_then(|e| Redirection::parse(&e)) {
+            return self.redirect(i, entry, r);
+        }
+        self.settle(&entry);
+        match entry.pending {
             Pending::Ignore => {
                 if let Some(e) = error_text(&frame) {
                     log::warn!("Redis refused a write: {}", redis_error(&e));
@@ -1249,22 +1454,51 @@ impl Cluster {
                     return false;
                 }
             }
+            Pending::Ready => {
+                if let Some(e) = error_text(&frame) {
+                    log::error!(
+                        "a Redis Cluster master refused the connection handshake: {}",
+                        redis_error(&e)
+                    );
+                    return false;
+                }
+                if let Some(l) = self.links.get_mut(i) {
+                    l.ready = true;
+                }
+                if self.link != Link::Up && self.links.iter().all(|l| l.ready) {
+                    self.became_up(now);
+                }
+            }
+            Pending::Asking => {}
             Pending::Topology => {
                 // One Redis answers an error (cluster support disabled): nothing to check.
                 if error_text(&frame).is_none() {
-                    let asked = slots::Addr {
-                        host: String::new(),
-                        port: 1,
+                    let Some(asked) = self.links.first().map(|l| l.addr.clone()) else {
+                        return false;
                     };
                     match slots::SlotMap::from_cluster_slots(&frame, &asked) {
                         Ok(map) if map.nodes.len() > 1 => {
-                            log::error!(
-                                "Redis is a Redis Cluster of {} masters: chatloop supports one \
-                                 Redis or a Redis Cluster of one master, not a sharded one yet \
-                                 (docs/cluster.md); staying degraded",
+                            if map.unserved() > 0 {
+                                log::warn!(
+                                    "Redis Cluster: {} slots have no master (a failover under \
+                                     way?): trying again",
+                                    map.unserved()
+                                );
+                                return false;
+                            }
+                            log::info!(
+                                "Redis is a Redis Cluster of {} masters: one link to each",
                                 map.nodes.len()
                             );
-                            return false;
+                            for addr in &map.nodes {
+                                self.epochs += 1;
+                                self.links.push(RedisLink::new(addr.clone(), self.epochs));
+                            }
+                            self.map = Some(map);
+                            if let Some(l) = self.links.first_mut() {
+                                l.ready = true;
+                            }
+                            return true;
                         }
                         Ok(_) => {}
                         Err(why) => {
@@ -1273,19 +1507,32 @@ impl Cluster {
                         }
                     }
                 }
+                if let Some(l) = self.links.first_mut() {
+                    l.ready = true;
+                }
                 self.became_up(now);
             }
-            Pending::Score { now_ms } => {
+            Pending::Subscribe(_) => {
+                // Answered by a push; a reply is an error (a redirection was followed above).
                 if let Some(e) = error_text(&frame) {
-                    log::warn!("Redis answered a room lookup with {}", redis_error(&e));
+                    log::warn!(
+                        "Redis refused a subscription: {}: reconnecting",
+                        redis_error(&e)
+                    );
                 }
-                self.score = Some(live_score(&frame, now_ms));
+                return false;
+            }
+            Pending::Unsubscribe(_) => {}
+            Pending::Alive { gather, index } => {
+                let alive = matches!(frame, OwnedFrame::Number { data: 1, .. });
+                let failed = error_text(&frame).is_some();
+                self.gathered(gather, index, alive, failed);
             }
             Pending::Fetch {
                 token,
                 serial,
                 query,
-            } => match decode_answer(query, frame, self.score.take().unwrap_or(false)) {
+            } => match decode_answer(query, frame) {
                 Ok(answer) => self.events.push(Event::Answer {
                     token,
                     serial,
@@ -1301,17 +1548,18 @@ impl Cluster {
                 token,
                 serial,
                 session,
-                now_ms,
             } => {
                 if let Some(e) = error_text(&frame) {
                     log::warn!("Redis answered a session's rooms with {}", redis_error(&e));
                     self.events.push(Event::Failed { token, serial });
                     return true;
                 }
-                let rooms: Vec<RoomId> = list_items(frame)
+                let mut rooms: Vec<RoomId> = list_items(frame)
                     .iter()
                     .filter_map(|r| std::str::from_utf8(r).ok().and_then(RoomId::parse))
                     .collect();
+                rooms.sort_unstable();
+                rooms.dedup();
                 if rooms.is_empty() {
                     self.events.push(Event::Answer {
                         token,
@@ -1321,47 +1569,24 @@ impl Cluster {
                     });
                     return true;
                 }
-                let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + rooms.len());
-                args.push(b"ZMSCORE".to_vec());
-                args.push(b"chatloop:rooms".to_vec());
-                args.extend(rooms.iter().map(|r| r.hex().to_vec()));
-                let scores = Pending::RoomScores {
-                    token,
-                    serial,
-                    session,
-                    now_ms,
-                    rooms,
-                };
-                self.command_owned(&args, scores);
-            }
-            Pending::RoomScores {
-                token,
-                serial,
-                session,
-                now_ms,
-                rooms,
-            } => {
-                if let Some(e) = error_text(&frame) {
-                    log::warn!("Redis answered room scores with {}", redis_error(&e));
-                    self.events.push(Event::Failed { token, serial });
-                    return true;
+                // Each room's registry key, on the room's shard; answered once all are in.
+                self.next_gather += 1;
+                let gather = self.next_gather;
+                for (index, room) in rooms.iter().enumerate() {
+                    let e = key("e:", *room);
+                    self.command(&[b"EXISTS", e.as_bytes()], Pending::Alive { gather, index });
                 }
-                let scores = match frame {
-                    OwnedFrame::Array { data, .. } => data,
-                    _ => Vec::new(),
-                };
-                let live = rooms
-                    .into_iter()
-                    .zip(scores)
-                    .filter(|(_, s)| live_score(s, now_ms))
-                    .map(|(r, _)| r)
-                    .collect();
-                self.events.push(Event::Answer {
-                    token,
-                    serial,
-                    query: Query::SessionRooms(session),
-                    answer: Answer::Rooms(live),
-                });
+                self.gathers.insert(
+                    gather,
+                    Gather {
+                        token,
+                        serial,
+                        session,
+                        alive: vec![false; rooms.len()],
+                        left: rooms.len(),
+                        rooms,
+                    },
+                );
             }
             Pending::Expired(room) => {
                 for e in list_items(frame) {
@@ -1423,6 +1648,7 @@ impl Cluster {
         self.link = Link::Up;
         self.backoff = BACKOFF_MIN;
         self.command_push(&[b"SUBSCRIBE", CTL]);
+        self.release_due();
         // Rooms with members here, and rooms loaded for a join that did not happen (their
         // copy in the hub counts as current, so it must be current again).
         let mut rooms: Vec<RoomId> = self
@@ -1436,29 +1662,70 @@ impl Cluster {
         for room in rooms {
             // Members here missed what other nodes stored meanwhile: load the room again
             // (pushes that arrive in between are merged by id, as on a first join).
-            self.subs.insert(room, Sub::Loading(VecDeque::new()));
-            let channel = key("m:", room);
-            self.command_push(&[b"SUBSCRIBE", channel.as_bytes()]);
-            let key = key("h:", room);
-            let load = Pending::Load {
-                for_request: None,
-                room,
-            };
-            self.command(&[b"LRANGE", key.as_bytes(), b"0", b"-1"], load);
+            self.load_room(room);
         }
         self.heartbeat(now, true);
         self.events.push(Event::Up);
     }
 
-    fn on_push(&mut self, data: Vec<OwnedFrame>) {
+    /// Subscribes to the room's channel and loads its history, to catch up
+    /// ([`Event::Loaded`] with `catch_up`).
+    fn load_room(&mut self, room: RoomId) {
+        self.subs.insert(room, Sub::Loading(VecDeque::new()));
+        let channel = key("m:", room);
+        self.command(
+            &[b"SSUBSCRIBE", channel.as_bytes()],
+            Pending::Subscribe(room),
+        );
+        let key = key("h:", room);
+        let load = Pending::Load {
+            for_request: None,
+            room,
+        };
+        self.command(&[b"LRANGE", key.as_bytes(), b"0", b"-1"], load);
+    }
+
+    fn on_push(&mut self, i: usize, data: Vec<OwnedFrame>) {
         let mut it = data.into_iter();
-        let (Some(kind), Some(channel), Some(payload)) = (it.next(), it.next(), it.next()) else {
+        let (Some(kind), Some(channel)) = (it.next(), it.next()) else {
             return;
         };
-        if blob(&kind) != Some(b"message") {
-            return; // subscribe / unsubscribe confirmations
+        let (Some(kind), Some(channel)) = (blob(&kind), blob(&channel)) else {
+            return;
+        };
+        let room = room_of_channel(channel);
+        match kind {
+            b"message" | b"smessage" => {}
+            b"ssubscribe" | b"sunsubscribe" => {
+                let Some(room) = room else {
+                    return;
+                };
+                let subscribe = kind == b"ssubscribe";
+                let answers = self
+                    .links
+                    .get(i)
+                    .and_then(|l| l.pending.front())
+                    .is_some_and(|e| match e.pending {
+                        Pending::Subscribe(r) => subscribe && r == room,
+                        Pending::Unsubscribe(r) => !subscribe && r == room,
+                        _ => false,
+                    });
+                if answers {
+                    if let Some(e) = self.links.get_mut(i).and_then(|l| l.pending.pop_front()) {
+                        self.settle(&e);
+                    }
+                } else if !subscribe && self.subs.contains_key(&room) && self.link == Link::Up {
+                    // Redis dropped the subscription itself: the room's slot moved to another
+                    // master. Subscribe there and load the history again: what was published
+                    // meanwhile arrives once (merged by id, as after a reconnect).
+                    log::info!("a room's slot moved to another Redis master: following it");
+                    self.load_room(room);
+                }
+                return;
+            }
+            _ => return, // subscribe / unsubscribe confirmations of the control channel
         }
-        let (Some(channel), Some(payload)) = (blob(&channel), into_blob(payload)) else {
+        let Some(payload) = it.next().and_then(into_blob) else {
             return;
         };
         if channel == CTL {
@@ -1471,12 +1738,7 @@ impl Cluster {
             }
             return;
         }
-        let Some(room) = channel
-            .strip_prefix(b"chatloop:{r:")
-            .and_then(|r| r.strip_suffix(b"}:m"))
-            .and_then(|r| std::str::from_utf8(r).ok())
-            .and_then(RoomId::parse)
-        else {
+        let Some(room) = room else {
             return;
         };
         match payload.first() {
@@ -1517,21 +1779,10 @@ impl Cluster {
         }
     }
 
-    /// Encodes a command whose reply is `pending`.
+    /// Queues a command whose reply is `pending`, on the link of its first key's slot.
     fn command(&mut self, args: &[&[u8]], pending: Pending) {
-        if self.pending.is_empty() {
-            self.last_progress = self.clock;
-        }
-        let before = self.out.len();
-        self.encode(args);
-        let copy = match &pending {
-            Pending::Publish { json, .. } => json.len(),
-            _ => 0,
-        };
-        let cost = self.out.len() - before + copy + PENDING_COST;
-        self.queued += cost;
-        self.pending.push_back((pending, cost));
-        self.sent += 1;
+        let slot = self.map.as_ref().and_then(|_| command_slot(args));
+        self.queue(slot, None, args, pending);
     }
 
     fn command_owned(&mut self, args: &[Vec<u8>], pending: Pending) {
@@ -1539,32 +1790,357 @@ impl Cluster {
         self.command(&args, pending);
     }
 
-    /// Encodes a (un)subscribe, which RESP3 answers with a push, not a reply.
-    fn command_push(&mut self, args: &[&[u8]]) {
-        self.encode(args);
+    /// Queues a command on link `i` (the handshake).
+    fn command_on(&mut self, i: usize, args: &[&[u8]], pending: Pending) {
+        self.queue(None, Some(i), args, pending);
     }
 
-    fn encode(&mut self, args: &[&[u8]]) {
-        let parts: Vec<BorrowedFrame<'_>> = args
-            .iter()
-            .map(|a| BorrowedFrame::BlobString {
-                data: a,
-                attributes: None,
-            })
-            .collect();
-        let frame = BorrowedFrame::Array {
-            data: &parts,
-            attributes: None,
+    fn queue(&mut self, slot: Option<u16>, on: Option<usize>, args: &[&[u8]], pending: Pending) {
+        let blocked = slot.is_some_and(|s| self.blocked.contains_key(&s));
+        let link = on.unwrap_or_else(|| self.link_for(slot));
+        if !blocked && link >= self.links.len() {
+            return;
+        }
+        self.scratch.clear();
+        encode_into(&mut self.scratch, args);
+        let copy = match &pending {
+            Pending::Publish { json, .. } => json.len(),
+            _ => 0,
         };
-        let at = self.out.len();
-        self.out.resize(at + frame.encode_len(false), 0);
-        match encode_borrowed(&mut self.out[at..], &frame, false) {
-            Ok(n) => self.out.truncate(at + n),
-            Err(e) => {
-                // Cannot happen with a buffer of encode_len bytes; never send half a command.
-                log::error!("could not encode a Redis command: {e:?}");
-                self.out.truncate(at);
+        let cost = self.scratch.len() + copy + PENDING_COST;
+        self.queued += cost;
+        self.sent += 1;
+        self.outstanding.insert(self.sent);
+        let mut entry = Entry {
+            pending,
+            cost,
+            seq: self.sent,
+            slot,
+            cmd: None,
+            redirects: 0,
+        };
+        if self.map.is_some() {
+            entry.cmd = Some(self.scratch.clone());
+        }
+        if blocked && let Some(b) = slot.and_then(|s| self.blocked.get_mut(&s)) {
+            b.waiting.push((entry, None));
+            return;
+        }
+        if let Some(l) = self.links.get_mut(link) {
+            if l.pending.is_empty() {
+                l.last_progress = self.clock;
             }
+            l.out.extend_from_slice(&self.scratch);
+            l.pending.push_back(entry);
+        }
+    }
+
+    /// Sends a command again (after a redirection) on link `i`.
+    fn send_again(&mut self, i: usize, entry: Entry) {
+        let Some(l) = self.links.get_mut(i) else {
+            return;
+        };
+        if let Some(cmd) = &entry.cmd {
+            if l.pending.is_empty() {
+                l.last_progress = self.clock;
+            }
+            l.out.extend_from_slice(cmd);
+            l.pending.push_back(entry);
+        }
+    }
+
+    /// The link serving `slot` (the first link for commands without keys, and for every
+    /// command when Redis is not sharded).
+    fn link_for(&self, slot: Option<u16>) -> usize {
+        match (&self.map, slot) {
+            (Some(m), Some(s)) => m.owner(s).map_or(0, |j| j + 1),
+            _ => 0,
+        }
+    }
+
+    /// The link to the master a redirection names (answered on link `from`).
+    fn link_to(&self, from: usize, to: &slots::Target) -> Option<usize> {
+        let addr = match to {
+            slots::Target::Node(a) => a.clone(),
+            slots::Target::SameHost(port) => slots::Addr {
+                host: self.links.get(from)?.addr.host.clone(),
+                port: *port,
+            },
+        };
+        (1..self.links.len()).find(|&j| self.links[j].addr == addr)
+    }
+
+    /// A command is answered (or given up): it no longer counts as queued or outstanding,
+    /// and a slot held back for redirections may go on once nothing of it is in flight.
+    fn settle(&mut self, e: &Entry) {
+        self.queued = self.queued.saturating_sub(e.cost);
+        self.outstanding.remove(&e.seq);
+        if let Some(slot) = e.slot
+            && let Some(b) = self.blocked.get_mut(&slot)
+        {
+            b.inflight = b.inflight.saturating_sub(1);
+            self.release(slot);
+        }
+    }
+
+    /// Follows a redirection of the command `entry`, answered on link `i`: the command
+    /// waits, with every later command of its slot, until the slot's earlier commands are
+    /// answered, then goes out again (to the new master for `MOVED`, after `ASKING` to the
+    /// named one for `ASK`, after a short delay for `TRYAGAIN`). Returns `false` when the
+    /// link must be dropped (a master this node has no link to: the map is read again).
+    fn redirect(&mut self, i: usize, mut entry: Entry, r: Redirection) -> bool {
+        let Some(slot) = entry.slot.filter(|_| entry.cmd.is_some()) else {
+            // Not sharded as far as this node knows: the topology changed under it.
+            log::warn!("Redis redirected a command: reading the slot map again");
+            if let Some(l) = self.links.get_mut(i) {
+                l.pending.push_front(entry);
+            }
+            return false;
+        };
+        entry.redirects += 1;
+        if entry.redirects > MAX_REDIRECTS {
+            log::warn!("Redis redirected a command {MAX_REDIRECTS} times: giving it up");
+            self.settle(&entry);
+            return self.give_up(entry);
+        }
+        let ask = match &r {
+            Redirection::Moved(to) | Redirection::Ask(to) => {
+                let Some(j) = self.link_to(i, to) else {
+                    log::warn!(
+                        "Redis redirected a command to a master this node has no link to: \
+                         reading the slot map again"
+                    );
+                    if let Some(l) = self.links.get_mut(i) {
+                        l.pending.push_front(entry);
+                    }
+                    return false;
+                };
+                if let Redirection::Moved(..) = r {
+                    let addr = self.links[j].addr.clone();
+                    if let Some(map) = &mut self.map {
+                        let _ = map.set(slot, addr);
+                    }
+                    None
+                } else {
+                    Some(j)
+                }
+            }
+            Redirection::TryAgain => None,
+        };
+        let inflight = if self.blocked.contains_key(&slot) {
+            0
+        } else {
+            self.links
+                .iter()
+                .flat_map(|l| l.pending.iter())
+                .filter(|e| e.slot == Some(slot))
+                .count()
+        };
+        let b = self.blocked.entry(slot).or_insert_with(|| Blocked {
+            inflight: inflight + 1,
+            ..Blocked::default()
+        });
+        b.inflight = b.inflight.saturating_sub(1);
+        if let Redirection::TryAgain = r {
+            b.retry_at = b.retry_at.max(self.clock + TRYAGAIN_DELAY);
+        }
+        b.waiting.push((entry, ask));
+        self.release(slot);
+        true
+    }
+
+    /// Sends a held-back slot's commands again, in their first order, once nothing of the
+    /// slot is in flight and its `TRYAGAIN` delay is over.
+    fn release(&mut self, slot: u16) {
+        if self
+            .blocked
+            .get(&slot)
+            .is_none_or(|b| b.inflight > 0 || b.retry_at > self.clock)
+        {
+            return;
+        }
+        let Some(mut b) = self.blocked.remove(&slot) else {
+            return;
+        };
+        b.waiting.sort_by_key(|(e, _)| e.seq);
+        for (e, ask) in b.waiting {
+            match ask.filter(|&j| j < self.links.len()) {
+                Some(j) => {
+                    self.scratch.clear();
+                    encode_into(&mut self.scratch, &[b"ASKING"]);
+                    let asking = Entry {
+                        pending: Pending::Asking,
+                        cost: 0,
+                        seq: 0,
+                        slot: None,
+                        cmd: Some(self.scratch.clone()),
+                        redirects: 0,
+                    };
+                    self.send_again(j, asking);
+                    self.send_again(j, e);
+                }
+                None => {
+                    let j = self.link_for(Some(slot));
+                    self.send_again(j, e);
+                }
+            }
+        }
+    }
+
+    /// Held-back slots whose `TRYAGAIN` delay is over.
+    fn release_due(&mut self) {
+        let due: Vec<u16> = self
+            .blocked
+            .iter()
+            .filter(|(_, b)| b.inflight == 0 && b.retry_at <= self.clock)
+            .map(|(s, _)| *s)
+            .collect();
+        for slot in due {
+            self.release(slot);
+        }
+    }
+
+    /// A command redirected too often fails as if Redis had refused it; `false` when that
+    /// leaves a room half subscribed (the link is then made again).
+    fn give_up(&mut self, e: Entry) -> bool {
+        match e.pending {
+            Pending::Fetch { token, serial, .. } | Pending::SessionRooms { token, serial, .. } => {
+                self.events.push(Event::Failed { token, serial })
+            }
+            Pending::Publish { room, id, json } => {
+                if self.awaiting.remove(&id) {
+                    self.events.push(Event::Unconfirmed { room, id, json });
+                }
+            }
+            Pending::Alive { gather, index } => self.gathered(gather, index, false, true),
+            Pending::Load { .. } | Pending::Subscribe(_) | Pending::Hello | Pending::Ready => {
+                return false;
+            }
+            Pending::Ignore
+            | Pending::Asking
+            | Pending::Topology
+            | Pending::Unsubscribe(_)
+            | Pending::Expired(_) => {}
+        }
+        true
+    }
+
+    /// One room's answer for a [`Query::SessionRooms`] asked of several shards.
+    fn gathered(&mut self, gather: u64, index: usize, alive: bool, failed: bool) {
+        if failed {
+            if let Some(g) = self.gathers.remove(&gather) {
+                self.events.push(Event::Failed {
+                    token: g.token,
+                    serial: g.serial,
+                });
+            }
+            return;
+        }
+        let Some(g) = self.gathers.get_mut(&gather) else {
+            return;
+        };
+        if let Some(a) = g.alive.get_mut(index) {
+            *a = alive;
+        }
+        g.left = g.left.saturating_sub(1);
+        if g.left > 0 {
+            return;
+        }
+        let Some(g) = self.gathers.remove(&gather) else {
+            return;
+        };
+        let live = g
+            .rooms
+            .into_iter()
+            .zip(g.alive)
+            .filter(|(_, a)| *a)
+            .map(|(r, _)| r)
+            .collect();
+        self.events.push(Event::Answer {
+            token: g.token,
+            serial: g.serial,
+            query: Query::SessionRooms(g.session),
+            answer: Answer::Rooms(live),
+        });
+    }
+
+    /// Encodes a (un)subscribe of the control channel, which RESP3 answers with a push, not
+    /// a reply, on the first link.
+    fn command_push(&mut self, args: &[&[u8]]) {
+        if let Some(l) = self.links.first_mut() {
+            encode_into(&mut l.out, args);
+        }
+    }
+}
+
+/// A redirection in an error reply of a Redis Cluster.
+enum Redirection {
+    Moved(slots::Target),
+    Ask(slots::Target),
+    /// `TRYAGAIN`: the keys of a multi-key command are split by a migration under way.
+    TryAgain,
+}
+
+impl Redirection {
+    fn parse(e: &str) -> Option<Redirection> {
+        if e.starts_with("TRYAGAIN") {
+            return Some(Redirection::TryAgain);
+        }
+        match slots::Redirect::parse(e)? {
+            slots::Redirect::Moved { to, .. } => Some(Redirection::Moved(to)),
+            slots::Redirect::Ask { to, .. } => Some(Redirection::Ask(to)),
+        }
+    }
+}
+
+/// The slot of a command's first key: `EVAL`'s first key, else the first argument; `None`
+/// for commands without keys (they go to the first link).
+fn command_slot(args: &[&[u8]]) -> Option<u16> {
+    let name = *args.first()?;
+    let key = match name {
+        b"EVAL" => {
+            if args.get(2).is_none_or(|n| *n == b"0") {
+                return None;
+            }
+            args.get(3)?
+        }
+        b"HELLO" | b"SELECT" | b"CLUSTER" | b"PUBLISH" | b"SUBSCRIBE" | b"ASKING" | b"PING" => {
+            return None;
+        }
+        _ => args.get(1)?,
+    };
+    Some(slots::key_slot(key))
+}
+
+/// The room of a channel `chatloop:{r:ROOM}:m`.
+fn room_of_channel(channel: &[u8]) -> Option<RoomId> {
+    channel
+        .strip_prefix(b"chatloop:{r:")
+        .and_then(|r| r.strip_suffix(b"}:m"))
+        .and_then(|r| std::str::from_utf8(r).ok())
+        .and_then(RoomId::parse)
+}
+
+fn encode_into(out: &mut Vec<u8>, args: &[&[u8]]) {
+    let parts: Vec<BorrowedFrame<'_>> = args
+        .iter()
+        .map(|a| BorrowedFrame::BlobString {
+            data: a,
+            attributes: None,
+        })
+        .collect();
+    let frame = BorrowedFrame::Array {
+        data: &parts,
+        attributes: None,
+    };
+    let at = out.len();
+    out.resize(at + frame.encode_len(false), 0);
+    match encode_borrowed(&mut out[at..], &frame, false) {
+        Ok(n) => out.truncate(at + n),
+        Err(e) => {
+            // Cannot happen with a buffer of encode_len bytes; never send half a command.
+            log::error!("could not encode a Redis command: {e:?}");
+            out.truncate(at);
         }
     }
 }
@@ -1723,21 +2299,7 @@ fn map_pairs(frame: OwnedFrame) -> Vec<(OwnedFrame, OwnedFrame)> {
     }
 }
 
-/// Whether a registry score (RESP3 double, or its text) is after `now_ms`.
-fn live_score(f: &OwnedFrame, now_ms: u64) -> bool {
-    match f {
-        OwnedFrame::Double { data, .. } => *data > now_ms as f64,
-        OwnedFrame::BlobString { data, .. } => std::str::from_utf8(data)
-            .ok()
-            .and_then(|s| s.parse::<f64>().ok())
-            .is_some_and(|s| s > now_ms as f64),
-        _ => false,
-    }
-}
-
-/// `score`: for [`Query::RoomExists`], whether the registry's score (read just before) is
-/// in the future.
-fn decode_answer(query: Query, frame: OwnedFrame, score: bool) -> Result<Answer, String> {
+fn decode_answer(query: Query, frame: OwnedFrame) -> Result<Answer, String> {
     if let Some(e) = error_text(&frame) {
         return Err(e);
     }
@@ -1759,8 +2321,14 @@ fn decode_answer(query: Query, frame: OwnedFrame, score: bool) -> Result<Answer,
             Answer::Session(user.zip(uid.map(UserId)))
         }
         Query::RoomExists(_) => {
-            let settings = read_settings(map_pairs(frame));
-            Answer::Room(score.then_some(settings))
+            // `[EXISTS of the registry key, HGETALL of the settings]`.
+            let mut it = match frame {
+                OwnedFrame::Array { data, .. } => data.into_iter(),
+                _ => Vec::new().into_iter(),
+            };
+            let exists = matches!(it.next(), Some(OwnedFrame::Number { data: 1, .. }));
+            let settings = read_settings(it.next().map(map_pairs).unwrap_or_default());
+            Answer::Room(exists.then_some(settings))
         }
         Query::Member(..) => Answer::Member(matches!(frame, OwnedFrame::Number { data: 1, .. })),
         Query::UserCount(_) => Answer::Count(match frame {

@@ -568,7 +568,7 @@ pub const OPTIONS: &[Opt] = &[
         "redis",
         ["CHATLOOP_REDIS"],
         "",
-        "cluster mode: keep sessions, rooms and history in this Redis (redis://[:password@]host:port/db, rediss:// for TLS) and share rooms with every node using it; off when empty",
+        "cluster mode: keep sessions, rooms and history in this Redis (redis://[:password@]host:port/db, rediss:// for TLS), or in this sharded Redis Cluster (redis-cluster://[:password@]host:port,host:port... : any seed names the masters), and share rooms with every node using it; off when empty",
         |c, v| {
             c.redis = if v.is_empty() {
                 None
@@ -865,6 +865,13 @@ impl Config {
                 self.max_rooms.max(self.max_room_members),
             ),
             max_queue: self.max_redis_queue,
+            seeds: url.cluster_seeds.clone().unwrap_or_else(|| {
+                vec![crate::cluster::slots::Addr {
+                    host: url.host.clone(),
+                    port: url.port,
+                }]
+            }),
+            room_list: self.room_list,
         }
     }
 }

@@ -46,7 +46,9 @@ use redis_link::{Held, Parked, RedisSocket};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
-const REDIS: Token = Token(usize::MAX - 3);
+/// Link `i` to Redis is `Token(REDIS_LAST - i)` (up to `cluster::MAX_LINKS` links).
+const REDIS_LAST: usize = usize::MAX - 3;
+const REDIS_FIRST: usize = REDIS_LAST + 1 - crate::cluster::MAX_LINKS;
 /// Size of the one read buffer shared by all connections.
 const READ_BUF: usize = 64 * 1024;
 /// Reads per connection per iteration before others get their turn.
@@ -112,7 +114,7 @@ pub struct Server {
     shutdown_at: Option<Micros>,
     /// Cluster mode only: the Redis side, its socket and the requests waiting on it.
     cluster: Option<Cluster>,
-    redis: Option<RedisSocket>,
+    redis: Vec<Option<RedisSocket>>,
     parked: HashMap<usize, Parked>,
     held: Vec<Held>,
     /// Facts fetched for the request being run again (empty otherwise).
@@ -254,7 +256,7 @@ impl Server {
             accept_paused_until: None,
             shutdown_at: None,
             cluster,
-            redis: None,
+            redis: Vec::new(),
             parked: HashMap::new(),
             held: Vec::new(),
             facts: Facts::default(),
@@ -291,7 +293,9 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
-                    REDIS => self.redis_ready(now),
+                    Token(t) if (REDIS_FIRST..=REDIS_LAST).contains(&t) => {
+                        self.redis_ready(REDIS_LAST - t, now)
+                    }
                     SIGNALS => {
                         let signals: Vec<i32> = self.signals.pending().collect();
                         for sig in signals {

@@ -36,10 +36,29 @@ const REDIS_DOWN_LIMIT: Duration = Duration::from_secs(10);
 /// with a bounded backoff).
 const RECOVERY_LIMIT: Duration = Duration::from_secs(20);
 
-/// Some nodes on one Redis. On a failing test, prints the logs of every node and of Redis.
+/// Some nodes on one Redis (or on a sharded Redis Cluster: `shards`). On a failing test,
+/// prints the logs of every node and of Redis.
 struct Cluster {
     nodes: Vec<Server>,
-    redis: RedisServer,
+    redis: OneRedis,
+    shards: Option<RedisCluster>,
+}
+
+/// The one Redis of a [`Cluster`]; there is none on a sharded Redis Cluster (a test that
+/// stops "the" Redis has no meaning there).
+struct OneRedis(Option<RedisServer>);
+
+impl std::ops::Deref for OneRedis {
+    type Target = RedisServer;
+    fn deref(&self) -> &RedisServer {
+        self.0.as_ref().expect("one Redis, not a sharded cluster")
+    }
+}
+
+impl std::ops::DerefMut for OneRedis {
+    fn deref_mut(&mut self) -> &mut RedisServer {
+        self.0.as_mut().expect("one Redis, not a sharded cluster")
+    }
 }
 
 impl Cluster {
@@ -60,8 +79,31 @@ impl Cluster {
     fn start_nodes(redis: RedisServer, urls: &[String], args: &[&str]) -> Cluster {
         let mut c = Cluster {
             nodes: Vec::new(),
-            redis,
+            redis: OneRedis(Some(redis)),
+            shards: None,
         };
+        c.start_each(urls, args);
+        c
+    }
+
+    /// `n` nodes on a Redis Cluster of three masters (`replicas` each), every node given
+    /// the seed list of all its nodes (`redis-cluster://`).
+    #[track_caller]
+    fn on_shards(n: usize, replicas: usize, args: &[&str]) -> Cluster {
+        let rc = RedisCluster::start(3, replicas);
+        let urls = vec![rc.url(); n];
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            redis: OneRedis(None),
+            shards: Some(rc),
+        };
+        c.start_each(&urls, args);
+        c
+    }
+
+    #[track_caller]
+    fn start_each(&mut self, urls: &[String], args: &[&str]) {
+        let c = self;
         for url in urls {
             let mut all = vec!["--redis", url.as_str()];
             all.extend_from_slice(&FAST);
@@ -72,7 +114,10 @@ impl Cluster {
         for i in 0..urls.len() {
             c.wait_health(i, "up", REDIS_UP_LIMIT);
         }
-        c
+    }
+
+    fn shards(&self) -> &RedisCluster {
+        self.shards.as_ref().expect("a sharded Redis Cluster")
     }
 
     fn node(&self, i: usize) -> &Server {
@@ -124,7 +169,12 @@ impl Drop for Cluster {
                     eprintln!("{l}");
                 }
             }
-            eprintln!("----- redis log -----\n{}", self.redis.log_tail(30));
+            if let Some(r) = &self.redis.0 {
+                eprintln!("----- redis log -----\n{}", r.log_tail(30));
+            }
+            for n in self.shards.iter().flat_map(|rc| &rc.nodes) {
+                eprintln!("----- redis :{} log -----\n{}", n.port, n.log_tail(15));
+            }
         }
     }
 }
@@ -539,6 +589,28 @@ fn sessions_rooms_and_history_work_on_every_node() {
 #[test]
 fn on_a_one_shard_redis_cluster_sessions_rooms_and_history_work_on_every_node() {
     sessions_rooms_and_history(on_a_one_shard_redis_cluster(&["--room-list"]));
+}
+
+/// Three nodes on a Redis Cluster of three masters (`redis-cluster://` seeds): the same
+/// scenarios as on one Redis, with rooms and sessions spread over the shards.
+#[test]
+fn on_a_sharded_redis_cluster_chat_arrives_once_and_in_one_order_for_everybody() {
+    chat_across_three_nodes(Cluster::on_shards(3, 0, &[]));
+}
+
+#[test]
+fn on_a_sharded_redis_cluster_sessions_rooms_and_history_work_on_every_node() {
+    let c = Cluster::on_shards(3, 0, &["--room-list"]);
+    // Rooms land on every shard (a room's keys all in its own slot).
+    let (sid, _) = c.node(0).session("spreader");
+    for _ in 0..12 {
+        c.node(1).room(&sid);
+    }
+    for n in &c.shards().nodes {
+        let keys = n.command(0, &["DBSIZE"]).expect("DBSIZE");
+        assert_ne!(keys, "0", "master :{} holds no key", n.port);
+    }
+    sessions_rooms_and_history(c);
 }
 
 fn sessions_rooms_and_history(c: Cluster) {
@@ -2123,27 +2195,196 @@ fn a_chat_flood_into_a_stalled_link_holds_no_more_than_the_queue_bound() {
     proxy.restore();
     c.wait_health(0, "up", RECOVERY_LIMIT);
 }
-/// A node given one master of a sharded Redis Cluster (three masters): not supported yet, so
-/// it says so in its log and stays degraded (`/health` says Redis is down; 503 for what needs
-/// Redis) instead of half-working: rooms whose slots are on that master shared, every other
-/// one failing command by command (`MOVED`), chat refused as `unconfirmed` at random.
+/// A node given the plain `redis://` URL of one master of a sharded Redis Cluster finds the
+/// other masters itself (`CLUSTER SLOTS`) and serves every room, wherever its slot is.
 #[test]
-fn a_sharded_redis_cluster_is_refused_clearly_not_half_used() {
+fn a_node_given_one_master_of_a_sharded_cluster_serves_rooms_on_every_shard() {
     let rc = RedisCluster::start(3, 0);
     let url = rc.nodes[0].url(0);
     let s = Server::start(&["--redis", &url]);
     let said = wait_for(REDIS_UP_LIMIT, || {
         s.log().contains("Redis is a Redis Cluster of 3 masters")
     });
-    let (code, v) = health(&s).expect("the node answers /health");
-    assert!(
-        said.is_some(),
-        "no log line names the sharded cluster; /health: {code} {v}"
+    assert!(said.is_some(), "no log line names the sharded cluster");
+    wait_for(REDIS_UP_LIMIT, || {
+        health(&s).is_some_and(|(_, v)| v["redis"] == "up")
+    })
+    .expect("up on a sharded cluster");
+    let (sid, _) = s.session("al");
+    let mut masters = BTreeSet::new();
+    for i in 0..12 {
+        let room = s.room(&sid);
+        let (mut ws, _) = s.join(&room, &sid);
+        let text = format!("hello-{i}");
+        ws.chat(&text);
+        ws.recv_chat(&text);
+        masters.insert(rc.master_of(rc.slot_of(&format!("chatloop:{{r:{room}}}:h"))));
+    }
+    assert_eq!(
+        masters.len(),
+        3,
+        "twelve rooms on every master: {masters:?}"
     );
-    assert_eq!(v["redis"], "down", "{code} {v}");
-    assert_eq!(v["status"], "degraded", "{code} {v}");
-    // A one-master cluster is accepted (tests above); so is it after a reconnect attempt:
-    // the refusal is retried with backoff, never a crash.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(health(&s).expect("still up").1["redis"], "down");
+}
+
+/// Moves the slot of a busy room to another master (as `redis-cli --cluster reshard`
+/// does: `IMPORTING`/`MIGRATING`, `MIGRATE` of its keys, `SETSLOT ... NODE`) while members
+/// on two nodes chat: every chat reaches every member exactly once, in the history's order,
+/// each sender's in the order sent, and the histories agree.
+#[test]
+fn on_a_sharded_redis_cluster_a_busy_rooms_slot_moves_while_members_chat_nothing_lost_or_duplicated()
+ {
+    let c = Cluster::on_shards(2, 0, &["--presence-ttl", "3s"]);
+    let (sa, mut m, _) = trio(&c);
+    let room = list(c.node(0), "/rooms", Some(&sa), "rooms")[0].clone();
+    let rc = c.shards();
+    let slot = rc.slot_of(&format!("chatloop:{{r:{room}}}:h"));
+    let from = rc.master_of(slot);
+    let to = (from + 1) % 3;
+    let mut texts: Vec<(usize, String)> = Vec::new();
+    let mut burst = |m: &mut [Member], phase: &str| {
+        for k in 0..10 {
+            let who = if k % 2 == 0 { 0 } else { 2 };
+            let text = format!("{phase}-{k}");
+            m[who].ws.chat(&text);
+            texts.push((who, text));
+        }
+    };
+    burst(&mut m, "before");
+    let mig = rc.begin_migration(slot, to);
+    burst(&mut m, "migrating");
+    assert!(rc.migrate_keys(&mig, 100) > 0, "the room's keys move");
+    burst(&mut m, "moved-keys");
+    rc.finish_migration(mig);
+    assert_eq!(rc.master_of(slot), to);
+    burst(&mut m, "after");
+    for i in 0..2 {
+        wait_for(Duration::from_secs(10), || {
+            c.node(i)
+                .log()
+                .contains("a room's slot moved to another Redis master")
+        })
+        .unwrap_or_else(|| panic!("node {i} never followed the moved slot"));
+    }
+    let last_a = texts.iter().rev().find(|(w, _)| *w == 0).unwrap().1.clone();
+    let last_c = texts.iter().rev().find(|(w, _)| *w == 2).unwrap().1.clone();
+    let seen: Vec<Vec<Value>> = m
+        .iter_mut()
+        .map(|mj| {
+            let mut got = read_until(&mut mj.ws, Duration::from_secs(20), |got| {
+                [&last_a, &last_c]
+                    .iter()
+                    .all(|t| got.iter().any(|v| v["message"] == **t))
+            });
+            got.extend(mj.ws.drain(Duration::from_millis(300)));
+            got
+        })
+        .collect();
+    let history: Vec<Vec<Value>> = (0..2).map(|i| history(c.node(i), &room, &sa)).collect();
+    assert_eq!(
+        ids(&history[0]),
+        ids(&history[1]),
+        "the nodes' histories agree"
+    );
+    let stored: Vec<&str> = history[0]
+        .iter()
+        .filter(|v| v["type"] == "chat")
+        .filter_map(|v| v["message"].as_str())
+        .filter(|t| *t != "before")
+        .collect();
+    let mut sent: Vec<&str> = texts.iter().map(|(_, t)| t.as_str()).collect();
+    let mut sorted_stored = stored.clone();
+    sorted_stored.sort_unstable();
+    sent.sort_unstable();
+    assert_eq!(sorted_stored, sent, "every chat stored once: {stored:?}");
+    for who in [0, 2] {
+        let order: Vec<&str> = stored
+            .iter()
+            .copied()
+            .filter(|t| texts.iter().any(|(w, x)| *w == who && x == t))
+            .collect();
+        let mine: Vec<&str> = texts
+            .iter()
+            .filter(|(w, _)| *w == who)
+            .map(|(_, t)| t.as_str())
+            .collect();
+        assert_eq!(
+            order, mine,
+            "{}'s chats stored in the order sent",
+            m[who].name
+        );
+    }
+    for (mj, got) in m.iter().zip(&seen) {
+        assert!(
+            !got.iter().any(|v| v["type"] == "error"),
+            "{}: {:?}",
+            mj.name,
+            brief(got)
+        );
+        let chats: Vec<&str> = got
+            .iter()
+            .filter(|v| v["type"] == "chat")
+            .filter_map(|v| v["message"].as_str())
+            .collect();
+        assert_eq!(
+            chats, stored,
+            "{} got every chat once, in the history's order",
+            mj.name
+        );
+    }
+}
+
+/// A master is killed (by pid) and its replica takes over: the nodes go degraded, come
+/// back on the new master, chat resumes, and every chat sent meanwhile is either stored and
+/// delivered to every member once, or its sender got an `unconfirmed` error (or, sent while
+/// degraded, saw it delivered locally): nothing is lost silently.
+#[test]
+fn on_a_sharded_redis_cluster_a_killed_master_is_replaced_by_its_replica_and_chat_resumes() {
+    let mut c = Cluster::on_shards(2, 1, &["--presence-ttl", "3s"]);
+    let (sa, mut m, _) = trio(&c);
+    let room = list(c.node(0), "/rooms", Some(&sa), "rooms")[0].clone();
+    let key = format!("chatloop:{{r:{room}}}:h");
+    let slot = c.shards().slot_of(&key);
+    let master = c.shards().master_of(slot);
+    let port = c.shards().nodes[master].port;
+    c.shards().wait_until("the room's replica caught up", |rc| {
+        rc.nodes.iter().any(|n| {
+            n.port != port
+                && n.command(0, &["ROLE"])
+                    .is_ok_and(|r| r.starts_with("slave"))
+                && n.command(0, &["CLUSTER", "COUNTKEYSINSLOT", &slot.to_string()])
+                    .is_ok_and(|k| k != "0")
+        })
+    });
+    c.shards.as_mut().unwrap().nodes[master].kill();
+    let texts: Vec<String> = (1..=3).map(|k| format!("failover-{k}")).collect();
+    for t in &texts {
+        m[0].ws.chat(t);
+    }
+    let alice = read_until(&mut m[0].ws, Duration::from_secs(20), |got| {
+        texts.iter().all(|t| {
+            got.iter()
+                .any(|v| v["message"] == *t && (v["type"] == "chat" || v["code"] == "unconfirmed"))
+        })
+    });
+    let bob = m[1].ws.drain(Duration::from_millis(300));
+    let mut before = drain_all(&mut m);
+    before[0].frames.splice(0..0, alice);
+    before[1].frames.splice(0..0, bob);
+    c.shards().wait_until("failed over to the replica", |rc| {
+        let Some(n) = rc.nodes.iter().find(|n| n.port != port && n.ping()) else {
+            return false;
+        };
+        n.command(0, &["CLUSTER", "INFO"])
+            .is_ok_and(|i| i.contains("cluster_state:ok"))
+            && rc.master_of(slot) != master
+    });
+    for i in 0..2 {
+        c.wait_health(i, "up", RECOVERY_LIMIT);
+    }
+    let after = after_recovery(&mut m);
+    let history: Vec<Vec<Value>> = (0..2).map(|i| history(c.node(i), &room, &sa)).collect();
+    eprintln!("history after the failover: {:?}", brief(&history[0]));
+    let seen: Vec<(Seen, Seen)> = before.into_iter().zip(after).collect();
+    assert_nothing_lost_silently(&texts, "alice", &["alice", "bob"], &seen, &history);
 }

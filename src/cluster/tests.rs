@@ -22,14 +22,23 @@ fn cfg() -> ClusterConfig {
         password: None,
         reply_limits: ClusterConfig::reply_limits(1100, 16 * 1024, 100_000),
         max_queue: 64 << 20,
+        seeds: vec![slots::Addr {
+            host: "127.0.0.1".into(),
+            port: 6379,
+        }],
+        room_list: false,
     }
 }
 
 /// A cluster that has connected and finished its handshake.
 fn up() -> Cluster {
-    let mut c = Cluster::new(cfg(), 0xabcdef01);
+    up_with(cfg())
+}
+
+fn up_with(cfg: ClusterConfig) -> Cluster {
+    let mut c = Cluster::new(cfg, 0xabcdef01);
     assert!(c.should_connect(now(0)));
-    c.on_connected();
+    c.on_connected(0);
     let hello = b"%1\r\n$6\r\nserver\r\n$5\r\nredis\r\n+OK\r\n";
     assert!(c.on_bytes(hello, now(1)));
     assert!(!c.is_up(), "not before CLUSTER SLOTS is answered");
@@ -37,15 +46,44 @@ fn up() -> Cluster {
     assert!(c.is_up());
     assert_eq!(c.drain_events().collect::<Vec<_>>(), vec![Event::Up]);
     ack_all(&mut c); // the first heartbeat's writes
-    c.out.clear();
+    c.links[0].out.clear();
     c
 }
 
-/// Answers every pending command with `+OK`.
+/// Answers every pending command with `+OK` (a subscription with its push).
 fn ack_all(c: &mut Cluster) {
-    let n = c.pending.len();
-    let oks = "+OK\r\n".repeat(n);
-    assert!(c.on_bytes(oks.as_bytes(), now(2)));
+    let n = c.links[0].pending.len();
+    let oks = acks(c, n);
+    assert!(c.on_bytes(&oks, now(2)));
+}
+
+/// What Redis answers to the first `n` pending commands when each succeeds: `+OK`, or the
+/// `ssubscribe` / `sunsubscribe` push of a subscription.
+fn acks(c: &Cluster, n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in c.links[0].pending.iter().take(n) {
+        match e.pending {
+            Pending::Subscribe(r) => out.extend(confirm("ssubscribe", r)),
+            Pending::Unsubscribe(r) => out.extend(confirm("sunsubscribe", r)),
+            _ => out.extend_from_slice(b"+OK\r\n"),
+        }
+    }
+    out
+}
+
+/// The `ssubscribe` confirmation of the room, then `reply`.
+fn subscribed_then(reply: &[u8]) -> Vec<u8> {
+    [confirm("ssubscribe", ROOM), reply.to_vec()].concat()
+}
+
+fn confirm(kind: &str, r: RoomId) -> Vec<u8> {
+    let ch = format!("chatloop:{{r:{r}}}:m");
+    format!(
+        ">3\r\n${}\r\n{kind}\r\n${}\r\n{ch}\r\n:1\r\n",
+        kind.len(),
+        ch.len()
+    )
+    .into_bytes()
 }
 
 fn push(channel: &str, payload: &[u8]) -> Vec<u8> {
@@ -82,8 +120,8 @@ fn entry(id: MsgId, text: &str) -> Vec<u8> {
 fn handshake_says_hello_3_and_selects_the_database() {
     let mut c = Cluster::new(cfg(), 1);
     assert!(c.should_connect(now(0)));
-    c.on_connected();
-    let text = String::from_utf8_lossy(&c.out).to_string();
+    c.on_connected(0);
+    let text = String::from_utf8_lossy(&c.links[0].out).to_string();
     assert!(
         text.starts_with("*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"),
         "{text}"
@@ -101,7 +139,7 @@ fn a_redis_cluster_of_one_master_is_served_one_of_several_is_refused() {
     let handshake = |slots: &[u8]| {
         let mut c = Cluster::new(cfg(), 1);
         c.should_connect(now(0));
-        c.on_connected();
+        c.on_connected(0);
         assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(1)));
         let ok = c.on_bytes(slots, now(1));
         (ok, c.is_up())
@@ -114,8 +152,8 @@ fn a_redis_cluster_of_one_master_is_served_one_of_several_is_refused() {
 *3\r\n:10923\r\n:16383\r\n*2\r\n$1\r\nc\r\n:1\r\n";
     assert_eq!(
         handshake(three),
-        (false, false),
-        "sharded: the link is dropped"
+        (true, false),
+        "sharded: up once every master's link is"
     );
     // A slot map that is not one is a broken link too, never a crash.
     assert_eq!(handshake(b"*1\r\n*3\r\n:9\r\n:1\r\n*0\r\n"), (false, false));
@@ -125,7 +163,7 @@ fn a_redis_cluster_of_one_master_is_served_one_of_several_is_refused() {
 fn a_refused_handshake_breaks_the_link() {
     let mut c = Cluster::new(cfg(), 1);
     c.should_connect(now(0));
-    c.on_connected();
+    c.on_connected(0);
     assert!(!c.on_bytes(b"-WRONGPASS invalid password\r\n", now(1)));
 }
 
@@ -169,10 +207,12 @@ fn a_missing_session_is_none_and_an_expired_room_does_not_exist() {
     c.fetch(3, 1, Query::RoomExists(ROOM), now(10));
     let past = (now(10).wall.0 / 1000 - 5).to_string();
     let future = (now(10).wall.0 / 1000 + 5).to_string();
-    // Each room lookup is ZSCORE then HGETALL of its settings.
+    // Each room lookup is one script: whether its registry key exists (it expires with the
+    // room), and its settings (a flat array: Lua speaks RESP2).
+    let _ = (past, future);
     let hash = "ab".repeat(32);
     let replies = format!(
-        "%0\r\n,{past}\r\n%0\r\n,{future}\r\n%2\r\n$1\r\ni\r\n$64\r\n{hash}\r\n$1\r\nt\r\n$4\r\n5000\r\n"
+        "%0\r\n*2\r\n:0\r\n*0\r\n*2\r\n:1\r\n*4\r\n$1\r\ni\r\n$64\r\n{hash}\r\n$1\r\nt\r\n$4\r\n5000\r\n"
     );
     assert!(c.on_bytes(replies.as_bytes(), now(11)));
     let answers: Vec<Answer> = c
@@ -197,40 +237,29 @@ fn a_missing_session_is_none_and_an_expired_room_does_not_exist() {
 
 #[test]
 fn a_sessions_rooms_are_two_commands_each_on_one_slot() {
-    // SMEMBERS of the session's set, then ZMSCORE of those rooms in the registry: a script
-    // touching both would cross hash slots in a Redis Cluster.
+    // SMEMBERS of the session's set, then EXISTS of each room's registry key (each on its
+    // room's shard): a script touching both would cross hash slots in a Redis Cluster.
     let mut c = up();
     let other = RoomId(0xabcdef0123);
     let gone = RoomId(0x1111111111);
     c.fetch(7, 3, Query::SessionRooms(SessionId(5)), now(10));
-    let out = String::from_utf8_lossy(&c.out).into_owned();
+    let out = String::from_utf8_lossy(&c.links[0].out).into_owned();
     assert!(out.contains("SMEMBERS") && !out.contains("EVAL"), "{out}");
-    c.out.clear();
+    c.links[0].out.clear();
     let members = [ROOM, other, gone].map(|r| r.hex().to_vec());
     let mut set = bulk_array(&members);
     set[0] = b'~'; // SMEMBERS answers a RESP3 set
     assert!(c.on_bytes(&set, now(11)));
-    assert!(!c.has_events(), "the scores are asked first");
-    let out = String::from_utf8_lossy(&c.out).into_owned();
-    assert!(
-        out.contains("ZMSCORE") && out.contains("chatloop:rooms") && out.contains("abcdef0123"),
-        "{out}"
-    );
-    let past = (now(10).wall.0 / 1000 - 5).to_string();
-    let future = (now(10).wall.0 / 1000 + 5).to_string();
-    // Scores in the order the command names the rooms (a set has none of its own).
-    let mut named = [(ROOM, future.as_str()), (other, "_"), (gone, past.as_str())]
+    assert!(!c.has_events(), "each room is asked first");
+    let out = String::from_utf8_lossy(&c.links[0].out).into_owned();
+    assert_eq!(out.matches("EXISTS").count(), 3, "{out}");
+    assert!(out.contains("chatloop:{r:abcdef0123}:e"), "{out}");
+    // Answers in the order the commands name the rooms (a set has none of its own).
+    let mut named = [(ROOM, 1), (other, 0), (gone, 0)]
         .map(|(r, s)| (out.find(std::str::from_utf8(&r.hex()).unwrap()).unwrap(), s));
     named.sort();
-    let scores: String = named
-        .iter()
-        .map(|(_, s)| match *s {
-            "_" => "_\r\n".to_string(),
-            s => format!(",{s}\r\n"),
-        })
-        .collect();
-    let scores = format!("*3\r\n{scores}");
-    assert!(c.on_bytes(scores.as_bytes(), now(12)));
+    let replies: String = named.iter().map(|(_, s)| format!(":{s}\r\n")).collect();
+    assert!(c.on_bytes(replies.as_bytes(), now(12)));
     assert_eq!(
         c.drain_events().collect::<Vec<_>>(),
         vec![Event::Answer {
@@ -294,16 +323,17 @@ fn losing_redis_fails_waiting_requests_and_backs_off() {
 fn subscribe_then_load_sees_each_message_exactly_once() {
     let mut c = up();
     c.fetch(1, 1, Query::Subscribe(ROOM), now(10));
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     let sub = out.find("SUBSCRIBE").unwrap();
     let lrange = out.find("LRANGE").unwrap();
     assert!(sub < lrange, "subscribe goes first on the same connection");
     let (a, b, d) = (MsgId(1 << 80), MsgId(2 << 80), MsgId(3 << 80));
     // b was published after SUBSCRIBE ran and before LRANGE ran: it is in both.
-    let mut bytes = push(
+    let mut bytes = confirm("ssubscribe", ROOM);
+    bytes.extend(push(
         "chatloop:{r:0123456789}:m",
         &[b"H".as_slice(), &entry(b, "b")].concat(),
-    );
+    ));
     bytes.extend_from_slice(&bulk_array(&[entry(a, "a"), entry(b, "b")]));
     // d came after LRANGE: only as a push.
     bytes.extend_from_slice(&push(
@@ -351,7 +381,7 @@ fn a_chat_is_stored_and_published_by_one_script() {
         },
         now(10),
     );
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     assert!(out.starts_with("*13\r\n$4\r\nEVAL\r\n"), "{out}");
     for part in [
         "RPUSH",
@@ -380,7 +410,7 @@ fn a_chat_is_stored_and_published_by_one_script() {
 fn typing_is_not_delivered_back_to_its_sender() {
     let mut c = up();
     c.fetch(1, 1, Query::Subscribe(ROOM), now(10));
-    assert!(c.on_bytes(&bulk_array(&[]), now(11)));
+    assert!(c.on_bytes(&subscribed_then(&bulk_array(&[])), now(11)));
     c.drain_events().for_each(drop);
     c.apply(
         Op::Typing {
@@ -390,7 +420,7 @@ fn typing_is_not_delivered_back_to_its_sender() {
         },
         now(12),
     );
-    let out = c.out.clone();
+    let out = c.links[0].out.clone();
     let at = out.windows(9).position(|w| w == b"Tabcdef01").unwrap();
     let payload = &out[at..at + 17 + 17];
     assert!(c.on_bytes(&push("chatloop:{r:0123456789}:m", payload), now(13)));
@@ -412,8 +442,8 @@ fn typing_is_not_delivered_back_to_its_sender() {
 fn presence_follows_members_and_the_last_leave_unsubscribes() {
     let mut c = up();
     c.fetch(1, 1, Query::Subscribe(ROOM), now(10));
-    assert!(c.on_bytes(&bulk_array(&[]), now(11)));
-    c.out.clear();
+    assert!(c.on_bytes(&subscribed_then(&bulk_array(&[])), now(11)));
+    c.links[0].out.clear();
     let joined = |conn| Op::Joined {
         room: ROOM,
         conn: ConnId(conn),
@@ -423,23 +453,23 @@ fn presence_follows_members_and_the_last_leave_unsubscribes() {
         settings: RoomSettings::default(),
     };
     c.apply(joined(3), now(12));
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     assert!(out.contains("abcdef01:3:00001234:bo:b"), "{out}");
     c.apply(joined(4), now(12));
-    c.out.clear();
+    c.links[0].out.clear();
     let left = |conn| Op::Left {
         room: ROOM,
         conn: ConnId(conn),
         session: SessionId(conn as u128),
     };
     c.apply(left(3), now(13));
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     assert!(
         out.contains("ZREM") && !out.contains("UNSUBSCRIBE"),
         "{out}"
     );
     c.apply(left(4), now(13));
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     assert!(out.contains("UNSUBSCRIBE"), "{out}");
     // Presence entries parse back into users.
     assert_eq!(
@@ -462,11 +492,11 @@ fn heartbeats_refresh_presence_every_third_of_its_ttl() {
         },
         now(10),
     );
-    c.out.clear();
+    c.links[0].out.clear();
     let due = c.poll_timeout().unwrap();
     assert!(due <= Micros::from_secs(6), "{due:?}");
     c.on_timer(now(due.0 / 1000));
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     assert!(
         out.contains("ZADD") && out.contains("chatloop:{r:0123456789}:p"),
         "{out}"
@@ -517,20 +547,20 @@ fn after_a_reconnect_rooms_with_members_load_again_to_catch_up() {
     c.on_disconnected(now(20));
     c.drain_events().for_each(drop);
     assert!(c.should_connect(now(200)));
-    c.on_connected();
+    c.on_connected(0);
     assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(201)));
     assert!(c.on_bytes(NOT_A_CLUSTER, now(201)));
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     assert!(out.contains("SUBSCRIBE") && out.contains("LRANGE"), "{out}");
-    c.out.clear();
+    c.links[0].out.clear();
     let id = MsgId(9 << 80);
     // Replies in order: everything before the LRANGE is an ignored write, then the LRANGE.
-    let before = c
+    let before = c.links[0]
         .pending
         .iter()
-        .position(|(p, _)| matches!(p, Pending::Load { .. }))
+        .position(|e| matches!(e.pending, Pending::Load { .. }))
         .unwrap();
-    let mut bytes = "+OK\r\n".repeat(before).into_bytes();
+    let mut bytes = acks(&c, before);
     bytes.extend_from_slice(&bulk_array(&[entry(id, "missed")]));
     assert!(c.on_bytes(&bytes, now(202)));
     let loaded: Vec<Event> = c
@@ -562,16 +592,16 @@ fn expired_presence_of_another_node_is_announced_by_the_node_that_removed_it() {
         now(10),
     );
     ack_all(&mut c);
-    c.out.clear();
+    c.links[0].out.clear();
     let due = c.poll_timeout().unwrap();
     c.on_timer(now(due.0 / 1000));
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     assert!(out.contains("ZREMRANGEBYSCORE"), "{out}");
     let mut bytes = bulk_array(&[
         b"0badcafe:7:00000042:zed".to_vec(),
         b"abcdef01:2:00000001:al".to_vec(), // our own: still here, not announced
     ]);
-    bytes.extend_from_slice("+OK\r\n".repeat(c.pending.len() - 1).as_bytes());
+    bytes.extend_from_slice("+OK\r\n".repeat(c.links[0].pending.len() - 1).as_bytes());
     assert!(c.on_bytes(&bytes, now(due.0 / 1000 + 1)));
     let departed: Vec<Event> = c.drain_events().collect();
     assert_eq!(
@@ -588,14 +618,14 @@ fn expired_presence_of_another_node_is_announced_by_the_node_that_removed_it() {
 fn a_room_loaded_for_a_join_that_never_happened_is_reloaded_after_a_reconnect_too() {
     let mut c = up();
     c.fetch(1, 1, Query::Subscribe(ROOM), now(10));
-    assert!(c.on_bytes(&bulk_array(&[]), now(11)));
+    assert!(c.on_bytes(&subscribed_then(&bulk_array(&[])), now(11)));
     c.on_disconnected(now(20));
     assert!(c.should_connect(now(200)));
-    c.on_connected();
-    c.out.clear();
+    c.on_connected(0);
+    c.links[0].out.clear();
     assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(201)));
     assert!(c.on_bytes(NOT_A_CLUSTER, now(201)));
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     assert!(
         out.contains("SUBSCRIBE\r\n$25\r\nchatloop:{r:0123456789}:m") && out.contains("LRANGE"),
         "{out}"
@@ -756,7 +786,7 @@ fn a_hostile_reply_breaks_the_link_without_buffering_or_crashing() {
         let mut c = up();
         c.fetch(1, 1, Query::AllRooms, now(10));
         assert!(!c.on_bytes(&bytes, now(11)));
-        assert!(c.inbuf.is_empty(), "nothing kept");
+        assert!(c.links.iter().all(|l| l.inbuf.is_empty()), "nothing kept");
     }
     // A huge bulk header: refused at once, even before its payload starts.
     let mut c = up();
@@ -859,7 +889,7 @@ fn unconfirmed(events: &[Event]) -> Vec<MsgId> {
 fn events_unconfirmed_when_the_link_drops_come_back_in_order_unless_echoed() {
     let mut c = up();
     c.fetch(1, 1, Query::Subscribe(ROOM), now(1));
-    assert!(c.on_bytes(&bulk_array(&[]), now(2)));
+    assert!(c.on_bytes(&subscribed_then(&bulk_array(&[])), now(2)));
     c.drain_events().for_each(drop);
     let ids: Vec<MsgId> = (1..=4).map(|i| MsgId(i << 80)).collect();
     for &id in &ids {
@@ -912,7 +942,7 @@ fn a_full_queue_toward_redis_counts_as_down_and_hands_events_back() {
     cfg.max_queue = 64 * 1024;
     let mut c = Cluster::new(cfg, 7);
     c.should_connect(now(0));
-    c.on_connected();
+    c.on_connected(0);
     assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(1)));
     assert!(c.on_bytes(NOT_A_CLUSTER, now(1)));
     ack_all(&mut c);
@@ -1019,8 +1049,11 @@ fn room_settings_from_redis_never_make_a_room_more_open() {
 
 #[test]
 fn a_private_room_is_written_with_its_settings_before_the_registry() {
-    let mut c = up();
-    c.out.clear();
+    let mut c = up_with(ClusterConfig {
+        room_list: true,
+        ..cfg()
+    });
+    c.links[0].out.clear();
     let settings = RoomSettings {
         invite: Some([7; 32]),
         message_ttl: Some(Micros(5_000_000)),
@@ -1033,16 +1066,19 @@ fn a_private_room_is_written_with_its_settings_before_the_registry() {
         },
         now(10),
     );
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     let hset = out.find("HSET").expect("settings written");
     let sadd = out.find("chatloop:private").expect("listed as private");
-    let zadd = out.find("ZADD").expect("registered");
-    assert!(hset < zadd && sadd < zadd, "{out}");
+    let zadd = out.find("ZADD").expect("in the index of GET /rooms/all");
+    let set = out
+        .find(&format!("chatloop:{{r:{ROOM}}}:e"))
+        .expect("registered");
+    assert!(hset < zadd && sadd < zadd && hset < set, "{out}");
     assert!(out.contains(&format!("chatloop:{{r:{ROOM}}}:rm")), "{out}");
     assert!(out.contains(&"07".repeat(32)), "{out}");
     assert!(out.contains("\r\n5000\r\n"), "{out}");
     // A room made the old way writes no settings.
-    c.out.clear();
+    c.links[0].out.clear();
     c.apply(
         Op::RoomCreated {
             room: ROOM,
@@ -1051,6 +1087,20 @@ fn a_private_room_is_written_with_its_settings_before_the_registry() {
         },
         now(10),
     );
-    let out = String::from_utf8_lossy(&c.out).to_string();
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
     assert!(!out.contains("rm:") && !out.contains("private"), "{out}");
+    // Without --room-list no command touches a key shared by all rooms.
+    let mut c = up();
+    c.links[0].out.clear();
+    c.apply(
+        Op::RoomCreated {
+            room: ROOM,
+            session: SessionId(9),
+            settings,
+        },
+        now(10),
+    );
+    let out = String::from_utf8_lossy(&c.links[0].out).to_string();
+    assert!(out.contains(&format!("chatloop:{{r:{ROOM}}}:e")), "{out}");
+    assert!(!out.contains("chatloop:rooms"), "{out}");
 }

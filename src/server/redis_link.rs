@@ -11,19 +11,25 @@ use std::net::ToSocketAddrs;
 use mio::Interest;
 use mio::net::TcpStream;
 
-use super::{REDIS, Server};
-use crate::cluster::{Answer, Event as ClusterEvent, Facts, Query};
+use mio::Token;
+
+use super::{REDIS_LAST, Server};
+use crate::cluster::slots::Addr;
+use crate::cluster::{Answer, Event as ClusterEvent, Facts, MAX_LINKS, Query};
 use crate::ids::{ConnHandle, ConnId};
 use crate::throttle::LogEvent;
 use crate::time::Now;
 use crate::tls;
 
-/// The connection to Redis (`--redis`), registered with the loop's poll as `REDIS`.
+/// A connection to Redis (`--redis`; one per master of a sharded cluster), registered with
+/// the loop's poll as `Token(REDIS_LAST - i)` for link `i`.
 pub(super) struct RedisSocket {
     pub(super) stream: TcpStream,
     pub(super) connected: bool,
     /// `rediss://` only.
     pub(super) tls: Option<tls::RedisTls>,
+    /// The epoch of the link it serves (see [`RedisLink`](crate::cluster::RedisLink)).
+    pub(super) epoch: u64,
 }
 
 /// A request waiting for facts from Redis.
@@ -100,6 +106,7 @@ impl Server {
     /// Carries out what the Redis side asks for until it has nothing more.
     pub(super) fn pump_cluster(&mut self, now: Now) {
         loop {
+            self.sync_links(now);
             let Some(cluster) = &mut self.cluster else {
                 return;
             };
@@ -228,80 +235,103 @@ impl Server {
         let Some(cluster) = &mut self.cluster else {
             return;
         };
-        if self.shutdown_at.is_none() && cluster.should_connect(now) {
-            self.redis_connect(now);
+        if self.shutdown_at.is_none() {
+            cluster.should_connect(now);
         }
         if let Some(cluster) = &mut self.cluster {
             cluster.on_timer(now);
-            if !cluster.wants_socket()
-                && let Some(mut sock) = self.redis.take()
-            {
-                let _ = self.poll.registry().deregister(&mut sock.stream);
-            }
         }
         self.pump_cluster(now);
     }
 
-    pub(super) fn redis_connect(&mut self, now: Now) {
-        let Some(url) = self.cfg.redis.as_ref() else {
+    /// Makes the sockets match the links the Redis side wants: a socket per link (each
+    /// registered with its own token), none for a link that is gone or was made anew.
+    pub(super) fn sync_links(&mut self, now: Now) {
+        loop {
+            let Some(cluster) = &self.cluster else {
+                return;
+            };
+            let want = cluster.link_count().min(MAX_LINKS);
+            for i in 0..self.redis.len() {
+                let current = cluster.link(i).map(|(_, epoch)| epoch);
+                if let Some(sock) = &self.redis[i]
+                    && (i >= want || current != Some(sock.epoch))
+                    && let Some(mut sock) = self.redis[i].take()
+                {
+                    let _ = self.poll.registry().deregister(&mut sock.stream);
+                }
+            }
+            self.redis.truncate(want);
+            self.redis.resize_with(want, || None);
+            let Some(i) = self.redis.iter().position(Option::is_none) else {
+                return;
+            };
+            // One at a time: a failed connect changes what the Redis side wants.
+            self.redis_connect(i, now);
+        }
+    }
+
+    fn redis_connect(&mut self, i: usize, now: Now) {
+        let Some((addr, epoch)) = self
+            .cluster
+            .as_ref()
+            .and_then(|c| c.link(i))
+            .map(|(a, e)| (a.clone(), e))
+        else {
             return;
         };
-        let addr = (url.host.as_str(), url.port)
+        let resolved = (addr.host.as_str(), addr.port)
             .to_socket_addrs()
             .ok()
             .and_then(|mut a| a.next());
-        let result = match addr {
-            Some(addr) => TcpStream::connect(addr),
+        let result = match resolved {
+            Some(a) => TcpStream::connect(a),
             None => Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("cannot resolve {}", url.host),
+                format!("cannot resolve {}", addr.host),
             )),
         };
-        let tls = match self.redis_tls.as_ref().map(|t| t.connect(&url.host)) {
+        let tls = match self.redis_tls.as_ref().map(|t| t.connect(&addr.host)) {
             None => None,
             Some(Ok(t)) => Some(t),
             Some(Err(e)) => {
-                return self.redis_connect_failed(&io::Error::other(e), now);
+                return self.redis_connect_failed(&addr, &io::Error::other(e), now);
             }
         };
         match result.and_then(|mut stream| {
             self.poll.registry().register(
                 &mut stream,
-                REDIS,
+                Token(REDIS_LAST - i),
                 Interest::READABLE | Interest::WRITABLE,
             )?;
             Ok(stream)
         }) {
             Ok(stream) => {
-                self.redis = Some(RedisSocket {
+                self.redis[i] = Some(RedisSocket {
                     stream,
                     connected: false,
                     tls,
+                    epoch,
                 })
             }
-            Err(e) => self.redis_connect_failed(&e, now),
+            Err(e) => self.redis_connect_failed(&addr, &e, now),
         }
     }
 
-    pub(super) fn redis_connect_failed(&mut self, e: &io::Error, now: Now) {
-        let url = self
-            .cfg
-            .redis
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default();
+    fn redis_connect_failed(&mut self, addr: &Addr, e: &io::Error, now: Now) {
         crate::limit_log!(
             self.throttle,
             LogEvent::Redis,
             now.mono,
             warn,
-            "cannot connect to Redis at {url}: {e}"
+            "cannot connect to Redis at {addr}: {e}"
         );
         self.redis_lost(now);
     }
 
-    pub(super) fn redis_ready(&mut self, now: Now) {
-        let Some(sock) = &mut self.redis else {
+    /// Link `i`'s socket is ready (connected, readable or writable).
+    pub(super) fn redis_ready(&mut self, i: usize, now: Now) {
+        let Some(Some(sock)) = self.redis.get_mut(i) else {
             return;
         };
         if !sock.connected {
@@ -310,18 +340,19 @@ impl Server {
                     sock.connected = true;
                     let _ = sock.stream.set_nodelay(true);
                     if let Some(c) = &mut self.cluster {
-                        c.on_connected();
+                        c.on_connected(i);
                     }
                 }
                 Ok(None) => return, // still connecting
                 Ok(Some(e)) | Err(e) => {
-                    self.redis_connect_failed(&e, now);
+                    let addr = self.link_addr(i);
+                    self.redis_connect_failed(&addr, &e, now);
                     return;
                 }
             }
         }
         loop {
-            let Some(sock) = &mut self.redis else {
+            let Some(Some(sock)) = self.redis.get_mut(i) else {
                 return;
             };
             match sock.stream.read(&mut self.rbuf) {
@@ -344,7 +375,10 @@ impl Server {
                             &plain[..]
                         }
                     };
-                    let ok = self.cluster.as_mut().is_some_and(|c| c.on_bytes(data, now));
+                    let ok = self
+                        .cluster
+                        .as_mut()
+                        .is_some_and(|c| c.on_link_bytes(i, data, now));
                     if !ok {
                         self.redis_lost(now);
                         return;
@@ -363,40 +397,62 @@ impl Server {
         self.redis_write(now);
     }
 
-    /// Writes the Redis side's pending commands (pipelined: all of them at once). A queue
-    /// over `--max-redis-queue` drops the link instead (Redis counts as down).
+    fn link_addr(&self, i: usize) -> Addr {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.link(i))
+            .map(|(a, _)| a.clone())
+            .unwrap_or(Addr {
+                host: String::new(),
+                port: 0,
+            })
+    }
+
+    /// Writes the Redis side's pending commands (pipelined: all of them at once, on each
+    /// link). A queue over `--max-redis-queue` drops the links instead (Redis counts as
+    /// down).
     pub(super) fn redis_write(&mut self, now: Now) {
         if self.cluster.as_mut().is_some_and(|c| c.check_queue(now)) {
-            if let Some(mut sock) = self.redis.take() {
-                let _ = self.poll.registry().deregister(&mut sock.stream);
-            }
             self.pump_cluster(now);
             return;
         }
-        let (Some(sock), Some(cluster)) = (&mut self.redis, &mut self.cluster) else {
-            return;
+        for i in 0..self.redis.len() {
+            if !self.redis_write_link(i) {
+                self.redis_lost(now);
+                return;
+            }
+        }
+    }
+
+    /// Writes link `i`'s commands; `false` if the link failed.
+    fn redis_write_link(&mut self, i: usize) -> bool {
+        let (Some(Some(sock)), Some(cluster)) = (self.redis.get_mut(i), &mut self.cluster) else {
+            return true;
+        };
+        let Some(link) = cluster.links.get_mut(i) else {
+            return true;
         };
         if !sock.connected {
-            return;
+            return true;
         }
-        if cluster.out.is_empty() {
+        if link.out.is_empty() {
             // rediss://: handshake output, or records the socket did not take before.
             if let Some(t) = &mut sock.tls
                 && let Err(e) = t.flush(&mut sock.stream)
             {
                 log::warn!("writing to Redis failed: {e}");
-                self.redis_lost(now);
+                return false;
             }
-            return;
+            return true;
         }
         let mut done = 0;
         let failed = loop {
-            if done == cluster.out.len() {
+            if done == link.out.len() {
                 break false;
             }
             let written = match &mut sock.tls {
-                None => sock.stream.write(&cluster.out[done..]),
-                Some(t) => t.send(&cluster.out[done..], &mut sock.stream),
+                None => sock.stream.write(&link.out[done..]),
+                Some(t) => t.send(&link.out[done..], &mut sock.stream),
             };
             match written {
                 Ok(0) => break true,
@@ -409,19 +465,15 @@ impl Server {
                 }
             }
         };
-        cluster.out.drain(..done);
-        if cluster.out.is_empty() && cluster.out.capacity() > 1024 * 1024 {
-            cluster.out = Vec::new();
+        link.out.drain(..done);
+        if link.out.is_empty() && link.out.capacity() > 1024 * 1024 {
+            link.out = Vec::new();
         }
-        if failed {
-            self.redis_lost(now);
-        }
+        !failed
     }
 
+    /// A link failed: every link goes, the node is degraded until they are all back.
     pub(super) fn redis_lost(&mut self, now: Now) {
-        if let Some(mut sock) = self.redis.take() {
-            let _ = self.poll.registry().deregister(&mut sock.stream);
-        }
         if let Some(c) = &mut self.cluster {
             c.on_disconnected(now);
         }
