@@ -6,22 +6,23 @@
 //! |---|---|---|---|
 //! | `{s:SESSION}:s` | hash `u`, `i` | username, user id | `--session-ttl`, slid on every use |
 //! | `{s:SESSION}:sr` | set | the session's rooms | as the session |
-//! | `rooms` | sorted set | room id → expiry (Unix ms) | score pushed forward while a node has members |
-//! | `{r:ROOM}:rm` | hash `i`, `t` | a private room's invite SHA-256 (hex), a `message_ttl` (ms); only for rooms that have either | as `{r:ROOM}:h`; written before `rooms` |
-//! | `private{chatloop:rooms}` | set | private room ids (left out of `GET /rooms/all`); tagged into the slot of `rooms`, which scripts read with it | pruned with `rooms` |
+//! | `{r:ROOM}:e` | string | the room exists (the registry) | `PXAT` the room's expiry, pushed forward while a node has members |
+//! | `rooms` | sorted set | room id → expiry (Unix ms), only with `--room-list` (`GET /rooms/all`) | pruned by heartbeats |
+//! | `{r:ROOM}:rm` | hash `i`, `t` | a private room's invite SHA-256 (hex), a `message_ttl` (ms); only for rooms that have either | as `{r:ROOM}:h`; written before `{r:ROOM}:e` |
+//! | `private{chatloop:rooms}` | set | private room ids (left out of `GET /rooms/all`), only with `--room-list`; tagged into the slot of `rooms`, which scripts read with it | pruned with `rooms` |
 //! | `{r:ROOM}:h` | list | the last `--history` chat messages and the presence notices among them (`id` + JSON) | room TTL after the last refresh |
 //! | `{r:ROOM}:hn` | list | the notices in `{r:ROOM}:h`, oldest first, at most `--history-notices` | as `{r:ROOM}:h` |
 //! | `{r:ROOM}:p` | sorted set | `node:conn:user_id:user` → expiry (Unix ms) | heartbeated every `--presence-ttl`/3 |
-//! | channel `{r:ROOM}:m` | pub/sub | `H{id}{json}` history events, `T{node}{conn}{json}` typing | subscribed while the node has members there |
+//! | channel `{r:ROOM}:m` | sharded pub/sub (`SSUBSCRIBE`, `SPUBLISH`) | `H{id}{json}` history events, `T{node}{conn}{json}` typing | subscribed while the node has members there |
 //! | channel `ctl` | pub/sub | `E{session}`: a session ended | always subscribed |
 //!
 //! The part in braces is a hash tag: in a Redis Cluster every key of one room (and of one
 //! session) is in one hash slot, so each script touches one slot ([`slots`] has the
 //! cluster's pure pieces).
 //!
-//! One RESP3 connection carries commands (pipelined, answered in order) and pub/sub pushes,
-//! so a `SUBSCRIBE` followed by `LRANGE` on the same connection sees every message exactly
-//! once: pushes that arrive before the `LRANGE` reply are buffered and de-duplicated by id.
+//! One RESP3 connection per Redis master ([`RedisLink`]; one in all for one Redis) carries
+//! commands (pipelined, answered in order) and pub/sub pushes, so a `SSUBSCRIBE` followed by
+//! `LRANGE` on the connection of the room's shard sees every message exactly once: pushes that arrive before the `LRANGE` reply are buffered and de-duplicated by id.
 //! A chat message is `RPUSH`ed and `PUBLISH`ed by one Lua script (atomic), so history order is
 //! delivery order on every node, and each node frames a delivered message once for all its
 //! members.

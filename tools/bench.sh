@@ -21,6 +21,9 @@
 # cores), server CPU summed over the nodes and redis-server. Needs redis-server.
 # cluster1s / cluster2s: the same as cluster1 / cluster2 on a Redis Cluster of one master
 # (--cluster-enabled yes, every slot on it; needs redis-cli): the cost of Redis's cluster mode.
+# cluster1s3 / cluster2s3: the same on a Redis Cluster of three masters (redis-cli --cluster
+# create; the nodes get its redis-cluster:// seed list): rooms spread over the shards, CPU
+# summed over the nodes and the three redis-servers.
 #
 # Environment: BENCH_DURATION (5s), BENCH_WARMUP (1s), BENCH_IDLE_HOLD (5s),
 # BENCH_IDLE_CONNS (hard fd limit minus 1000), BENCH_REST_CLIENTS (16), BENCH_JOINS (2000),
@@ -49,7 +52,7 @@ OUT=${BENCH_OUT:-$ROOT/target/bench}
 CLUSTER_RATE=${BENCH_CLUSTER_RATE:-100}
 # shellcheck disable=SC2206 # word splitting intended: a list of flags
 LIMIT_ARGS=(${BENCH_LIMIT_ARGS---create-rate 0 --max-connections-per-ip 0 --max-rooms-per-session 0 --upgrade-rate 0})
-ALL=(fanout1k fanout10x50 floor1k floor10x50 relay1k relay10x50 rest restfloor join idle cluster0 cluster1 cluster2 cluster1s cluster2s
+ALL=(fanout1k fanout10x50 floor1k floor10x50 relay1k relay10x50 rest restfloor join idle cluster0 cluster1 cluster2 cluster1s cluster2s cluster1s3 cluster2s3
     wss1k wss10x50 connect tlsconnect idlewss)
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
@@ -88,7 +91,9 @@ CHATLOOP_BIN=$SERVER_BIN
 REDIS_PID="" NODE2_PID=""
 stop_cluster() {
     local p
-    for p in "$NODE2_PID" "$REDIS_PID"; do
+    # REDIS_PID: one pid, or several (a sharded cluster) separated by spaces.
+    # shellcheck disable=SC2086
+    for p in "$NODE2_PID" $REDIS_PID; do
         if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
             kill -TERM "$p" 2>/dev/null || true
             for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -318,7 +323,8 @@ idle() {
 
 # cluster NAME NODES [shard]: fan-out 10 x 50 through NODES chatloop nodes sharing one
 # redis-server (NODES=0: one node without Redis, the baseline for the Redis hop); with
-# `shard`, that redis-server is a Redis Cluster of one master holding every slot.
+# `shard`, that redis-server is a Redis Cluster of one master holding every slot; with `shard3`,
+# three redis-servers make a Redis Cluster of three masters.
 cluster() {
     local name=$1 nodes=$2 shard=${3:-} redis_args=() node_args=() extra="" pid1 port1 up cluster_args=()
     command -v redis-server >/dev/null || { say "$name: SKIPPED (no redis-server; apt-get install redis-server)"; return 0; }
@@ -326,7 +332,37 @@ cluster() {
     SERVER_PREFIX=()
     if [ "$nodes" -gt 0 ]; then
         REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-        if [ -n "$shard" ]; then
+        if [ "$shard" = shard3 ]; then
+            local i ports=() seeds="" pids=""
+            for i in 1 2 3; do
+                local p cp
+                p=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+                cp=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+                rm -f "$OUT/$name.nodes$i.conf"
+                redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no --cluster-enabled yes \
+                    --cluster-config-file "$OUT/$name.nodes$i.conf" --cluster-port "$cp" >"$OUT/$name.redis$i.log" 2>&1 &
+                pids="$pids $!"
+                ports+=("$p")
+                seeds="$seeds,127.0.0.1:$p"
+            done
+            REDIS_PID=${pids# }
+            for p in "${ports[@]}"; do
+                for _ in $(seq 1 100); do
+                    [ "$(redis-cli -p "$p" ping 2>/dev/null)" = PONG ] && break
+                    sleep 0.1
+                done
+            done
+            redis-cli --cluster create "${ports[@]/#/127.0.0.1:}" --cluster-yes >"$OUT/$name.create.log" 2>&1 </dev/null ||
+                { say "$name: FAILED (redis-cli --cluster create; see $OUT/$name.create.log)"; stop_cluster; return 0; }
+            for p in "${ports[@]}"; do
+                for _ in $(seq 1 100); do
+                    redis-cli -p "$p" cluster info 2>/dev/null | grep -q cluster_state:ok && break
+                    sleep 0.1
+                done
+            done
+            redis_args=(--redis "redis-cluster://${seeds#,}")
+            extra=${REDIS_PID// /,}
+        elif [ -n "$shard" ]; then
             rm -f "$OUT/$name.nodes.conf"
             cluster_args=(--cluster-enabled yes --cluster-config-file "$OUT/$name.nodes.conf"
                 --cluster-port "$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
@@ -337,15 +373,17 @@ cluster() {
             [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && break
             sleep 0.1
         done
-        if [ -n "$shard" ]; then
+        if [ "$shard" = shard ]; then
             redis-cli -p "$REDIS_PORT" cluster addslotsrange 0 16383 >/dev/null
             for _ in $(seq 1 100); do
                 redis-cli -p "$REDIS_PORT" cluster info 2>/dev/null | grep -q cluster_state:ok && break
                 sleep 0.1
             done
         fi
-        redis_args=(--redis "redis://127.0.0.1:$REDIS_PORT/0")
-        extra=$REDIS_PID
+        if [ "$shard" != shard3 ]; then
+            redis_args=(--redis "redis://127.0.0.1:$REDIS_PORT/0")
+            extra=$REDIS_PID
+        fi
     fi
     start_chatloop "$OUT/$name.server.log" "${redis_args[@]}" ${LIMIT_ARGS[@]+"${LIMIT_ARGS[@]}"} --chat-rate 1000 --chat-burst 1000 || {
         say "$name: FAILED (server start)"; SERVER_PREFIX=("${saved_prefix[@]}"); stop_cluster; return 0; }
@@ -377,7 +415,8 @@ cluster() {
         >"$OUT/$name.json" 2> >(tee "$OUT/$name.log" >&2) || { say "$name: FAILED $(cat "$OUT/$name.json")"; stop_cluster; return 0; }
     local f=$OUT/$name.json what="1 node, no Redis"
     [ "$nodes" -gt 0 ] && what="$nodes node(s) + Redis"
-    [ -n "$shard" ] && what="$nodes node(s) + a one-master Redis Cluster"
+    [ "$shard" = shard ] && what="$nodes node(s) + a one-master Redis Cluster"
+    [ "$shard" = shard3 ] && what="$nodes node(s) + a three-master Redis Cluster"
     say "$name ($what) 10x50 @${CLUSTER_RATE}/s/room: $(jget "$f" deliveries_per_s) deliveries/s, lost $(jget "$f" lost), dup $(jget "$f" duplicates), latency p50 $(jget "$f" lat_p50_us)us p99 $(jget "$f" lat_p99_us)us max $(jget "$f" lat_max_us)us"
     say "    CPU per delivery, nodes + redis-server summed (window): user $(jget "$f" server_user_us_per_delivery)us sys $(jget "$f" server_sys_us_per_delivery)us"
     stop_cluster
@@ -408,6 +447,8 @@ for rep in $(seq "$REPEAT"); do
             cluster2) cluster cluster2 2 ;;
             cluster1s) cluster cluster1s 1 shard ;;
             cluster2s) cluster cluster2s 2 shard ;;
+            cluster1s3) cluster cluster1s3 1 shard3 ;;
+            cluster2s3) cluster cluster2s3 2 shard3 ;;
         esac
         if [ -n "$SERVER_PID" ]; then
             kill -0 "$SERVER_PID" 2>/dev/null || say "chatloop died during $s; see $OUT/$s.server.log"
