@@ -572,6 +572,24 @@ pub const OPTIONS: &[Opt] = &[
         |c, v| {
             c.redis = if v.is_empty() {
                 None
+            } else if v.starts_with("redis-cluster://") || v.starts_with("rediss-cluster://") {
+                let seeds = crate::cluster::slots::Seeds::parse(v)?;
+                let first = seeds
+                    .addrs
+                    .first()
+                    .cloned()
+                    .ok_or("redis-cluster:// needs a seed")?;
+                Some(RedisUrl {
+                    host: first.host,
+                    port: first.port,
+                    db: 0,
+                    user: seeds.user,
+                    password: seeds.password,
+                    tls: seeds.tls,
+                    cluster_seeds: Some(
+                        seeds.addrs.into_iter().map(|a| (a.host, a.port)).collect(),
+                    ),
+                })
             } else {
                 Some(RedisUrl::parse(v)?)
             };
@@ -865,12 +883,13 @@ impl Config {
                 self.max_rooms.max(self.max_room_members),
             ),
             max_queue: self.max_redis_queue,
-            seeds: url.cluster_seeds.clone().unwrap_or_else(|| {
-                vec![crate::cluster::slots::Addr {
-                    host: url.host.clone(),
-                    port: url.port,
-                }]
-            }),
+            seeds: url
+                .cluster_seeds
+                .clone()
+                .unwrap_or_else(|| vec![(url.host.clone(), url.port)])
+                .into_iter()
+                .map(|(host, port)| crate::cluster::slots::Addr { host, port })
+                .collect(),
             room_list: self.room_list,
         }
     }
@@ -1116,6 +1135,39 @@ mod tests {
         assert!(run(&["--history", "0"], &[]).is_err());
         let e = run(&["--tls-cert", "c.pem"], &[]).unwrap_err();
         assert!(e.0.contains("--tls-key"), "{e}");
+    }
+
+    #[test]
+    fn redis_accepts_a_redis_cluster_seed_list_and_hides_its_password() {
+        const PW: &str = "pw-5ecret";
+        let c = run(
+            &[
+                "--redis",
+                &format!("redis-cluster://:{PW}@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002"),
+            ],
+            &[],
+        )
+        .unwrap();
+        let url = c.redis.as_ref().unwrap();
+        assert_eq!(url.password.as_ref().map(|p| p.expose()), Some(PW));
+        let cc = c.cluster_config(url);
+        let seeds: Vec<String> = cc.seeds.iter().map(ToString::to_string).collect();
+        assert_eq!(seeds, ["10.0.0.1:7000", "10.0.0.2:7001", "[::1]:7002"]);
+        assert_eq!(cc.db, 0);
+        assert_eq!(
+            url.to_string(),
+            "redis-cluster://***@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002"
+        );
+        for text in [format!("{c:?}"), format!("{url:?}"), url.to_string()] {
+            assert!(!text.contains(PW), "{text}");
+        }
+        for bad in [
+            format!("redis-cluster://:{PW}@10.0.0.1:7000/1"),
+            format!("redis-cluster://:{PW}@10.0.0.1:notaport"),
+        ] {
+            let e = run(&["--redis", &bad], &[]).unwrap_err();
+            assert!(!e.0.contains(PW), "{e}");
+        }
     }
 
     #[test]

@@ -37,30 +37,14 @@ pub struct RedisUrl {
     pub tls: bool,
     /// `redis-cluster://host:port,host:port...`: a Redis Cluster's seeds (`host` and `port`
     /// are the first); `None` for one Redis.
-    pub cluster_seeds: Option<Vec<crate::cluster::slots::Addr>>,
+    /// (`config` parses that form with `cluster::slots::Seeds`.)
+    pub cluster_seeds: Option<Vec<(String, u16)>>,
 }
 
 impl RedisUrl {
     /// Parses the URL. The error never quotes the text: a mistyped URL may hold the password
     /// anywhere (`redis://:secret` reads as host "" and port "secret").
     pub fn parse(s: &str) -> Result<RedisUrl, String> {
-        if s.starts_with("redis-cluster://") || s.starts_with("rediss-cluster://") {
-            let seeds = crate::cluster::slots::Seeds::parse(s)?;
-            let first = seeds
-                .addrs
-                .first()
-                .cloned()
-                .ok_or_else(|| "redis-cluster:// needs a seed".to_string())?;
-            return Ok(RedisUrl {
-                host: first.host,
-                port: first.port,
-                db: 0,
-                user: seeds.user,
-                password: seeds.password,
-                tls: seeds.tls,
-                cluster_seeds: Some(seeds.addrs),
-            });
-        }
         const SHAPE: &str = "expected redis://[[user]:password@]host[:port][/db]";
         let (tls, rest) = match s.strip_prefix("rediss://") {
             Some(rest) => (true, rest),
@@ -122,8 +106,13 @@ impl std::fmt::Display for RedisUrl {
             let auth = if self.password.is_some() { "***@" } else { "" };
             let scheme = if self.tls { "rediss" } else { "redis" };
             write!(f, "{scheme}-cluster://{auth}")?;
-            for (i, a) in seeds.iter().enumerate() {
-                write!(f, "{}{a}", if i > 0 { "," } else { "" })?;
+            for (i, (host, port)) in seeds.iter().enumerate() {
+                let sep = if i > 0 { "," } else { "" };
+                if host.contains(':') {
+                    write!(f, "{sep}[{host}]:{port}")?;
+                } else {
+                    write!(f, "{sep}{host}:{port}")?;
+                }
             }
             return Ok(());
         }

@@ -382,7 +382,8 @@ fn disappearing_messages(p: Pair) {
 
 #[test]
 fn a_private_room_comes_back_private_after_redis_restarted_empty() {
-    let mut p = Pair::start(&[]);
+    // With the room list on, so that the set of private rooms it reads is kept too.
+    let mut p = Pair::start(&["--room-list"]);
     let (owner, _) = p.a.session("owner");
     let (room, invite) = create_private(&p.a, &owner);
     let (mut ws, _) = p.a.join(&room, &owner);
@@ -399,11 +400,15 @@ fn a_private_room_comes_back_private_after_redis_restarted_empty() {
         Ok("0"),
         "restarted empty"
     );
-    // Node a rewrites what it holds (the room has a member there), settings first.
+    // Node a rewrites what it holds (the room has a member there), settings first: its
+    // registry key, and its entry in the room list.
     let back = wait_for(Duration::from_secs(20), || {
         p.redis
-            .command(0, &["ZSCORE", "chatloop:rooms", &room])
-            .is_ok_and(|s| !s.is_empty())
+            .command(0, &["EXISTS", &format!("chatloop:{{r:{room}}}:e")])
+            .is_ok_and(|s| s == "1")
+            && p.redis
+                .command(0, &["ZSCORE", "chatloop:rooms", &room])
+                .is_ok_and(|s| !s.is_empty())
     });
     assert!(back.is_some(), "the room was never registered again");
     let b = &p.b;
