@@ -51,7 +51,9 @@ impl Mode {
 /// 7.1.2.1: a server that accepts an offer with it must answer with it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Agreed {
+    /// What this connection does with compression.
     pub mode: Mode,
+    /// The client offered `server_max_window_bits=N`: `Some(N)`, echoed in the answer.
     pub server_max_window_bits: Option<u8>,
 }
 
@@ -278,6 +280,7 @@ pub struct Deflater {
 const LEVEL: i32 = 1;
 
 impl Deflater {
+    /// A compressor (allocated on first use) for frames of at least `min_bytes` payload bytes.
     pub fn new(min_bytes: usize) -> Deflater {
         Deflater {
             comp: None,

@@ -17,7 +17,9 @@ use crate::protocol::{Frame, frame_payload};
 #[derive(Debug, Clone)]
 pub struct Entry {
     seq: u64,
+    /// The message id (UUID v7): reads with `before`/`after` find entries by it.
     pub id: MsgId,
+    /// The complete server frame as it was broadcast; a history read sends its payload again.
     pub frame: Frame,
 }
 
@@ -38,10 +40,14 @@ impl Drop for Entry {
 /// How much a room keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caps {
+    /// Chat messages kept (`--history`, or the room's own smaller cap).
     pub chats: usize,
+    /// Presence notices kept beside them (`--history-notices`).
     pub notices: usize,
 }
 
+/// One room's history: the two rings (chat, notices) merged by sequence number on read. Its
+/// memory is bounded by [`Caps`] times the frame size limit.
 #[derive(Debug, Default)]
 pub struct History {
     chats: VecDeque<Entry>,
@@ -91,6 +97,7 @@ pub struct Window<'a> {
     history: &'a History,
     from: Cursor,
     to: Cursor,
+    /// Messages the caller asked for are missing: gone from the rings or cut by the byte budget.
     pub truncated: bool,
 }
 
@@ -127,7 +134,9 @@ impl<'a> Iterator for Window<'a> {
 /// of JSON (each entry's payload and a comma).
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
+    /// Entries at the most.
     pub count: usize,
+    /// Bytes of JSON at the most, beyond the first entry (one entry is always returned whole).
     pub bytes: usize,
 }
 
@@ -137,6 +146,7 @@ impl History {
         self.chats.len() + self.notices.len()
     }
 
+    /// No entries kept in either ring.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -36,7 +36,9 @@ pub struct ConnId(pub usize);
 /// connection (a timer, a Redis answer) never reaches its successor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnHandle {
+    /// The slab index (also the `mio` token) of the connection.
     pub token: usize,
+    /// Counts up each time the slot is reused (wrapping), so an old handle no longer matches.
     pub serial: u32,
 }
 
@@ -104,6 +106,7 @@ impl fmt::Display for UserId {
 }
 
 impl RoomId {
+    /// The 40 bits a room id uses: anything above them is not a room.
     pub const MASK: u64 = (1 << 40) - 1;
 
     /// Parses exactly 10 lowercase hex characters; anything else is not a room id.
@@ -137,6 +140,7 @@ impl MsgId {
         (self.0 >> 80) as u64
     }
 
+    /// Parses the UUID text form (hyphenated or simple), as sent back in `before=`/`after=` cursors.
     pub fn parse(s: &str) -> Option<MsgId> {
         uuid::Uuid::try_parse(s).ok().map(|u| MsgId(u.as_u128()))
     }
@@ -171,6 +175,8 @@ impl Default for SecureRandom {
 }
 
 impl SecureRandom {
+    /// Fills `out` with random bytes from the pool, refilling it from the OS when it runs dry;
+    /// bytes handed out are wiped from the pool. Panics only if the OS generator fails.
     pub fn fill(&mut self, out: &mut [u8]) {
         let mut done = 0;
         while done < out.len() {
@@ -189,18 +195,21 @@ impl SecureRandom {
         }
     }
 
+    /// A new random session token (UUID v4).
     pub fn session_id(&mut self) -> SessionId {
         let mut b = [0u8; 16];
         self.fill(&mut b);
         SessionId(uuid::Builder::from_random_bytes(b).into_uuid().as_u128())
     }
 
+    /// A new random public user id (32 bits).
     pub fn user_id(&mut self) -> UserId {
         let mut b = [0u8; 4];
         self.fill(&mut b);
         UserId(u32::from_le_bytes(b))
     }
 
+    /// A new random room id (40 bits, see [`RoomId::MASK`]).
     pub fn room_id(&mut self) -> RoomId {
         let mut b = [0u8; 8];
         self.fill(&mut b);
@@ -214,6 +223,7 @@ impl SecureRandom {
         base64url(&b)
     }
 
+    /// 64 random bits (the message id generator's seed, a cluster node's id).
     pub fn u64(&mut self) -> u64 {
         let mut b = [0u8; 8];
         self.fill(&mut b);
@@ -247,6 +257,7 @@ pub struct MsgIdGen {
 }
 
 impl MsgIdGen {
+    /// A generator whose random part starts from `seed` (any value; not a secret).
     pub fn new(seed: u64) -> MsgIdGen {
         MsgIdGen {
             last_ms: 0,
@@ -255,6 +266,8 @@ impl MsgIdGen {
         }
     }
 
+    /// The next message id at wall-clock time `now`: greater than every id this generator made
+    /// before, even if the clock stands still or goes back.
     pub fn next(&mut self, now: UnixMicros) -> MsgId {
         let ms = now.0 / 1000;
         if ms > self.last_ms {

@@ -10,16 +10,29 @@ const LOOP_BUCKETS_US: [u64; 10] = [10, 25, 50, 100, 250, 500, 1_000, 5_000, 25_
 /// Close codes counted one by one; anything else counts as "other".
 const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1013];
 
+/// The server's counters, owned by the loop and bumped where things happen; [`Metrics::render`]
+/// turns them, with the [`Gauges`] read at that moment, into the `GET /metrics` page. Every
+/// counter only grows (Prometheus `counter`) for the life of the process.
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
+    /// TCP connections accepted.
     pub accepted: u64,
+    /// Connections refused (503, or closed at once far over the limit) because the server was full.
     pub refused_full: u64,
+    /// Connections refused (503, or closed at once far over the limit) because their address had
+    /// `--max-connections-per-ip` open.
     pub refused_per_ip: u64,
+    /// `accept()` calls that failed (e.g. EMFILE).
     pub accept_errors: u64,
+    /// HTTP requests answered (each one of a pipelined or keep-alive series counts).
     pub http_requests: u64,
+    /// HTTP requests answered with a 4xx or 5xx status.
     pub http_errors: u64,
+    /// WebSocket upgrades accepted (101 sent).
     pub ws_upgrades: u64,
+    /// WebSocket frames received (data and control).
     pub frames_in: u64,
+    /// WebSocket frames queued to clients (a broadcast counts once per recipient).
     pub frames_out: u64,
     /// WebSocket upgrades that negotiated permessage-deflate.
     pub ws_deflate: u64,
@@ -29,12 +42,20 @@ pub struct Metrics {
     pub compressed: u64,
     /// Frames queued with RSV1 (compressed).
     pub frames_out_compressed: u64,
+    /// Bytes read from sockets (as on the wire: TLS records count with their overhead).
     pub bytes_in: u64,
+    /// Bytes written to sockets.
     pub bytes_out: u64,
+    /// `writev` calls: at most one per connection per loop iteration.
     pub writes: u64,
+    /// Connections closed because their output queue went over its byte limit.
     pub slow_consumers: u64,
+    /// Connections closed by a timeout (request, idle or pong).
     pub timeouts: u64,
+    /// WebSocket closes, one slot per code of `CLOSE_CODES` in order, the last slot for any other
+    /// code; bumped by [`Metrics::close`].
     pub closes: [u64; CLOSE_CODES.len() + 1],
+    /// Returns from `poll` (I/O events or a timer deadline).
     pub wakeups: u64,
     loop_buckets: [u64; LOOP_BUCKETS_US.len() + 1],
     loop_sum_us: u64,
@@ -43,15 +64,20 @@ pub struct Metrics {
 /// Gauges read at render time.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Gauges {
+    /// TCP connections open, HTTP and WebSocket.
     pub connections: usize,
+    /// Connections that completed the WebSocket upgrade and are open.
     pub websockets: usize,
+    /// Armed timers in the loop's per-connection wheel (the hub's are in `hub.timers`).
     pub conn_timers: usize,
+    /// The hub's live object counts and counters.
     pub hub: HubStats,
     /// Cluster mode: (Redis reachable, requests waiting for Redis).
     pub cluster: Option<(bool, usize)>,
 }
 
 impl Metrics {
+    /// Counts one WebSocket close with close `code` (an uncounted code goes to "other").
     pub fn close(&mut self, code: u16) {
         let i = CLOSE_CODES
             .iter()
@@ -60,6 +86,7 @@ impl Metrics {
         self.closes[i] += 1;
     }
 
+    /// Adds one loop iteration that took `us` microseconds to the histogram.
     pub fn loop_time(&mut self, us: u64) {
         let i = LOOP_BUCKETS_US
             .iter()
@@ -69,6 +96,7 @@ impl Metrics {
         self.loop_sum_us += us;
     }
 
+    /// The Prometheus text exposition (format 0.0.4) of these counters and `g`.
     pub fn render(&self, g: &Gauges) -> String {
         let mut s = String::with_capacity(4096);
         let mut one = |name: &str, kind: &str, help: &str, v: u64| {

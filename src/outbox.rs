@@ -14,12 +14,16 @@ use crate::protocol::Frame;
 /// Bytes to send: a shared broadcast frame, bytes of this connection's own, or a constant.
 #[derive(Debug, Clone)]
 pub enum Chunk {
+    /// A frame shared with other recipients (a reference-count bump, no copy).
     Shared(Frame),
+    /// Bytes for this connection only (HTTP responses, pongs, close frames).
     Owned(Vec<u8>),
+    /// Bytes compiled into the binary (the pages, canned responses, the ping frame).
     Static(&'static [u8]),
 }
 
 impl Chunk {
+    /// The bytes the chunk sends.
     pub fn bytes(&self) -> &[u8] {
         match self {
             Chunk::Shared(f) => f,
@@ -66,10 +70,12 @@ impl Outbox {
         }
     }
 
+    /// Chunks queued this iteration, all connections together.
     pub fn len(&self) -> usize {
         self.pending.len()
     }
 
+    /// Nothing is queued this iteration.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
@@ -103,6 +109,7 @@ impl Default for Queue {
 /// What a flush achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flushed {
+    /// Bytes the writer took.
     pub written: usize,
     /// Nothing is left to send.
     pub done: bool,
@@ -139,6 +146,7 @@ impl Queue {
         self.bytes
     }
 
+    /// Nothing left to send: no bytes, no backlog, nothing queued this iteration.
     pub fn is_empty(&self) -> bool {
         self.bytes == 0 && self.backlog.is_empty() && self.head == NONE
     }

@@ -21,18 +21,24 @@ pub type Frame = Rc<[u8]>;
 /// What a client may send on a chat socket.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientMsg<'a> {
+    /// `{"type": "chat", "message": ...}`: the text, borrowed from the frame unless JSON escapes
+    /// had to be decoded.
     Chat(Cow<'a, str>),
+    /// `{"type": "typing"}`: the sender is typing.
     Typing,
 }
 
 /// Why a client frame was not understood; the connection stays open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientError {
+    /// Not a JSON object, or a `chat` without a string `message`; the text is the `detail` sent back.
     InvalidJson(&'static str),
+    /// A `type` other than `chat` or `typing` (at most its first 40 characters; empty when absent).
     UnknownType(String),
 }
 
 impl ClientError {
+    /// The `code` of the `error` message sent back for this error.
     pub fn code(&self) -> &'static str {
         match self {
             ClientError::InvalidJson(_) => "invalid_json",
@@ -40,6 +46,7 @@ impl ClientError {
         }
     }
 
+    /// The human-readable `detail` of the `error` message sent back (never the client's whole text).
     pub fn detail(&self) -> Cow<'static, str> {
         match self {
             ClientError::InvalidJson(d) => Cow::Borrowed(d),
@@ -129,7 +136,8 @@ impl FrameBuf {
         self.finish(OpCode::Data(Data::Text))
     }
 
-    pub fn finish(&mut self, opcode: OpCode) -> Frame {
+    /// Wraps the payload written since `start` into one frame of `opcode` (one allocation).
+    fn finish(&mut self, opcode: OpCode) -> Frame {
         let len = (self.buf.len() - GAP) as u64;
         let header = FrameHeader {
             opcode,
@@ -196,15 +204,20 @@ pub fn json_str_len(s: &str) -> usize {
 /// Who a message is about.
 #[derive(Debug, Clone, Copy)]
 pub struct Who<'a> {
+    /// The display name as the session chose it (already validated).
     pub user: &'a str,
+    /// The session's public id, shown as 8 hex characters.
     pub user_id: UserId,
 }
 
 /// The kinds of event stored in a room's history (their `type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
+    /// A chat message from a member.
     Chat,
+    /// A member joined the room (its first connection to it opened).
     UserJoined,
+    /// A member left the room (its last connection to it closed, or its session ended).
     UserLeft,
 }
 
@@ -227,7 +240,9 @@ impl EventKind {
 /// The two typing indicators (their `type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TypingKind {
+    /// `typing`: the member started typing.
     Typing,
+    /// `typing_stopped`: the member sent a message or its typing indicator ran out.
     Stopped,
 }
 

@@ -32,10 +32,14 @@ pub enum Header {
     Absent,
     /// The start of a PROXY header (or too few bytes to tell): wait for more.
     Partial,
-    /// A complete, valid header of `len` bytes. `client` is the source address it names;
-    /// `None` when it names none (v2 LOCAL, v1 UNKNOWN, unspecified or UNIX families): the
-    /// connection's own peer address stands.
-    Complete { len: usize, client: Option<IpAddr> },
+    /// A complete, valid header.
+    Complete {
+        /// Bytes the header takes at the start of the stream (what follows is the protocol).
+        len: usize,
+        /// The source address it names; `None` when it names none (v2 LOCAL, v1 UNKNOWN,
+        /// unspecified or UNIX families): the connection's own peer address stands.
+        client: Option<IpAddr>,
+    },
 }
 
 /// A malformed PROXY header; the reason is for the 400's detail and the debug log.
@@ -258,6 +262,7 @@ impl Trusted {
         Ok(Trusted { nets })
     }
 
+    /// No range is trusted (the default): no connection may name its client.
     pub fn is_empty(&self) -> bool {
         self.nets.is_empty()
     }
@@ -335,6 +340,7 @@ impl Cidr {
         }
     }
 
+    /// `ip` is in this range (an IPv4 address is never in an IPv6 range, nor the reverse).
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.net.is_ipv4() && self.masked(ip) == self.net
     }

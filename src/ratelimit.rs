@@ -17,6 +17,7 @@ use crate::time::Micros;
 /// IPv6 addresses would give one client endless budgets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IpKey {
+    /// An IPv4 address, all of it.
     V4([u8; 4]),
     /// The first 64 bits of the address.
     V6Net(u64),

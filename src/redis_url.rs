@@ -8,6 +8,7 @@
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a password read from the URL.
     pub fn new(s: impl Into<String>) -> Secret {
         Secret(s.into())
     }
@@ -28,10 +29,15 @@ impl std::fmt::Debug for Secret {
 /// Neither `Debug` nor `Display` shows the password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisUrl {
+    /// The host name or address (IPv6 without its brackets).
     pub host: String,
+    /// The TCP port (6379 when the URL names none).
     pub port: u16,
+    /// The database number selected after connecting (0 when the URL names none).
     pub db: u32,
+    /// The ACL user name (`None`: the default user).
     pub user: Option<String>,
+    /// The password, sent only in `HELLO 3 AUTH`.
     pub password: Option<Secret>,
     /// `rediss://`: the connection to Redis is TLS.
     pub tls: bool,

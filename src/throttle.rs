@@ -7,19 +7,29 @@ use crate::time::Micros;
 /// The kinds of repeatable events that are logged at `info` or `warn`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogEvent {
+    /// Connections refused for the server or an address being full.
     ConnectionLimit,
+    /// `accept()` failed (e.g. out of file descriptors).
     AcceptError,
+    /// A connection closed because its output queue overflowed.
     SlowConsumer,
+    /// An HTTP request refused for a limit (size, count, rate).
     HttpLimit,
+    /// A WebSocket closed or a message refused for a limit (size, rate, protocol).
     WsLimit,
+    /// A connection closed by a timeout.
     Timeout,
+    /// The Redis link failed or was refused.
     Redis,
+    /// A TLS handshake or record failed.
     Tls,
 }
 
 const KINDS: usize = 8;
 const INTERVAL: Micros = Micros(10_000_000);
 
+/// Remembers, per [`LogEvent`] kind, when the next line may be written (one per 10 s) and how
+/// many were held back since the last; used through [`limit_log!`](crate::limit_log).
 #[derive(Debug, Default)]
 pub struct LogThrottle {
     next: [Micros; KINDS],

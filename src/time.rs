@@ -13,17 +13,22 @@ use std::time::Duration;
 pub struct Micros(pub u64);
 
 impl Micros {
+    /// The server's start (the origin).
     pub const ZERO: Micros = Micros(0);
+    /// Later than any time the server reaches: "never" for deadlines.
     pub const MAX: Micros = Micros(u64::MAX);
 
+    /// A `Duration` in whole microseconds (saturating at [`Micros::MAX`]).
     pub fn from_duration(d: Duration) -> Micros {
         Micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
     }
 
+    /// Milliseconds, saturating at [`Micros::MAX`].
     pub fn from_millis(ms: u64) -> Micros {
         Micros(ms.saturating_mul(1000))
     }
 
+    /// Seconds, saturating at [`Micros::MAX`].
     pub fn from_secs(s: u64) -> Micros {
         Micros(s.saturating_mul(1_000_000))
     }
@@ -55,7 +60,9 @@ pub struct UnixMicros(pub u64);
 /// The two clocks, read together once per loop iteration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Now {
+    /// Monotonic time since the server started: deadlines and timers.
     pub mono: Micros,
+    /// Wall-clock time: message timestamps and ids only.
     pub wall: UnixMicros,
 }
 

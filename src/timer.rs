@@ -193,6 +193,7 @@ impl<T: Copy> Wheel<T> {
         self.len
     }
 
+    /// No timer is armed.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

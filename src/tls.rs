@@ -113,6 +113,7 @@ mod imp {
 
     /// Loop-wide buffers: decrypted input of the current read, ciphertext of the current write.
     pub struct Scratch {
+        /// Plaintext decrypted from the current read (cleared before each read).
         pub plain: Vec<u8>,
         cipher: Vec<u8>,
     }
@@ -151,7 +152,9 @@ mod imp {
     /// Why a TLS connection ended, and what to send it (best effort) before closing.
     #[derive(Debug)]
     pub struct Failed {
+        /// What went wrong, for the log (never key material or application data).
         pub reason: String,
+        /// Ciphertext to send before closing (a TLS alert), possibly empty.
         pub last_words: Vec<u8>,
     }
 
@@ -299,6 +302,7 @@ mod imp {
             self.pending.len()
         }
 
+        /// The handshake is not complete yet: no application data flows.
         pub fn handshaking(&self) -> bool {
             !self.ready
         }

@@ -12,8 +12,11 @@ use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
+/// The demo chat page, served at `/`.
 pub const INDEX_HTML: &str = include_str!("web/index.html");
+/// The API documentation page, served at `/docs`.
 pub const DOCS_HTML: &str = include_str!("web/docs.html");
+/// The OpenAPI 3 document of the REST API, served at `/openapi.json`.
 pub const OPENAPI_JSON: &str = include_str!("web/openapi.json");
 
 /// Complete header lines (`Name: value\r\n`) for every `text/html` response.

@@ -18,6 +18,7 @@ use crate::deflate::{InflateError, Inflater, Mode};
 #[derive(Debug, Default)]
 pub struct WsState {
     frag: Option<Box<Frag>>,
+    /// The permessage-deflate mode agreed at the upgrade (`Off` when not negotiated).
     pub deflate: Mode,
 }
 
@@ -34,9 +35,14 @@ struct Frag {
 /// One decoded message or control frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WsEvent<'a> {
+    /// A complete text message, valid UTF-8 (borrowed from the buffer unless it was reassembled or
+    /// inflated).
     Text(Cow<'a, str>),
+    /// A complete binary message.
     Binary(Cow<'a, [u8]>),
+    /// A ping and its payload (at most 125 bytes), to be answered with a pong carrying it.
     Ping(&'a [u8]),
+    /// A pong (its payload is ignored).
     Pong,
     /// The peer's close frame (its code, if any); answer it and close.
     Close(Option<u16>),
@@ -45,7 +51,9 @@ pub enum WsEvent<'a> {
 /// A protocol violation: close with this code and reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseWith {
+    /// The close code to send (RFC 6455 §7.4, e.g. 1002 protocol error, 1009 too big).
     pub code: u16,
+    /// The close reason to send (short, fixed text: never client bytes).
     pub reason: &'static str,
 }
 
@@ -65,6 +73,7 @@ const fn close(code: u16, reason: &'static str) -> CloseWith {
 }
 
 impl WsState {
+    /// A decoder with nothing buffered and the agreed permessage-deflate `deflate` mode.
     pub fn new(deflate: Mode) -> WsState {
         WsState {
             frag: None,
