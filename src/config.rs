@@ -17,57 +17,124 @@ use crate::time::Micros;
 /// All settings of a chatloop server.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// `--host`: address to listen on (0.0.0.0 or :: for all).
     pub host: String,
+    /// `--port`: TCP port (0 picks a free one).
     pub port: u16,
+    /// `--trusted-proxy`: comma-separated CIDRs of reverse proxies (10.0.0.0/8,2001:db8::/32):
+    /// their PROXY protocol header (v1/v2) or X-Forwarded-For names the client address used for
+    /// per-IP limits and logs; off when empty.
     pub trusted_proxy: crate::proxy::Trusted,
+    /// `--room-ttl`: delete a room after this long without an open connection.
     pub room_ttl: Micros,
+    /// `--session-ttl`: end a session this long after its last use (sliding).
     pub session_ttl: Micros,
     /// Bounds of a room's `message_ttl` (disappearing messages).
     pub min_message_ttl: Micros,
+    /// `--max-message-ttl`: longest message lifetime a room may ask for (POST /rooms
+    /// {"message_ttl": seconds}; 422 beyond).
     pub max_message_ttl: Micros,
+    /// `--history`: chat messages kept per room.
     pub history: usize,
+    /// `--history-notices`: user_joined/user_left kept per room besides the chat messages (churn
+    /// never pushes chat out).
     pub history_notices: usize,
+    /// `--max-request-head`: largest HTTP request head (431 beyond).
     pub max_request_head: usize,
+    /// `--max-request-body`: largest HTTP request body (413 beyond).
     pub max_request_body: usize,
+    /// `--max-ws-message`: largest WebSocket message (close 1009 beyond).
     pub max_ws_message: usize,
     /// permessage-deflate (RFC 7692) is negotiated with clients that offer it.
     pub deflate: bool,
     /// Frames with a smaller payload are sent plain even to a client that negotiated deflate.
     pub deflate_min_bytes: usize,
+    /// `--max-chat-chars`: longest chat message in characters (error message_too_long).
     pub max_chat_chars: usize,
+    /// `--max-chat-bytes`: largest chat message as stored: JSON-encoded, escapes included (a
+    /// control character costs 6 bytes) (error message_too_long).
     pub max_chat_bytes: usize,
+    /// `--max-welcome-bytes`: messages in one welcome frame or GET /rooms/{id}/messages answer, in
+    /// bytes; the oldest are left out (truncated: true) beyond, but the newest always comes.
     pub max_welcome_bytes: usize,
+    /// `--max-connections`: open connections in total (503 beyond).
     pub max_connections: usize,
+    /// `--max-connections-per-ip`: open connections per client address (IPv6: per /64); the next
+    /// gets 503 and is closed; 0 = off.
     pub max_connections_per_ip: usize,
+    /// `--max-room-members`: open WebSocket connections per room (503 beyond).
     pub max_room_members: usize,
+    /// `--chat-rate`: chat messages per second per session (token bucket rate).
     pub chat_rate: u32,
+    /// `--chat-burst`: chat messages a session may send at once (token bucket size).
     pub chat_burst: u32,
+    /// `--upgrade-rate`: WebSocket upgrades per second per session (token bucket rate; 429 with
+    /// Retry-After beyond; 0 = off).
     pub upgrade_rate: u32,
+    /// `--upgrade-burst`: WebSocket upgrades a session may make at once (token bucket size).
     pub upgrade_burst: u32,
+    /// `--max-output-queue`: unsent bytes per connection before it is closed as a slow consumer
+    /// (1013).
     pub max_output_queue: usize,
+    /// `--request-timeout`: time allowed to send a request head and body, or a WebSocket handshake
+    /// (a new connection's TLS handshake included).
     pub request_timeout: Micros,
+    /// `--idle-timeout`: close an idle keep-alive HTTP connection after this long.
     pub idle_timeout: Micros,
+    /// `--ping-interval`: ping a WebSocket after this long without a frame from it.
     pub ping_interval: Micros,
+    /// `--pong-timeout`: close a WebSocket (1008) after this long without any frame from it.
     pub pong_timeout: Micros,
+    /// `--typing-debounce`: at most one typing notice per member per this window.
     pub typing_debounce: Micros,
+    /// `--typing-quiet`: send typing_stopped after this long without typing.
     pub typing_quiet: Micros,
+    /// `--notice-delay`: user_joined/user_left may wait this long to share writes (0: send at
+    /// once).
     pub notice_delay: Micros,
+    /// `--max-sessions`: live sessions in total (503 beyond).
     pub max_sessions: usize,
+    /// `--max-rooms`: live rooms in total (503 beyond).
     pub max_rooms: usize,
+    /// `--max-rooms-per-session`: live rooms one session may have created (429 beyond); 0 = no
+    /// limit.
     pub max_rooms_per_session: usize,
+    /// `--create-rate`: sessions+rooms created (and room 404s) per client address (IPv6: per /64)
+    /// per second, sustained (429 beyond); 0 = off (benchmarks).
     pub create_rate: u32,
+    /// `--create-burst`: how many of those one address may spend at once before --create-rate
+    /// applies.
     pub create_burst: u32,
+    /// `--room-list`: turn on GET /rooms/all, which lists every live room to anyone (off: 404; a
+    /// room id is the capability to read and join it).
     pub room_list: bool,
+    /// `--echo-path`: serve a WebSocket echo endpoint at this path (conformance tests only; off
+    /// when empty).
     pub echo_path: Option<String>,
+    /// `--redis`: cluster mode: keep sessions, rooms and history in this Redis
+    /// (redis://[:password@]host:port/db, rediss:// for TLS) and share rooms with every node using
+    /// it; off when empty.
     pub redis: Option<RedisUrl>,
+    /// `--presence-ttl`: cluster mode: a crashed node's members leave presence this long after its
+    /// last heartbeat.
     pub presence_ttl: Micros,
+    /// `--max-redis-queue`: cluster mode: bytes of commands queued toward Redis and not yet
+    /// answered; beyond this Redis counts as down (503s, local chat) and the node reconnects. A
+    /// heartbeat needs about 0.5 KiB per open WebSocket (1 KiB right after a reconnect).
     pub max_redis_queue: usize,
+    /// `--log-level`: off, error, warn, info, debug or trace.
     pub log_level: LevelFilter,
+    /// `--log-format`: text or json (one JSON object per line).
     pub log_format: LogFormat,
+    /// `--lock-memory`: lock all memory (mlockall) so chat never reaches swap; needs CAP_IPC_LOCK
+    /// or RLIMIT_MEMLOCK.
     pub lock_memory: bool,
+    /// `--reuse-port`: listen with SO_REUSEPORT: several nodes (one per core, same --redis) share
+    /// the port and the kernel spreads connections over them.
     pub reuse_port: bool,
     /// TLS on the listener: PEM certificate chain and private key (both or neither).
     pub tls_cert: Option<String>,
+    /// `--tls-key`: PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
     pub tls_key: Option<String>,
     /// `rediss://`: PEM CA certificates to verify Redis with (else the system's bundle).
     pub redis_ca: Option<String>,
@@ -76,15 +143,20 @@ pub struct Config {
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// Human-readable lines (simplelog's format).
     Text,
+    /// One JSON object per line.
     Json,
 }
 
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
+    /// Start the server with these settings.
     Run(Box<Config>),
+    /// Print this `--help` text and exit.
     Help(String),
+    /// Print this version line and exit.
     Version(String),
 }
 
@@ -104,9 +176,13 @@ type Setter = fn(&mut Config, &str) -> Result<(), String>;
 
 /// One setting: flag name (without `--`), environment variables, default, help, setter.
 pub struct Opt {
+    /// The flag without its leading `--`.
     pub flag: &'static str,
+    /// Environment variables that set it too, in order of precedence (the flag beats them all).
     pub env: &'static [&'static str],
+    /// The value when neither flag nor variable is given, parsed like user input.
     pub default: &'static str,
+    /// One line for `--help`.
     pub help: &'static str,
     /// A switch takes no value on the command line (`--no-room-list`).
     pub switch: bool,
