@@ -32,65 +32,104 @@ pub enum Action {
 /// [`Hub::enable_cluster`]; the event loop takes them with [`Hub::drain_ops`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
+    /// A session was created here: write it (name, user id) with the session TTL.
     SessionCreated {
+        /// The new session's token.
         id: SessionId,
+        /// Its display name.
         user: Rc<str>,
+        /// Its public id.
         user_id: UserId,
     },
     /// An authenticated call: slide the session's TTL.
     SessionUsed(SessionId),
     /// `DELETE /sessions/me` here: delete it and tell every node.
     SessionEnded(SessionId),
+    /// A room was created here: register it (with its settings, if any) and add it to the
+    /// creator's list.
     RoomCreated {
+        /// The room's id.
         room: RoomId,
+        /// The session that created it.
         session: SessionId,
+        /// What it was created with (written before the registry entry, so that no node sees
+        /// the room without them).
         settings: RoomSettings,
     },
     /// A member of a private room replaced its invite (the new one's SHA-256).
     InviteRotated {
+        /// The private room.
         room: RoomId,
+        /// SHA-256 of the new invite.
         invite: [u8; 32],
     },
     /// The room's oldest messages passed their `message_ttl`: drop them from Redis's
     /// history too (every node with the room's history does; idempotent).
     TrimHistory {
+        /// The room whose history to trim.
         room: RoomId,
+        /// The room's `message_ttl`: entries older than this go.
         ttl: Micros,
     },
+    /// Add the room to the session's list in Redis (it created or joined it).
     Remember {
+        /// The session.
         session: SessionId,
+        /// The room to add.
         room: RoomId,
     },
+    /// Remove the room from the session's list in Redis (`DELETE /rooms/{id}/leave`).
     Forget {
+        /// The session.
         session: SessionId,
+        /// The room to remove.
         room: RoomId,
     },
     /// A history event (chat, joined, left) to store and deliver on every node; the store
     /// also drops entries past the room's `message_ttl`.
     Publish {
+        /// The room it belongs to.
         room: RoomId,
+        /// Its message id (UUID v7), stored in front of the JSON.
         id: MsgId,
+        /// The event's JSON (the frame's payload), as delivered.
         json: Vec<u8>,
+        /// The room's `message_ttl`, if it has one.
         message_ttl: Option<Micros>,
     },
     /// `typing` / `typing_stopped` for every member but `except` (a member of this node).
     Typing {
+        /// The room.
         room: RoomId,
+        /// The sender's connection on this node, which gets no copy (`None`: everybody does).
         except: Option<ConnId>,
+        /// The `typing` / `typing_stopped` JSON.
         json: Vec<u8>,
     },
+    /// A WebSocket joined a room here: add it to the room's presence in Redis (and this node's
+    /// heartbeat set).
     Joined {
+        /// The room.
         room: RoomId,
+        /// The member's connection on this node.
         conn: ConnId,
+        /// The member's session.
         session: SessionId,
+        /// The member's display name.
         user: Rc<str>,
+        /// The member's public id.
         user_id: UserId,
         /// Rewritten (if missing) after Redis came back empty, before the room's registry.
         settings: RoomSettings,
     },
+    /// A WebSocket of this node left a room: remove it from the room's presence; the room's last
+    /// local member leaving unsubscribes this node and starts the room's expiry in Redis.
     Left {
+        /// The room.
         room: RoomId,
+        /// The member's connection on this node.
         conn: ConnId,
+        /// The member's session.
         session: SessionId,
     },
     /// The hub dropped its record of the room (no local members for the room TTL).
@@ -100,10 +139,15 @@ pub enum Op {
 /// Why the hub refused a call. Each maps to one HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HubError {
+    /// No live session has this token (401, or 403 on the WebSocket upgrade).
     InvalidSession,
+    /// No such room, or a private room the session may not see (404).
     RoomNotFound,
+    /// The room has `--max-room-members` WebSockets open (503).
     RoomFull,
+    /// `--max-sessions` are live (503).
     TooManySessions,
+    /// `--max-rooms` are live (503).
     TooManyRooms,
     /// The session already has `--max-rooms-per-session` live rooms of its own.
     TooManyRoomsForSession,
@@ -114,28 +158,43 @@ pub enum HubError {
 /// defaults, from the same place.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
+    /// `--room-ttl`: delete a room after this long without an open connection.
     pub room_ttl: Micros,
+    /// `--session-ttl`: end a session this long after its last use (sliding).
     pub session_ttl: Micros,
     /// Chat messages kept per room.
     pub history: usize,
     /// Presence notices kept per room, besides the chat messages.
     pub history_notices: usize,
+    /// History entries at most in the `welcome` frame of a new socket (`Config::hub_config` sets
+    /// 50; no flag).
     pub welcome_messages: usize,
     /// Messages in one `welcome` or history answer, in bytes of JSON (the newest always).
     pub max_welcome_bytes: usize,
+    /// `--max-chat-chars`: longest chat message in characters (error message_too_long).
     pub max_chat_chars: usize,
     /// A chat message's size once JSON-encoded (escapes included).
     pub max_chat_bytes: usize,
+    /// `--max-room-members`: open WebSocket connections per room (503 beyond).
     pub max_room_members: usize,
+    /// `--chat-rate`: chat messages per second per session (token bucket rate).
     pub chat_rate: u32,
+    /// `--chat-burst`: chat messages a session may send at once (token bucket size).
     pub chat_burst: u32,
     /// WebSocket upgrades per session: token bucket rate (0 = no limit) and size.
     pub upgrade_rate: u32,
+    /// `--upgrade-burst`: WebSocket upgrades a session may make at once (token bucket size).
     pub upgrade_burst: u32,
+    /// `--typing-debounce`: at most one typing notice per member per this window.
     pub typing_debounce: Micros,
+    /// `--typing-quiet`: send typing_stopped after this long without typing.
     pub typing_quiet: Micros,
+    /// `typing` messages one member may send per second; more are dropped silently
+    /// (`Config::hub_config` sets 50; no flag).
     pub typing_max_per_sec: u32,
+    /// `--max-sessions`: live sessions in total (503 beyond).
     pub max_sessions: usize,
+    /// `--max-rooms`: live rooms in total (503 beyond).
     pub max_rooms: usize,
     /// Live rooms one session may have created (0: no limit).
     pub max_rooms_per_session: usize,
@@ -144,6 +203,8 @@ pub struct HubConfig {
     pub notice_delay: Micros,
     /// Bounds of a room's `message_ttl`.
     pub min_message_ttl: Micros,
+    /// `--max-message-ttl`: longest message lifetime a room may ask for (POST /rooms
+    /// {"message_ttl": seconds}; 422 beyond).
     pub max_message_ttl: Micros,
 }
 
@@ -167,6 +228,7 @@ pub struct RoomSettings {
 }
 
 impl RoomSettings {
+    /// Whether the room is private (it then has an invite).
     pub fn is_private(&self) -> bool {
         self.invite.is_some()
     }
@@ -176,36 +238,52 @@ impl RoomSettings {
 /// keeps its SHA-256 only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRoom {
+    /// The room's id.
     pub id: RoomId,
+    /// The invite, for a private room: handed out once, never stored in clear.
     pub invite: Option<String>,
 }
 
 /// What `GET /rooms/{id}` shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomView {
+    /// Open WebSocket connections in the room on this node.
     pub user_count: usize,
+    /// The room is private (joining needs its invite).
     pub private: bool,
+    /// The room's `message_ttl`, if any.
     pub message_ttl: Option<Micros>,
 }
 
 /// What `GET /sessions/me` shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionView {
+    /// The session's display name.
     pub username: Rc<str>,
+    /// The session's public id.
     pub user_id: UserId,
+    /// The session's rooms that still exist, in the order they were added.
     pub rooms: Vec<RoomId>,
 }
 
 /// Counts for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HubStats {
+    /// Live sessions.
     pub sessions: usize,
+    /// Rooms this hub holds (with members, or waiting for their expiry).
     pub rooms: usize,
+    /// WebSocket connections in all rooms.
     pub members: usize,
+    /// Armed timers in the hub's wheel.
     pub timers: usize,
+    /// History entries stored since start (chat and presence notices).
     pub messages: u64,
+    /// Chat messages refused by the rate limit since start.
     pub rate_limited: u64,
+    /// Rooms expired after `--room-ttl` without members since start.
     pub rooms_expired: u64,
+    /// Sessions ended by `--session-ttl` since start.
     pub sessions_expired: u64,
     /// History entries dropped for their room's `message_ttl`.
     pub messages_expired: u64,
@@ -353,6 +431,7 @@ enum Timer {
 const ROOMS_PRUNE_MIN: usize = 32;
 
 impl Hub {
+    /// An empty hub with these settings; single-node until [`Hub::enable_cluster`].
     pub fn new(cfg: HubConfig) -> Hub {
         let mut random = SecureRandom::default();
         let seed = random.u64();
@@ -394,6 +473,7 @@ impl Hub {
         });
     }
 
+    /// Cluster mode is on ([`Hub::enable_cluster`] was called).
     pub fn is_cluster(&self) -> bool {
         self.cluster.is_some()
     }
@@ -405,10 +485,12 @@ impl Hub {
         }
     }
 
+    /// Ops are waiting for [`Hub::drain_ops`].
     pub fn has_ops(&self) -> bool {
         self.cluster.as_ref().is_some_and(|c| !c.ops.is_empty())
     }
 
+    /// Takes the ops produced so far (none outside cluster mode), in the order they happened.
     pub fn drain_ops(&mut self) -> Vec<Op> {
         self.cluster
             .as_mut()
@@ -612,6 +694,7 @@ impl Hub {
         self.actions.drain(..)
     }
 
+    /// Actions are waiting for [`Hub::drain_actions`].
     pub fn has_actions(&self) -> bool {
         !self.actions.is_empty()
     }
@@ -642,6 +725,7 @@ impl Hub {
         self.freed
     }
 
+    /// Live counts and counters for `/metrics`.
     pub fn stats(&self) -> HubStats {
         HubStats {
             sessions: self.sessions.len(),
@@ -697,6 +781,7 @@ impl Hub {
         }
     }
 
+    /// What `GET /sessions/me` shows, or `None` for no live session.
     pub fn session_view(&self, id: SessionId) -> Option<SessionView> {
         let s = self.sessions.get(&id)?;
         Some(SessionView {
@@ -739,6 +824,7 @@ impl Hub {
 
     // ---- rooms ----------------------------------------------------------------------
 
+    /// `POST /rooms` without a body: a public room with no `message_ttl`.
     pub fn create_room(&mut self, session: SessionId, now: Now) -> Result<RoomId, HubError> {
         self.create_room_with(session, RoomOptions::default(), now)
             .map(|r| r.id)
@@ -888,6 +974,7 @@ impl Hub {
         self.cfg.max_rooms_per_session
     }
 
+    /// The hub knows this room (including a private one: callers decide what to show).
     pub fn room_exists(&self, room: RoomId) -> bool {
         self.rooms.contains_key(&room)
     }
@@ -1247,11 +1334,7 @@ impl Hub {
             user_id,
         };
         if was_typing.is_some() {
-            if let Some(m) = self
-                .rooms
-                .get_mut(&room_id)
-                .and_then(|r| r.members.get_mut(i))
-            {
+            if let Some(m) = member_mut(&mut self.rooms, room_id, i) {
                 m.typing_until = None;
                 if let Some(t) = m.typing_timer.take() {
                     self.wheel.cancel(t);
@@ -1268,11 +1351,7 @@ impl Hub {
             self.cfg.typing_quiet,
             self.cfg.typing_max_per_sec,
         );
-        let Some(m) = self
-            .rooms
-            .get_mut(&room_id)
-            .and_then(|r| r.members.get_mut(i))
-        else {
+        let Some(m) = member_mut(&mut self.rooms, room_id, i) else {
             return;
         };
         if now.mono.since(m.typing_window) >= Micros::from_secs(1) {
@@ -1313,11 +1392,7 @@ impl Hub {
         let Some(i) = self.member_index(conn, room_id) else {
             return;
         };
-        let Some(m) = self
-            .rooms
-            .get_mut(&room_id)
-            .and_then(|r| r.members.get_mut(i))
-        else {
+        let Some(m) = member_mut(&mut self.rooms, room_id, i) else {
             return;
         };
         m.typing_timer = None; // it just fired
@@ -1692,6 +1767,13 @@ impl Hub {
         let room = self.rooms.get(&room_id)?;
         room.members.get(i).filter(|m| m.conn == conn).map(|_| i)
     }
+}
+
+/// The member at index `i` of the room's members (as [`Hub::member_index`] found it). A function
+/// of the map alone, so that the caller may still use the hub's other fields (the wheel) while
+/// it holds the member.
+fn member_mut(rooms: &mut HashMap<RoomId, Room>, room: RoomId, i: usize) -> Option<&mut Member> {
+    rooms.get_mut(&room).and_then(|r| r.members.get_mut(i))
 }
 
 /// Arms the room's message-expiry timer for its oldest entry's deadline, unless it is armed
