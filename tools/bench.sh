@@ -61,17 +61,9 @@ for s in "${SCENARIOS[@]}"; do
 done
 mkdir -p "$OUT"
 
-if [ -z "${BENCH_NO_BUILD:-}" ]; then
-    echo "== building chatloop and loadgen (release)" >&2
-    (cd "$ROOT" && cargo build --release 2>&1 | tail -n 3) >&2
-    (cd "$ROOT/tools/loadgen" && cargo build --release 2>&1 | tail -n 3) >&2
-fi
-SERVER_BIN=${BENCH_SERVER_BIN:-$ROOT/target/release/chatloop}
-LG=$ROOT/tools/loadgen/target/release/loadgen
-[ -x "$SERVER_BIN" ] || { echo "no $SERVER_BIN: the chatloop build failed" >&2; exit 1; }
-[ -x "$LG" ] || { echo "no $LG: the loadgen build failed" >&2; exit 1; }
-
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# shellcheck source=tools/lib/server.sh
+. "$ROOT/tools/lib/server.sh"
+release_binaries "${BENCH_NO_BUILD:-}" "${BENCH_SERVER_BIN:-}"
 HARD_NOFILE=$(ulimit -Hn)
 [ "$HARD_NOFILE" = unlimited ] && HARD_NOFILE=1048576
 IDLE_CONNS=${BENCH_IDLE_CONNS:-$((HARD_NOFILE - 1000))}
@@ -84,8 +76,6 @@ else
     echo "== fewer than two cores (or no taskset): no pinning; numbers will be noisier" >&2
 fi
 
-# shellcheck source=tools/lib/server.sh
-. "$ROOT/tools/lib/server.sh"
 SERVER_PREFIX=("${SRV_PIN[@]}")
 CHATLOOP_BIN=$SERVER_BIN
 REDIS_PID="" NODE2_PID=""

@@ -10,17 +10,17 @@ Defaults: 50000 20000 10 1000. Runs target/release/chatloop (cargo build --relea
 $CHATLOOP_BIN.
 """
 import base64
-import http.client
 import json
 import os
-import re
 import socket
 import struct
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+import chatloop  # noqa: E402 (tools/lib/chatloop.py)
+
 ARGS = sys.argv[1:]
 SESSIONS = int(ARGS[0]) if len(ARGS) > 0 else 50_000
 ROOMS = int(ARGS[1]) if len(ARGS) > 1 else 20_000
@@ -29,18 +29,15 @@ MEMBERS = int(ARGS[3]) if len(ARGS) > 3 else 1000
 EXTRA = ARGS[4:]
 ROOM_TTL = 2
 
-BIN = os.environ.get("CHATLOOP_BIN", os.path.join(ROOT, "target/release/chatloop"))
-cmd = [BIN, "--port", "0",
-       "--room-ttl", f"{ROOM_TTL}s",
-       "--create-rate", "0", "--chat-rate", "100000", "--chat-burst", "100000",
-       "--max-connections", "5000", "--max-connections-per-ip", "0", "--upgrade-rate", "0",
-       "--max-rooms-per-session", "0"] + EXTRA
-server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+ARGV = ["--room-ttl", f"{ROOM_TTL}s",
+        "--create-rate", "0", "--chat-rate", "100000", "--chat-burst", "100000",
+        "--max-connections", "5000", "--max-connections-per-ip", "0", "--upgrade-rate", "0",
+        "--max-rooms-per-session", "0"] + EXTRA
+server, port = chatloop.start(ARGV, os.environ.get("CHATLOOP_BIN"))
 
 
 def rss(field="VmRSS"):
-    with open(f"/proc/{server.pid}/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+    return chatloop.rss(server.pid, field)
 
 
 def ws_connect(port, room, sid):
@@ -79,29 +76,11 @@ def drain(s):
 
 
 try:
-    port = None
-    for line in server.stderr:
-        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-            break
-    if port is None:
-        sys.exit("chatloop did not start")
     # The log is not read from here on: send it nowhere so the pipe never fills.
     subprocess.Popen(["cat"], stdin=server.stderr, stdout=subprocess.DEVNULL)
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-
-    def post(path, body=None, token=None):
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = "Bearer " + token
-        conn.request("POST", path, body=body, headers=headers)
-        r = conn.getresponse()
-        data = r.read()
-        if r.status >= 300:
-            raise RuntimeError(f"POST {path}: {r.status} {data[:200]!r}")
-        return json.loads(data)
+    rest = chatloop.Rest(port)
+    post = rest.post
 
     time.sleep(0.5)
     idle, idle_anon = rss(), rss("RssAnon")
@@ -138,9 +117,8 @@ try:
         m.close()
     # The storm ends: its sessions are ended by their owners, its rooms expire.
     for sid in sids:
-        conn.request("DELETE", "/sessions/me", headers={"Authorization": "Bearer " + sid})
-        conn.getresponse().read()
-    conn.close()
+        rest.delete("/sessions/me", sid)
+    rest.close()
     finals = []
     for _ in range(ROOM_TTL + 14):
         time.sleep(1)

@@ -31,24 +31,15 @@ ARGS=("$@")
 [ ${#ARGS[@]} -eq 0 ] && ARGS=(--clients 200 --rooms 10 --duration 30s)
 mkdir -p "$OUT"
 
-if [ -z "${SOAK_NO_BUILD:-}" ]; then
-    echo "== building chatloop and loadgen (release)" >&2
-    (cd "$ROOT" && cargo build --release 2>&1 | tail -n 3) >&2
-    (cd "$ROOT/tools/loadgen" && cargo build --release 2>&1 | tail -n 3) >&2
-fi
-SERVER_BIN=${SOAK_SERVER_BIN:-$ROOT/target/release/chatloop}
-LG=$ROOT/tools/loadgen/target/release/loadgen
-[ -x "$SERVER_BIN" ] || { echo "no $SERVER_BIN: the chatloop build failed" >&2; exit 1; }
-[ -x "$LG" ] || { echo "no $LG: the loadgen build failed" >&2; exit 1; }
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# shellcheck source=tools/lib/server.sh
+. "$ROOT/tools/lib/server.sh"
+release_binaries "${SOAK_NO_BUILD:-}" "${SOAK_SERVER_BIN:-}"
 
 SRV_PIN=() LG_PIN=()
 if [ "${SOAK_PIN:-0}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
     SRV_PIN=(taskset -c 0) LG_PIN=(taskset -c 1)
 fi
 
-# shellcheck source=tools/lib/server.sh
-. "$ROOT/tools/lib/server.sh"
 SERVER_PREFIX=("${SRV_PIN[@]}")
 CHATLOOP_BIN=$SERVER_BIN
 trap stop_chatloop EXIT

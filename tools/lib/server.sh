@@ -1,6 +1,12 @@
 # shellcheck shell=bash
 # Shared by tools/suites/*.sh, tools/bench.sh and tools/soak.sh: start a chatloop on a free
-# loopback port and stop it again. Source it, then:
+# loopback port and stop it again; the benchmarks also find (and build) their binaries here.
+# Source it (with ROOT set to the clone), then:
+#   release_binaries NO_BUILD [SERVER_BIN]
+#                                       unless NO_BUILD is non-empty, builds chatloop and
+#                                       tools/loadgen (release); sets SERVER_BIN (the given one, or
+#                                       the release build) and LG (the loadgen), or exits 1; raises
+#                                       the open-files limit to its hard limit
 #   start_chatloop LOGFILE [flags...]   sets SERVER_PID and PORT, or returns 1 (log on stderr)
 #   stop_chatloop                       SIGTERM, then SIGKILL after 5 s; only the pid started here
 # CHATLOOP_BIN picks the binary (default: the release build); the array SERVER_PREFIX, if set,
@@ -37,4 +43,17 @@ stop_chatloop() {
     wait "$SERVER_PID" 2>/dev/null || true
   fi
   SERVER_PID=""
+}
+
+release_binaries() {
+  if [ -z "$1" ]; then
+    echo "== building chatloop and loadgen (release)" >&2
+    (cd "$ROOT" && cargo build --release 2>&1 | tail -n 3) >&2
+    (cd "$ROOT/tools/loadgen" && cargo build --release 2>&1 | tail -n 3) >&2
+  fi
+  SERVER_BIN=${2:-$ROOT/target/release/chatloop}
+  LG=$ROOT/tools/loadgen/target/release/loadgen
+  [ -x "$SERVER_BIN" ] || { echo "no $SERVER_BIN: the chatloop build failed" >&2; exit 1; }
+  [ -x "$LG" ] || { echo "no $LG: the loadgen build failed" >&2; exit 1; }
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 }
