@@ -324,27 +324,18 @@ pub fn valid_key(key: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
+/// The integration tests' client-side framing (`client_frame`), shared with them.
+#[cfg(test)]
+#[path = "../tests/common/frame.rs"]
+mod client_frame;
+
 #[cfg(test)]
 mod tests {
+    use super::client_frame::client_frame;
     use super::*;
 
     fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1u8, 2, 3, 4];
-        let mut f = vec![first];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n < 65_536 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        f
+        client_frame(first, payload, Some([1, 2, 3, 4]))
     }
 
     fn one(st: &mut WsState, bytes: &[u8]) -> Result<Step<'static>, CloseWith> {

@@ -108,36 +108,10 @@ fn join_with(s: &Server, room: &str, sid: &str, invite: &str) -> u16 {
 /// Every answer an outsider gets about `room` on `s`, with the room id replaced: (what,
 /// status, body).
 fn outsider_view(s: &Server, room: &str, sid: &str, invite: &str) -> Vec<(String, u16, String)> {
-    let mut out = Vec::new();
-    let mut h = s.http();
-    let mut push = |what: &str, r: Resp| {
-        out.push((what.to_string(), r.status, r.text().replace(room, "ROOM")))
-    };
-    push("GET room, no token", h.get(&format!("/rooms/{room}"), None));
-    push("GET room", h.get(&format!("/rooms/{room}"), Some(sid)));
-    push(
-        "GET messages",
-        h.get(&format!("/rooms/{room}/messages"), Some(sid)),
-    );
-    push(
-        "join, no body",
-        h.call("POST", &format!("/rooms/{room}/join"), Some(sid)),
-    );
-    let body = json!({ "invite": invite }).to_string();
-    push(
-        "join, invite",
-        h.post_json(&format!("/rooms/{room}/join"), &body, Some(sid)),
-    );
-    push(
-        "rotate",
-        h.call("POST", &format!("/rooms/{room}/invite"), Some(sid)),
-    );
-    let ws = match s.ws(&format!("/ws/{room}?session_id={sid}")) {
-        Ok(_) => 101,
-        Err(code) => code,
-    };
-    out.push(("WebSocket".into(), ws, String::new()));
-    out
+    common::outsider_view(s, room, sid, invite)
+        .into_iter()
+        .map(|(what, status, body)| (what, status, body.replace(room, "ROOM")))
+        .collect()
 }
 
 fn texts(messages: &Value) -> Vec<String> {

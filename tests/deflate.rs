@@ -5,18 +5,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 
-use common::{Server, TIMEOUT, rss_kib};
+use common::{RawWs, Server, rss_kib};
 use miniz_oxide::deflate::compress_to_vec;
 use miniz_oxide::inflate::decompress_to_vec;
 use serde_json::{Value, json};
 
-/// A hand-made WebSocket client that can set RSV1 and sees it on what it reads.
+/// A hand-made WebSocket client ([`RawWs`]) that can set RSV1 and sees it on what it reads.
 struct Client {
-    stream: TcpStream,
-    buf: Vec<u8>,
+    ws: RawWs,
     /// The `101`'s head.
     head: String,
 }
@@ -61,30 +59,11 @@ impl Client {
     /// Upgrades `path` offering `ext` as `Sec-WebSocket-Extensions` (if any).
     #[track_caller]
     fn open(server: &Server, path: &str, ext: Option<&str>) -> Client {
-        let mut stream = TcpStream::connect(server.addr).expect("connect");
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
         let ext = ext.map_or(String::new(), |e| {
             format!("Sec-WebSocket-Extensions: {e}\r\n")
         });
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
-        );
-        stream.write_all(req.as_bytes()).expect("send handshake");
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let n = stream.read(&mut chunk).expect("read the 101");
-            assert!(n > 0, "closed during the handshake");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        buf.drain(..end);
-        Client { stream, buf, head }
+        let (ws, head) = server.raw_ws_with(path, &ext);
+        Client { ws, head }
     }
 
     /// The extension the server answered with, if any.
@@ -97,22 +76,7 @@ impl Client {
     }
 
     fn send(&mut self, first: u8, payload: &[u8]) {
-        let mut f = vec![first];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let key = [0x11, 0x22, 0x33, 0x44];
-        f.extend_from_slice(&key);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        let _ = self.stream.write_all(&f);
+        self.ws.send_first_byte(first, payload, true);
     }
 
     /// Sends a text message compressed (one frame, RSV1).
@@ -121,17 +85,11 @@ impl Client {
     }
 
     fn read(&mut self) -> Option<Frame> {
-        loop {
-            if let Some((f, used)) = parse(&self.buf) {
-                self.buf.drain(..used);
-                return Some(f);
-            }
-            let mut chunk = [0u8; 65536];
-            match self.stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-            }
-        }
+        let f = self.ws.read_frame()?;
+        Some(Frame {
+            first: f.first,
+            payload: f.payload,
+        })
     }
 
     /// The next data frame whose JSON has this `type` (others skipped).
@@ -154,25 +112,6 @@ impl Client {
         }
         None
     }
-}
-
-fn parse(b: &[u8]) -> Option<(Frame, usize)> {
-    let (mut len, mut at) = ((*b.get(1)? & 0x7f) as usize, 2);
-    if len == 126 {
-        len = u16::from_be_bytes(b.get(2..4)?.try_into().ok()?) as usize;
-        at = 4;
-    } else if len == 127 {
-        len = u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize;
-        at = 10;
-    }
-    let payload = b.get(at..at + len)?.to_vec();
-    Some((
-        Frame {
-            first: b[0],
-            payload,
-        },
-        at + len,
-    ))
 }
 
 const ANSWER: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
@@ -544,8 +483,8 @@ fn figures() {
             }
             std::thread::sleep(std::time::Duration::from_millis(300));
             for m in rooms.iter_mut().flatten() {
-                m.stream.set_nonblocking(true).unwrap();
-                m.buf.clear();
+                m.ws.stream.set_nonblocking(true).unwrap();
+                m.ws.buf.clear();
             }
             let cpu = |pid: u32| -> u64 {
                 let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -566,7 +505,7 @@ fn figures() {
                     );
                 }
                 for m in rooms.iter_mut().flatten() {
-                    while let Ok(n) = m.stream.read(&mut sink) {
+                    while let Ok(n) = m.ws.stream.read(&mut sink) {
                         if n == 0 {
                             break;
                         }
@@ -575,7 +514,7 @@ fn figures() {
             }
             std::thread::sleep(std::time::Duration::from_millis(500));
             for m in rooms.iter_mut().flatten() {
-                while let Ok(n) = m.stream.read(&mut sink) {
+                while let Ok(n) = m.ws.stream.read(&mut sink) {
                     if n == 0 {
                         break;
                     }

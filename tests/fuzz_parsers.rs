@@ -2,6 +2,9 @@
 //! arbitrary bytes, split at arbitrary points, without panicking, and always reach a decision.
 //! Failing cases proptest finds are kept in `tests/fuzz_parsers.proptest-regressions`.
 
+#[path = "common/frame.rs"]
+mod frame;
+
 use chatloop::http;
 use chatloop::protocol::parse_client;
 use chatloop::ws::{Step, WsEvent, WsState};
@@ -12,21 +15,7 @@ const BODY: usize = 64 * 1024;
 
 /// Masks a payload into a client frame.
 fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut f = vec![first];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65_536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    frame::client_frame(first, payload, Some(mask))
 }
 
 /// Runs the decoder the way the event loop does: bytes arrive in `chunks`, unused bytes wait.

@@ -43,18 +43,11 @@ fn until_left(wb: &mut Ws, uid: &str) -> Vec<Value> {
 
 /// A masked client frame with the FIN bit as given.
 fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    let key = [1, 2, 3, 4];
-    f.extend_from_slice(&key);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    f
+    common::client_frame(
+        if fin { 0x80 } else { 0 } | opcode,
+        payload,
+        Some([1, 2, 3, 4]),
+    )
 }
 
 #[test]

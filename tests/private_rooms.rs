@@ -31,41 +31,15 @@ fn create_private(s: &Server, sid: &str) -> (String, String) {
     )
 }
 
-/// Every answer an outsider gets about `room`: (what, status, body).
+/// Every answer an outsider gets about `room`: (what, status, body). Without an invite, a
+/// made-up one is tried.
 fn outsider_view(
     s: &Server,
     room: &str,
     sid: &str,
     invite: Option<&str>,
 ) -> Vec<(String, u16, String)> {
-    let mut out = Vec::new();
-    let mut h = s.http();
-    let mut push = |what: &str, r: common::Resp| out.push((what.to_string(), r.status, r.text()));
-    push("GET room, no token", h.get(&format!("/rooms/{room}"), None));
-    push("GET room", h.get(&format!("/rooms/{room}"), Some(sid)));
-    push(
-        "GET messages",
-        h.get(&format!("/rooms/{room}/messages"), Some(sid)),
-    );
-    push(
-        "join, no body",
-        h.call("POST", &format!("/rooms/{room}/join"), Some(sid)),
-    );
-    let body = json!({ "invite": invite.unwrap_or("AAAAAAAAAAAAAAAAAAAAAA") }).to_string();
-    push(
-        "join, invite",
-        h.post_json(&format!("/rooms/{room}/join"), &body, Some(sid)),
-    );
-    push(
-        "rotate",
-        h.call("POST", &format!("/rooms/{room}/invite"), Some(sid)),
-    );
-    let ws = match s.ws(&format!("/ws/{room}?session_id={sid}")) {
-        Ok(_) => 101,
-        Err(code) => code,
-    };
-    out.push(("WebSocket".into(), ws, String::new()));
-    out
+    common::outsider_view(s, room, sid, invite.unwrap_or("AAAAAAAAAAAAAAAAAAAAAA"))
 }
 
 /// The same answers with the room id replaced, so a private room's can be compared with a

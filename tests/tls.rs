@@ -215,46 +215,7 @@ fn request(s: &mut Tls, method: &str, path: &str, sid: Option<&str>, body: Optio
 }
 
 fn read_response(s: &mut Tls) -> Option<Resp> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16384];
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut headers);
-        if let Ok(httparse::Status::Complete(n)) = resp.parse(&buf) {
-            let status = resp.code?;
-            let headers: Vec<(String, String)> = resp
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_string(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect();
-            let len = headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                .map_or(0, |(_, v)| v.parse().unwrap_or(0));
-            while buf.len() < n + len {
-                let k = s.read(&mut chunk).ok()?;
-                if k == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&chunk[..k]);
-            }
-            return Some(Resp {
-                status,
-                headers,
-                body: buf[n..n + len].to_vec(),
-            });
-        }
-        let k = s.read(&mut chunk).ok()?;
-        if k == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..k]);
-    }
+    common::read_http_response(s, &mut Vec::new(), false)
 }
 
 fn https(s: &Server, cfg: &Arc<ClientConfig>, method: &str, path: &str, sid: Option<&str>) -> Resp {

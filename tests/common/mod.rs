@@ -12,6 +12,9 @@ use serde_json::Value;
 use tungstenite::protocol::WebSocket;
 use tungstenite::{Message, stream::MaybeTlsStream};
 
+mod frame;
+pub use frame::client_frame;
+
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A running server process, killed (by its own pid) when dropped.
@@ -301,54 +304,7 @@ impl Http {
     }
 
     pub fn try_read_response(&mut self, head_only: bool) -> Option<Resp> {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            if let Ok(httparse::Status::Complete(n)) = resp.parse(&self.buf) {
-                let status = resp.code?;
-                let headers: Vec<(String, String)> = resp
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_string(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
-                let len = headers
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                    .map_or(0, |(_, v)| v.parse().unwrap_or(0));
-                let len = if head_only || status == 204 || status == 101 || status == 100 {
-                    0
-                } else {
-                    len
-                };
-                while self.buf.len() < n + len {
-                    self.fill()?;
-                }
-                let body = self.buf[n..n + len].to_vec();
-                self.buf.drain(..n + len);
-                return Some(Resp {
-                    status,
-                    headers,
-                    body,
-                });
-            }
-            self.fill()?;
-        }
-    }
-
-    fn fill(&mut self) -> Option<()> {
-        let mut chunk = [0u8; 16384];
-        match self.stream.read(&mut chunk) {
-            Ok(0) | Err(_) => None,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Some(())
-            }
-        }
+        read_http_response(&mut self.stream, &mut self.buf, head_only)
     }
 
     /// True when the server closed the connection (EOF within the timeout).
@@ -503,12 +459,15 @@ pub fn is_timestamp(s: &str) -> bool {
 /// sending what a well-behaved library refuses to send (unmasked frames, bad UTF-8, ...).
 pub struct RawWs {
     pub stream: TcpStream,
-    buf: Vec<u8>,
+    /// Bytes read and not yet parsed into frames.
+    pub buf: Vec<u8>,
 }
 
 /// A frame read by [`RawWs`]: opcode and payload (unmasked).
 #[derive(Debug)]
 pub struct RawFrame {
+    /// The whole first byte: FIN, RSV1-3 and the opcode.
+    pub first: u8,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -539,14 +498,28 @@ impl Server {
         panic!("user_count of {room} never became {n}: {last}");
     }
 
-    /// Upgrades `path` by hand and asserts the 101; any bytes after the head are kept.
+    /// Upgrades `path` by hand and asserts the 101 and its `Sec-WebSocket-Accept`; any bytes
+    /// after the head are kept.
     #[track_caller]
     pub fn raw_ws(&self, path: &str) -> RawWs {
+        let (ws, head) = self.raw_ws_with(path, "");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+            "bad Sec-WebSocket-Accept: {head}"
+        );
+        ws
+    }
+
+    /// Upgrades `path` by hand with `extra` header lines (`Name: value\r\n` each) and asserts
+    /// the 101; returns the socket (bytes after the head kept) and the 101's head.
+    #[track_caller]
+    pub fn raw_ws_with(&self, path: &str, extra: &str) -> (RawWs, String) {
         let mut stream = TcpStream::connect(self.addr).expect("connect");
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         );
         stream.write_all(req.as_bytes()).expect("send handshake");
         let mut buf = Vec::new();
@@ -565,13 +538,8 @@ impl Server {
         };
         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
         assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
-        assert!(
-            head.to_ascii_lowercase()
-                .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-            "bad Sec-WebSocket-Accept: {head}"
-        );
         buf.drain(..end);
-        RawWs { stream, buf }
+        (RawWs { stream, buf }, head)
     }
 }
 
@@ -584,26 +552,7 @@ impl RawWs {
     /// Sends one frame whose first byte (FIN, RSV bits, opcode) is `first`, e.g. `0x01` for the
     /// first fragment of a text message, `0x80` for the last continuation.
     pub fn send_first_byte(&mut self, first: u8, payload: &[u8], masked: bool) {
-        let mut f = vec![first];
-        let mask_bit = if masked { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => f.push(mask_bit | n as u8),
-            n if n <= 0xffff => {
-                f.push(mask_bit | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(mask_bit | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        if masked {
-            let key = [0x37, 0xfa, 0x21, 0x3d];
-            f.extend_from_slice(&key);
-            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        } else {
-            f.extend_from_slice(payload);
-        }
+        let f = client_frame(first, payload, masked.then_some([0x37, 0xfa, 0x21, 0x3d]));
         // The server may already have closed the socket; the caller checks what comes back.
         let _ = self.stream.write_all(&f);
     }
@@ -650,6 +599,7 @@ impl RawWs {
         }
         Some((
             RawFrame {
+                first: b[0],
                 opcode: b[0] & 0x0f,
                 payload,
             },
@@ -897,4 +847,96 @@ impl Server {
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
     }
+}
+
+/// Reads one HTTP response (Content-Length framed; no body for HEAD, 100, 101 and 204) from
+/// `r`, with `buf` holding what was read before and keeping what follows the response.
+/// `None` on EOF, error or timeout before the response is complete.
+pub fn read_http_response(r: &mut impl Read, buf: &mut Vec<u8>, head_only: bool) -> Option<Resp> {
+    let fill = |r: &mut dyn Read, buf: &mut Vec<u8>| -> Option<()> {
+        let mut chunk = [0u8; 16384];
+        match r.read(&mut chunk) {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                Some(())
+            }
+        }
+    };
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(n)) = resp.parse(buf) {
+            let status = resp.code?;
+            let headers: Vec<(String, String)> = resp
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_string(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            let len = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map_or(0, |(_, v)| v.parse().unwrap_or(0));
+            let len = if head_only || status == 204 || status == 101 || status == 100 {
+                0
+            } else {
+                len
+            };
+            while buf.len() < n + len {
+                fill(r, buf)?;
+            }
+            let body = buf[n..n + len].to_vec();
+            buf.drain(..n + len);
+            return Some(Resp {
+                status,
+                headers,
+                body,
+            });
+        }
+        fill(r, buf)?;
+    }
+}
+
+/// Every answer a session that is not a member (`sid`) gets about a private `room`, trying
+/// `invite` to join: (what, status, body). A private room must look the same as a room that
+/// does not exist.
+pub fn outsider_view(
+    s: &Server,
+    room: &str,
+    sid: &str,
+    invite: &str,
+) -> Vec<(String, u16, String)> {
+    let mut out = Vec::new();
+    let mut h = s.http();
+    let mut push = |what: &str, r: Resp| out.push((what.to_string(), r.status, r.text()));
+    push("GET room, no token", h.get(&format!("/rooms/{room}"), None));
+    push("GET room", h.get(&format!("/rooms/{room}"), Some(sid)));
+    push(
+        "GET messages",
+        h.get(&format!("/rooms/{room}/messages"), Some(sid)),
+    );
+    push(
+        "join, no body",
+        h.call("POST", &format!("/rooms/{room}/join"), Some(sid)),
+    );
+    let body = serde_json::json!({ "invite": invite }).to_string();
+    push(
+        "join, invite",
+        h.post_json(&format!("/rooms/{room}/join"), &body, Some(sid)),
+    );
+    push(
+        "rotate",
+        h.call("POST", &format!("/rooms/{room}/invite"), Some(sid)),
+    );
+    let ws = match s.ws(&format!("/ws/{room}?session_id={sid}")) {
+        Ok(_) => 101,
+        Err(code) => code,
+    };
+    out.push(("WebSocket".into(), ws, String::new()));
+    out
 }
