@@ -21,11 +21,15 @@ use crate::time::{Micros, Now};
 /// What the event loop must do with a request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reply {
+    /// Send this response (the connection may stay open for the next request).
     Response(Response),
     /// Accept the WebSocket: write 101, then `Hub::connect`.
     Upgrade {
+        /// The room to join.
         room: RoomId,
+        /// The authenticated session joining it.
         session: SessionId,
+        /// `?since=`: the client's last message id; the welcome holds only newer history.
         since: Option<MsgId>,
         /// Cluster mode: who is in the room on other nodes.
         elsewhere: Vec<(String, UserId)>,
@@ -48,19 +52,26 @@ impl From<Response> for Reply {
 /// for this request so far, and where to ask for more.
 #[derive(Debug)]
 pub struct ClusterReq<'a> {
+    /// Redis is reachable now (else requests that need it get 503 [`REDIS_DOWN`]).
     pub up: bool,
+    /// What Redis answered for this request so far (sessions, rooms, settings, presence).
     pub facts: &'a Facts,
+    /// Where the handler asks for what it still lacks before it can answer ([`Reply::Fetch`]).
     pub wants: &'a mut Vec<Query>,
 }
 
 /// Settings, time and the client's address for one request.
 #[derive(Debug)]
 pub struct ApiCtx<'a> {
+    /// The loop's clock reading for this request.
     pub now: Now,
     /// `GET /rooms/all` answers (`--room-list`); 404 otherwise.
     pub room_list: bool,
+    /// `--echo-path`: the path of the conformance echo WebSocket, if on.
     pub echo_path: Option<&'a str>,
+    /// The client's address: the peer, or the one a trusted proxy named.
     pub peer: IpAddr,
+    /// The per-address budget for creating sessions and rooms (`--create-rate`).
     pub limiter: &'a mut CreateLimiter,
     /// `Some` in cluster mode.
     pub cluster: Option<ClusterReq<'a>>,

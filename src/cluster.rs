@@ -58,15 +58,21 @@ pub mod slots;
 /// The cluster's share of the settings.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
+    /// `--room-ttl`: how long a room without members stays registered.
     pub room_ttl: Micros,
+    /// `--session-ttl`: sliding lifetime of a session's keys.
     pub session_ttl: Micros,
     /// Chat messages kept per room.
     pub history: usize,
     /// Presence notices kept per room besides them (`--history-notices`).
     pub history_notices: usize,
+    /// `--presence-ttl`: a member whose node stops heartbeating leaves after this long.
     pub presence_ttl: Micros,
+    /// The database selected after connecting (the URL's `/db`; a Redis Cluster has only 0).
     pub db: u32,
+    /// The ACL user name (`None`: the default user).
     pub user: Option<String>,
+    /// The password, sent only in `HELLO 3 AUTH`.
     pub password: Option<Secret>,
     /// What one reply from Redis may be (see [`resp`]).
     pub reply_limits: resp::Limits,
@@ -130,15 +136,21 @@ pub enum Query {
 /// Redis's answer to a [`Query`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
+    /// [`Query::Session`]: the name and user id, or `None` for no such session.
     Session(Option<(String, UserId)>),
     /// The room's settings if it exists.
     Room(Option<RoomSettings>),
+    /// [`Query::Member`]: the room is among the session's rooms.
     Member(bool),
+    /// [`Query::UserCount`]: WebSocket members on all nodes.
     Count(usize),
+    /// [`Query::Presence`]: display name and user id of each member on all nodes.
     Users(Vec<(String, UserId)>),
+    /// [`Query::SessionRooms`], [`Query::AllRooms`]: room ids.
     Rooms(Vec<RoomId>),
     /// Message JSON, oldest first.
     Messages(Vec<Vec<u8>>),
+    /// [`Query::Subscribe`]: subscribed, the history is in the hub.
     Done,
 }
 
@@ -151,19 +163,23 @@ pub struct Facts {
 }
 
 impl Facts {
+    /// The answer to `q`, if it has come.
     pub fn get(&self, q: Query) -> Option<&Answer> {
         self.items.iter().find(|(k, _)| *k == q).map(|(_, a)| a)
     }
 
+    /// Records Redis's answer to `q`.
     pub fn add(&mut self, q: Query, a: Answer) {
         self.items.push((q, a));
     }
 
+    /// Forgets everything (the request was answered or starts over).
     pub fn clear(&mut self) {
         self.items.clear();
         self.failed = false;
     }
 
+    /// Nothing learnt and nothing failed.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty() && !self.failed
     }
@@ -178,37 +194,58 @@ pub enum Event {
     Down,
     /// A fact for the request parked on `token`.
     Answer {
+        /// The parked connection's slab index.
         token: usize,
+        /// Its serial, so that a successor in the same slot is not answered.
         serial: u32,
+        /// What was asked.
         query: Query,
+        /// Redis's answer.
         answer: Answer,
     },
     /// Redis went away before answering the request parked on `token`.
-    Failed { token: usize, serial: u32 },
+    Failed {
+        /// The parked connection's slab index.
+        token: usize,
+        /// Its serial, so that a successor in the same slot is not answered.
+        serial: u32,
+    },
     /// A history event for the room's local members.
     Deliver {
+        /// The room.
         room: RoomId,
+        /// The event's id.
         id: MsgId,
+        /// The event's JSON (a frame's payload).
         json: Vec<u8>,
     },
     /// A typing event for the room's local members (but `except`).
     Typing {
+        /// The room.
         room: RoomId,
+        /// The sender's connection if it is on this node (it gets no copy); `None` otherwise.
         except: Option<ConnId>,
+        /// The `typing` / `typing_stopped` JSON.
         json: Vec<u8>,
     },
     /// The room's history as Redis has it, plus what arrived while it loaded. `catch_up`:
     /// after a reconnect, for a room with members here (send them what they missed).
     Loaded {
+        /// The room.
         room: RoomId,
+        /// Id and JSON of each history entry, oldest first.
         messages: Vec<(MsgId, Vec<u8>)>,
+        /// After a reconnect, for a room with members here: send them what they missed.
         catch_up: bool,
     },
     /// A member of another node whose presence expired (that node is gone): this node won
     /// the removal, so it announces `user_left` (exactly one node does).
     Departed {
+        /// The room.
         room: RoomId,
+        /// The departed member's display name.
         user: String,
+        /// The departed member's user id.
         user_id: UserId,
     },
     /// A session ended on some node: close its sockets here with 1000.
@@ -217,8 +254,11 @@ pub enum Event {
     /// first, Redis refused it, or it was written while Redis was unusable), and whose echo
     /// never came back: nobody here has seen it, and other nodes may or may not have.
     Unconfirmed {
+        /// The room.
         room: RoomId,
+        /// The event's id.
         id: MsgId,
+        /// The event's JSON.
         json: Vec<u8>,
     },
 }
@@ -566,6 +606,8 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
+    /// A cluster side, not connected yet (due to connect at once); `node_id` tells this node's
+    /// messages and presence from other nodes' (8 hex characters on the wire).
     pub fn new(cfg: ClusterConfig, node_id: u32) -> Cluster {
         let mut node = [0u8; 8];
         node.copy_from_slice(format!("{node_id:08x}").as_bytes());
@@ -609,6 +651,7 @@ impl Cluster {
         !matches!(self.link, Link::Down { .. })
     }
 
+    /// Redis is usable: the handshake is done on every master's link and commands flow.
     pub fn is_up(&self) -> bool {
         self.link == Link::Up
     }
@@ -675,16 +718,20 @@ impl Cluster {
         self.sent
     }
 
+    /// The number of the last command up to which every command has been answered (all that
+    /// were sent when none is outstanding; links to several masters answer out of order).
     pub fn answered(&self) -> u64 {
         self.outstanding
             .first()
             .map_or(self.sent, |first| first.saturating_sub(1))
     }
 
+    /// Takes the events produced so far, in order.
     pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
         self.events.drain(..)
     }
 
+    /// Events are waiting for [`Cluster::drain_events`].
     pub fn has_events(&self) -> bool {
         !self.events.is_empty()
     }

@@ -70,6 +70,7 @@ pub fn frame_budget(cfg: &Config) -> (u32, u32) {
 /// and tells the loop what to do next. The socket is any `Read + Write` (a `TcpStream` in
 /// the loop, an in-memory duplex in the tests); the loop alone registers it and shuts it.
 pub struct Conn<S = TcpStream> {
+    /// The socket (non-blocking; the loop registers it with its poll under the slab index).
     pub stream: S,
     /// Tells this connection from an earlier one in the same slab slot (for stale timers).
     pub serial: u32,
@@ -84,15 +85,18 @@ pub struct Conn<S = TcpStream> {
     pub proxy_expected: bool,
     /// It began with one: that header, not `X-Forwarded-For`, names the client.
     pub proxied: bool,
+    /// What the connection is doing now.
     pub state: State,
     /// Bytes of an incomplete request or frame; empty (unallocated) otherwise.
     pub inbuf: Vec<u8>,
+    /// Output not yet taken by the socket (shared frames, responses).
     pub out: Queue,
     /// Already in this iteration's flush list.
     pub dirty: bool,
     /// The connection's timer in the loop's wheel, and the deadline it is armed for
     /// (`Micros::MAX` if none).
     pub timer: Option<TimerId>,
+    /// The deadline `timer` is armed for.
     pub timer_at: Micros,
     /// Close (shutdown, then linger) once the queue is empty.
     pub close_after_flush: bool,
@@ -139,23 +143,36 @@ pub enum OverLimit {
 /// waiting for the peer's FIN). docs/lifecycle.md follows the moves between them.
 #[derive(Debug)]
 pub enum State {
+    /// Serving HTTP/1.1 requests, one after another (keep-alive, pipelining).
     Http {
+        /// When the request being read started (`None` between requests): `--request-timeout` runs
+        /// from here.
         busy_since: Option<Micros>,
+        /// When the connection last became idle (open since, or its last response):
+        /// `--idle-timeout` runs from here.
         idle_since: Micros,
+        /// `100 Continue` was sent for the current request.
         continue_sent: bool,
     },
+    /// A chat room's WebSocket.
     Ws(Box<ChatSocket>),
+    /// The echo endpoint's WebSocket (`--echo-path`, conformance tests only).
     Echo {
+        /// The decoder's state.
         ws: WsState,
+        /// When the last frame arrived: the ping and pong timeouts run from here.
         last_rx: Micros,
+        /// A ping was sent and no frame has come since.
         pinged: bool,
     },
     /// A close frame or final response is queued; input is ignored.
     Closing {
+        /// When the closing began: it may last [`LINGER`].
         since: Micros,
     },
     /// Our side is shut down; waiting for the peer's FIN.
     Lingering {
+        /// When to stop waiting for the FIN and drop it.
         until: Micros,
     },
 }
@@ -163,10 +180,15 @@ pub enum State {
 /// A chat WebSocket's state.
 #[derive(Debug)]
 pub struct ChatSocket {
+    /// The room it joined.
     pub room: RoomId,
+    /// The session it carries.
     pub session: SessionId,
+    /// The decoder's state.
     pub ws: WsState,
+    /// When the last frame arrived: the ping and pong timeouts run from here.
     pub last_rx: Micros,
+    /// A ping was sent and no frame has come since.
     pub pinged: bool,
     /// Every frame it sends spends one ([`frame_budget`]).
     pub frames: TokenBucket,
@@ -174,22 +196,35 @@ pub struct ChatSocket {
 
 /// Everything outside the connection that handling its input may touch.
 pub struct Ctx<'a> {
+    /// The chat domain.
     pub hub: &'a mut Hub,
+    /// The settings.
     pub cfg: &'a Config,
+    /// The loop's clock reading for this event.
     pub now: Now,
+    /// The cached `Date` header value (one formatting per second).
     pub date: &'a [u8],
+    /// The loop-wide output list of this iteration.
     pub outbox: &'a mut Outbox,
+    /// Connections with output queued this iteration (flushed at its end).
     pub dirty: &'a mut Vec<usize>,
+    /// The loop's counters.
     pub metrics: &'a mut Metrics,
+    /// Gauges as of this iteration (for `/metrics`).
     pub gauges: Gauges,
+    /// Open WebSockets (a gauge the connection keeps up to date).
     pub websockets: &'a mut usize,
+    /// Loop-wide scratch space for frames built here.
     pub frame: &'a mut FrameBuf,
     /// Loop-wide permessage-deflate state: no connection holds any of its own.
     pub inflate: &'a mut Inflater,
+    /// Loop-wide compressor (one compressed copy of a broadcast).
     pub deflate: &'a mut Deflater,
+    /// Per-address budget for creating sessions and rooms (`--create-rate`).
     pub limiter: &'a mut CreateLimiter,
     /// Open connections per client address (`--max-connections-per-ip`).
     pub per_ip: &'a mut ConnCounter,
+    /// Rate limits for log lines an attacker can repeat.
     pub throttle: &'a mut LogThrottle,
     /// Cluster mode: Redis reachable, facts fetched for the current request, queries to ask.
     pub cluster: Option<ClusterCtx<'a>>,
@@ -198,15 +233,20 @@ pub struct Ctx<'a> {
 /// The cluster state a request may use (see [`ClusterReq`]).
 #[derive(Debug)]
 pub struct ClusterCtx<'a> {
+    /// Redis is reachable now.
     pub up: bool,
+    /// What Redis answered for the current request so far.
     pub facts: &'a mut Facts,
+    /// What the current request still needs from Redis.
     pub wants: &'a mut Vec<Query>,
 }
 
 /// What the loop should do after a timer, end of input or an output overflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
+    /// Nothing to do: the connection lives on.
     Keep,
+    /// Drop the connection now (its socket closes with it).
     Drop,
 }
 
@@ -244,9 +284,13 @@ pub enum Wrote {
 /// The loop-wide state a frame from the hub passes through on its way to a member.
 #[derive(Debug)]
 pub struct Fanout<'a> {
+    /// The loop-wide output list of this iteration.
     pub outbox: &'a mut Outbox,
+    /// Connections with output queued this iteration (flushed at its end).
     pub dirty: &'a mut Vec<usize>,
+    /// Loop-wide compressor (one compressed copy of a broadcast).
     pub deflate: &'a mut Deflater,
+    /// The loop's counters.
     pub metrics: &'a mut Metrics,
     /// `--max-output-queue`.
     pub cap: usize,
@@ -275,6 +319,8 @@ impl std::fmt::Debug for Ctx<'_> {
 }
 
 impl<S: Read + Write> Conn<S> {
+    /// A new connection just accepted, in the HTTP state, its request timeout running from `now`;
+    /// `over_limit` if it was accepted above a connection limit (its first request gets a 503).
     pub fn new(
         stream: S,
         serial: u32,
@@ -355,6 +401,7 @@ impl<S: Read + Write> Conn<S> {
         }
     }
 
+    /// It completed a WebSocket upgrade (chat or echo).
     pub fn is_websocket(&self) -> bool {
         matches!(self.state, State::Ws(_) | State::Echo { .. })
     }

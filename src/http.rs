@@ -7,32 +7,48 @@
 /// The methods chatloop routes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
+    /// `GET`.
     Get,
+    /// `HEAD`: answered like `GET` without the body.
     Head,
+    /// `POST`.
     Post,
+    /// `DELETE`.
     Delete,
+    /// `OPTIONS`: the CORS preflight.
     Options,
+    /// Any other method (the router answers it 405 on a known path).
     Other,
 }
 
 /// A parsed request head; the body follows in the buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request<'a> {
+    /// The method.
     pub method: Method,
+    /// The path, percent-escapes left as they are (`/rooms/abc`).
     pub path: &'a str,
+    /// The query string after `?`, without it (empty when none).
     pub query: &'a str,
+    /// `Content-Length` (0 when absent); never above the parser's `max_body`.
     pub content_length: usize,
+    /// The raw `Authorization` value, if any.
     pub authorization: Option<&'a [u8]>,
+    /// The connection stays open after the answer: HTTP/1.1 unless `Connection: close`, HTTP/1.0
+    /// only with `Connection: keep-alive`.
     pub keep_alive: bool,
     /// `Upgrade: websocket` was asked for.
     pub upgrade: bool,
     /// `Connection` carries the `Upgrade` token (RFC 6455 section 4.2.1).
     pub connection_upgrade: bool,
+    /// The raw `Sec-WebSocket-Key` (trimmed), if any.
     pub ws_key: Option<&'a [u8]>,
+    /// The raw `Sec-WebSocket-Version` (trimmed), if any.
     pub ws_version: Option<&'a [u8]>,
     /// The first `permessage-deflate` offer in `Sec-WebSocket-Extensions` (over all its
     /// lines, in order) that the server can honour.
     pub ws_deflate: Option<crate::deflate::Agreed>,
+    /// `Expect: 100-continue` was sent: the client waits for a `100 Continue` before the body.
     pub expect_continue: bool,
     /// `X-Forwarded-For` values, in order (the last [`MAX_FORWARDED`] header lines).
     pub forwarded_for: Forwarded<'a>,
@@ -68,14 +84,20 @@ impl<'a> Forwarded<'a> {
 /// A request that cannot be served; the connection is answered and closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParseError {
+    /// The head grew past `max_head` (431).
     HeadTooLarge,
+    /// `Content-Length` above `max_body` (413).
     BodyTooLarge,
+    /// `Transfer-Encoding` of any kind (411): only `Content-Length` bodies are read.
     Chunked,
+    /// Malformed or contradictory (400), with the `detail` to send.
     BadRequest(&'static str),
+    /// Not HTTP/1.0 or 1.1 (505).
     Version,
 }
 
 impl ParseError {
+    /// The error response to send before closing.
     pub fn response(self) -> Response {
         match self {
             ParseError::HeadTooLarge => Response::error(431, "Request header fields too large"),
@@ -205,8 +227,11 @@ fn parse_length(v: &[u8]) -> Option<usize> {
 /// A response body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
+    /// No body.
     Empty,
+    /// A body compiled into the binary (pages, the OpenAPI document), queued without a copy.
     Static(&'static [u8]),
+    /// A body built for this response.
     Owned(Vec<u8>),
 }
 
@@ -223,17 +248,25 @@ impl Body {
 /// A response to write. `extra` holds complete header lines (`Name: value\r\n`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
+    /// The status code.
     pub status: u16,
+    /// The `Content-Type` (ignored for 204 and 101, which carry no body).
     pub content_type: &'static str,
+    /// The body.
     pub body: Body,
+    /// Complete extra header lines (`Name: value\r\n`), written as they are.
     pub extra: &'static str,
+    /// A `Retry-After` header, in seconds (429, 503).
     pub retry_after: Option<u32>,
+    /// Close the connection after this response (`Connection: close`).
     pub close: bool,
 }
 
+/// The JSON content type.
 pub const JSON: &str = "application/json";
 
 impl Response {
+    /// A JSON response with an owned body.
     pub fn json(status: u16, body: Vec<u8>) -> Response {
         Response {
             status,
@@ -245,6 +278,7 @@ impl Response {
         }
     }
 
+    /// A response with a static body of `content_type`.
     pub fn static_body(status: u16, content_type: &'static str, body: &'static [u8]) -> Response {
         Response {
             status,
@@ -281,11 +315,13 @@ impl Response {
         320 + self.content_type.len() + self.extra.len() + html + copied
     }
 
+    /// The same response with `extra` header lines.
     pub fn with_extra(mut self, extra: &'static str) -> Response {
         self.extra = extra;
         self
     }
 
+    /// The same response, closing the connection after it.
     pub fn closing(mut self) -> Response {
         self.close = true;
         self
@@ -374,6 +410,7 @@ X-Content-Type-Options: nosniff\r\n";
 pub const PREFLIGHT: &str = "Access-Control-Allow-Methods: GET, POST, DELETE, HEAD, OPTIONS\r\n\
 Access-Control-Allow-Headers: Authorization, Content-Type\r\nAccess-Control-Max-Age: 86400\r\n";
 
+/// The reason phrase of a status code (`Unknown` for codes chatloop never sends).
 pub fn reason(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
@@ -399,7 +436,8 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Percent-decodes a query value into `out` (`+` is a space); `None` if malformed.
+/// The raw value (not percent-decoded) of the first `name` parameter in `query`; `Some("")`
+/// for a bare `name` without `=`.
 pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));

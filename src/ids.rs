@@ -140,7 +140,8 @@ impl MsgId {
         (self.0 >> 80) as u64
     }
 
-    /// Parses the UUID text form (hyphenated or simple), as sent back in `before=`/`after=` cursors.
+    /// Parses the UUID text form (hyphenated or simple), as sent back in `before=`/`after=`
+    /// cursors.
     pub fn parse(s: &str) -> Option<MsgId> {
         uuid::Uuid::try_parse(s).ok().map(|u| MsgId(u.as_u128()))
     }

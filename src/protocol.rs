@@ -31,7 +31,8 @@ pub enum ClientMsg<'a> {
 /// Why a client frame was not understood; the connection stays open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientError {
-    /// Not a JSON object, or a `chat` without a string `message`; the text is the `detail` sent back.
+    /// Not a JSON object, or a `chat` without a string `message`; the text is the `detail` sent
+    /// back.
     InvalidJson(&'static str),
     /// A `type` other than `chat` or `typing` (at most its first 40 characters; empty when absent).
     UnknownType(String),
@@ -46,7 +47,8 @@ impl ClientError {
         }
     }
 
-    /// The human-readable `detail` of the `error` message sent back (never the client's whole text).
+    /// The human-readable `detail` of the `error` message sent back (never the client's whole
+    /// text).
     pub fn detail(&self) -> Cow<'static, str> {
         match self {
             ClientError::InvalidJson(d) => Cow::Borrowed(d),

@@ -267,6 +267,7 @@ impl Server {
         })
     }
 
+    /// The address the listener is bound to (with the port the OS chose for `--port 0`).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }

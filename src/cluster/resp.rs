@@ -26,20 +26,38 @@ pub const LINE_MAX: usize = 64 * 1024;
 /// What one reply may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// Aggregates nested in one another, at most.
     pub depth: usize,
+    /// Bytes of one frame, at most.
     pub bytes: usize,
+    /// Elements of one frame (all levels together), at most.
     pub elements: usize,
 }
 
 /// Why a reply was refused (for the log; never contains the reply's bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bad {
+    /// Aggregates nested deeper than this limit.
     TooDeep(usize),
-    TooLong { len: u64, limit: usize },
-    TooManyElements { limit: usize },
+    /// A frame that would be longer than its limit.
+    TooLong {
+        /// Bytes the frame takes at least, as far as its headers tell.
+        len: u64,
+        /// [`Limits::bytes`].
+        limit: usize,
+    },
+    /// A frame with more elements than its limit.
+    TooManyElements {
+        /// [`Limits::elements`].
+        limit: usize,
+    },
+    /// A header or simple line longer than [`LINE_MAX`].
     LongLine,
+    /// A length that is not a non-negative number.
     BadLength,
+    /// A bulk string not followed by CRLF.
     NoCrlf,
+    /// A type byte chatloop never expects from Redis.
     Type(u8),
 }
 

@@ -49,7 +49,9 @@ pub fn key_slot(key: &[u8]) -> u16 {
 /// A Redis node's address as the cluster names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Addr {
+    /// Host name or address (IPv6 without its brackets).
     pub host: String,
+    /// TCP port (never 0).
     pub port: u16,
 }
 
@@ -86,15 +88,26 @@ impl Addr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Redirect {
     /// `MOVED slot host:port`: the slot now lives there for good; the map is out of date.
-    Moved { slot: u16, to: Target },
+    Moved {
+        /// The slot the command's key lives in.
+        slot: u16,
+        /// The node that serves it now.
+        to: Target,
+    },
     /// `ASK slot host:port`: the slot is being migrated and this key is already there; send
     /// `ASKING` and then the command to that node, once, without changing the map.
-    Ask { slot: u16, to: Target },
+    Ask {
+        /// The slot the command's key lives in.
+        slot: u16,
+        /// The node to ask this once.
+        to: Target,
+    },
 }
 
 /// Where a redirection points.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
+    /// That node.
     Node(Addr),
     /// The endpoint is empty or `?` (`cluster-preferred-endpoint-type unknown-endpoint`):
     /// the same host as the node that answered, on this port.
@@ -122,6 +135,7 @@ impl Redirect {
         }
     }
 
+    /// The slot the redirection is about.
     pub fn slot(&self) -> u16 {
         match self {
             Redirect::Moved { slot, .. } | Redirect::Ask { slot, .. } => *slot,
@@ -150,10 +164,15 @@ impl Default for SlotMap {
 /// Why a `CLUSTER SLOTS` reply was refused (for the log; never quotes the reply).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BadMap {
+    /// The reply is not an array of slot ranges.
     NotAnArray,
+    /// A range that is not two slots in order below [`SLOTS`].
     BadRange,
+    /// A master that is not a host and a port.
     BadNode,
+    /// More than [`MAX_NODES`] masters.
     TooManyNodes,
+    /// This slot is claimed by two masters.
     Overlap(u16),
 }
 
@@ -170,6 +189,7 @@ impl std::fmt::Display for BadMap {
 }
 
 impl SlotMap {
+    /// The owner of a slot no master serves.
     pub const NONE: u16 = u16::MAX;
 
     /// A map where one node serves every slot (a plain Redis is a cluster of one shard).
@@ -293,9 +313,13 @@ fn node_of(f: &OwnedFrame, asked: &Addr) -> Option<Addr> {
 /// a cluster has only database 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seeds {
+    /// The nodes to ask for the slot map, in the URL's order (at most [`MAX_SEEDS`]).
     pub addrs: Vec<Addr>,
+    /// The ACL user name (`None`: the default user).
     pub user: Option<String>,
+    /// The password, sent only in `HELLO 3 AUTH`.
     pub password: Option<Secret>,
+    /// `rediss-cluster://`: every connection to the cluster is TLS.
     pub tls: bool,
 }
 
