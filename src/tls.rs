@@ -645,77 +645,99 @@ mod stub {
 
     use crate::outbox::{Flushed, Outbox, Queue};
 
+    /// Uninhabited: no certificate can be loaded without the `tls` feature.
     #[derive(Debug)]
     pub enum Acceptor {}
 
     impl Acceptor {
+        /// Always refuses: this build has no TLS.
         pub fn load(_cert: &str, _key: &str) -> Result<Acceptor, String> {
             Err("this chatloop was built without TLS (cargo feature `tls`)".into())
         }
+        /// Never called (no `Acceptor` exists).
         pub fn reload(&mut self) -> Result<(), String> {
             match *self {}
         }
+        /// Never called (no `Acceptor` exists).
         pub fn session(&self) -> Result<Box<Session>, String> {
             match *self {}
         }
     }
 
+    /// The loop-wide buffers of the TLS build; here only the (always empty) plaintext one.
     #[derive(Debug, Default)]
     pub struct Scratch {
+        /// Never written in this build.
         pub plain: Vec<u8>,
     }
 
+    /// Why a TLS connection ended (never made in this build).
     #[derive(Debug)]
     pub struct Failed {
+        /// What went wrong.
         pub reason: String,
+        /// Ciphertext to send before closing.
         pub last_words: Vec<u8>,
     }
 
+    /// Uninhabited: no connection is TLS in this build.
     #[derive(Debug)]
     pub enum Session {}
 
     impl Session {
+        /// Never called (no `Session` exists).
         pub fn read(&mut self, _data: &mut [u8], _plain: &mut Vec<u8>) -> Result<(), Failed> {
             match *self {}
         }
+        /// Never called (no `Session` exists).
         pub fn wants_write(&self) -> bool {
             match *self {}
         }
+        /// Never called (no `Session` exists).
         pub fn queued(&self) -> usize {
             match *self {}
         }
+        /// Never called (no `Session` exists).
         pub fn handshaking(&self) -> bool {
             match *self {}
         }
     }
 
+    /// Uninhabited: `rediss://` is refused in this build.
     #[derive(Debug)]
     pub enum RedisTlsConfig {}
 
     impl RedisTlsConfig {
+        /// Always refuses: this build has no TLS.
         pub fn load(_ca: Option<&str>) -> Result<RedisTlsConfig, String> {
             Err("rediss://: this chatloop was built without TLS (cargo feature `tls`)".into())
         }
+        /// Never called (no `RedisTlsConfig` exists).
         pub fn connect(&self, _host: &str) -> Result<RedisTls, String> {
             match *self {}
         }
     }
 
+    /// Uninhabited: no Redis link is TLS in this build.
     #[derive(Debug)]
     pub enum RedisTls {}
 
     impl RedisTls {
+        /// Never called (no `RedisTls` exists).
         pub fn read(&mut self, _cipher: &[u8], _plain: &mut Vec<u8>) -> Result<(), String> {
             match *self {}
         }
+        /// Never called (no `RedisTls` exists).
         pub fn send(&mut self, _data: &[u8], _sock: &mut impl Write) -> io::Result<usize> {
             match *self {}
         }
+        /// Never called (no `RedisTls` exists).
         pub fn flush(&mut self, _sock: &mut impl Write) -> io::Result<()> {
             match *self {}
         }
     }
 
+    /// Never called (no `Session` exists).
     pub fn flush(
         s: &mut Session,
         _q: &mut Queue,
