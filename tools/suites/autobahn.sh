@@ -29,7 +29,7 @@
 # packages) when it is missing. Reports and server logs: artifacts/autobahn/ (HTML reports:
 # artifacts/autobahn/report/index.html for ws, report-wss/ and report-deflate*/).
 # Env: AUTOBAHN_CASES='["1.*","2.*"]' to run a subset of the non-compression cases (JSON list),
-# AUTOBAHN_DEFLATE (above), AUTOBAHN_TIMEOUT (s per wstest process, 600), AUTOBAHN_TLS=0 to
+# AUTOBAHN_DEFLATE (above), AUTOBAHN_TIMEOUT (s per wstest process, 1200), AUTOBAHN_TLS=0 to
 # skip the wss:// run, AUTOBAHN_SERVER_ARGS (extra flags for both servers, e.g.
 # `--deflate false` to see the 12/13 check fail).
 set -euo pipefail
@@ -173,7 +173,7 @@ EOF
   (
     cd "$dir"
     t=$SECONDS rc=0
-    timeout "${AUTOBAHN_TIMEOUT:-600}" "$WSTEST" -m fuzzingclient -s "$dir/fuzzingclient.json" || rc=$?
+    timeout "${AUTOBAHN_TIMEOUT:-1200}" "$WSTEST" -m fuzzingclient -s "$dir/fuzzingclient.json" || rc=$?
     times >"$dir/times" # in this shell: a pipe would run it in a child, which has no children
     awk -v w=$((SECONDS - t)) 'NR == 2 {
       split($1, u, /[ms]/); split($2, s, /[ms]/)
