@@ -1104,3 +1104,239 @@ fn a_private_room_is_written_with_its_settings_before_the_registry() {
     assert!(out.contains(&format!("chatloop:{{r:{ROOM}}}:e")), "{out}");
     assert!(!out.contains("chatloop:rooms"), "{out}");
 }
+
+// ---- a sharded Redis Cluster (three masters) -------------------------------------------
+
+/// `CLUSTER SLOTS` of three masters `a:1`, `b:1`, `c:1` (links 1, 2, 3).
+const THREE: &[u8] = b"*3\r\n*3\r\n:0\r\n:5460\r\n*2\r\n$1\r\na\r\n:1\r\n\
+*3\r\n:5461\r\n:10922\r\n*2\r\n$1\r\nb\r\n:1\r\n\
+*3\r\n:10923\r\n:16383\r\n*2\r\n$1\r\nc\r\n:1\r\n";
+
+/// Answers every command pending on link `i` with success.
+fn ack_link(c: &mut Cluster, i: usize) {
+    let mut out = Vec::new();
+    for e in &c.links[i].pending {
+        match e.pending {
+            Pending::Subscribe(r) => out.extend(confirm("ssubscribe", r)),
+            Pending::Unsubscribe(r) => out.extend(confirm("sunsubscribe", r)),
+            _ => out.extend_from_slice(b"+OK\r\n"),
+        }
+    }
+    assert!(c.on_link_bytes(i, &out, now(2)));
+}
+
+/// Up on three masters: a link to the seed, then one to each master.
+fn up_sharded() -> Cluster {
+    let mut c = Cluster::new(cfg(), 0xabcdef01);
+    assert!(c.should_connect(now(0)));
+    c.on_connected(0);
+    assert!(c.on_bytes(b"%0\r\n+OK\r\n", now(1)));
+    assert!(c.on_bytes(THREE, now(1)));
+    assert!(!c.is_up(), "not before every master's link is ready");
+    assert_eq!(c.link_count(), 4);
+    assert_eq!(c.shards(), 3);
+    for i in 1..4 {
+        c.on_connected(i);
+        let text = String::from_utf8_lossy(&c.links[i].out).to_string();
+        assert!(text.contains("HELLO") && !text.contains("SELECT"), "{text}");
+        c.links[i].out.clear();
+        assert!(c.on_link_bytes(i, b"%0\r\n", now(1)));
+    }
+    assert!(c.is_up());
+    assert_eq!(c.drain_events().collect::<Vec<_>>(), vec![Event::Up]);
+    for i in 0..4 {
+        ack_link(&mut c, i);
+        c.links[i].out.clear();
+    }
+    c
+}
+
+/// The link of the master serving `slot` in [`THREE`].
+fn link_of_slot(slot: u16) -> usize {
+    match slot {
+        0..=5460 => 1,
+        5461..=10922 => 2,
+        _ => 3,
+    }
+}
+
+/// The link of the room's master, and another one.
+fn room_links() -> (usize, usize) {
+    let owner = link_of_slot(slots::key_slot(b"chatloop:{r:0123456789}:h"));
+    (owner, owner % 3 + 1)
+}
+
+fn addr_of(link: usize) -> &'static str {
+    ["", "a:1", "b:1", "c:1"][link]
+}
+
+fn out_text(c: &Cluster, i: usize) -> String {
+    String::from_utf8_lossy(&c.links[i].out).into_owned()
+}
+
+#[test]
+fn on_a_sharded_cluster_a_rooms_commands_go_to_its_master_and_session_keys_to_theirs() {
+    let mut c = up_sharded();
+    let (owner, _) = room_links();
+    publish(&mut c, MsgId(1 << 80), 10);
+    assert!(out_text(&c, owner).contains("SPUBLISH"));
+    for i in (0..4).filter(|&i| i != owner) {
+        assert!(c.links[i].out.is_empty(), "link {i}: {}", out_text(&c, i));
+    }
+    // A session's keys go where their own slot is; the ctl channel to the seed's link.
+    c.apply(Op::SessionEnded(SessionId(77)), now(11));
+    let slot = slots::key_slot(format!("chatloop:{{s:{}}}:s", SessionId(77)).as_bytes());
+    let session_link = link_of_slot(slot);
+    assert!(out_text(&c, session_link).contains("DEL"));
+    assert!(out_text(&c, 0).contains("PUBLISH\r\n$12\r\nchatloop:ctl"));
+}
+
+#[test]
+fn moved_updates_the_map_and_resends_the_slots_commands_in_their_first_order() {
+    let mut c = up_sharded();
+    let (owner, other) = room_links();
+    let slot = slots::key_slot(b"chatloop:{r:0123456789}:h");
+    let ids: Vec<MsgId> = (1..=4).map(|i| MsgId(i << 80)).collect();
+    publish(&mut c, ids[0], 10);
+    publish(&mut c, ids[1], 10);
+    c.links[owner].out.clear();
+    let moved = format!("-MOVED {slot} {}\r\n", addr_of(other));
+    // The first is moved while the second is still in flight on the old master: nothing
+    // goes out yet, and a third waits behind them.
+    assert!(c.on_link_bytes(owner, moved.as_bytes(), now(11)));
+    assert!(c.links[other].out.is_empty(), "{}", out_text(&c, other));
+    publish(&mut c, ids[2], 11);
+    assert!(c.links[other].out.is_empty() && c.links[owner].out.is_empty());
+    assert!(c.answered() < c.sent(), "held responses keep waiting");
+    assert!(c.on_link_bytes(owner, moved.as_bytes(), now(12)));
+    let text = out_text(&c, other);
+    let at: Vec<usize> = ids[..3]
+        .iter()
+        .map(|id| text.find(&id.to_string()).expect("resent"))
+        .collect();
+    assert!(
+        at[0] < at[1] && at[1] < at[2],
+        "in their first order: {text}"
+    );
+    // The map now says the new master: the next one goes there at once.
+    c.links[other].out.clear();
+    publish(&mut c, ids[3], 13);
+    assert!(out_text(&c, other).contains(&ids[3].to_string()));
+    assert!(c.links[owner].out.is_empty());
+    ack_link(&mut c, other);
+    assert_eq!(c.answered(), c.sent());
+    assert!(unconfirmed(&c.drain_events().collect::<Vec<_>>()).is_empty());
+}
+
+#[test]
+fn ask_sends_asking_and_the_command_once_to_the_named_master_without_changing_the_map() {
+    let mut c = up_sharded();
+    let (owner, other) = room_links();
+    let slot = slots::key_slot(b"chatloop:{r:0123456789}:h");
+    publish(&mut c, MsgId(1 << 80), 10);
+    c.links[owner].out.clear();
+    let ask = format!("-ASK {slot} {}\r\n", addr_of(other));
+    assert!(c.on_link_bytes(owner, ask.as_bytes(), now(11)));
+    let text = out_text(&c, other);
+    let asking = text.find("ASKING").expect("ASKING first");
+    assert!(
+        asking < text.find("EVAL").expect("then the command"),
+        "{text}"
+    );
+    publish(&mut c, MsgId(2 << 80), 12);
+    assert!(
+        out_text(&c, owner).contains(&MsgId(2 << 80).to_string()),
+        "the slot's master is unchanged"
+    );
+    ack_link(&mut c, other);
+    ack_link(&mut c, owner);
+    assert_eq!(c.answered(), c.sent());
+}
+
+#[test]
+fn tryagain_waits_a_moment_and_redirections_are_bounded() {
+    let mut c = up_sharded();
+    let (owner, other) = room_links();
+    let slot = slots::key_slot(b"chatloop:{r:0123456789}:h");
+    let id = MsgId(1 << 80);
+    publish(&mut c, id, 10);
+    c.links[owner].out.clear();
+    assert!(c.on_link_bytes(
+        owner,
+        b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+        now(11)
+    ));
+    assert!(c.links[owner].out.is_empty(), "not at once");
+    assert!(
+        c.poll_timeout()
+            .is_some_and(|t| t <= now(11).mono + TRYAGAIN_DELAY)
+    );
+    c.on_timer(now(30));
+    assert!(c.links[owner].out.is_empty(), "not before the delay");
+    c.on_timer(now(61));
+    assert!(out_text(&c, owner).contains(&id.to_string()), "sent again");
+    // A cluster that keeps redirecting gets the command back as refused, never a loop:
+    // the TRYAGAIN above was its first redirection, these are the rest.
+    let mut at = owner;
+    for k in 0..MAX_REDIRECTS as usize {
+        assert!(!c.has_events(), "not given up after {} redirections", k + 1);
+        let to = if at == owner { other } else { owner };
+        let moved = format!("-MOVED {slot} {}\r\n", addr_of(to));
+        assert!(c.on_link_bytes(at, moved.as_bytes(), now(70 + k as u64)));
+        at = to;
+    }
+    let events: Vec<Event> = c.drain_events().collect();
+    assert_eq!(unconfirmed(&events), vec![id], "{events:?}");
+    assert!(c.links.iter().all(|l| l.pending.is_empty()));
+    assert_eq!(c.answered(), c.sent());
+}
+
+#[test]
+fn a_subscription_redis_drops_for_a_moved_slot_is_made_again_and_the_room_reloaded() {
+    let mut c = up_sharded();
+    let (owner, other) = room_links();
+    let slot = slots::key_slot(b"chatloop:{r:0123456789}:h");
+    c.fetch(1, 1, Query::Subscribe(ROOM), now(10));
+    let text = out_text(&c, owner);
+    assert!(
+        text.contains("SSUBSCRIBE") && text.contains("LRANGE"),
+        "{text}"
+    );
+    let a = MsgId(1 << 80);
+    let mut bytes = confirm("ssubscribe", ROOM);
+    bytes.extend(bulk_array(&[entry(a, "a")]));
+    assert!(c.on_link_bytes(owner, &bytes, now(11)));
+    c.drain_events().for_each(drop);
+    c.links[owner].out.clear();
+    // The slot moved away: Redis ends the subscription itself.
+    assert!(c.on_link_bytes(owner, &confirm("sunsubscribe", ROOM), now(12)));
+    let text = out_text(&c, owner);
+    assert!(
+        text.contains("SSUBSCRIBE") && text.contains("LRANGE"),
+        "{text}"
+    );
+    // The old master says where the slot went; both follow, in order.
+    let moved = format!("-MOVED {slot} {}\r\n", addr_of(other));
+    assert!(c.on_link_bytes(owner, format!("{moved}{moved}").as_bytes(), now(13)));
+    let text = out_text(&c, other);
+    assert!(
+        text.find("SSUBSCRIBE").unwrap() < text.find("LRANGE").unwrap(),
+        "{text}"
+    );
+    let b = MsgId(2 << 80);
+    let mut bytes = confirm("ssubscribe", ROOM);
+    bytes.extend(bulk_array(&[entry(a, "a"), entry(b, "b")]));
+    assert!(c.on_link_bytes(other, &bytes, now(14)));
+    assert_eq!(
+        c.drain_events().collect::<Vec<_>>(),
+        vec![Event::Loaded {
+            room: ROOM,
+            messages: vec![
+                (a, b"{\"m\":\"a\"}".to_vec()),
+                (b, b"{\"m\":\"b\"}".to_vec())
+            ],
+            catch_up: true,
+        }]
+    );
+    assert_eq!(c.answered(), c.sent());
+}
