@@ -138,9 +138,9 @@ pub enum OverLimit {
     Address,
 }
 
-/// What a connection is doing now: serving HTTP requests, carrying a chat room's WebSocket
-/// (or the echo endpoint's), closing (its last output queued) or lingering (its side shut,
-/// waiting for the peer's FIN). docs/lifecycle.md follows the moves between them.
+/// What a connection is doing now: serving HTTP requests, carrying a WebSocket (a chat
+/// room's or the echo endpoint's), closing (its last output queued) or lingering (its side
+/// shut, waiting for the peer's FIN). docs/lifecycle.md follows the moves between them.
 #[derive(Debug)]
 pub enum State {
     /// Serving HTTP/1.1 requests, one after another (keep-alive, pipelining).
@@ -154,17 +154,8 @@ pub enum State {
         /// `100 Continue` was sent for the current request.
         continue_sent: bool,
     },
-    /// A chat room's WebSocket.
-    Ws(Box<ChatSocket>),
-    /// The echo endpoint's WebSocket (`--echo-path`, conformance tests only).
-    Echo {
-        /// The decoder's state.
-        ws: WsState,
-        /// When the last frame arrived: the ping and pong timeouts run from here.
-        last_rx: Micros,
-        /// A ping was sent and no frame has come since.
-        pinged: bool,
-    },
+    /// A WebSocket: a chat room's, or the echo endpoint's (`--echo-path`).
+    Ws(Box<Socket>),
     /// A close frame or final response is queued; input is ignored.
     Closing {
         /// When the closing began: it may last [`LINGER`].
@@ -177,21 +168,51 @@ pub enum State {
     },
 }
 
-/// A chat WebSocket's state.
+/// A WebSocket's state: its framing, when it was last heard from, and what it is for.
 #[derive(Debug)]
-pub struct ChatSocket {
-    /// The room it joined.
-    pub room: RoomId,
-    /// The session it carries.
-    pub session: SessionId,
+pub struct Socket {
     /// The decoder's state.
     pub ws: WsState,
     /// When the last frame arrived: the ping and pong timeouts run from here.
     pub last_rx: Micros,
     /// A ping was sent and no frame has come since.
     pub pinged: bool,
-    /// Every frame it sends spends one ([`frame_budget`]).
-    pub frames: TokenBucket,
+    /// What it is for: a chat room, or the echo.
+    pub kind: SocketKind,
+}
+
+/// What a WebSocket is for.
+#[derive(Debug)]
+pub enum SocketKind {
+    /// A member of a chat room.
+    Chat {
+        /// The room it joined.
+        room: RoomId,
+        /// The session it carries.
+        session: SessionId,
+        /// Every frame it sends spends one ([`frame_budget`]).
+        frames: TokenBucket,
+    },
+    /// The conformance echo endpoint (`--echo-path`), or a socket refused after its `101`.
+    Echo,
+}
+
+impl Socket {
+    fn new(mode: Mode, now: Micros, kind: SocketKind) -> Box<Socket> {
+        Box::new(Socket {
+            ws: WsState::new(mode),
+            last_rx: now,
+            pinged: false,
+            kind,
+        })
+    }
+
+    fn chat_room(&self) -> Option<RoomId> {
+        match self.kind {
+            SocketKind::Chat { room, .. } => Some(room),
+            SocketKind::Echo => None,
+        }
+    }
 }
 
 /// Everything outside the connection that handling its input may touch.
@@ -389,21 +410,20 @@ impl<S: Read + Write> Conn<S> {
 
     /// Whether frames from the hub should still be queued.
     pub fn accepts_frames(&self) -> bool {
-        matches!(self.state, State::Ws(_))
+        matches!(&self.state, State::Ws(s) if s.chat_room().is_some())
     }
 
     /// Frames to it may be sent compressed (it negotiated permessage-deflate).
     pub fn compresses(&self) -> bool {
         match &self.state {
-            State::Ws(m) => m.ws.deflate.compresses(),
-            State::Echo { ws, .. } => ws.deflate.compresses(),
+            State::Ws(s) => s.ws.deflate.compresses(),
             _ => false,
         }
     }
 
     /// It completed a WebSocket upgrade (chat or echo).
     pub fn is_websocket(&self) -> bool {
-        matches!(self.state, State::Ws(_) | State::Echo { .. })
+        matches!(self.state, State::Ws(_))
     }
 
     /// Whether its unsent output is over `cap` (`--max-output-queue`): it is then closed and
@@ -412,7 +432,7 @@ impl<S: Read + Write> Conn<S> {
     pub fn over_output_cap(&self, cap: usize) -> bool {
         match self.state {
             // The 101 and the welcome at the front do not count (see `exempt`).
-            State::Ws(_) | State::Echo { .. } => self.backlog() > cap,
+            State::Ws(_) => self.backlog() > cap,
             State::Http { .. } => self.queued().saturating_sub(self.last_response) > cap,
             State::Closing { .. } | State::Lingering { .. } => false,
         }
@@ -706,7 +726,7 @@ impl<S: Read + Write> Conn<S> {
                     break;
                 }
                 State::Http { .. } => self.http_step(id, &data[pos..], ctx),
-                State::Ws(_) | State::Echo { .. } => self.ws_step(id, &mut data[pos..], ctx),
+                State::Ws(_) => self.ws_step(id, &mut data[pos..], ctx),
                 State::Closing { .. } | State::Lingering { .. } => Some(data.len() - pos),
             };
             match used {
@@ -750,10 +770,7 @@ impl<S: Read + Write> Conn<S> {
                 ..
             } => *t + cfg.request_timeout,
             State::Http { idle_since, .. } => *idle_since + cfg.idle_timeout,
-            State::Ws(m) => ws_deadline(m.last_rx, m.pinged, cfg),
-            State::Echo {
-                last_rx, pinged, ..
-            } => ws_deadline(*last_rx, *pinged, cfg),
+            State::Ws(s) => ws_deadline(s.last_rx, s.pinged, cfg),
             State::Closing { since } => *since + LINGER,
             State::Lingering { until } => *until,
         }
@@ -790,7 +807,7 @@ impl<S: Read + Write> Conn<S> {
                 idle_since,
                 ..
             } if now >= *idle_since + cfg.idle_timeout => Next::Drop,
-            State::Ws(_) | State::Echo { .. } => {
+            State::Ws(_) => {
                 self.ws_timer(id, ctx);
                 Next::Keep
             }
@@ -811,7 +828,7 @@ impl<S: Read + Write> Conn<S> {
 
     /// The hub closed this member (session ended, rate limit): it has already left the room.
     pub fn closed_by_hub(&mut self, id: ConnId, code: u16, reason: &str, ctx: &mut Ctx<'_>) {
-        if let State::Ws(_) = self.state {
+        if self.accepts_frames() {
             if code == 1008 {
                 crate::limit_log!(
                     ctx.throttle,
@@ -840,18 +857,14 @@ impl<S: Read + Write> Conn<S> {
 
     /// Leaves the room (if a member) and stops being a WebSocket; `code` is counted.
     pub fn leave(&mut self, id: ConnId, ctx: &mut Ctx<'_>, code: u16) {
-        match &self.state {
-            State::Ws(m) => {
-                ctx.hub.disconnect(id, m.room, ctx.now);
-                *ctx.websockets -= 1;
-                ctx.metrics.close(code);
-            }
-            State::Echo { .. } => {
-                *ctx.websockets -= 1;
-                ctx.metrics.close(code);
-            }
-            _ => return,
+        let State::Ws(s) = &self.state else {
+            return;
+        };
+        if let Some(room) = s.chat_room() {
+            ctx.hub.disconnect(id, room, ctx.now);
         }
+        *ctx.websockets -= 1;
+        ctx.metrics.close(code);
         self.state = State::Closing {
             since: ctx.now.mono,
         };
@@ -1012,27 +1025,21 @@ impl<S: Read + Write> Conn<S> {
                     .connect(id, session, room, since, &elsewhere, ctx.now)
                 {
                     Ok(()) => {
-                        let ws = WsState::new(mode);
-                        let m = ChatSocket {
+                        let frames = TokenBucket::full(frame_budget(cfg).1, ctx.now.mono);
+                        let kind = SocketKind::Chat {
                             room,
                             session,
-                            ws,
-                            last_rx: ctx.now.mono,
-                            pinged: false,
-                            frames: TokenBucket::full(frame_budget(cfg).1, ctx.now.mono),
+                            frames,
                         };
-                        self.state = State::Ws(Box::new(m));
+                        self.state = State::Ws(Socket::new(mode, ctx.now.mono, kind));
                         self.welcome_due = true;
                     }
                     Err(e) => {
                         // check_connect passed a moment ago; refuse cleanly all the same.
                         log::warn!("conn {} upgrade refused after check: {e:?}", id.0);
                         *ctx.websockets += 1;
-                        self.state = State::Echo {
-                            ws: WsState::default(),
-                            last_rx: ctx.now.mono,
-                            pinged: false,
-                        };
+                        let echo = Socket::new(Mode::Off, ctx.now.mono, SocketKind::Echo);
+                        self.state = State::Ws(echo);
                         self.close_ws(id, 1011, "could not join the room", ctx);
                         return Some(data.len());
                     }
@@ -1040,11 +1047,7 @@ impl<S: Read + Write> Conn<S> {
             }
             Reply::Echo => {
                 let mode = self.accept_upgrade(id, &req, ctx);
-                self.state = State::Echo {
-                    ws: WsState::new(mode),
-                    last_rx: ctx.now.mono,
-                    pinged: false,
-                };
+                self.state = State::Ws(Socket::new(mode, ctx.now.mono, SocketKind::Echo));
             }
         }
         Some(total)
@@ -1163,19 +1166,13 @@ impl<S: Read + Write> Conn<S> {
         inflater: &mut Inflater,
         ctx: &mut Ctx<'_>,
     ) -> Option<usize> {
-        let (ws, last_rx, pinged) = match &mut self.state {
-            State::Ws(m) => (&mut m.ws, &mut m.last_rx, &mut m.pinged),
-            State::Echo {
-                ws,
-                last_rx,
-                pinged,
-            } => (ws, last_rx, pinged),
-            _ => return Some(data.len()),
+        let State::Ws(s) = &mut self.state else {
+            return Some(data.len());
         };
-        let step = ws.decode(data, max, inflater);
+        let step = s.ws.decode(data, max, inflater);
         if !matches!(step, Ok(Step::Need)) {
-            *last_rx = now;
-            *pinged = false;
+            s.last_rx = now;
+            s.pinged = false;
         }
         match step {
             Ok(Step::Need) => None,
@@ -1215,11 +1212,14 @@ impl<S: Read + Write> Conn<S> {
 
     /// Spends a chat socket's frame budget; a flood of frames of any kind ends in 1008.
     fn frame_allowed(&mut self, id: ConnId, ctx: &mut Ctx<'_>) -> bool {
-        let State::Ws(m) = &mut self.state else {
+        let State::Ws(s) = &mut self.state else {
+            return true;
+        };
+        let SocketKind::Chat { frames, .. } = &mut s.kind else {
             return true;
         };
         let (rate, burst) = frame_budget(ctx.cfg);
-        if m.frames.take(ctx.now.mono, rate, burst) {
+        if frames.take(ctx.now.mono, rate, burst) {
             return true;
         }
         crate::limit_log!(
@@ -1235,13 +1235,16 @@ impl<S: Read + Write> Conn<S> {
     }
 
     fn ws_event(&mut self, id: ConnId, ev: WsEvent<'_>, ctx: &mut Ctx<'_>) {
-        let echo = matches!(self.state, State::Echo { .. });
+        let (echo, room) = match &self.state {
+            State::Ws(s) => (s.chat_room().is_none(), s.chat_room()),
+            _ => (false, None),
+        };
         match ev {
             WsEvent::Text(t) if echo => self.echo(id, true, t.as_bytes(), ctx),
             WsEvent::Binary(b) if echo => self.echo(id, false, &b, ctx),
             WsEvent::Text(t) => {
-                if let State::Ws(m) = &self.state {
-                    ctx.hub.on_text(id, m.room, &t, ctx.now);
+                if let Some(room) = room {
+                    ctx.hub.on_text(id, room, &t, ctx.now);
                 }
             }
             WsEvent::Binary(_) => {
@@ -1291,13 +1294,10 @@ impl<S: Read + Write> Conn<S> {
 
     fn ws_timer(&mut self, id: ConnId, ctx: &mut Ctx<'_>) {
         let now = ctx.now.mono;
-        let (last_rx, pinged) = match &mut self.state {
-            State::Ws(m) => (m.last_rx, &mut m.pinged),
-            State::Echo {
-                last_rx, pinged, ..
-            } => (*last_rx, pinged),
-            _ => return,
+        let State::Ws(s) = &mut self.state else {
+            return;
         };
+        let (last_rx, pinged) = (s.last_rx, &mut s.pinged);
         if now >= last_rx + ctx.cfg.pong_timeout {
             ctx.metrics.timeouts += 1;
             self.close_ws(id, 1008, "no frame received in time (pong timeout)", ctx);

@@ -619,3 +619,34 @@ fn quiet_socket_is_pinged_then_closed_1008_by_the_fake_clock() {
     assert_eq!((f[0].0, close_code(&f[0].1)), (0x88, 1008));
     assert_eq!(lp.hub.stats().members, 0);
 }
+
+#[test]
+fn echo_socket_sends_each_message_back_and_is_no_chat_member() {
+    let mut lp = Loop::new(Config {
+        echo_path: Some("/echo".into()),
+        ..cfg()
+    });
+    let mut c = lp.conn();
+    c.stream.send(
+        b"GET /echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    lp.read(&mut c);
+    assert!(c.is_websocket() && !c.accepts_frames());
+    assert_eq!(lp.websockets, 1);
+    lp.flush(&mut c);
+    let out = c.stream.written();
+    assert!(out.starts_with(b"HTTP/1.1 101 "));
+    c.stream.send(&client_text("not json, echoed as is"));
+    lp.read(&mut c);
+    lp.flush(&mut c);
+    assert_eq!(
+        frames(&c.stream.written()),
+        vec![(0x81, b"not json, echoed as is".to_vec())]
+    );
+    // Its WebSocket state is the chat socket's: the same ping deadline.
+    assert_eq!(c.deadline(&lp.cfg), lp.now + lp.cfg.ping_interval);
+    assert_eq!(lp.with(|ctx| c.on_eof(ID, ctx)), Next::Drop);
+    assert_eq!(lp.websockets, 0);
+    assert_eq!(lp.hub.stats().members, 0);
+}
