@@ -340,43 +340,47 @@ impl Queue {
     }
 }
 
+/// A socket for unit tests (here and in `tls`): takes at most `room` bytes in all, then says
+/// `WouldBlock`; counts the write calls.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Sink {
+    pub(crate) data: Vec<u8>,
+    pub(crate) room: usize,
+    pub(crate) calls: usize,
+}
+
+#[cfg(test)]
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.calls += 1;
+        if self.room == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let mut n = 0;
+        for b in bufs {
+            let take = b.len().min(self.room - n);
+            self.data.extend_from_slice(&b[..take]);
+            n += take;
+            if n == self.room {
+                break;
+            }
+        }
+        self.room -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::rc::Rc;
-
-    /// Accepts at most `room` bytes per call (then `WouldBlock`), recording calls.
-    struct Sink {
-        data: Vec<u8>,
-        room: usize,
-        calls: usize,
-    }
-
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.write_vectored(&[IoSlice::new(buf)])
-        }
-        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-            self.calls += 1;
-            if self.room == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let mut n = 0;
-            for b in bufs {
-                let take = b.len().min(self.room - n);
-                self.data.extend_from_slice(&b[..take]);
-                n += take;
-                if n == self.room {
-                    break;
-                }
-            }
-            self.room -= n;
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn one_vectored_write_for_many_chunks_and_shared_frames_are_not_copied() {

@@ -751,7 +751,7 @@ mod stub {
 }
 #[cfg(all(test, feature = "tls"))]
 mod tests {
-    use std::io::{self, IoSlice, Read, Write};
+    use std::io::{self, Read, Write};
     use std::process::Command;
     use std::rc::Rc;
     use std::sync::Arc;
@@ -761,7 +761,7 @@ mod tests {
     use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
     use super::*;
-    use crate::outbox::{Chunk, Outbox, Queue};
+    use crate::outbox::{Chunk, Outbox, Queue, Sink};
 
     /// A self-signed pair made with the system's openssl, and a client that trusts it.
     fn setup(name: &str) -> (Acceptor, Arc<ClientConfig>) {
@@ -806,34 +806,6 @@ mod tests {
         (acceptor, Arc::new(client))
     }
 
-    /// Takes at most `room` bytes in all (then `WouldBlock`).
-    struct Sink {
-        data: Vec<u8>,
-        room: usize,
-    }
-
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.write_vectored(&[IoSlice::new(buf)])
-        }
-        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-            if self.room == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let mut n = 0;
-            for b in bufs {
-                let take = b.len().min(self.room - n);
-                self.data.extend_from_slice(&b[..take]);
-                n += take;
-            }
-            self.room -= n;
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     struct Pair {
         server: Box<Session>,
         client: ClientConnection,
@@ -873,6 +845,7 @@ mod tests {
             let mut sink = Sink {
                 data: Vec::new(),
                 room,
+                calls: 0,
             };
             let f = flush(
                 &mut self.server,
@@ -988,6 +961,7 @@ mod tests {
         let mut sink = Sink {
             data: Vec::new(),
             room: usize::MAX,
+            calls: 0,
         };
         let r = flush(
             &mut p.server,
