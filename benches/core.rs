@@ -93,7 +93,7 @@ fn broadcast_encode(c: &mut Criterion) {
         b.iter(|| {
             protocol::write_event(
                 fb.start(),
-                "chat",
+                protocol::EventKind::Chat,
                 MsgId(0x0199_0000_0000_7000_8000_0000_0000_0001),
                 who,
                 black_box("Hello, how is everyone doing today?"),

@@ -1537,7 +1537,7 @@ impl Hub {
         let id = self.ids.next(now.wall);
         if self.via_redis() {
             let mut json = Vec::with_capacity(192 + text.len());
-            protocol::write_event(&mut json, kind.as_str(), id, who, text, now.wall, room_id);
+            protocol::write_event(&mut json, kind, id, who, text, now.wall, room_id);
             let message_ttl = self.room_message_ttl(room_id);
             // The user_left of the last member here: the room's copy, kept as the schedule
             // of its expiry timer (see `disconnect`), takes it too, so that it also leaves
@@ -1562,15 +1562,7 @@ impl Hub {
             self.messages += 1;
             return;
         }
-        protocol::write_event(
-            self.frame.start(),
-            kind.as_str(),
-            id,
-            who,
-            text,
-            now.wall,
-            room_id,
-        );
+        protocol::write_event(self.frame.start(), kind, id, who, text, now.wall, room_id);
         let frame = self.frame.finish_text();
         self.frame.trim();
         self.store_and_send(room_id, id, frame, kind.is_presence(), now);

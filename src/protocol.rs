@@ -237,6 +237,20 @@ impl EventKind {
     pub fn is_presence(self) -> bool {
         self != EventKind::Chat
     }
+
+    /// The kind of an event written by [`write_event`], for events that come back through
+    /// Redis (hostile bytes: anything else is `None`). The type follows the fixed-width id, so
+    /// only the start of the JSON is looked at.
+    pub fn of(json: &[u8]) -> Option<EventKind> {
+        const AT: usize = "{\"id\":\"".len() + 36 + "\",\"type\":\"".len();
+        let rest = json.get(AT..)?;
+        [EventKind::Chat, EventKind::UserJoined, EventKind::UserLeft]
+            .into_iter()
+            .find(|k| {
+                rest.strip_prefix(k.as_str().as_bytes())
+                    .is_some_and(|t| t.first() == Some(&b'"'))
+            })
+    }
 }
 
 /// The two typing indicators (their `type`).
@@ -261,14 +275,18 @@ impl TypingKind {
 /// `chat`, `user_joined` or `user_left`: the messages stored in history.
 pub fn write_event(
     out: &mut Vec<u8>,
-    kind: &str,
+    kind: EventKind,
     id: MsgId,
     who: Who<'_>,
     message: &str,
     at: UnixMicros,
     room: RoomId,
 ) {
-    let _ = write!(out, "{{\"id\":\"{id}\",\"type\":\"{kind}\",\"user\":");
+    let _ = write!(
+        out,
+        "{{\"id\":\"{id}\",\"type\":\"{}\",\"user\":",
+        kind.as_str()
+    );
     json_str(out, who.user);
     let _ = write!(out, ",\"user_id\":\"{}\",\"message\":", who.user_id);
     json_str(out, message);
@@ -277,13 +295,10 @@ pub fn write_event(
     let _ = write!(out, "\",\"room_id\":\"{room}\"}}");
 }
 
-/// Whether an event written by [`write_event`] is a presence notice (`user_joined` or
-/// `user_left`); for events that come back through Redis. The type follows the fixed-width
-/// id, so only the start of the JSON is looked at.
+/// Whether an event that came back through Redis is a presence notice (`user_joined` or
+/// `user_left`); see [`EventKind::of`].
 pub fn is_presence(json: &[u8]) -> bool {
-    const AT: usize = "{\"id\":\"".len() + 36 + "\",\"type\":\"".len();
-    json.get(AT..)
-        .is_some_and(|t| t.starts_with(b"user_joined\"") || t.starts_with(b"user_left\""))
+    EventKind::of(json).is_some_and(EventKind::is_presence)
 }
 
 /// The id of an event written by [`write_event`] (it comes first, fixed width); for events
@@ -491,10 +506,9 @@ mod tests {
             user_id: UserId(7),
         };
         for (kind, presence) in [
-            ("user_joined", true),
-            ("user_left", true),
-            ("chat", false),
-            ("user_joinedx", false),
+            (EventKind::UserJoined, true),
+            (EventKind::UserLeft, true),
+            (EventKind::Chat, false),
         ] {
             let mut out = Vec::new();
             let id = MsgId(u128::MAX - 3);
@@ -507,12 +521,27 @@ mod tests {
                 UnixMicros(0),
                 RoomId(1),
             );
-            assert_eq!(is_presence(&out), presence, "{kind}");
+            assert_eq!(EventKind::of(&out), Some(kind));
+            assert_eq!(is_presence(&out), presence, "{kind:?}");
+            // A type that only starts like a known one is no kind at all.
+            let at = out.iter().position(|&b| b == b't').unwrap() + 7 + kind.as_str().len();
+            out.insert(at, b'x');
+            assert_eq!(EventKind::of(&out), None);
+            assert!(!is_presence(&out));
         }
         assert!(!is_presence(b""));
+        assert_eq!(EventKind::of(b""), None);
         let mut out = Vec::new();
         let id = MsgId(0x0199_0000_0000_7000_8000_0000_0000_0001);
-        write_event(&mut out, "chat", id, who, "x", UnixMicros(0), RoomId(1));
+        write_event(
+            &mut out,
+            EventKind::Chat,
+            id,
+            who,
+            "x",
+            UnixMicros(0),
+            RoomId(1),
+        );
         assert_eq!(event_id(&out), Some(id));
         assert_eq!(event_id(b"{\"id\":\"nope\"}"), None);
         assert_eq!(event_id(b""), None);
@@ -528,7 +557,7 @@ mod tests {
         };
         write_event(
             &mut out,
-            "chat",
+            EventKind::Chat,
             MsgId(1),
             who,
             "line\nbreak \u{1F600}",
