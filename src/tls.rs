@@ -269,20 +269,26 @@ mod imp {
         /// The connection is unusable: collect the alert rustls queued for the peer, if any.
         /// `rest` is the input after what rustls said to discard: rustls keeps positions into
         /// it (a shorter buffer would make it index out of bounds).
+        ///
+        /// `process` encodes every chunk rustls queues before it reads on, so what is queued
+        /// now is at most the one fatal alert of this error: the first call hands it over and
+        /// the collecting stops there. Calling again would make rustls read the bad record a
+        /// second time and send a second fatal alert (a debug assertion in rustls). Only when
+        /// the error queued nothing does a second call look once more.
         fn fail(&mut self, reason: &str, rest: &mut [u8]) -> Failed {
             let mut last_words = std::mem::take(&mut self.pending);
-            for _ in 0..4 {
+            for _ in 0..2 {
                 match self.conn.process_tls_records(rest).state {
                     Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                        if encode(&mut e, &mut last_words).is_err() {
-                            break;
-                        }
+                        let _ = encode(&mut e, &mut last_words);
+                        break;
                     }
                     Ok(ConnectionState::TransmitTlsData(t)) => {
                         t.done();
                         break;
                     }
-                    _ => break,
+                    Err(_) => {} // it may have queued its alert only now
+                    Ok(_) => break,
                 }
             }
             self.inbuf = Vec::new();
