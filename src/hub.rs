@@ -700,7 +700,8 @@ impl Hub {
     }
 
     /// Gives back the memory of the hub's reusable buffers after a peak (a 1 000-member
-    /// room's broadcast grows `actions` to thousands of entries). Called by the loop between
+    /// room's broadcast grows `actions` to thousands of entries) and its timer slab's free
+    /// entries (a storm of sessions leaves one per session). Called by the loop between
     /// iterations, at most once a second, when it hands memory back to the OS.
     pub fn shrink_buffers(&mut self) {
         fn reset<T>(v: &mut Vec<T>, keep: usize) {
@@ -714,6 +715,7 @@ impl Hub {
         reset(&mut self.held_rooms, 256);
         reset(&mut self.batch, 4096);
         self.frame.shrink();
+        self.wheel.shrink();
         if let Some(link) = &mut self.cluster {
             reset(&mut link.ops, 256);
         }

@@ -393,6 +393,7 @@ impl Server {
         // The loop's own reusable tables and buffers first, so what they held after the peak
         // is free when the allocator is asked to give memory back.
         self.hub.shrink_buffers();
+        self.wheel.shrink();
         self.outbox.shrink();
         if self.conns.capacity() > 64 && self.conns.len() < self.conns.capacity() / 4 {
             self.conns.shrink_to_fit();

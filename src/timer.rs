@@ -246,6 +246,17 @@ impl<T: Copy> Wheel<T> {
         self.len -= 1;
     }
 
+    /// Gives the slab's free entries above the highest armed one back now if most of it is
+    /// free, whatever the counters of [`Wheel::maybe_compact`] say: after a storm the last
+    /// removals can leave a mostly free slab that no later arm or cancel will ever look at
+    /// again on an idle server. O(entries): the loop calls it only when it hands memory back
+    /// to the OS (after removals, at most once a second).
+    pub fn shrink(&mut self) {
+        if self.nodes.len() >= COMPACT_MIN && self.len < self.nodes.len() / 4 {
+            self.compact();
+        }
+    }
+
     /// After a peak has passed (fewer than a quarter of the entries armed), gives the free
     /// entries above the highest armed one back to the allocator. A slab that stays mostly
     /// free is looked at again after as many releases as it has entries, so the scan costs
@@ -802,6 +813,37 @@ mod tests {
             "the slab kept {} of its {peak} entries",
             wheel.capacity()
         );
+        assert_eq!(wheel.cancel(low), Some(u32::MAX));
+    }
+
+    #[test]
+    fn shrink_gives_a_mostly_free_slab_back_at_once() {
+        // As above, but nothing comes and goes after the peak (an idle server): the loop's
+        // shrink, not more traffic, gives the slab back.
+        let mut wheel = Wheel::new();
+        let low = wheel.arm(ms(DAY), u32::MAX);
+        let storm: Vec<TimerId> = (0..20_000).map(|i| wheel.arm(ms(DAY), i)).collect();
+        let (top, rest) = storm.split_last().unwrap();
+        for id in rest {
+            wheel.cancel(*id);
+        }
+        wheel.cancel(*top);
+        assert_eq!(wheel.len(), 1);
+        let peak = wheel.capacity();
+        wheel.shrink();
+        assert!(
+            wheel.capacity() < COMPACT_MIN,
+            "the slab kept {} of its {peak} entries",
+            wheel.capacity()
+        );
+        // A slab that is mostly armed is left as it is.
+        let busy: Vec<TimerId> = (0..8_000).map(|i| wheel.arm(ms(DAY), i)).collect();
+        let before = wheel.capacity();
+        wheel.shrink();
+        assert_eq!(wheel.capacity(), before);
+        for id in busy {
+            assert!(wheel.cancel(id).is_some());
+        }
         assert_eq!(wheel.cancel(low), Some(u32::MAX));
     }
 
