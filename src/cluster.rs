@@ -331,7 +331,7 @@ enum Pending {
 
 /// One command waiting for its reply on a link.
 #[derive(Debug)]
-struct Entry {
+struct Waiting {
     pending: Pending,
     /// What it costs until answered (see `Cluster::queued`).
     cost: usize,
@@ -359,7 +359,7 @@ pub struct RedisLink {
     /// Where the scan of the reply at the front of `inbuf` stands.
     scanner: resp::Scanner,
     /// The commands sent and not answered yet, in order.
-    pending: VecDeque<Entry>,
+    pending: VecDeque<Waiting>,
     /// Its handshake is done.
     ready: bool,
     /// When it last answered, or when it was last asked with nothing outstanding.
@@ -389,7 +389,7 @@ struct Blocked {
     /// Commands of the slot still in flight (each answers or is redirected in turn).
     inflight: usize,
     /// Held commands, each with the link an `ASK` named.
-    waiting: Vec<(Entry, Option<usize>)>,
+    waiting: Vec<(Waiting, Option<usize>)>,
     retry_at: Micros,
 }
 
@@ -431,7 +431,7 @@ const REPLY_TIMEOUT: Micros = Micros(5_000_000);
 const BACKOFF_MIN: Micros = Micros(100_000);
 const BACKOFF_MAX: Micros = Micros(5_000_000);
 /// What a queued command costs besides its bytes (its [`Pending`] entry).
-const PENDING_COST: usize = std::mem::size_of::<Entry>();
+const PENDING_COST: usize = std::mem::size_of::<Waiting>();
 /// Redirections (`MOVED`, `ASK`, `TRYAGAIN`) one command may follow before it counts as
 /// failed: a broken or hostile cluster cannot keep a command (or the loop) going round.
 const MAX_REDIRECTS: u8 = 16;
@@ -844,7 +844,7 @@ impl Cluster {
         let was_up = self.link == Link::Up;
         self.queued = 0;
         self.overflowed = false;
-        let mut entries: Vec<Entry> = Vec::new();
+        let mut entries: Vec<Waiting> = Vec::new();
         for l in std::mem::take(&mut self.links) {
             entries.extend(l.pending);
         }
@@ -1859,7 +1859,7 @@ impl Cluster {
         self.queued += cost;
         self.sent += 1;
         self.outstanding.insert(self.sent);
-        let mut entry = Entry {
+        let mut entry = Waiting {
             pending,
             cost,
             seq: self.sent,
@@ -1884,7 +1884,7 @@ impl Cluster {
     }
 
     /// Sends a command again (after a redirection) on link `i`.
-    fn send_again(&mut self, i: usize, entry: Entry) {
+    fn send_again(&mut self, i: usize, entry: Waiting) {
         let Some(l) = self.links.get_mut(i) else {
             return;
         };
@@ -1920,7 +1920,7 @@ impl Cluster {
 
     /// A command is answered (or given up): it no longer counts as queued or outstanding,
     /// and a slot held back for redirections may go on once nothing of it is in flight.
-    fn settle(&mut self, e: &Entry) {
+    fn settle(&mut self, e: &Waiting) {
         self.queued = self.queued.saturating_sub(e.cost);
         self.outstanding.remove(&e.seq);
         if let Some(slot) = e.slot
@@ -1936,7 +1936,7 @@ impl Cluster {
     /// answered, then goes out again (to the new master for `MOVED`, after `ASKING` to the
     /// named one for `ASK`, after a short delay for `TRYAGAIN`). Returns `false` when the
     /// link must be dropped (a master this node has no link to: the map is read again).
-    fn redirect(&mut self, i: usize, mut entry: Entry, r: Redirection) -> bool {
+    fn redirect(&mut self, i: usize, mut entry: Waiting, r: Redirection) -> bool {
         let Some(slot) = entry.slot.filter(|_| entry.cmd.is_some()) else {
             // Not sharded as far as this node knows: the topology changed under it.
             log::warn!("Redis redirected a command: reading the slot map again");
@@ -2016,7 +2016,7 @@ impl Cluster {
                 Some(j) => {
                     self.scratch.clear();
                     encode_into(&mut self.scratch, &[b"ASKING"]);
-                    let asking = Entry {
+                    let asking = Waiting {
                         pending: Pending::Asking,
                         cost: 0,
                         seq: 0,
@@ -2050,7 +2050,7 @@ impl Cluster {
 
     /// A command redirected too often fails as if Redis had refused it; `false` when that
     /// leaves a room half subscribed (the link is then made again).
-    fn give_up(&mut self, e: Entry) -> bool {
+    fn give_up(&mut self, e: Waiting) -> bool {
         match e.pending {
             Pending::Fetch { token, serial, .. } | Pending::SessionRooms { token, serial, .. } => {
                 self.events.push(Event::Failed { token, serial })

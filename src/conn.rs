@@ -126,7 +126,7 @@ pub struct Conn<S = TcpStream> {
     /// The next frame from the hub is this socket's `welcome`.
     pub welcome_due: bool,
     /// TLS connections only: the session that encrypts and decrypts (see `tls.rs`).
-    pub tls: Option<Box<crate::tls::Session>>,
+    pub tls: Option<Box<crate::tls::TlsSession>>,
 }
 
 /// Which limit a connection was accepted over.

@@ -74,10 +74,10 @@ mod imp {
         }
 
         /// A new server-side TLS connection.
-        pub fn session(&self) -> Result<Box<Session>, String> {
+        pub fn session(&self) -> Result<Box<TlsSession>, String> {
             let conn = UnbufferedServerConnection::new(self.config.clone())
                 .map_err(|e| format!("cannot start a TLS connection: {e}"))?;
-            Ok(Box::new(Session {
+            Ok(Box::new(TlsSession {
                 conn,
                 inbuf: Vec::new(),
                 pending: Vec::new(),
@@ -124,9 +124,9 @@ mod imp {
         }
     }
 
-    impl std::fmt::Debug for Session {
+    impl std::fmt::Debug for TlsSession {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("Session")
+            f.debug_struct("TlsSession")
                 .field("ready", &self.ready)
                 .field("inbuf_bytes", &self.inbuf.len())
                 .field("pending_bytes", &self.pending.len())
@@ -159,7 +159,7 @@ mod imp {
     }
 
     /// One connection's TLS state.
-    pub struct Session {
+    pub struct TlsSession {
         pub(super) conn: UnbufferedServerConnection,
         /// Ciphertext of an incomplete record; empty (unallocated) otherwise.
         pub(super) inbuf: Vec<u8>,
@@ -172,7 +172,7 @@ mod imp {
         close_sent: bool,
     }
 
-    impl Session {
+    impl TlsSession {
         /// Handles ciphertext from the socket: decrypted application data is appended to
         /// `plain`, handshake output queued for the next flush.
         pub fn read(&mut self, data: &mut [u8], plain: &mut Vec<u8>) -> Result<(), Failed> {
@@ -552,7 +552,7 @@ mod imp {
     /// encrypted batch by batch into the loop-wide buffer; a closing connection gets a
     /// close_notify after its last byte. `done` only when nothing at all is left.
     pub fn flush(
-        s: &mut Session,
+        s: &mut TlsSession,
         q: &mut Queue,
         ob: &mut Outbox,
         stream: &mut impl Write,
@@ -586,7 +586,7 @@ mod imp {
     /// is given unless the socket fills up (what the socket did not take of an encrypted batch
     /// waits in `pending`), so the queue's "short write means full socket" rule holds.
     struct Writer<'a, W: Write> {
-        s: &'a mut Session,
+        s: &'a mut TlsSession,
         stream: &'a mut W,
         scratch: &'a mut Scratch,
     }
@@ -665,7 +665,7 @@ mod stub {
             match *self {}
         }
         /// Never called (no `Acceptor` exists).
-        pub fn session(&self) -> Result<Box<Session>, String> {
+        pub fn session(&self) -> Result<Box<TlsSession>, String> {
             match *self {}
         }
     }
@@ -688,22 +688,22 @@ mod stub {
 
     /// Uninhabited: no connection is TLS in this build.
     #[derive(Debug)]
-    pub enum Session {}
+    pub enum TlsSession {}
 
-    impl Session {
-        /// Never called (no `Session` exists).
+    impl TlsSession {
+        /// Never called (no `TlsSession` exists).
         pub fn read(&mut self, _data: &mut [u8], _plain: &mut Vec<u8>) -> Result<(), Failed> {
             match *self {}
         }
-        /// Never called (no `Session` exists).
+        /// Never called (no `TlsSession` exists).
         pub fn wants_write(&self) -> bool {
             match *self {}
         }
-        /// Never called (no `Session` exists).
+        /// Never called (no `TlsSession` exists).
         pub fn queued(&self) -> usize {
             match *self {}
         }
-        /// Never called (no `Session` exists).
+        /// Never called (no `TlsSession` exists).
         pub fn handshaking(&self) -> bool {
             match *self {}
         }
@@ -743,9 +743,9 @@ mod stub {
         }
     }
 
-    /// Never called (no `Session` exists).
+    /// Never called (no `TlsSession` exists).
     pub fn flush(
-        s: &mut Session,
+        s: &mut TlsSession,
         _q: &mut Queue,
         _ob: &mut Outbox,
         _stream: &mut impl Write,
@@ -813,7 +813,7 @@ mod tests {
     }
 
     struct Pair {
-        server: Box<Session>,
+        server: Box<TlsSession>,
         client: ClientConnection,
         queue: Queue,
         outbox: Outbox,

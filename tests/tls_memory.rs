@@ -1,5 +1,5 @@
 //! What an idle TLS connection costs the server in heap, counted exactly: after the handshake
-//! and a first request, a server-side [`Session`] may hold rustls's connection state (keys,
+//! and a first request, a server-side [`TlsSession`] may hold rustls's connection state (keys,
 //! sequence numbers, the handshake-message table rustls keeps for the connection's life) and
 //! nothing else: no record buffer, no unsent ciphertext, no session tickets.
 //!
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use chatloop::outbox::{Outbox, Queue};
-use chatloop::tls::{Acceptor, Scratch, Session, flush};
+use chatloop::tls::{Acceptor, Scratch, TlsSession, flush};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
@@ -126,7 +126,7 @@ struct Loop {
 impl Loop {
     /// One connection: the full handshake, then a request from the client that the server
     /// decrypts. Returns the server side; the client is dropped.
-    fn idle_session(&mut self) -> Box<Session> {
+    fn idle_session(&mut self) -> Box<TlsSession> {
         let mut server = self.acceptor.session().unwrap();
         let name = ServerName::try_from("localhost").unwrap();
         let mut client = ClientConnection::new(self.client.clone(), name).unwrap();
@@ -190,7 +190,7 @@ fn an_idle_tls_session_holds_only_rustls_connection_state() {
     for _ in 0..20 {
         drop(lp.idle_session());
     }
-    let mut held: Vec<Box<Session>> = Vec::with_capacity(N);
+    let mut held: Vec<Box<TlsSession>> = Vec::with_capacity(N);
     let before = LIVE.load(Ordering::Relaxed);
     for _ in 0..N {
         held.push(lp.idle_session());
@@ -199,9 +199,9 @@ fn an_idle_tls_session_holds_only_rustls_connection_state() {
     let per_session = (after - before) / N as i64;
     println!(
         "{N} idle TLS sessions: {} bytes of heap in all, {per_session} bytes each \
-         (the Session struct itself {} bytes)",
+         (the TlsSession struct itself {} bytes)",
         after - before,
-        std::mem::size_of::<Session>()
+        std::mem::size_of::<TlsSession>()
     );
     for s in &held {
         assert_eq!(s.queued(), 0, "an idle session holds no unsent ciphertext");
