@@ -790,11 +790,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_mostly_free_slab_is_compacted_again_after_enough_releases() {
-        // The top entry is armed through the peak's decline and ends while a low one lives
-        // on; the slab is compacted again once as many timers came and went as it holds.
-        let mut wheel = Wheel::new();
+    /// A peak of 20 000 timers whose top entry stays armed through the decline and ends
+    /// last, while a low one lives on: the slab is left mostly free, and the counters of
+    /// `maybe_compact` do not fire. Returns the low timer.
+    fn peak_that_ends_with_its_top(wheel: &mut Wheel<u32>) -> TimerId {
         let low = wheel.arm(ms(DAY), u32::MAX);
         let storm: Vec<TimerId> = (0..20_000).map(|i| wheel.arm(ms(DAY), i)).collect();
         let (top, rest) = storm.split_last().unwrap();
@@ -803,6 +802,15 @@ mod tests {
         }
         wheel.cancel(*top);
         assert_eq!(wheel.len(), 1);
+        assert!(wheel.capacity() >= 20_000, "compacted already");
+        low
+    }
+
+    #[test]
+    fn a_mostly_free_slab_is_compacted_again_after_enough_releases() {
+        // The slab is compacted again once as many timers came and went as it holds.
+        let mut wheel = Wheel::new();
+        let low = peak_that_ends_with_its_top(&mut wheel);
         let peak = wheel.capacity();
         for i in 0..2 * peak as u32 {
             let id = wheel.arm(ms(DAY), i);
@@ -818,17 +826,10 @@ mod tests {
 
     #[test]
     fn shrink_gives_a_mostly_free_slab_back_at_once() {
-        // As above, but nothing comes and goes after the peak (an idle server): the loop's
-        // shrink, not more traffic, gives the slab back.
+        // Nothing comes and goes after the peak (an idle server): the loop's shrink, not
+        // more traffic, gives the slab back.
         let mut wheel = Wheel::new();
-        let low = wheel.arm(ms(DAY), u32::MAX);
-        let storm: Vec<TimerId> = (0..20_000).map(|i| wheel.arm(ms(DAY), i)).collect();
-        let (top, rest) = storm.split_last().unwrap();
-        for id in rest {
-            wheel.cancel(*id);
-        }
-        wheel.cancel(*top);
-        assert_eq!(wheel.len(), 1);
+        let low = peak_that_ends_with_its_top(&mut wheel);
         let peak = wheel.capacity();
         wheel.shrink();
         assert!(
