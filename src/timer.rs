@@ -201,7 +201,7 @@ impl<T: Copy> Wheel<T> {
     /// Entries the slab has room for. Tests use it to check that the steady state doesn't
     /// allocate and that cancelled entries are reused.
     #[cfg(test)]
-    fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.nodes.capacity()
     }
 

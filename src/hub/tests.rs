@@ -2811,3 +2811,32 @@ fn in_cluster_mode_a_ttl_room_trims_redis_even_after_its_last_member_here_left()
     // Nothing left to expire: no message timer (only the session's and the room's).
     assert_eq!(hub.stats().timers, 2);
 }
+
+#[test]
+fn shrink_buffers_gives_the_timer_slab_of_a_session_storm_back() {
+    // One session lives on; a storm of 20 000 sessions ends, its newest session last. The
+    // wheel's own counters leave its slab at the peak (see timer.rs); the loop's
+    // shrink_buffers, called when it hands memory back, gives it back.
+    let mut hub = Hub::new(HubConfig {
+        max_sessions: 30_000,
+        ..cfg()
+    });
+    let stays = session(&mut hub, "stays", at(0));
+    let storm: Vec<SessionId> = (0..20_000)
+        .map(|i| session(&mut hub, &format!("u{i}"), at(0)))
+        .collect();
+    for s in &storm {
+        hub.end_session(*s, at(SEC));
+    }
+    assert!(
+        hub.wheel.capacity() >= 20_000,
+        "compacted without being asked"
+    );
+    hub.shrink_buffers();
+    assert!(
+        hub.wheel.capacity() < 4_096,
+        "the hub's timer slab kept {} entries",
+        hub.wheel.capacity()
+    );
+    assert!(hub.authenticate(stays, at(2 * SEC)).is_ok());
+}
