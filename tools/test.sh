@@ -36,7 +36,7 @@ if [ ${#need[@]} -gt 0 ]; then
   timeout 600 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-step "cargo test (unit + integration; profile fast: release optimisations without fat LTO)"
+step "cargo test (unit + integration; profile fast: release optimisations without fat LTO, debug assertions on)"
 cargo test --profile fast
 
 # The load generator is its own crate (tools/loadgen, own lock file and target dir).
