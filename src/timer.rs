@@ -252,9 +252,14 @@ impl<T: Copy> Wheel<T> {
     /// again on an idle server. O(entries): the loop calls it only when it hands memory back
     /// to the OS (after removals, at most once a second).
     pub fn shrink(&mut self) {
-        if self.nodes.len() >= COMPACT_MIN && self.len < self.nodes.len() / 4 {
+        if self.nodes.len() >= COMPACT_MIN && self.mostly_free() {
             self.compact();
         }
+    }
+
+    /// Fewer than a quarter of the slab's entries are armed.
+    fn mostly_free(&self) -> bool {
+        self.len < self.nodes.len() / 4
     }
 
     /// After a peak has passed (fewer than a quarter of the entries armed), gives the free
@@ -265,8 +270,9 @@ impl<T: Copy> Wheel<T> {
         if self.nodes.len() < COMPACT_MIN {
             return;
         }
-        let mostly_free = self.len < self.nodes.len() / 4;
-        if self.len < self.compact_below || (mostly_free && self.released >= self.nodes.len()) {
+        if self.len < self.compact_below
+            || (self.mostly_free() && self.released >= self.nodes.len())
+        {
             self.compact();
         }
     }
