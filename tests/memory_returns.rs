@@ -18,11 +18,11 @@ const HISTORY: usize = 10;
 const MEMBERS: usize = 500;
 
 fn rss_anon(pid: u32) -> u64 {
-    status_kib(pid, "RssAnon:")
+    status_bytes(pid, "RssAnon:")
 }
 
 /// A `/proc/PID/status` figure in bytes (`RssAnon:`, `VmRSS:`).
-fn status_kib(pid: u32, field: &str) -> u64 {
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
         .lines()
@@ -30,6 +30,17 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .expect("the field in /proc/PID/status")
         * 1024
+}
+
+/// Reads `field` every half second until it is at most `bound` or `deadline` has passed;
+/// returns the last reading.
+fn settle(pid: u32, field: &str, bound: u64, deadline: Instant) -> u64 {
+    let mut now = status_bytes(pid, field);
+    while now > bound && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        now = status_bytes(pid, field);
+    }
+    now
 }
 
 #[test]
@@ -52,7 +63,7 @@ fn the_heap_shrinks_back_after_a_storm() {
     ]);
     std::thread::sleep(Duration::from_millis(300));
     let idle = rss_anon(s.pid());
-    let idle_rss = status_kib(s.pid(), "VmRSS:");
+    let idle_rss = status_bytes(s.pid(), "VmRSS:");
 
     // The storm: sessions, rooms with history, one big room whose broadcasts fan out widely.
     let mut http = s.http();
@@ -100,18 +111,10 @@ fn the_heap_shrinks_back_after_a_storm() {
     let deadline = Instant::now() + Duration::from_secs(30);
     // A quarter of what the storm added may stay (allocator pages, partly used pages).
     let bound = idle + (peak - idle) / 4;
-    let mut now = rss_anon(s.pid());
-    while now > bound && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        now = rss_anon(s.pid());
-    }
+    let now = settle(s.pid(), "RssAnon:", bound, deadline);
     // And the whole resident set is back within 1.5x of the idle one (issue 16's bound).
     let rss_bound = idle_rss * 3 / 2;
-    let mut rss = status_kib(s.pid(), "VmRSS:");
-    while rss > rss_bound && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        rss = status_kib(s.pid(), "VmRSS:");
-    }
+    let rss = settle(s.pid(), "VmRSS:", rss_bound, deadline);
     eprintln!(
         "heap (RssAnon): idle {} KiB, peak {} KiB, after {} KiB; VmRSS idle {} KiB, after {} KiB",
         idle / 1024,
