@@ -130,6 +130,7 @@ fn writer(
     size: usize,
     cpu: Option<usize>,
     mut relay: Option<TcpStream>,
+    writev: bool,
 ) -> Result<(WriterResult, Vec<Vec<TcpStream>>), String> {
     if let Some(c) = cpu {
         crate::sys::pin_current_thread(c).map_err(|e| format!("pinning writer to CPU {c}: {e}"))?;
@@ -187,7 +188,12 @@ fn writer(
                 continue;
             }
             let mut s: &TcpStream = s;
-            if s.write_all(&frame).is_err() {
+            let wrote = if writev {
+                write_all_vectored(&mut s, &frame)
+            } else {
+                s.write_all(&frame)
+            };
+            if wrote.is_err() {
                 dead[base + j] = true;
                 res.write_errors += 1;
             } else if in_window {
@@ -210,6 +216,19 @@ fn writer(
     Ok((res, rooms))
 }
 
+/// `--writev`: the frame as a one-slice `writev` (the file layer's call) rather than `send`.
+fn write_all_vectored(s: &mut &TcpStream, mut b: &[u8]) -> std::io::Result<()> {
+    while !b.is_empty() {
+        match s.write_vectored(&[std::io::IoSlice::new(b)]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: &Args) -> Result<Obj, String> {
     let rooms = a.u64_or("rooms", 1)?.max(1) as usize;
     let members = a.u64_or("members", 10)?.max(1) as usize;
@@ -221,6 +240,7 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     let size = a.u64_or("frame-bytes", 200)?.clamp(100, 60_000) as usize;
     let writer_cpu = a.opt_u64("writer-cpu")?.map(|c| c as usize);
     let relay = a.flag("relay");
+    let writev = a.flag("writev");
     let reader_cpu = a.opt_u64("reader-cpu")?.map(|c| c as usize);
     a.finish()?;
     if rate <= 0.0 {
@@ -286,8 +306,9 @@ pub fn run(a: &Args) -> Result<Obj, String> {
         (None, None)
     };
     let wctl = ctl.clone();
-    let wh =
-        std::thread::spawn(move || writer(wctl, server_side, rate, size, writer_cpu, relay_in));
+    let wh = std::thread::spawn(move || {
+        writer(wctl, server_side, rate, size, writer_cpu, relay_in, writev)
+    });
     let (per_room, failures, samples) =
         collect_ready(&rx, threads, rooms, Duration::from_secs(15))?;
     if failures > 0 {
@@ -299,6 +320,7 @@ pub fn run(a: &Args) -> Result<Obj, String> {
     let mut o = Obj::new();
     o.insert("scenario".into(), json!("floor"));
     o.insert("relay".into(), json!(relay));
+    o.insert("writev".into(), json!(writev));
     o.insert("ok".into(), json!(true));
     o.insert("rooms".into(), json!(rooms));
     o.insert("members".into(), json!(members));

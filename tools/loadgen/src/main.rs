@@ -29,8 +29,9 @@ const USAGE: &str = "usage: loadgen <fanout|idle|rest|join|soak|floor|httpfloor>
   rest   --clients C --duration 10s
   join   --room-members 100 --joins J --duration 10s [--concurrency 4]
   soak   --clients N --rooms R --duration 10m [--seed S] (random chat/typing/reconnect/leave, checked)
-  floor  --rooms R --members M --rate X --duration 10s [--relay] (no --addr: loopback socket pairs;
-         --relay: timestamps taken on the readers' CPU and sent to the writer over loopback)
+  floor  --rooms R --members M --rate X --duration 10s [--relay] [--writev] (no --addr: loopback
+         socket pairs; --relay: timestamps taken on the readers' CPU and sent to the writer over
+         loopback; --writev: each write a one-slice writev instead of send)
   httpfloor --duration 30s [--host 127.0.0.1] [--port 0] [--response-bytes 243] (a minimal HTTP server: REST's floor)
 common: --tls (wss/https, any server certificate: loopback benchmarks) or --tls-ca CA.pem,
         --server-pid PID (sample its CPU/RSS around the window), --extra-pids A,B (add them)
