@@ -7,15 +7,13 @@
 //! (`on_output_over_cap`), the pause mark and when reading resumes (`may_read`,
 //! `write_out`), lingering after its last byte. When the loop asks, it reads its socket into
 //! the loop-wide buffer (`read_in`, decrypting TLS on the way) and writes its queue with one
-//! `writev` (`write_out`); the socket is any `Read + Write`, so the tests in `conn/tests.rs`
+//! gathered write (`write_out`); the socket is any `Read + Write`, so the tests in `conn/tests.rs`
 //! drive a `Conn` over an in-memory duplex with a fake clock. The loop does the socket's
 //! registration and `shutdown`, the clock and the timers, and carries out the [`Got`],
 //! [`Next`] or [`Wrote`] it gets.
 
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
-
-use mio::net::TcpStream;
 
 use crate::api::{self, ApiCtx, ClusterReq, Reply};
 use crate::cluster::{Facts, Query};
@@ -25,7 +23,7 @@ use crate::http::{self, Response};
 use crate::hub::Hub;
 use crate::ids::{ConnId, RoomId, SessionId};
 use crate::metrics::{Gauges, Metrics};
-use crate::outbox::{Chunk, Outbox, Queue};
+use crate::outbox::{Chunk, Outbox, Queue, Sock};
 use crate::protocol::{self, FrameBuf};
 use crate::proxy;
 use crate::ratelimit::{Admit, ConnCounter, CreateLimiter, IpKey, TokenBucket};
@@ -67,9 +65,9 @@ pub fn frame_budget(cfg: &Config) -> (u32, u32) {
 /// One client connection: its socket, what it is (HTTP, chat WebSocket, closing: [`State`]),
 /// its unparsed input and its output queue. Driven by the loop (`read_in`, `on_timer`,
 /// `on_eof`, `deliver`, `write_out`), it answers by queueing output and calling the hub,
-/// and tells the loop what to do next. The socket is any `Read + Write` (a `TcpStream` in
+/// and tells the loop what to do next. The socket is any `Read + Write` (an [`outbox::Sock`](crate::outbox::Sock) in
 /// the loop, an in-memory duplex in the tests); the loop alone registers it and shuts it.
-pub struct Conn<S = TcpStream> {
+pub struct Conn<S = Sock> {
     /// The socket (non-blocking; the loop registers it with its poll under the slab index).
     pub stream: S,
     /// Tells this connection from an earlier one in the same slab slot (for stale timers).

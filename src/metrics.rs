@@ -46,7 +46,7 @@ pub struct Metrics {
     pub bytes_in: u64,
     /// Bytes written to sockets.
     pub bytes_out: u64,
-    /// `writev` calls: at most one per connection per loop iteration.
+    /// Write calls (`sendmsg`/`send`): at most one per connection per loop iteration.
     pub writes: u64,
     /// Connections closed because their output queue went over its byte limit.
     pub slow_consumers: u64,
@@ -238,7 +238,7 @@ impl Metrics {
         one(
             "writes_total",
             "counter",
-            "Write system calls (one writev per connection per iteration).",
+            "Write system calls (one sendmsg or send per connection per iteration).",
             self.writes,
         );
         one(

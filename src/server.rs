@@ -3,7 +3,7 @@
 //! Each iteration: wait for readiness or the earliest timer deadline; accept; read every
 //! readable connection into one loop-wide buffer and hand the bytes to its [`Conn`]; apply
 //! the hub's actions (frames for members, closes); run due timers; then flush every
-//! connection that got output with one `writev` each.
+//! connection that got output with one gathered write each (`sendmsg`, `send` for one slice).
 //!
 //! The loop owns the listener and each socket's registration, the clock, the timers and the
 //! slab of connections, and it makes the calls only it can (accept, `shutdown`, dropping a
@@ -33,7 +33,7 @@ use crate::conn::{ClusterCtx, Conn, Ctx, Fanout, Got, Next, OverLimit, Wrote};
 use crate::hub::{Action, Hub};
 use crate::ids::{ConnHandle, ConnId};
 use crate::metrics::{Gauges, Metrics};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Sock};
 use crate::protocol::FrameBuf;
 use crate::ratelimit::{Admit, ConnCounter, CreateLimiter};
 use crate::throttle::{LogEvent, LogThrottle};
@@ -525,8 +525,14 @@ impl Server {
                     } else {
                         None
                     };
-                    let mut conn =
-                        Conn::new(stream, self.serial, peer.ip(), trusted, now.mono, over);
+                    let mut conn = Conn::new(
+                        Sock(stream),
+                        self.serial,
+                        peer.ip(),
+                        trusted,
+                        now.mono,
+                        over,
+                    );
                     conn.counted_as = counted;
                     conn.tls = session;
                     entry.insert(conn);
