@@ -182,18 +182,12 @@ impl Loop {
     fn actions(&mut self, c: &mut Conn<Duplex>) -> Option<Next> {
         let mut over = false;
         let mut closes = Vec::new();
-        for action in self.hub.drain_actions() {
+        let actions: Vec<Action> = self.hub.drain_actions().collect();
+        for action in actions {
             match action {
                 Action::Send(id, frame) => {
                     assert_eq!(id, ID);
-                    let mut fanout = Fanout {
-                        outbox: &mut self.outbox,
-                        dirty: &mut self.dirty,
-                        deflate: &mut self.deflate,
-                        metrics: &mut self.metrics,
-                        cap: self.cfg.max_output_queue,
-                    };
-                    over |= c.deliver(ID, frame, &mut fanout);
+                    over |= c.deliver(ID, frame, &mut self.fanout());
                 }
                 Action::Close(id, code, reason) => closes.push((id, code, reason)),
             }
@@ -202,6 +196,17 @@ impl Loop {
             self.with(|ctx| c.closed_by_hub(id, code, reason, ctx));
         }
         over.then(|| self.cut(c))
+    }
+
+    /// What a fan-out delivers through (as `Server` builds it for each frame).
+    fn fanout(&mut self) -> Fanout<'_> {
+        Fanout {
+            outbox: &mut self.outbox,
+            dirty: &mut self.dirty,
+            deflate: &mut self.deflate,
+            metrics: &mut self.metrics,
+            cap: self.cfg.max_output_queue,
+        }
     }
 
     fn cut(&mut self, c: &mut Conn<Duplex>) -> Next {
@@ -229,14 +234,7 @@ impl Loop {
         frame.resize(size, b'x');
         let frame: protocol::Frame = frame.into();
         for i in 1..=max {
-            let mut fanout = Fanout {
-                outbox: &mut self.outbox,
-                dirty: &mut self.dirty,
-                deflate: &mut self.deflate,
-                metrics: &mut self.metrics,
-                cap: self.cfg.max_output_queue,
-            };
-            if c.deliver(ID, frame.clone(), &mut fanout) {
+            if c.deliver(ID, frame.clone(), &mut self.fanout()) {
                 return i;
             }
         }
@@ -491,14 +489,7 @@ fn one_vectored_write_per_flush_and_shared_frames_not_copied() {
     c.stream.written();
     let frame: protocol::Frame = vec![0x81, 3, b'a', b'b', b'c'].into();
     for _ in 0..10 {
-        let mut fanout = Fanout {
-            outbox: &mut lp.outbox,
-            dirty: &mut lp.dirty,
-            deflate: &mut lp.deflate,
-            metrics: &mut lp.metrics,
-            cap: lp.cfg.max_output_queue,
-        };
-        assert!(!c.deliver(ID, frame.clone(), &mut fanout));
+        assert!(!c.deliver(ID, frame.clone(), &mut lp.fanout()));
     }
     // Ten references to the one frame, no copy.
     assert_eq!(std::rc::Rc::strong_count(&frame), 11);
