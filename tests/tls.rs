@@ -9,7 +9,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::thread;
@@ -17,138 +17,14 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use serde_json::{Value, json};
 use tungstenite::{Message, WebSocket};
 
+use common::pki::Pki;
 use common::{Resp, Server, TIMEOUT, wait_for};
 
 // ---- certificates -----------------------------------------------------------------------
-
-/// A test CA in a directory of its own, removed when dropped.
-struct Pki {
-    dir: PathBuf,
-}
-
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("run openssl (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("chatloop-tls-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let p = Pki { dir };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            p.path("ca.key").to_str().unwrap(),
-            "-out",
-            p.path("ca.pem").to_str().unwrap(),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=chatloop test CA",
-        ]);
-        p
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.join(file)
-    }
-
-    /// A leaf for 127.0.0.1 and localhost signed by the CA: (certificate, key) paths.
-    fn leaf(&self, name: &str) -> (PathBuf, PathBuf) {
-        let (key, csr, cert, ext) = (
-            self.path(&format!("{name}.key")),
-            self.path(&format!("{name}.csr")),
-            self.path(&format!("{name}.pem")),
-            self.path(&format!("{name}.ext")),
-        );
-        fs::write(
-            &ext,
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        openssl(&[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            csr.to_str().unwrap(),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            csr.to_str().unwrap(),
-            "-CA",
-            self.path("ca.pem").to_str().unwrap(),
-            "-CAkey",
-            self.path("ca.key").to_str().unwrap(),
-            "-set_serial",
-            &format!(
-                "{}",
-                1000 + name.len() as u64 * 7 + name.as_bytes()[0] as u64
-            ),
-            "-days",
-            "2",
-            "-extfile",
-            ext.to_str().unwrap(),
-            "-out",
-            cert.to_str().unwrap(),
-        ]);
-        (cert, key)
-    }
-
-    fn client_config(&self) -> Arc<ClientConfig> {
-        self.client_config_with(rustls::crypto::ring::default_provider())
-    }
-
-    fn client_config_with(&self, provider: rustls::crypto::CryptoProvider) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(self.path("ca.pem")).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut c = ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        c.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Arc::new(c)
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn der(cert: &Path) -> Vec<u8> {
     CertificateDer::pem_file_iter(cert)

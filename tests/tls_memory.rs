@@ -12,17 +12,18 @@
 
 #![cfg(feature = "tls")]
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{IoSlice, Read, Write};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use chatloop::outbox::{Outbox, Queue};
 use chatloop::tls::{Acceptor, Scratch, TlsSession, flush};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore};
+use common::pki::Pki;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 
 struct Counting;
 
@@ -55,46 +56,13 @@ static GLOBAL: Counting = Counting;
 /// 16 KiB record buffer, unsent ciphertext or session tickets would each pass this.
 const MAX_IDLE_SESSION_BYTES: i64 = 3_600;
 
-/// A test certificate (self-signed, for localhost) and a client that trusts it and offers
-/// ALPN `http/1.1`, as browsers do.
+/// A test CA and a leaf for localhost (tests/common/pki.rs), and a client that trusts the CA
+/// and offers ALPN `http/1.1`, as browsers do.
 fn setup() -> (Acceptor, Arc<ClientConfig>) {
-    let dir = std::env::temp_dir().join(format!("chatloop-tls-memory-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("run openssl (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pki = Pki::new("memory");
+    let (cert, key) = pki.leaf("server");
     let acceptor = Acceptor::load(cert.to_str().unwrap(), key.to_str().unwrap()).unwrap();
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&cert).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut client =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    client.alpn_protocols = vec![b"http/1.1".to_vec()];
-    (acceptor, Arc::new(client))
+    (acceptor, pki.client_config())
 }
 
 /// A socket that takes everything.

@@ -14,6 +14,8 @@ use tungstenite::{Message, stream::MaybeTlsStream};
 
 mod frame;
 pub use frame::client_frame;
+#[cfg(feature = "tls")]
+pub mod pki;
 
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
