@@ -2,7 +2,7 @@
 //! own and leaves for 127.0.0.1 and localhost signed by it (shared by the TLS tests).
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -29,6 +29,25 @@ pub fn openssl(args: &[&str]) {
     );
 }
 
+/// `openssl req` with a new P-256 key written to `key`: `first` before the key options,
+/// `rest` after them, the subject's common name last.
+fn new_key(first: &[&str], key: &Path, rest: &[&str], cn: &str) {
+    let mut args = vec!["req"];
+    args.extend_from_slice(first);
+    args.extend_from_slice(&[
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ]);
+    args.extend_from_slice(&["-keyout", key.to_str().unwrap()]);
+    args.extend_from_slice(rest);
+    let subject = format!("/CN={cn}");
+    args.extend_from_slice(&["-subj", &subject]);
+    openssl(&args);
+}
+
 impl Pki {
     /// A new CA (P-256, two days) in a fresh temporary directory named after `name`.
     pub fn new(name: &str) -> Pki {
@@ -36,23 +55,13 @@ impl Pki {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let p = Pki { dir };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            p.path("ca.key").to_str().unwrap(),
-            "-out",
-            p.path("ca.pem").to_str().unwrap(),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=chatloop test CA",
-        ]);
+        let (key, cert) = (p.path("ca.key"), p.path("ca.pem"));
+        new_key(
+            &["-x509"],
+            &key,
+            &["-out", cert.to_str().unwrap(), "-days", "2"],
+            "chatloop test CA",
+        );
         p
     }
 
@@ -75,21 +84,7 @@ impl Pki {
              keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
         )
         .unwrap();
-        openssl(&[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            csr.to_str().unwrap(),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
+        new_key(&["-new"], &key, &["-out", csr.to_str().unwrap()], name);
         openssl(&[
             "x509",
             "-req",
