@@ -14,8 +14,13 @@
 # middle of the run, which gives user-space CPU per request without the tick sampling.
 # wrk is installed from the Debian package `wrk` when missing (apt-get, as root).
 #
+# With REST_PING (1), each round also runs chatloop under `loadgen rest --path /ping`: a
+# stateless GET through the same HTTP parsing, routing, headers and write, so its user-space
+# figure beside the minimal server's is the HTTP path alone, and the difference to `POST
+# /sessions` is what creating and keeping a session costs.
 # Environment: REST_DURATION (5s), REST_CLIENTS (16), REST_REPEAT (1), REST_OUT
-# (target/restcpu), REST_PERF (1; 0 = no perf), BENCH_NO_BUILD=1 (skip the release builds).
+# (target/restcpu), REST_PERF (1; 0 = no perf), REST_PING (1; 0 = skip the /ping run),
+# BENCH_NO_BUILD=1 (skip the release builds).
 # Only processes started here are stopped; every wait is bounded.
 set -euo pipefail
 
@@ -25,6 +30,7 @@ CLIENTS=${REST_CLIENTS:-16}
 REPEAT=${REST_REPEAT:-1}
 OUT=${REST_OUT:-$ROOT/target/restcpu}
 PERF=${REST_PERF:-1}
+PING=${REST_PING:-1}
 mkdir -p "$OUT"
 SECS=${DUR%s}
 
@@ -98,11 +104,13 @@ one() {
             >/dev/null 2>"$OUT/$name.perf.log" &
         PERF_PID=$!
     fi
-    if [ "$client" = loadgen ]; then
-        "${CLI_PIN[@]}" "$LG" rest --addr "127.0.0.1:$PORT" --clients "$CLIENTS" --duration "$DUR" >"$OUT/$name.json" 2>"$OUT/$name.log"
+    if [ "$client" = loadgen ] || [ "$client" = ping ]; then
+        local path=()
+        [ "$client" = ping ] && path=(--path /ping)
+        "${CLI_PIN[@]}" "$LG" rest --addr "127.0.0.1:$PORT" --clients "$CLIENTS" --duration "$DUR" "${path[@]}" >"$OUT/$name.json" 2>"$OUT/$name.log"
         reqs=$(jget "$OUT/$name.json" requests) rps=$(jget "$OUT/$name.json" requests_per_s)
         lat="p50 $(jget "$OUT/$name.json" lat_p50_us)us p99 $(jget "$OUT/$name.json" lat_p99_us)us"
-        [ "$server" = chatloop ] && REST_BYTES=$(jget "$OUT/$name.json" response_bytes)
+        [ "$server" = chatloop ] && [ "$client" = loadgen ] && REST_BYTES=$(jget "$OUT/$name.json" response_bytes)
     else
         "${CLI_PIN[@]}" wrk -t1 -c"$CLIENTS" -d"$DUR" --latency -s "$OUT/post_sessions.lua" "http://127.0.0.1:$PORT/sessions" >"$OUT/$name.txt" 2>&1
         reqs=$(awk '/requests in/ { print $1 }' "$OUT/$name.txt")
@@ -127,7 +135,9 @@ one() {
         [ -n "$share" ] && perfline="; perf: user space $(calc "$share * 100")% of samples => user $(calc "$share * $total") us, kernel $(calc "(1 - $share) * $total") us per request"
     fi
     eval "TOTAL_${server}_${client}=$total"
-    say "$server <- $client: $reqs requests, $rps req/s, latency $lat; server CPU per request $total us (schedstat); ticks user $user + sys $sys us$perfline"
+    local who=$client
+    [ "$client" = ping ] && who="loadgen, GET /ping"
+    say "$server <- $who: $reqs requests, $rps req/s, latency $lat; server CPU per request $total us (schedstat); ticks user $user + sys $sys us$perfline"
 }
 
 for rep in $(seq "$REPEAT"); do
@@ -137,6 +147,7 @@ for rep in $(seq "$REPEAT"); do
     one floor loadgen "floor-loadgen-$rep"
     one chatloop wrk "chatloop-wrk-$rep"
     one floor wrk "floor-wrk-$rep"
+    [ "$PING" = 1 ] && one chatloop ping "chatloop-ping-$rep"
     say "   ratio chatloop / minimal server: loadgen $(calc "$TOTAL_chatloop_loadgen / $TOTAL_floor_loadgen")x, wrk $(calc "$TOTAL_chatloop_wrk / $TOTAL_floor_wrk")x (goal <= 1.1x)"
 done
 echo >&2
