@@ -34,9 +34,9 @@
 //! type limits) before the decoder sees them, and what is queued toward Redis is bounded
 //! (`--max-redis-queue`, see [`Cluster::check_queue`]).
 //!
-//! The event loop feeds this module bytes from Redis ([`Cluster::on_bytes`]), connection
-//! changes and time; the hub's [`Op`]s become commands in [`Cluster::out`]; what the loop must
-//! do comes back as [`Event`]s. A request that needs facts from Redis (a session this node has
+//! The event loop feeds this module bytes from Redis ([`Cluster::on_bytes`]), connection changes
+//! and time; the hub's [`Op`]s become commands in each link's [`RedisLink::out`]; what the loop
+//! must do comes back as [`Event`]s. A request that needs facts from Redis (a session this node has
 //! not seen, a room's presence, ...) asks with [`Cluster::fetch`] and is answered by
 //! [`Event::Answer`].
 
@@ -549,8 +549,8 @@ if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) end \
 return gone";
 
 /// Cluster mode's Redis side as a pure state machine: the link's state, the commands queued
-/// for Redis ([`Cluster::out`]) and what each reply will mean, the rooms subscribed, this
-/// node's members and sessions as Redis must know them. Bytes and time in, [`Event`]s out.
+/// for Redis (each [`RedisLink::out`]) and what each reply will mean, the rooms subscribed,
+/// this node's members and sessions as Redis must know them. Bytes and time in, [`Event`]s out.
 pub struct Cluster {
     cfg: ClusterConfig,
     node: [u8; 8],

@@ -112,8 +112,8 @@ pub struct Config {
     /// when empty).
     pub echo_path: Option<String>,
     /// `--redis`: cluster mode: keep sessions, rooms and history in this Redis
-    /// (redis://[:password@]host:port/db, rediss:// for TLS) and share rooms with every node using
-    /// it; off when empty.
+    /// (`redis://[:password@]host:port/db`, `rediss://` for TLS) and share rooms with every
+    /// node using it; off when empty.
     pub redis: Option<RedisUrl>,
     /// `--presence-ttl`: cluster mode: a crashed node's members leave presence this long after its
     /// last heartbeat.

@@ -1,16 +1,15 @@
 //! One connection's state machine: HTTP requests, the upgrade, WebSocket frames, closing.
 //!
-//! A `Conn` is fed bytes (`on_bytes`), timer expiries (`on_timer`) and end of input
-//! (`on_eof`); it answers by queueing chunks on its own [`Queue`] and by calling the
-//! [`Hub`]. It owns every transition of its [`State`] and every rule about its output:
-//! frames delivered to it (`deliver`), the output cap and the 1013 that ends a slow consumer
-//! (`on_output_over_cap`), the pause mark and when reading resumes (`may_read`,
-//! `write_out`), lingering after its last byte. When the loop asks, it reads its socket into
-//! the loop-wide buffer (`read_in`, decrypting TLS on the way) and writes its queue with one
-//! gathered write (`write_out`); the socket is any `Read + Write`, so the tests in `conn/tests.rs`
-//! drive a `Conn` over an in-memory duplex with a fake clock. The loop does the socket's
-//! registration and `shutdown`, the clock and the timers, and carries out the [`Got`],
-//! [`Next`] or [`Wrote`] it gets.
+//! A `Conn` is fed bytes (`on_bytes`), timer expiries (`on_timer`) and end of input (`on_eof`); it
+//! answers by queueing chunks on its own [`Queue`] and by calling the [`Hub`]. It owns every
+//! transition of its [`State`] and every rule about its output: frames delivered to it (`deliver`),
+//! the output cap and the 1013 that ends a slow consumer (`on_output_over_cap`), the pause mark and
+//! when reading resumes (`may_read`, `write_out`), lingering after its last byte. When the loop
+//! asks, it reads its socket into the loop-wide buffer (`read_in`, decrypting TLS on the way) and
+//! writes its queue with one gathered write (`write_out`); the socket is any `Read + Write`, so the
+//! tests in `conn/tests.rs` drive a `Conn` over an in-memory duplex with a fake clock. The loop
+//! does the socket's registration and `shutdown`, the clock and the timers, and carries out the
+//! [`Got`], [`Next`] or [`Wrote`] it gets.
 
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
@@ -65,8 +64,8 @@ pub fn frame_budget(cfg: &Config) -> (u32, u32) {
 /// One client connection: its socket, what it is (HTTP, chat WebSocket, closing: [`State`]),
 /// its unparsed input and its output queue. Driven by the loop (`read_in`, `on_timer`,
 /// `on_eof`, `deliver`, `write_out`), it answers by queueing output and calling the hub,
-/// and tells the loop what to do next. The socket is any `Read + Write` (an [`outbox::Sock`](crate::outbox::Sock) in
-/// the loop, an in-memory duplex in the tests); the loop alone registers it and shuts it.
+/// and tells the loop what to do next. The socket is any `Read + Write` (a [`Sock`] in the
+/// loop, an in-memory duplex in the tests); the loop alone registers it and shuts it.
 pub struct Conn<S = Sock> {
     /// The socket (non-blocking; the loop registers it with its poll under the slab index).
     pub stream: S,

@@ -247,7 +247,7 @@ impl<T: Copy> Wheel<T> {
     }
 
     /// Gives the slab's free entries above the highest armed one back now if most of it is
-    /// free, whatever the counters of [`Wheel::maybe_compact`] say: after a storm the last
+    /// free, whatever the counters of `Wheel::maybe_compact` say: after a storm the last
     /// removals can leave a mostly free slab that no later arm or cancel will ever look at
     /// again on an idle server. O(entries): the loop calls it only when it hands memory back
     /// to the OS (after removals, at most once a second).

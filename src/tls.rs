@@ -2,15 +2,15 @@
 //! unbuffered server connection, driven by the connection that holds it (`conn.rs`, on the
 //! loop's behalf); it owns no socket, only writes to the writer it is handed.
 //!
-//! The loop owns the buffers. Ciphertext is read into its one read buffer and decrypted into
-//! one loop-wide plaintext buffer ([`Scratch`]), which is then handed to the connection's
-//! state machine exactly like plaintext input. Output stays plaintext in the connection's
-//! [`Queue`] (broadcast frames encoded once, shared by reference) until flush time, when
-//! [`flush`] encrypts it batch by batch into one loop-wide ciphertext buffer and writes it:
-//! encryption is per recipient by nature, serialisation and framing are not. A connection
-//! keeps bytes of its own only for an incomplete TLS record (`inbuf`) and for ciphertext the
-//! kernel did not take (`pending`); both are freed when empty, so an idle TLS connection holds
-//! rustls's connection state (keys, sequence numbers) and nothing else.
+//! The loop owns the buffers. Ciphertext is read into its one read buffer and decrypted into one
+//! loop-wide plaintext buffer ([`Scratch`]), which is then handed to the connection's state machine
+//! exactly like plaintext input. Output stays plaintext in the connection's
+//! [`Queue`](crate::outbox::Queue) (broadcast frames encoded once, shared by reference) until flush
+//! time, when [`flush`] encrypts it batch by batch into one loop-wide ciphertext buffer and writes
+//! it: encryption is per recipient by nature, serialisation and framing are not. A connection keeps
+//! bytes of its own only for an incomplete TLS record (`inbuf`) and for ciphertext the kernel did
+//! not take (`pending`); both are freed when empty, so an idle TLS connection holds rustls's
+//! connection state (keys, sequence numbers) and nothing else.
 //!
 //! A later transform of the plaintext (permessage-deflate) slots in before `flush`: the queue
 //! carries whatever bytes the connection should see, this layer only encrypts them.
