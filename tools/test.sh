@@ -14,6 +14,10 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+# The API documentation (every module's first doc comment, intra-doc links) builds clean.
+step "cargo doc --no-deps (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+
 # TLS (rustls) is the cargo feature `tls`, on by default: the plaintext binary without it must
 # keep building and linting clean.
 step "cargo clippy --no-default-features -- -D warnings; cargo build --profile fast --no-default-features"
