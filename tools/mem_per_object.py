@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Measures chatloop's memory per session and per (empty) room: starts a release server on a
 free loopback port, creates sessions and rooms over one keep-alive connection and reads the
-server's VmRSS before and after. Usage: tools/mem_per_object.py [sessions] [rooms]"""
+server's VmRSS before and after. Usage: tools/mem_per_object.py [sessions] [rooms]
+(CHATLOOP_BIN picks another binary, e.g. an older build to compare with)."""
 import json
 import os
 import sys
@@ -13,7 +14,9 @@ SESSIONS = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
 ROOMS = int(sys.argv[2]) if len(sys.argv) > 2 else 20_000
 
 # One client creating everything: the per-address and per-session budgets are off.
-server, port = chatloop.start(["--create-rate", "0", "--max-rooms-per-session", "0"])
+server, port = chatloop.start(
+    ["--create-rate", "0", "--max-rooms-per-session", "0"], os.environ.get("CHATLOOP_BIN")
+)
 try:
     def rss():
         return chatloop.rss(server.pid)
