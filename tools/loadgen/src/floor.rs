@@ -189,7 +189,7 @@ fn writer(
             }
             let mut s: &TcpStream = s;
             let wrote = if writev {
-                write_all_vectored(&mut s, &frame)
+                ViaWritev(s).write_all(&frame)
             } else {
                 s.write_all(&frame)
             };
@@ -216,17 +216,18 @@ fn writer(
     Ok((res, rooms))
 }
 
-/// `--writev`: the frame as a one-slice `writev` (the file layer's call) rather than `send`.
-fn write_all_vectored(s: &mut &TcpStream, mut b: &[u8]) -> std::io::Result<()> {
-    while !b.is_empty() {
-        match s.write_vectored(&[std::io::IoSlice::new(b)]) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => b = &b[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// `--writev`: a socket whose writes are one-slice `writev`s (the file layer's call) rather
+/// than `send`, so `write_all` does the retrying exactly as for the default.
+struct ViaWritev<'a>(&'a TcpStream);
+
+impl Write for ViaWritev<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut s = self.0;
+        s.write_vectored(&[std::io::IoSlice::new(b)])
     }
-    Ok(())
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 pub fn run(a: &Args) -> Result<Obj, String> {
